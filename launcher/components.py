@@ -1,0 +1,109 @@
+"""`{_component_: pkg.mod.Name, **kwargs}` -> an object, with errors that name the recipe key.
+
+`check` validates the keyword arguments against the component's signature without building it, so
+`launcher check` catches `optimizer.betaz` before any process starts. `instantiate` builds it,
+passing runtime arguments (the parameters, the optimizer, ...) the recipe cannot name.
+Nested dicts with `_component_` inside the arguments are built first.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+from typing import Any, Callable
+
+from launcher.errors import BuildError, RecipeError
+from launcher.recipe import suggest
+
+TARGET = "_component_"
+
+
+def resolve(target: str, key: str) -> Callable:
+    """Import `pkg.mod.Name` (or `pkg.mod.Class.attr`): the longest importable module prefix, then attributes."""
+    parts = target.split(".")
+    module, error = None, None
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+            break
+        except ModuleNotFoundError as e:
+            # only "this prefix does not exist" means try a shorter one; a missing dependency is the answer
+            if e.name is None or not ".".join(parts[:cut]).startswith(e.name):
+                raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {e}; install the missing package") from None
+            error = e
+        except Exception as e:  # the module exists but fails to import: report, do not hide it
+            raise RecipeError(f"{key}.{TARGET}", f"importing {'.'.join(parts[:cut])} failed: {type(e).__name__}: {e}") from None
+    if module is None:
+        raise RecipeError(f"{key}.{TARGET}", f"cannot import {target!r} ({error}); check the spelling or install the package")
+    obj: Any = module
+    for depth in range(cut, len(parts)):
+        name = parts[depth]
+        if not hasattr(obj, name):
+            owner = ".".join(parts[:depth])
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            raise RecipeError(f"{key}.{TARGET}", f"{owner} has no {name!r}{suggest(name, public)}")
+        obj = getattr(obj, name)
+    if not callable(obj):
+        raise RecipeError(f"{key}.{TARGET}", f"{target} is not a class or function")
+    return obj
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return None
+
+
+def check(spec: dict[str, Any], key: str, n_runtime: int = 0) -> Callable:
+    """Resolve the component and check its keyword arguments (recursively) without calling it.
+    The first `n_runtime` positional parameters are supplied by the launcher (params, optimizer, ...)."""
+    target = resolve(spec[TARGET], key)
+    kwargs = {k: v for k, v in spec.items() if k != TARGET}
+    for name, value in kwargs.items():
+        if isinstance(value, dict) and TARGET in value:
+            check(value, f"{key}.{name}")
+    sig = _signature(target)
+    if sig is None:
+        return target
+    params = sig.parameters
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    runtime = positional[:n_runtime]
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in kwargs:
+        if name in runtime:
+            raise RecipeError(f"{key}.{name}", f"is passed by the launcher at build time; remove it from the recipe")
+        if name not in named and not accepts_any:
+            raise RecipeError(f"{key}.{name}", f"{spec[TARGET]} takes no argument {name!r}{suggest(name, named)} (it takes: {', '.join(n for n in named if n not in runtime)})")
+    for name, p in params.items():
+        required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if required and name not in kwargs and name not in runtime:
+            raise RecipeError(f"{key}.{name}", f"{spec[TARGET]} needs this argument; add it to the recipe")
+    return target
+
+
+def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> Any:
+    """Build the component. Failures inside its constructor are reported against `key`, as the
+    recipe's arguments are by far the likeliest cause; LAUNCHER_DEBUG=1 shows the traceback instead."""
+    target = resolve(spec[TARGET], key)
+    kwargs = {}
+    for name, value in spec.items():
+        if name == TARGET:
+            continue
+        kwargs[name] = instantiate(value, f"{key}.{name}") if isinstance(value, dict) and TARGET in value else value
+    try:
+        return target(*args, **kwargs, **runtime)
+    except Exception as e:
+        if os.environ.get("LAUNCHER_DEBUG") == "1":
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BuildError(key, f"building {spec[TARGET]} failed: {type(e).__name__}: {msg} (LAUNCHER_DEBUG=1 shows the traceback)", e) from None
+
+
+def resolve_callable(spec: dict[str, Any], key: str) -> Callable:
+    """A function named by the recipe and called later by torch (a DDP comm hook): kwargs are bound."""
+    fn = resolve(spec[TARGET], key)
+    kwargs = {k: v for k, v in spec.items() if k != TARGET}
+    return functools.partial(fn, **kwargs) if kwargs else fn

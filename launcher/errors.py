@@ -1,0 +1,26 @@
+"""Errors a user can cause. The CLI prints them as one line and exits 2; anything else is a bug."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad recipe, bad override, bad environment."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class RecipeError(UserError):
+    """Something in the recipe or its overrides is wrong: `key` is the dotted path."""
+
+
+class LaunchError(UserError):
+    """The environment the launcher was started in is wrong: `key` names the variable or option."""
+
+
+class BuildError(RecipeError):
+    """A component's constructor raised; `cause` is what it raised."""
+
+    def __init__(self, key: str, message: str, cause: BaseException):
+        super().__init__(key, message)
+        self.cause = cause

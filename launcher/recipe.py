@@ -1,0 +1,322 @@
+"""Recipe loading: YAML (safe_load) + dotted overrides -> a validated, frozen `Recipe`.
+
+Every section is a strict pydantic model: unknown keys are errors (with a did-you-mean), types are
+not coerced ("10" is not an int), and every error becomes a one-line `RecipeError` naming the key.
+Component sections (`model`, `loss`, ...) are dicts with `_component_` plus keyword arguments; their
+arguments are checked against the component's signature in `components.check`.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import RecipeError
+
+Component = dict[str, Any]
+PosInt = typing.Annotated[int, Field(gt=0)]
+NonNegInt = typing.Annotated[int, Field(ge=0)]
+PosFloat = typing.Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Data(_Section):
+    train: Component
+    val: Component | None = None
+    batch_size: PosInt  # per-rank micro-batch
+    num_workers: NonNegInt = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    pin_memory: bool | None = None  # None: on when the device is CUDA
+    prefetch_factor: PosInt | None = None  # None: torch's default (2) when num_workers > 0
+
+
+class ActivationCheckpointing(_Section):
+    segments: NonNegInt = 0
+
+
+class EarlyStopping(_Section):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: PosInt = 3
+    min_delta: typing.Annotated[float, Field(ge=0)] = 0.0
+
+
+class Train(_Section):
+    epochs: PosInt | None = None
+    max_steps: PosInt | None = None
+    global_batch_size: PosInt | None = None  # None: batch_size x world_size
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip_norm: PosFloat | None = None
+    grad_clip_value: PosFloat | None = None
+    warmup_steps: NonNegInt = 0
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
+    eval_every_steps: PosInt | None = None  # None: after each epoch
+    early_stopping: EarlyStopping | None = None
+
+
+class DDP(_Section):
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    gradient_as_bucket_view: bool = True
+    bucket_cap_mb: PosFloat | None = None  # None: DDP's default (25)
+    comm_hook: Component | None = None
+
+
+class Dist(_Section):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: PosFloat = 600.0
+    ddp: DDP = DDP()
+
+
+class Log(_Section):
+    every_n_steps: PosInt = 10
+
+
+class Run(_Section):
+    dir: str | None = None  # None: runs/<name>
+    overwrite: bool = False
+
+
+class Recipe(_Section):
+    name: str
+    seed: int = 0
+    model: Component
+    data: Data
+    loss: Component
+    optimizer: Component
+    scheduler: Component | None = None
+    train: Train
+    dist: Dist = Dist()
+    log: Log = Log()
+    run: Run = Run()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Where each component section lives, and how many leading positional arguments the launcher
+# passes at build time (the parameters to an optimizer, the optimizer to a scheduler, ...).
+COMPONENT_KEYS: dict[str, int] = {
+    "model": 0,
+    "data.train": 0,
+    "data.val": 0,
+    "loss": 0,
+    "optimizer": 1,
+    "scheduler": 1,
+    "dist.ddp.comm_hook": 2,
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, but `3e-4` is a float (YAML 1.2) rather than the string PyYAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, typed as YAML would type it: `3e-4` -> float, `null` -> None."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), "no such recipe file; pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(where, f"invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "a recipe must be a YAML mapping of sections (name, model, data, ...)")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (in place, and returned)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(item, "an override must look like key.path=value, e.g. optimizer.lr=3e-4")
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise RecipeError(key, f"cannot set a key inside {prefix}, which is {child!r}, not a section")
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _to_recipe_error(e) from None
+    _check_rules(recipe)
+    return recipe
+
+
+def suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_rules(r: Recipe) -> None:
+    """Cross-field rules that need no world size and no data (those live in plan.py)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
+        raise RecipeError("name", f"{r.name!r} must be letters, digits, '.', '_' or '-' (it names the run directory)")
+    t = r.train
+    if t.epochs is None and t.max_steps is None:
+        raise RecipeError("train.epochs", "set train.epochs or train.max_steps (or both: whichever ends first)")
+    if t.grad_clip_norm is not None and t.grad_clip_value is not None:
+        raise RecipeError("train.grad_clip_value", "set either train.grad_clip_norm or train.grad_clip_value, not both")
+    if t.eval_every_steps is not None and r.data.val is None:
+        raise RecipeError("train.eval_every_steps", "evaluation needs data.val; add a validation dataset or remove this key")
+    if t.early_stopping is not None:
+        metric = t.early_stopping.metric
+        if metric.startswith("val_") and r.data.val is None:
+            raise RecipeError("train.early_stopping.metric", f"{metric} needs data.val; add a validation dataset")
+        known = ("val_loss", "val_accuracy")
+        if metric not in known:
+            raise RecipeError("train.early_stopping.metric", f"unknown metric {metric!r}{suggest(metric, known)} (one of {', '.join(known)})")
+    for key in COMPONENT_KEYS:
+        spec = get_key(r, key)
+        if spec is None:
+            continue
+        target = spec.get("_component_")
+        if target is None:
+            raise RecipeError(f"{key}._component_", "missing; name what to build, e.g. _component_: torch.optim.AdamW")
+        if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", target):
+            raise RecipeError(f"{key}._component_", f"{target!r} is not a dotted path like torch.optim.AdamW")
+    lr = r.optimizer.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
+        raise RecipeError("optimizer.lr", f"expected a non-negative number, got {lr!r}")
+
+
+def get_key(recipe: Recipe, dotted: str) -> Any:
+    node: Any = recipe
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part)
+        if node is None:
+            return None
+    return node
+
+
+# ---------------------------------------------------------------- pydantic error -> one line
+
+
+def _leaf_loc(loc: tuple) -> tuple[list[str], type[BaseModel] | None, Any]:
+    """Walk `loc` through the schema; drop pydantic's union-member tags. Returns (path, parent model, field)."""
+    model: type[BaseModel] | None = Recipe
+    path: list[str] = []
+    parent, field = None, None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            if model is not None and isinstance(part, str):
+                # an unknown key inside a section: keep it, it is what the user typed
+                path.append(part)
+                parent = model
+            break
+        path.append(part)
+        parent, field = model, model.model_fields[part]
+        model = _section_type(field.annotation)
+    return path, parent, field
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping of key: value",
+    "model_type": "a section (a mapping of key: value)",
+    "list_type": "a list",
+}
+
+
+def _to_recipe_error(exc: ValidationError) -> RecipeError:
+    errors = exc.errors()
+    first = errors[0]
+    path, parent, _ = _leaf_loc(first["loc"])
+    key = ".".join(path) or "recipe"
+    kind, value = first["type"], first.get("input")
+    if kind == "extra_forbidden":
+        valid = list(parent.model_fields) if parent else []
+        return RecipeError(key, f"unknown key{suggest(path[-1], valid)} (valid keys here: {', '.join(valid)})")
+    if kind == "missing":
+        return RecipeError(key, "required key is missing; add it to the recipe or pass it as an override")
+    # one field can fail several union members: name every type it would accept
+    same = [e for e in errors if _leaf_loc(e["loc"])[0] == path]
+    wanted: list[str] = []
+    for e in same:
+        if e["type"] == "literal_error":
+            wanted.append("one of " + e["ctx"]["expected"].replace(" or ", ", "))
+        elif e["type"] in _TYPE_WORDS:
+            wanted.append(_TYPE_WORDS[e["type"]])
+        elif e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            wanted.append(e["msg"].replace("Input should be ", "a value "))
+        elif e["type"] == "none_required":
+            wanted.append("null")
+        else:
+            wanted.append(e["msg"])
+    wanted = list(dict.fromkeys(wanted))
+    hint = ""
+    if kind == "literal_error" and isinstance(value, str):
+        options = re.findall(r"'([^']*)'", first["ctx"]["expected"])
+        hint = suggest(value, options)
+    return RecipeError(key, f"expected {' or '.join(wanted)}, got {value!r}{hint}")
