@@ -1,0 +1,117 @@
+"""Datasets -> DistributedSampler -> DataLoader.
+
+`ShardSampler` is torch's DistributedSampler (same permutation, same round-robin shards, same
+padding) with two additions: it can start at an offset inside its shard, which is how a resumed
+run skips the samples it already trained on without loading them, and it can stop early, which is
+how `drop_last` drops whole partial windows rather than micro-batches.
+
+Training samples are fetched through `SeededDataset`, which seeds torch's and Python's RNG from
+(seed, epoch, index) for each sample: a random augmentation then depends only on the sample and the
+epoch, not on the worker that loads it, the number of workers or ranks, or a restart in between.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+
+class ShardSampler(DistributedSampler):
+    def __init__(self, dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int,
+                 drop_last: bool, stop: int | None = None, with_epoch: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+        self.stop = self.num_samples if stop is None else min(stop, self.num_samples)
+        self.with_epoch = with_epoch
+
+    def set_start(self, start: int) -> None:
+        """Skip the first `start` samples of this rank's shard in the current epoch (resume)."""
+        self.start = start
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = itertools.islice(super().__iter__(), self.start, self.stop)
+        if self.with_epoch:
+            return ((self.epoch, i) for i in indices)
+        return indices
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class SeededDataset(Dataset):
+    """Fetches `dataset[i]` for keys `(epoch, i)` with RNG seeded from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _fetch(self, epoch: int, index: int):
+        s = hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reseed CUDA too
+        random.seed(s)
+        return self.dataset[index]
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        # fork_rng keeps the caller's RNG streams (dropout in the main process) untouched
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return [self._fetch(epoch, index) for epoch, index in keys]
+            finally:
+                random.setstate(state)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # numpy is not seeded by torch: give each worker its own stream, derived from torch's seed
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def build_loader(dataset, sampler: ShardSampler, batch_size: int, *, num_workers: int,
+                 pin_memory: bool, prefetch_factor: int | None, seed: int) -> DataLoader:
+    extra = {}
+    if num_workers > 0:
+        extra.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2, worker_init_fn=_seed_worker)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, generator=g, **extra)
+
+
+def batch_size_of(batch) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return len(first)
+
+
+def slice_batch(batch, n: int):
+    """The first `n` samples of a collated batch (tensors in a tuple/list/dict, or a tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, n) for v in batch)
+    return batch
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,234 @@
+"""The training loop: windows of micro-batches, one optimizer step per window.
+
+Reads top to bottom: `fit` runs epochs, `train_epoch` runs windows, `micro_step` runs one
+forward/backward, `optimizer_step` clips and steps. Nothing here calls `.item()` or otherwise waits
+for the device except at log, eval and end steps.
+
+Loss scaling: micro-batch i of a window holds n_i real samples (out of n_window over all ranks).
+Its mean loss is multiplied by n_i * W / n_window; DDP averages gradients over the W ranks, so the
+summed gradient is exactly that of the mean loss over the window's real samples: the big-batch
+update, for any W and accumulation, including an epoch's last, partial window.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from launcher import distributed
+from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
+from launcher.distributed import Session
+from launcher.plan import Plan
+from launcher.recipe import Recipe
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Everything needed to continue exactly from an optimizer-step boundary."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    best_metric: float | None = None
+    bad_evals: int = 0
+    stop_reason: str | None = None
+    last_eval_step: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+@dataclass
+class Trainer:
+    """What the loop works on. Built by `launcher.train`; no logic beyond the loop's own."""
+    recipe: Recipe
+    plan: Plan
+    session: Session
+    model: nn.Module  # the user's model, unwrapped: eval and saving use it
+    train_model: nn.Module  # checkpointing and DDP wrappers around `model`
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    train_loader: torch.utils.data.DataLoader
+    train_sampler: ShardSampler
+    val_loader: torch.utils.data.DataLoader | None
+    log: Callable[[dict], None]  # metrics sink (rank 0 writes, others drop)
+    state: TrainState = field(default_factory=TrainState)
+    # running sums since the last log step, kept on the device
+    _loss_sum: torch.Tensor | None = None
+    _samples: int = 0
+    _data_wait_s: float = 0.0
+    _last_log_time: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    def autocast(self):
+        precision = self.recipe.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def fit(t: Trainer) -> TrainState:
+    s, p = t.state, t.plan
+    t._loss_sum = torch.zeros((), device=t.device)
+    t._last_log_time = time.perf_counter()
+    t.train_model.train()
+    while s.step < p.total_steps and s.stop_reason is None:
+        train_epoch(t)
+    if s.stop_reason is None:
+        s.stop_reason = "completed"
+    if t.val_loader is not None and s.last_eval_step != s.step:
+        evaluate_and_maybe_stop(t)
+    return s
+
+
+def train_epoch(t: Trainer) -> None:
+    s, p, rank = t.state, t.plan, t.session.rank
+    micro_index = s.step_in_epoch * p.accumulation
+    t.train_sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
+    t.train_sampler.set_start(micro_index * p.micro_batch)
+    batches = iter(t.train_loader)
+    while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
+        n_micro = p.window_micro_batches(s.step_in_epoch)
+        n_window = p.window_samples(s.step_in_epoch)
+        for m in range(n_micro):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t._data_wait_s += time.perf_counter() - t0
+            micro_step(t, batch, p.real_in_micro_batch(micro_index, rank), n_window, sync=m == n_micro - 1)
+            micro_index += 1
+        optimizer_step(t)
+        s.step += 1
+        s.step_in_epoch += 1
+        t._samples += n_window
+        end_of_epoch = s.step_in_epoch == p.steps_per_epoch
+        if s.step % t.recipe.log.every_n_steps == 0 or s.step == p.total_steps or end_of_epoch:
+            log_train(t)
+        every = t.recipe.train.eval_every_steps
+        if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
+            evaluate_and_maybe_stop(t)
+    if s.step_in_epoch == p.steps_per_epoch:
+        s.epoch += 1
+        s.step_in_epoch = 0
+
+
+def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> None:
+    """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
+    if n_real < batch_size_of(batch):
+        # DistributedSampler padding: drop it, keeping one sample when nothing is real so that
+        # this rank still joins the window's all-reduce (with zero weight)
+        batch = slice_batch(batch, max(n_real, 1))
+    inputs, targets = to_device(batch, t.device)
+    no_sync = getattr(t.train_model, "no_sync", None)
+    with (no_sync() if no_sync is not None and not sync else contextlib.nullcontext()):
+        with t.autocast():
+            loss = t.loss_fn(t.train_model(inputs), targets)
+        weighted = loss * (n_real * t.plan.world_size / n_window)
+        (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
+    t._loss_sum += loss.detach().float() * n_real
+
+
+def optimizer_step(t: Trainer) -> None:
+    cfg = t.recipe.train
+    if t.scaler is not None:
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+    params = t.model.parameters()
+    if cfg.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    elif cfg.grad_clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    if t.scheduler is not None:
+        t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+
+
+def log_train(t: Trainer) -> None:
+    """The log step: the only place the training loop synchronises with the device and the ranks."""
+    s = t.state
+    # each rank holds its sample-weighted loss sum; the window sizes in _samples are already global
+    loss_sum = distributed.all_reduce(t._loss_sum.clone()).item()
+    elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
+    t.log({
+        "step": s.step,
+        "epoch": s.epoch,
+        "loss": loss_sum / t._samples,
+        "lr": t.optimizer.param_groups[0]["lr"],
+        "samples_per_s": t._samples / elapsed,
+        "data_wait": t._data_wait_s / elapsed,
+    })
+    t._loss_sum.zero_()
+    t._samples = 0
+    t._data_wait_s = 0.0
+    t._last_log_time = time.perf_counter()
+
+
+@torch.no_grad()
+def evaluate(t: Trainer) -> dict[str, float]:
+    """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once."""
+    model, W, rank = t.model, t.plan.world_size, t.session.rank
+    n_val = t.plan.val_samples
+    real_end = math.ceil((n_val - rank) / W)  # shard positions below this are real samples
+    was_training = model.training
+    model.eval()
+    # loss x samples, samples, correct predictions, predictions
+    totals = torch.zeros(4, dtype=torch.float64, device=t.device)
+    position = 0
+    for batch in t.val_loader:
+        n = batch_size_of(batch)
+        n_real = max(0, min(position + n, real_end) - position)
+        position += n
+        if n_real == 0:
+            continue
+        inputs, targets = to_device(slice_batch(batch, n_real), t.device)
+        with t.autocast():
+            out = model(inputs)
+            loss = t.loss_fn(out, targets)
+        totals[0] += loss.double() * n_real
+        totals[1] += n_real
+        if isinstance(out, torch.Tensor) and not targets.is_floating_point() and out.shape[:-1] == targets.shape:
+            totals[2] += (out.argmax(-1) == targets).sum()
+            totals[3] += targets.numel()
+    model.train(was_training)
+    distributed.all_reduce(totals)
+    loss_sum, count, correct, predictions = totals.tolist()
+    metrics = {"val_loss": loss_sum / count}
+    if predictions:
+        metrics["val_accuracy"] = correct / predictions
+    return metrics
+
+
+def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float]:
+    s = t.state
+    metrics = evaluate(t)
+    s.last_eval_step = s.step
+    t.log({"step": s.step, "epoch": s.epoch, **metrics})
+    es = t.recipe.train.early_stopping
+    if es is not None and es.metric in metrics:
+        value = metrics[es.metric]
+        better = s.best_metric is None or (
+            value < s.best_metric - es.min_delta if es.mode == "min" else value > s.best_metric + es.min_delta)
+        if better:
+            s.best_metric, s.bad_evals = value, 0
+        else:
+            s.bad_evals += 1
+        # the metric is all-reduced, so ranks agree; rank 0's word makes it certain
+        if distributed.broadcast_flag(s.bad_evals >= es.patience, t.device) and s.stop_reason is None:
+            s.stop_reason = f"early stopping: {es.metric} did not improve for {es.patience} evaluations"
+    return metrics

@@ -1,0 +1,25 @@
+"""Optimizer and learning-rate schedule from the recipe. Schedulers step once per optimizer step."""
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import LinearLR, LRScheduler, SequentialLR
+
+from launcher.components import instantiate
+from launcher.recipe import Recipe
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return instantiate(recipe.optimizer, "optimizer", params)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+    """The recipe's scheduler, preceded by `train.warmup_steps` of linear warmup from lr/(w+1) to lr."""
+    main = instantiate(recipe.scheduler, "scheduler", optimizer) if recipe.scheduler else None
+    w = recipe.train.warmup_steps
+    if w == 0:
+        return main
+    warmup = LinearLR(optimizer, start_factor=1.0 / (w + 1), end_factor=1.0, total_iters=w)
+    if main is None:
+        return warmup
+    return SequentialLR(optimizer, [warmup, main], milestones=[w])

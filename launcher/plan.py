@@ -1,0 +1,112 @@
+"""The batch arithmetic of a run, derived once from the recipe, the world size and the data size.
+
+Definitions (N train samples, W ranks, b micro-batch, A accumulation steps, G = b*A*W):
+- Step k of an epoch (one optimizer step, a "window") trains on samples p[k*G : (k+1)*G] of the
+  epoch's permutation p, whatever W and A are: DistributedSampler deals p out round-robin, so rank r
+  holds p[r], p[r+W], ..., and its micro-batches k*A .. k*A+A-1 cover exactly that slice. This is
+  why a recipe's results do not depend on how many ranks run it.
+- The last window of an epoch may be partial; its loss is the mean over its real samples.
+- DistributedSampler pads each epoch to a multiple of W by repeating samples; those repeats are
+  not real samples and get no weight. With drop_last, partial windows are dropped instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from launcher.errors import RecipeError
+from launcher.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    train_samples: int
+    val_samples: int | None
+    drop_last: bool
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    backend: str
+    device: str
+    segments: int
+
+    @property
+    def shard_stop(self) -> int:
+        """How many samples of its shard each rank takes per epoch."""
+        if self.drop_last:
+            return self.steps_per_epoch * self.accumulation * self.micro_batch
+        return math.ceil(self.train_samples / self.world_size)
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.shard_stop / self.micro_batch)
+
+    def window_samples(self, step_in_epoch: int) -> int:
+        """Real samples (over all ranks) in optimizer step `step_in_epoch` of an epoch."""
+        return min(self.global_batch, self.train_samples - step_in_epoch * self.global_batch)
+
+    def window_micro_batches(self, step_in_epoch: int) -> int:
+        first = step_in_epoch * self.accumulation
+        return min(self.accumulation, self.micro_batches_per_epoch - first)
+
+    def real_in_micro_batch(self, micro_index: int, rank: int) -> int:
+        """Samples of micro-batch `micro_index` on `rank` that are real, not DistributedSampler padding."""
+        start = micro_index * self.micro_batch
+        end = min(start + self.micro_batch, self.shard_stop)
+        real_end = math.ceil((self.train_samples - rank) / self.world_size)  # shard positions < this are real
+        return max(0, min(end, real_end) - start)
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [
+            ("world size", str(self.world_size)),
+            ("backend / device", f"{self.backend} / {self.device}"),
+            ("micro-batch per rank", str(self.micro_batch)),
+            ("accumulation steps", str(self.accumulation)),
+            ("global batch", f"{self.global_batch} (= {self.micro_batch} x {self.accumulation} x {self.world_size})"),
+            ("train / val samples", f"{self.train_samples} / {self.val_samples if self.val_samples is not None else '-'}"),
+            ("steps per epoch", f"{self.steps_per_epoch}" + (" (last window partial)" if self.train_samples % self.global_batch and not self.drop_last else "")),
+            ("total optimizer steps", f"{self.total_steps} ({self.epochs} epoch{'s' if self.epochs != 1 else ''})"),
+            ("checkpoint segments", str(self.segments) if self.segments else "off"),
+        ]
+
+
+def batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
+    """(global batch, accumulation steps); the global batch must split evenly over ranks and micro-batches."""
+    b, W = recipe.data.batch_size, world_size
+    G = recipe.train.global_batch_size or b * W
+    if G % (b * W):
+        lower = max(b * W, G // (b * W) * b * W)
+        raise RecipeError("train.global_batch_size",
+                          f"{G} is not a multiple of data.batch_size x world size = {b} x {W} = {b * W}; "
+                          f"use {lower} or {lower + b * W}, or change data.batch_size")
+    return G, G // (b * W)
+
+
+def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples: int | None,
+               backend: str, device: str) -> Plan:
+    b, W, t = recipe.data.batch_size, world_size, recipe.train
+    G, A = batch_shape(recipe, world_size)
+    if train_samples <= 0:
+        raise RecipeError("data.train", "the training dataset is empty")
+    if recipe.data.drop_last:
+        steps_per_epoch = train_samples // G
+        if steps_per_epoch == 0:
+            raise RecipeError("data.drop_last", f"the dataset has {train_samples} samples, fewer than one global batch ({G}), so every batch would be dropped; set data.drop_last=false or use a smaller batch")
+    else:
+        steps_per_epoch = math.ceil(train_samples / G)
+    if t.max_steps is not None and t.epochs is not None:
+        total = min(t.max_steps, t.epochs * steps_per_epoch)
+    elif t.max_steps is not None:
+        total = t.max_steps
+    else:
+        total = t.epochs * steps_per_epoch
+    return Plan(
+        world_size=W, micro_batch=b, accumulation=A, global_batch=G,
+        train_samples=train_samples, val_samples=val_samples, drop_last=recipe.data.drop_last,
+        steps_per_epoch=steps_per_epoch, total_steps=total, epochs=math.ceil(total / steps_per_epoch),
+        backend=backend, device=device, segments=t.activation_checkpointing.segments,
+    )
