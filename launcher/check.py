@@ -1,0 +1,63 @@
+"""`launcher check`: everything that can be validated without a process group or a GPU."""
+from __future__ import annotations
+
+import torch
+
+from launcher import components, parallel
+from launcher.errors import BuildError, LaunchError, RecipeError
+from launcher.plan import batch_shape, build_plan
+from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
+
+
+def check_static(recipe: Recipe, world_size: int) -> None:
+    """Checks that need neither data nor a model: component signatures and the batch arithmetic."""
+    for key, n_runtime in COMPONENT_KEYS.items():
+        spec = get_key(recipe, key)
+        if spec is not None:
+            components.check(spec, key, n_runtime)
+    batch_shape(recipe, world_size)
+
+
+def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
+    """The model on the meta device (no memory, no GPU); on CPU if it cannot be built there."""
+    try:
+        with torch.device("meta"):
+            return components.instantiate(recipe.model, "model")
+    except BuildError:
+        return components.instantiate(recipe.model, "model")
+
+
+def check_recipe(recipe: Recipe, world_size: int) -> str:
+    from launcher.distributed import pick_backend
+    from launcher.train import build_datasets
+
+    check_static(recipe, world_size)
+    model = build_model_cheaply(recipe)
+    parallel.check_segments(model, recipe.train.activation_checkpointing.segments)
+    n_params = sum(p.numel() for p in model.parameters())
+    notes = []
+    try:
+        backend, device = pick_backend(recipe.dist.backend, 0)
+        backend, device = (backend if world_size > 1 else "none (world size 1)"), str(device)
+    except LaunchError as e:
+        backend, device = recipe.dist.backend, "unavailable here"
+        notes.append(f"{e.key}: {e.message}")
+    try:
+        train_set, val_set = build_datasets(recipe)
+        plan = build_plan(recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device)
+        rows = plan.describe()
+    except BuildError as e:
+        # data that lives only on the cluster is not a recipe error; anything else is
+        if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
+            raise
+        G, A = batch_shape(recipe, world_size)
+        rows = [("world size", str(world_size)), ("backend / device", f"{backend} / {device}"),
+                ("micro-batch per rank", str(recipe.data.batch_size)), ("accumulation steps", str(A)),
+                ("global batch", str(G)), ("steps per epoch", "unknown: data not available here")]
+        notes.append(f"{e.key}: {e.message}")
+    rows.append(("parameters", f"{n_params:,}"))
+    width = max(len(k) for k, _ in rows)
+    out = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# plan"]
+    out += [f"{k:<{width}}  {v}" for k, v in rows]
+    out += [f"warning: {n}" for n in notes]
+    return "\n".join(out)

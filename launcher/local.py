@@ -1,0 +1,73 @@
+"""`launcher run --nproc N`: N local workers through torch's own elastic agent, on a free port."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+
+from launcher.recipe import Recipe
+
+
+def launch_local(recipe: Recipe, args) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from launcher.check import check_static
+    from launcher.train import check_run_dir
+
+    # fail here, once, before any worker starts, on everything that can be known without data
+    check_static(recipe, args.nproc)
+    check_run_dir(recipe)
+    if args.nproc > 1:
+        # as torchrun does: N workers x all cores each would oversubscribe the CPU
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "LOGLEVEL" not in os.environ:
+        # the agent's own failure reports repeat what the summary below says in one line;
+        # each of its modules sets its own logger's level, so quiet them one by one
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # port 0: the agent picks a free one
+        max_restarts=args.max_restarts, monitor_interval=0.1,
+    )
+    worker_args = ["-m", "launcher", "run", args.recipe, *args.overrides]
+    try:
+        elastic_launch(config, sys.executable)(*worker_args)
+    except ChildFailedError as e:
+        return _summarize(e)
+    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the agent stopped the workers
+        print(f"stopped by {e.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    return 0
+
+
+def _summarize(e) -> int:
+    """One line for the whole job: the root cause, naming the rank."""
+    failures = e.failures
+    user = sorted(r for r, f in failures.items() if f.exitcode == 2)
+    if user:
+        rank = user[0]
+        if rank != 0:  # rank 0 prints user errors itself
+            print(f"error: [rank {rank}] {_message(failures[rank]).partition(': ')[2]}", file=sys.stderr, flush=True)
+        return 2
+    # the earliest failure that recorded an error; ranks that merely lost their peer record none
+    recorded = {r: f for r, f in failures.items() if f.error_file_data.get("message")}
+    pool = recorded or failures
+    rank = min(pool, key=lambda r: (pool[r].timestamp, r))
+    failure = pool[rank]
+    codes = {f.exitcode for f in failures.values()}
+    if len(codes) == 1 and failure.exitcode > 0 and not failure.error_file_data.get("message"):
+        return failure.exitcode  # every rank chose this exit code (e.g. preemption): pass it on
+    print(f"error: rank {rank} failed (exit code {failure.exitcode}): {_message(failure)}", file=sys.stderr, flush=True)
+    return failure.exitcode if failure.exitcode > 0 else 1
+
+
+def _message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).strip().splitlines()[0] if message else "no error message"
