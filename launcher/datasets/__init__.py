@@ -1,0 +1,1 @@
+"""Built-in datasets. Those the tests and the quickstart use need no download."""

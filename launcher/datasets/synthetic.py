@@ -1,0 +1,62 @@
+"""Generated datasets: deterministic from a seed, any size, no files. For tests and benchmarks."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class _Tensors(Dataset):
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class Regression(_Tensors):
+    """y = x @ W + noise, with W, x and the noise drawn from `seed`."""
+
+    def __init__(self, size: int = 256, in_dim: int = 8, out_dim: int = 1, noise: float = 0.1, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(in_dim, out_dim, generator=g)
+        self.x = torch.randn(size, in_dim, generator=g)
+        self.y = self.x @ w + noise * torch.randn(size, out_dim, generator=g)
+
+
+class Classification(_Tensors):
+    """Gaussian blobs, one per class."""
+
+    def __init__(self, size: int = 256, in_dim: int = 8, classes: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        centers = 2 * torch.randn(classes, in_dim, generator=g)
+        self.y = torch.randint(0, classes, (size,), generator=g)
+        self.x = centers[self.y] + torch.randn(size, in_dim, generator=g)
+
+
+class Images(Dataset):
+    """Random images of `shape` with random labels; generated per index, so memory stays flat."""
+
+    def __init__(self, size: int = 1024, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, seed: int = 0):
+        self.size, self.shape, self.classes, self.seed = size, tuple(shape), classes, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randn(self.shape, generator=g), torch.randint(0, self.classes, (), generator=g)
+
+
+class Tokens(Dataset):
+    """Random token sequences: (input, next-token target) pairs of length `seq_len`."""
+
+    def __init__(self, size: int = 1024, seq_len: int = 128, vocab_size: int = 256, seed: int = 0):
+        self.size, self.seq_len, self.vocab_size, self.seed = size, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        seq = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
+        return seq[:-1], seq[1:]
