@@ -1,0 +1,102 @@
+"""Bad recipes and overrides: exit code 2 and exactly one stderr line naming the key."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from launcher import cli
+from launcher.recipe import apply_overrides, parse_value
+from conftest import DELETE, launcher, recipe_dict, write_recipe
+
+# (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
+BAD = [
+    ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
+    ("typo in a section, with a suggestion", {"train.epoch": 3}, [], "train.epoch", "did you mean 'epochs'"),
+    ("wrong type", {}, ["train.epochs=ten"], "train.epochs", "expected an integer"),
+    ("string where an int is needed", {"train.epochs": "3"}, [], "train.epochs", "expected an integer"),
+    ("bool where an int is needed", {"data.batch_size": True}, [], "data.batch_size", "expected an integer"),
+    ("non-positive batch", {}, ["data.batch_size=0"], "data.batch_size", "greater than 0"),
+    ("unknown precision", {}, ["train.precision=fp64"], "train.precision", "one of"),
+    ("unknown backend", {}, ["dist.backend=mpi"], "dist.backend", "'auto', 'nccl', 'gloo'"),
+    ("global batch does not divide", {}, ["train.global_batch_size=12"], "train.global_batch_size", "not a multiple"),
+    ("missing _component_", {"loss._component_": DELETE, "loss.reduction": "mean"}, [], "loss._component_", "missing"),
+    ("component not importable", {}, ["model._component_=nope.Model"], "model._component_", "cannot import"),
+    ("component attribute typo", {}, ["optimizer._component_=torch.optim.AdamX"], "optimizer._component_", "did you mean 'Adam'"),
+    ("component argument typo", {}, ["optimizer.betaz=[0.9,0.99]"], "optimizer.betaz", "did you mean 'betas'"),
+    ("launcher-supplied argument in the recipe", {"optimizer.params": []}, [], "optimizer.params", "passed by the launcher"),
+    ("missing required section", {"loss": DELETE}, [], "loss", "required key is missing"),
+    ("checkpointing a non-Sequential model", {"model": {"_component_": "torch.nn.Linear", "in_features": 8, "out_features": 1}},
+     ["train.activation_checkpointing.segments=2"], "train.activation_checkpointing.segments", "nn.Sequential"),
+    ("more segments than modules", {}, ["train.activation_checkpointing.segments=9"], "train.activation_checkpointing.segments", "at most"),
+    ("neither epochs nor max_steps", {"train.epochs": DELETE}, [], "train.epochs", "train.max_steps"),
+    ("two kinds of clipping", {"train.grad_clip_norm": 1.0, "train.grad_clip_value": 1.0}, [], "train.grad_clip_value", "not both"),
+    ("eval without val data", {"data.val": None, "train.eval_every_steps": 2}, [], "train.eval_every_steps", "data.val"),
+    ("unknown early-stopping metric", {"train.early_stopping": {"metric": "val_acc"}}, [], "train.early_stopping.metric", "val_accuracy"),
+    ("negative learning rate", {}, ["optimizer.lr=-1"], "optimizer.lr", "non-negative"),
+    ("override into a scalar", {}, ["seed.x=1"], "seed.x", "not a section"),
+    ("malformed override", {}, ["epochs"], "epochs", "key.path=value"),
+    ("dataset argument rejected by the dataset", {"data.train.size": -3}, [], "data.train", "building"),
+    ("drop_last with less than one batch", {"data.drop_last": True, "data.train.size": 5}, [], "data.drop_last", "fewer than one global batch"),
+    ("bad run name", {"name": "a/b"}, [], "name", "letters, digits"),
+]
+
+
+@pytest.mark.parametrize("desc,changes,overrides,key,phrase", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipe_exits_2_with_one_line_naming_the_key(tmp_path, capsys, desc, changes, overrides, key, phrase):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**changes))
+    code = cli.main(["check", str(path), "--nproc", "2", *overrides])
+    out, err = capsys.readouterr()
+    assert code == 2, f"{desc}: exit {code}\n{out}\n{err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {key}: "), lines[0]
+    assert phrase in lines[0], lines[0]
+
+
+def test_bad_yaml_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    assert cli.main(["check", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}:3:1: invalid YAML")
+    assert cli.main(["check", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such recipe file" in capsys.readouterr().err
+    assert cli.main(["run", str(bad), "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: must be at least 1, got 0"
+
+
+def test_real_process_exit_code_and_single_stderr_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"train.epoch": 3}))
+    for args in (["check", path], ["run", path], ["run", "--nproc", "2", path], ["check", path, "--bogus"]):
+        proc = launcher(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("error: "), proc.stderr
+
+
+def test_overrides_are_yaml_typed():
+    raw = apply_overrides({"optimizer": {"lr": 1.0}}, ["optimizer.lr=3e-4", "train.epochs=2", "scheduler=null",
+                                                      "optimizer.betas=[0.9, 0.95]", "run.dir=a=b", "name=x"])
+    assert raw == {"optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]}, "train": {"epochs": 2}, "scheduler": None,
+                   "run": {"dir": "a=b"}, "name": "x"}
+    assert isinstance(parse_value("1e-3"), float) and parse_value("1.5e3") == 1500.0
+    assert parse_value("true") is True and parse_value("'3'") == "3"
+
+
+def test_check_prints_resolved_config_and_plan(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict())
+    assert cli.main(["check", str(path), "--nproc", "2", "optimizer.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "timeout_s: 600.0" in out  # overrides applied, defaults filled in
+    for row in ("world size", "micro-batch per rank", "accumulation steps", "global batch", "steps per epoch",
+                "total optimizer steps", "backend / device", "checkpoint segments"):
+        assert row in out
+    assert re.search(r"accumulation steps +2\n", out)
+
+
+def test_check_tolerates_data_that_is_not_here(tmp_path, capsys):
+    r = recipe_dict(**{"data.train": {"_component_": "launcher.datasets.vision.image_folder", "root": str(tmp_path / "none")}})
+    path = write_recipe(tmp_path / "r.yaml", r)
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "steps per epoch" in out and "unknown" in out and "warning: data.train" in out
