@@ -11,6 +11,7 @@ epoch, not on the worker that loads it, the number of workers or ranks, or a res
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from typing import Any, Iterator
@@ -71,7 +72,13 @@ class SeededDataset(Dataset):
                 random.setstate(state)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int, ignore_signals: tuple = ()) -> None:
+    # A preemption signal sent to the whole process group (SLURM signals every process of a step)
+    # must not kill a worker before the main process has checkpointed: the main process acts on it,
+    # and stops its workers through the loader; they also exit on their own when it is gone.
+    import signal
+    for s in ignore_signals:
+        signal.signal(s, signal.SIG_IGN)
     # numpy is not seeded by torch: give each worker its own stream, derived from torch's seed
     try:
         import numpy as np
@@ -81,10 +88,11 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset, sampler: ShardSampler, batch_size: int, *, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int | None, seed: int) -> DataLoader:
+                 pin_memory: bool, prefetch_factor: int | None, seed: int, ignore_signals: tuple = ()) -> DataLoader:
     extra = {}
     if num_workers > 0:
-        extra.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2, worker_init_fn=_seed_worker)
+        extra.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2,
+                     worker_init_fn=functools.partial(_init_worker, ignore_signals=ignore_signals))
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
