@@ -24,3 +24,15 @@ class BuildError(RecipeError):
     def __init__(self, key: str, message: str, cause: BaseException):
         super().__init__(key, message)
         self.cause = cause
+
+
+class TrainingError(Exception):
+    """The run cannot go on (non-finite loss, a hung rank): one line, exit code 1, no traceback."""
+
+
+class Preempted(Exception):
+    """A preemption signal was honoured: a checkpoint is saved; exit with `exit_code` to be requeued."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
