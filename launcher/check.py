@@ -37,7 +37,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     notes = []
     try:
-        backend, device = pick_backend(recipe.dist.backend, 0)
+        backend, device = pick_backend(recipe.dist.backend, 0, world_size)
         backend, device = (backend if world_size > 1 else "none (world size 1)"), str(device)
     except LaunchError as e:
         backend, device = recipe.dist.backend, "unavailable here"

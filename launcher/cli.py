@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from launcher.errors import LaunchError, RecipeError, UserError
+from launcher.errors import LaunchError, Preempted, RecipeError, TrainingError, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -60,22 +60,31 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         raise AssertionError(args.command)
     except UserError as e:
-        return report_user_error(e)
+        return report(e, f"error: {e}", EXIT_USAGE)
+    except TrainingError as e:
+        return report(e, f"error: {e}", EXIT_FAILED)
+    except Preempted as e:
+        report(None, str(e), e.exit_code)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def report_user_error(e: UserError) -> int:
-    """Print the one-line error (rank 0 only when in a job), and leave it in torchelastic's error file
-    so that the parent of a multi-process run can report it if rank 0 did not fail with it."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+# set by `launcher run --nproc` for its workers: the parent prints one line for the whole job
+CHILD_ENV = "LAUNCHER_CHILD"
+
+
+def report(exc: Exception | None, line: str, code: int) -> int:
+    """Print a one-line outcome once per job, and leave it in torchelastic's error file, from which
+    torchrun (or our own parent) reports the root cause of a multi-process failure."""
+    if exc is not None and os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(e)
-    if rank == 0:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-    return EXIT_USAGE
+        ErrorHandler().record_exception(exc)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0 and not os.environ.get(CHILD_ENV):
+        print(line, file=sys.stderr, flush=True)
+    return code
 
 
 def _positive(value: int | None, option: str) -> None:
@@ -102,8 +111,9 @@ def cmd_run(args) -> int:
     except Exception as e:
         if env.is_distributed and distributed.is_peer_failure(e):
             # the root cause is another rank's error, which it reports; no traceback, no error file here
-            print(f"[rank {env.rank}] stopped: another rank failed or left ({str(e).splitlines()[0][:200]})",
-                  file=sys.stderr, flush=True)
+            if not os.environ.get(CHILD_ENV):
+                print(f"[rank {env.rank}] stopped: another rank failed or left ({str(e).splitlines()[0][:200]})",
+                      file=sys.stderr, flush=True)
             return EXIT_FAILED
         raise
     return EXIT_OK

@@ -1,7 +1,8 @@
 """The process group's whole life: `session()` creates it and destroys it exactly once.
 
-Backend `auto` is nccl when this local rank has a GPU, else gloo on CPU. At world size 1 no
-process group is created at all: nothing to synchronise, nothing to tear down, no port needed.
+Backend `auto` is nccl when this local rank has a GPU, else gloo on CPU. A job started by a
+launcher (torchrun, SLURM) gets a process group even at world size 1, so that the nccl/gloo path
+is the same one at every size; a plain single process gets none: nothing to set up, no port needed.
 """
 from __future__ import annotations
 
@@ -9,20 +10,24 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
 from launcher.env import ClusterEnv
 from launcher.errors import LaunchError
+from launcher.metrics import log
 
 
 @dataclass(frozen=True)
 class Session:
     env: ClusterEnv
-    backend: str  # nccl | gloo | none (world size 1)
+    backend: str  # nccl | gloo | none (a plain single process)
     device: torch.device
+    # a CPU (gloo) group for the launcher's own coordination: preemption agreement, gathering RNG
+    # states, naming hung ranks. None without a process group.
+    control: Any = None
 
     @property
     def rank(self) -> int:
@@ -33,17 +38,20 @@ class Session:
         return self.env.world_size
 
 
-def cuda_for(local_rank: int) -> bool:
-    """Does this local rank have a GPU of its own? (Queries the driver; creates no CUDA context.)"""
-    return torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+def gpus_for(local_world_size: int) -> bool:
+    """Does every local rank have a GPU of its own? (Queries the driver; creates no CUDA context.)
+    The answer is the same on every rank of a node, so all ranks pick the same backend."""
+    return torch.cuda.is_available() and local_world_size <= torch.cuda.device_count()
 
 
-def pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
-    has_gpu = cuda_for(local_rank)
+def pick_backend(requested: str, local_rank: int, local_world_size: int = 1) -> tuple[str, torch.device]:
+    has_gpu = gpus_for(local_world_size)
     if requested == "nccl" and not has_gpu:
         why = "no CUDA device is visible" if not torch.cuda.is_available() else (
-            f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible)")
+            f"{local_world_size} local ranks share {torch.cuda.device_count()} GPU(s)")
         raise LaunchError("dist.backend", f"nccl needs one GPU per local rank but {why}; use dist.backend=auto or gloo")
+    if requested == "auto" and torch.cuda.is_available() and not has_gpu:
+        log.warning(f"{local_world_size} local ranks but {torch.cuda.device_count()} GPU(s): training on CPU with gloo")
     backend = "nccl" if requested == "auto" and has_gpu else ("gloo" if requested == "auto" else requested)
     device = torch.device("cuda", local_rank) if has_gpu else torch.device("cpu")
     return backend, device
@@ -52,10 +60,10 @@ def pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
 @contextlib.contextmanager
 def session(env: ClusterEnv, backend: str = "auto", timeout_s: float = 600.0) -> Iterator[Session]:
     """Init the process group (if world size > 1), bind the device, and always destroy it."""
-    backend, device = pick_backend(backend, env.local_rank)
+    backend, device = pick_backend(backend, env.local_rank, env.local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not env.is_distributed:
+    if env.source == "single":
         yield Session(env, "none", device)
         return
     # env:// so that torchrun workers reuse the elastic agent's store; other sources export these.
@@ -70,7 +78,8 @@ def session(env: ClusterEnv, backend: str = "auto", timeout_s: float = 600.0) ->
         device_id=device if backend == "nccl" else None,
     )
     try:
-        yield Session(env, backend, device)
+        control = dist.new_group(backend="gloo")  # separate: usable even after the main group timed out
+        yield Session(env, backend, device, control)
     finally:
         dist.destroy_process_group()
 
@@ -95,9 +104,37 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def gather_objects(obj, group=None) -> list | None:
+    """Every rank's `obj`, on rank 0 (None elsewhere); [obj] without a process group."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)
+    return out
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "Timed out" in str(exc)
+
+
+def missing_ranks(session: Session, timeout_s: float) -> str:
+    """After a collective timed out: which ranks do not answer? (monitored_barrier on the CPU group)"""
+    import re
+    try:
+        dist.monitored_barrier(group=session.control, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+        if found:
+            return f"rank(s) {found.group(1).strip()} did not arrive"
+        if session.rank != 0:
+            return "rank 0 did not answer (it may be the one that is stuck; see its log)"
+        return str(e).splitlines()[0]
+    return "every rank answered the check; the stuck collective may have been a mismatched one"
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")

@@ -1,12 +1,16 @@
 """`launcher run --nproc N`: N local workers through torch's own elastic agent, on a free port."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import signal
 import sys
 import uuid
 
 from launcher.recipe import Recipe
+
+SHUTDOWN_GRACE_S = 120
 
 
 def launch_local(recipe: Recipe, args) -> int:
@@ -15,11 +19,25 @@ def launch_local(recipe: Recipe, args) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from launcher.check import check_static
-    from launcher.train import check_run_dir
+    from launcher.cli import CHILD_ENV
+    from launcher.signals import parse_signal
+    from launcher.train import prepare_run_dir
 
     # fail here, once, before any worker starts, on everything that can be known without data
     check_static(recipe, args.nproc)
-    check_run_dir(recipe)
+    prepare_run_dir(recipe, rank=-1)  # validate only (rank -1 deletes nothing); the workers act on it
+    os.environ[CHILD_ENV] = "1"  # workers stay quiet on fatal errors: _summarize prints one line
+    # a restarted worker group can read the previous attempt's addresses from a store shared with
+    # the rendezvous and fail to connect (pytorch/pytorch#135712); a store per attempt avoids it
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    preempt = parse_signal(recipe.checkpoint.preempt_signal)
+
+    def on_preempt(signum, frame):
+        # as the agent does for SIGTERM: stop supervising and pass the signal to the workers,
+        # which checkpoint at their next step and exit; waiting for them is the agent's shutdown
+        raise SignalException(f"received {preempt.name}", sigval=preempt)
+
+    signal.signal(preempt, on_preempt)
     if args.nproc > 1:
         # as torchrun does: N workers x all cores each would oversubscribe the CPU
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -29,17 +47,25 @@ def launch_local(recipe: Recipe, args) -> int:
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
+    extra = {}
+    if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters:  # torch >= 2.10
+        extra["shutdown_timeout"] = SHUTDOWN_GRACE_S  # time the workers get to checkpoint when stopped
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # port 0: the agent picks a free one
-        max_restarts=args.max_restarts, monitor_interval=0.1,
+        max_restarts=args.max_restarts, monitor_interval=0.1, **extra,
     )
     worker_args = ["-m", "launcher", "run", args.recipe, *args.overrides]
     try:
         elastic_launch(config, sys.executable)(*worker_args)
     except ChildFailedError as e:
         return _summarize(e)
-    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the agent stopped the workers
+    except SignalException as e:  # the agent stopped the workers, passing them the signal
+        if e.sigval in (signal.SIGTERM, preempt):
+            code = recipe.checkpoint.requeue_exit_code
+            print(f"preempted ({e.sigval.name}): workers checkpointed; exiting with {code} to be requeued",
+                  file=sys.stderr, flush=True)
+            return code
         print(f"stopped by {e.sigval.name}", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     return 0
@@ -51,8 +77,8 @@ def _summarize(e) -> int:
     user = sorted(r for r, f in failures.items() if f.exitcode == 2)
     if user:
         rank = user[0]
-        if rank != 0:  # rank 0 prints user errors itself
-            print(f"error: [rank {rank}] {_message(failures[rank]).partition(': ')[2]}", file=sys.stderr, flush=True)
+        prefix = f"[rank {rank}] " if rank != 0 else ""
+        print(f"error: {prefix}{_message(failures[rank]).partition(': ')[2]}", file=sys.stderr, flush=True)
         return 2
     # the earliest failure that recorded an error; ranks that merely lost their peer record none
     recorded = {r: f for r, f in failures.items() if f.error_file_data.get("message")}
@@ -62,7 +88,11 @@ def _summarize(e) -> int:
     codes = {f.exitcode for f in failures.values()}
     if len(codes) == 1 and failure.exitcode > 0 and not failure.error_file_data.get("message"):
         return failure.exitcode  # every rank chose this exit code (e.g. preemption): pass it on
-    print(f"error: rank {rank} failed (exit code {failure.exitcode}): {_message(failure)}", file=sys.stderr, flush=True)
+    message = _message(failure)
+    if message.startswith("TrainingError: "):  # already a sentence meant for the user
+        print(f"error: {message.partition(': ')[2]}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: rank {rank} failed (exit code {failure.exitcode}): {message}", file=sys.stderr, flush=True)
     return failure.exitcode if failure.exitcode > 0 else 1
 
 

@@ -20,9 +20,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from launcher import distributed
+from launcher import distributed, resume
 from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
+from launcher.metrics import log
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 
@@ -37,6 +38,8 @@ class TrainState:
     bad_evals: int = 0
     stop_reason: str | None = None
     last_eval_step: int = -1
+    last_checkpoint_step: int = -1
+    skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,7 +64,11 @@ class Trainer:
     train_sampler: ShardSampler
     val_loader: torch.utils.data.DataLoader | None
     log: Callable[[dict], None]  # metrics sink (rank 0 writes, others drop)
+    preempt: Any = None  # signals.PreemptionFlag
+    agreement: Any = None  # signals.Agreement
     state: TrainState = field(default_factory=TrainState)
+    logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
+    first_nonfinite: torch.Tensor | None = None  # on the device: first step with a non-finite loss, or -1
     # running sums since the last log step, kept on the device
     _loss_sum: torch.Tensor | None = None
     _samples: int = 0
@@ -83,13 +90,16 @@ class Trainer:
 def fit(t: Trainer) -> TrainState:
     s, p = t.state, t.plan
     t._loss_sum = torch.zeros((), device=t.device)
+    t.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=t.device)
     t._last_log_time = time.perf_counter()
     t.train_model.train()
     while s.step < p.total_steps and s.stop_reason is None:
         train_epoch(t)
+    if t.agreement is not None:
+        t.agreement.drain()
     if s.stop_reason is None:
         s.stop_reason = "completed"
-    if t.val_loader is not None and s.last_eval_step != s.step:
+    if t.val_loader is not None and s.last_eval_step != s.step and not s.stop_reason.startswith("preempted"):
         evaluate_and_maybe_stop(t)
     return s
 
@@ -119,9 +129,15 @@ def train_epoch(t: Trainer) -> None:
         every = t.recipe.train.eval_every_steps
         if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
             evaluate_and_maybe_stop(t)
-    if s.step_in_epoch == p.steps_per_epoch:
-        s.epoch += 1
-        s.step_in_epoch = 0
+        if end_of_epoch:
+            s.epoch, s.step_in_epoch = s.epoch + 1, 0  # before saving: a resume starts the next epoch
+        ckpt_every = t.recipe.checkpoint.every_n_steps
+        if ckpt_every and s.step % ckpt_every == 0:
+            resume.save_checkpoint(t)
+        if t.agreement is not None and t.agreement.poll(t.preempt.signum is not None):
+            s.stop_reason = f"preempted ({t.preempt.name or 'signal on another rank'})"
+        if end_of_epoch:
+            break  # the next epoch needs set_epoch and a fresh iterator
 
 
 def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> None:
@@ -137,18 +153,38 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
             loss = t.loss_fn(t.train_model(inputs), targets)
         weighted = loss * (n_real * t.plan.world_size / n_window)
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
-    t._loss_sum += loss.detach().float() * n_real
+    loss = loss.detach().float()
+    t._loss_sum += loss * n_real
+    if t.recipe.train.on_nonfinite == "stop":
+        # remember the first bad step on the device; it is looked at only when syncing anyway
+        first = t.first_nonfinite
+        t.first_nonfinite = torch.where(first.lt(0) & ~torch.isfinite(loss), torch.full_like(first, t.state.step + 1), first)
 
 
 def optimizer_step(t: Trainer) -> None:
     cfg = t.recipe.train
     if t.scaler is not None:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-    params = t.model.parameters()
+    params = [p for p in t.model.parameters() if p.grad is not None]
+    norm = None
     if cfg.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
+    if cfg.on_nonfinite == "skip":
+        # after the all-reduce every rank holds the same gradients, so all decide alike; this is
+        # the one mode that syncs with the device every step
+        if norm is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm; scales by 1.0
+        if not torch.isfinite(norm).item():
+            t.state.skipped_steps += 1
+            log.warning(f"step {t.state.step + 1}: non-finite gradients, step skipped ({t.state.skipped_steps} so far)")
+            if t.scaler is not None:
+                t.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
+            if t.scheduler is not None:
+                t.scheduler.step()  # the schedule follows the step count
+            t.optimizer.zero_grad(set_to_none=True)
+            return
     if t.scaler is not None:
         t.scaler.step(t.optimizer)
         t.scaler.update()
@@ -162,6 +198,7 @@ def optimizer_step(t: Trainer) -> None:
 def log_train(t: Trainer) -> None:
     """The log step: the only place the training loop synchronises with the device and the ranks."""
     s = t.state
+    resume.check_finite(t)
     # each rank holds its sample-weighted loss sum; the window sizes in _samples are already global
     loss_sum = distributed.all_reduce(t._loss_sum.clone()).item()
     elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import signal
 import types
 import typing
 from pathlib import Path
@@ -62,6 +63,7 @@ class Train(_Section):
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     eval_every_steps: PosInt | None = None  # None: after each epoch
     early_stopping: EarlyStopping | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 class DDP(_Section):
@@ -76,6 +78,15 @@ class Dist(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: PosFloat = 600.0
     ddp: DDP = DDP()
+
+
+class Checkpoint(_Section):
+    dir: str | None = None  # None: <run.dir>/checkpoints
+    every_n_steps: PosInt | None = None  # None: only at the end of training and on preemption
+    keep_last: PosInt = 2
+    resume: str = "auto"  # auto | none | <path>
+    preempt_signal: str = "SIGUSR1"  # besides SIGTERM
+    requeue_exit_code: typing.Annotated[int, Field(ge=3, le=125)] = 75  # EX_TEMPFAIL
 
 
 class Log(_Section):
@@ -97,12 +108,17 @@ class Recipe(_Section):
     scheduler: Component | None = None
     train: Train
     dist: Dist = Dist()
+    checkpoint: Checkpoint = Checkpoint()
     log: Log = Log()
     run: Run = Run()
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -232,6 +248,10 @@ def _check_rules(r: Recipe) -> None:
             raise RecipeError(f"{key}._component_", "missing; name what to build, e.g. _component_: torch.optim.AdamW")
         if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", target):
             raise RecipeError(f"{key}._component_", f"{target!r} is not a dotted path like torch.optim.AdamW")
+    sig = r.checkpoint.preempt_signal
+    name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP", "SIGINT"):
+        raise RecipeError("checkpoint.preempt_signal", f"{sig!r} is not a signal the launcher can catch; use e.g. SIGUSR1, SIGUSR2 or SIGTERM")
     lr = r.optimizer.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
         raise RecipeError("optimizer.lr", f"expected a non-negative number, got {lr!r}")

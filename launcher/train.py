@@ -1,21 +1,27 @@
 """One training run, start to end, in the order data flows:
-recipe -> process group -> data -> model -> wrappers -> optimizer -> loop -> final weights."""
+recipe -> process group -> data -> model (+ checkpoint) -> wrappers -> optimizer -> loop -> weights."""
 from __future__ import annotations
 
+import gc
+import json
+import os
 import random
+import shutil
+import traceback
 from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, distributed, loop, parallel
-from launcher.components import instantiate
+from launcher import checkpoint, distributed, loop, parallel, resume
+from launcher.components import instantiate, resolve_callable
 from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
-from launcher.errors import RecipeError
+from launcher.errors import Preempted, RecipeError, TrainingError
 from launcher.metrics import ConsoleSink, JsonlSink, Metrics, log, setup_logging
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan
 from launcher.recipe import Recipe
+from launcher.signals import Agreement, PreemptionFlag, parse_signal
 
 RUN_OUTPUTS = ("metrics.jsonl", "model.pt")
 
@@ -30,14 +36,23 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def check_run_dir(recipe: Recipe) -> Path:
-    """Refuse to overwrite a previous run's outputs unless asked to."""
-    run_dir = recipe.run_dir
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+def prepare_run_dir(recipe: Recipe, restart_count: int = 0, rank: int = 0) -> Path | None:
+    """Decide where the run starts: the checkpoint to resume, or None for a fresh start. A fresh
+    start over a previous run's outputs needs run.overwrite (which then clears its checkpoints);
+    a worker restarted by torchrun or a SLURM requeue is the same run and may start over."""
+    resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, recipe.checkpoint_dir)
+    if resume_from is not None or restart_count > 0:
+        return resume_from
+    run_dir, ckpt_dir = recipe.run_dir, recipe.checkpoint_dir
+    found = [str(run_dir / n) for n in RUN_OUTPUTS if (run_dir / n).exists()]
+    found += [str(p) for p in checkpoint.list_checkpoints(ckpt_dir)][:1]
     if found and not recipe.run.overwrite:
-        raise RecipeError("run.dir", f"{run_dir} already holds a run ({', '.join(found)}); choose another with "
-                                     f"run.dir=..., or replace it with run.overwrite=true")
-    return run_dir
+        how = "resume it with checkpoint.resume=auto, " if recipe.checkpoint.resume == "none" and checkpoint.list_checkpoints(ckpt_dir) else ""
+        raise RecipeError("run.dir", f"{run_dir} already holds a run ({', '.join(found)}); {how}choose another "
+                                     f"run.dir=..., or start over with run.overwrite=true")
+    if found and rank == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh start must never resume an older run's state
+    return None
 
 
 def build_datasets(recipe: Recipe):
@@ -51,46 +66,81 @@ def build_datasets(recipe: Recipe):
 
 def run(recipe: Recipe, env: ClusterEnv) -> loop.TrainState:
     setup_logging(env.rank)
-    run_dir = check_run_dir(recipe)
-    with distributed.session(env, recipe.dist.backend, recipe.dist.timeout_s) as sess:
-        seed_everything(recipe.seed)
-        train_set, val_set = build_datasets(recipe)
-        plan = build_plan(recipe, env.world_size, len(train_set), len(val_set) if val_set is not None else None,
-                          sess.backend, str(sess.device))
-        model = instantiate(recipe.model, "model")
-        parallel.check_segments(model, plan.segments)
-        model.to(sess.device)
-        # same initial weights on every rank (above); per-rank streams for dropout and the like (below)
-        seed_everything(recipe.seed + env.rank)
-        comm_hook = None
-        if recipe.dist.ddp.comm_hook is not None:
-            from launcher.components import resolve_callable
-            comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
-        train_model = parallel.wrap(model, segments=plan.segments, world_size=env.world_size,
-                                    device=sess.device, ddp_cfg=recipe.dist.ddp, comm_hook=comm_hook)
-        loss_fn = instantiate(recipe.loss, "loss")
-        optimizer = build_optimizer(recipe, model)
-        scheduler = build_scheduler(recipe, optimizer)
-        scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
-        train_sampler, train_loader, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set)
-        metrics = _metrics(recipe, plan, env, run_dir)
-        trainer = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler,
-                               train_loader, train_sampler, val_loader, metrics)
-        _print_plan(plan, env, model)
-        try:
-            state = loop.fit(trainer)
-        finally:
-            metrics.close()
-        if env.is_rank0:
-            checkpoint.save(model.state_dict(), run_dir / "model.pt")
-            log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {run_dir / 'model.pt'}")
+    if env.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        log.warning("torchrun restarts can fail to reconnect when the workers share the rendezvous store "
+                    "(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+    signals = [parse_signal("SIGTERM"), parse_signal(recipe.checkpoint.preempt_signal)]
+    # installed first: a preemption signal during start-up is remembered, not fatal
+    with PreemptionFlag(list(dict.fromkeys(signals))) as preempt:
+        with distributed.session(env, recipe.dist.backend, recipe.dist.timeout_s) as sess:
+            try:
+                return _train(recipe, env, sess, preempt)
+            except BaseException as e:
+                # the traceback pins the frames that hold DDP; free them so it goes before the process group
+                traceback.clear_frames(e.__traceback__)
+                if env.world_size > 1 and distributed.is_timeout(e):
+                    who = distributed.missing_ranks(sess, min(recipe.dist.timeout_s, 30.0))
+                    raise TrainingError(f"[rank {env.rank}] a collective timed out after dist.timeout_s="
+                                        f"{recipe.dist.timeout_s:g}s: {who}") from None
+                raise
+            finally:
+                # DDP's reducer (and any Python comm hook it holds) must be destroyed before the
+                # process group: left to interpreter exit, its destructor can abort the process
+                gc.collect()
+
+
+def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag) -> loop.TrainState:
+    resume_from = prepare_run_dir(recipe, env.restart_count, env.rank)
+    seed_everything(recipe.seed)
+    train_set, val_set = build_datasets(recipe)
+    plan = build_plan(recipe, env.world_size, len(train_set), len(val_set) if val_set is not None else None,
+                      sess.backend, str(sess.device))
+    model = instantiate(recipe.model, "model")
+    parallel.check_segments(model, plan.segments)
+    payload = resume.load_for_resume(resume_from, model) if resume_from else None
+    model.to(sess.device)
+    # same initial weights on every rank (above); per-rank streams for dropout and the like (below)
+    seed_everything(recipe.seed + env.rank)
+    comm_hook = None
+    if recipe.dist.ddp.comm_hook is not None:
+        comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
+    train_model = parallel.wrap(model, segments=plan.segments, world_size=env.world_size,
+                                device=sess.device, ddp_cfg=recipe.dist.ddp, comm_hook=comm_hook)
+    loss_fn = instantiate(recipe.loss, "loss")
+    optimizer = build_optimizer(recipe, model)
+    scheduler = build_scheduler(recipe, optimizer)
+    scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
+    train_sampler, train_loader, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals)
+    t = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler,
+                     train_loader, train_sampler, val_loader, log=lambda row: None, preempt=preempt,
+                     agreement=Agreement(sess.control if env.world_size > 1 else None))
+    if payload is not None:
+        resume.restore(t, payload, resume_from)  # last: it sets the RNG streams the loop continues
+        del payload
+    t.log = metrics = _metrics(recipe, plan, env, t.state.step if resume_from else None)
+    _print_plan(plan, env, model)
+    try:
+        state = loop.fit(t)
+        resume.check_finite(t)
+    finally:
+        metrics.close()
+    resume.save_checkpoint(t)  # final (or preemption) checkpoint: the run can be resumed or extended
+    if state.stop_reason.startswith("preempted"):
+        code = recipe.checkpoint.requeue_exit_code
+        raise Preempted(f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code)
+    if env.is_rank0:
+        # CPU tensors: loadable on any machine without map_location
+        checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, recipe.run_dir / "model.pt")
+        log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.run_dir / 'model.pt'}")
     return state
 
 
-def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set):
+def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set, signals):
     d = recipe.data
     pin = d.pin_memory if d.pin_memory is not None else sess.device.type == "cuda"
-    common = dict(num_workers=d.num_workers, pin_memory=pin, prefetch_factor=d.prefetch_factor, seed=recipe.seed + env.rank)
+    common = dict(num_workers=d.num_workers, pin_memory=pin, prefetch_factor=d.prefetch_factor,
+                  seed=recipe.seed + env.rank, ignore_signals=tuple(signals))
     train_sampler = ShardSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=d.shuffle,
                                  seed=recipe.seed, drop_last=d.drop_last, stop=plan.shard_stop, with_epoch=True)
     train_loader = build_loader(SeededDataset(train_set, recipe.seed), train_sampler, d.batch_size, **common)
@@ -102,16 +152,23 @@ def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_s
     return train_sampler, train_loader, val_loader
 
 
-def _metrics(recipe: Recipe, plan: Plan, env: ClusterEnv, run_dir: Path) -> Metrics:
+def _metrics(recipe: Recipe, plan: Plan, env: ClusterEnv, resumed_step: int | None) -> Metrics:
     if not env.is_rank0:
         return Metrics([])
+    run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(run_dir / "config.yaml", lambda f: f.write(recipe.to_yaml().encode()))
-    return Metrics([JsonlSink(run_dir / "metrics.jsonl"), ConsoleSink(plan.total_steps)])
+    path = run_dir / "metrics.jsonl"
+    if resumed_step is not None and path.exists():
+        # continue the history: rows past the checkpoint were trained again and are logged again
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resumed_step]
+        checkpoint.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+    return Metrics([JsonlSink(path, append=resumed_step is not None), ConsoleSink(plan.total_steps)])
 
 
 def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    rows = [("launched by", env.source), *plan.describe(), ("parameters", f"{n_params:,}")]
+    launched = env.source + (f" (restart {env.restart_count})" if env.restart_count else "")
+    rows = [("launched by", launched), *plan.describe(), ("parameters", f"{n_params:,}")]
     width = max(len(k) for k, _ in rows)
     log.info("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
