@@ -42,7 +42,7 @@ def recipe_dict(**changes) -> dict:
         if value is DELETE:
             node.pop(last, None)
         else:
-            node[last] = value
+            node[last] = copy.deepcopy(value)
     return r
 
 

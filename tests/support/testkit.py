@@ -51,3 +51,67 @@ class WaitOnRank(nn.Module):
                 while not (self.until and Path(self.until).exists()):
                     time.sleep(0.05)
         return self.lin(x)
+
+
+class GatedMLP(nn.Module):
+    """launcher.models.MLP whose training forward blocks, on `rank` at call `at_call`, until the file
+    `until` exists; it first creates `waiting`, so a test knows the rank is parked mid-run.
+    `first_attempt_only`: do not block in workers restarted by torchrun. Same weights as an MLP."""
+
+    def __init__(self, sizes: list[int], rank: int = 0, at_call: int = 0, until: str = "", waiting: str = "",
+                 first_attempt_only: bool = False, dropout: float = 0.0):
+        super().__init__()
+        from launcher.models import MLP
+
+        self.net = MLP(sizes, dropout=dropout)
+        self.rank, self.at_call, self.until, self.waiting = rank, at_call, until, waiting
+        self.first_attempt_only = first_attempt_only
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            if (self.calls == self.at_call and int(os.environ.get("RANK", 0)) == self.rank and self.until
+                    and not (self.first_attempt_only and restarted)):
+                import time
+                if self.waiting:
+                    Path(self.waiting).write_text(str(os.getpid()))
+                while not Path(self.until).exists():
+                    time.sleep(0.02)
+        return self.net(x)
+
+
+class NaNOnRank(nn.Module):
+    """An MLP whose output is NaN on `rank` at training forward call `at_call`."""
+
+    def __init__(self, sizes: list[int], rank: int = 1, at_call: int = 5):
+        super().__init__()
+        from launcher.models import MLP
+
+        self.net = MLP(sizes)
+        self.rank, self.at_call, self.calls = rank, at_call, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at_call and int(os.environ.get("RANK", 0)) == self.rank:
+                out = out * float("nan")
+        return out
+
+
+class NoisyRegression(torch.utils.data.Dataset):
+    """launcher's synthetic Regression with fresh random noise on every fetch (like an augmentation)."""
+
+    def __init__(self, size: int = 37, in_dim: int = 8, seed: int = 0):
+        from launcher.datasets.synthetic import Regression
+
+        self.base = Regression(size=size, in_dim=in_dim, seed=seed)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn_like(x), y

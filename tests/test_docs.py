@@ -1,0 +1,44 @@
+"""The README's commands are the ones CI runs, and the files it points to exist."""
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"## Set up.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    quickstart, tests = readme_commands()
+    assert "recipes/quickstart.yaml" in quickstart
+    assert "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci, f"{tests!r} is not a line of .ci/run"
+
+
+def test_linked_docs_exist():
+    for doc in re.findall(r"\((docs/[^)]+\.md)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / doc).is_file(), doc
+
+
+def test_recipe_reference_covers_every_key():
+    from launcher.recipe import Recipe
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            sub = getattr(field.annotation, "model_fields", None)
+            inner = [a for a in getattr(field.annotation, "__args__", ()) if hasattr(a, "model_fields")]
+            if sub is not None:
+                yield from keys(field.annotation, f"{prefix}{name}.")
+            elif inner and name != "early_stopping":
+                yield from keys(inner[0], f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [k for k in keys(Recipe) if f"`{k}`" not in text]
+    assert not missing, f"docs/recipes.md does not document: {missing}"

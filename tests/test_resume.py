@@ -1,0 +1,267 @@
+"""Checkpoints and exact resume: an interrupted and resumed run ends with exactly (torch.equal) the
+weights of an uninterrupted one. Dropout and per-sample data randomness make every RNG matter;
+37 samples and global batch 16 make each epoch's last window partial (3 steps per epoch)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import checkpoint, train
+from launcher.env import ClusterEnv
+from launcher.recipe import validate
+from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
+from test_distributed import processes_with
+
+RESUMABLE = {
+    "model": {"_component_": "testkit.GatedMLP", "sizes": [8, 16, 16, 1], "dropout": 0.1},
+    "data.train": {"_component_": "testkit.NoisyRegression", "size": 37},
+    "scheduler": {"_component_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 9},
+    "train.warmup_steps": 2,
+    "train.epochs": 3,
+}
+
+
+def recipe(run_dir: Path, **changes) -> dict:
+    return recipe_dict(**{**RESUMABLE, "run.dir": str(run_dir), **changes})
+
+
+def in_process(run_dir: Path, **changes):
+    return train.run(validate(recipe(run_dir, **changes)), ClusterEnv())
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max():.3g}"
+
+
+# ---------------------------------------------------------------- world size 1
+
+
+@pytest.fixture(scope="module")
+def reference_w1(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("w1") / "ref"
+    assert in_process(run_dir).step == 9
+    return load_weights(run_dir)
+
+
+@pytest.mark.parametrize("stop_at,where", [(2, "just before the epoch's partial last window"),
+                                           (3, "at the end of an epoch"), (4, "mid-epoch")])
+def test_resume_is_exact_at_world_size_1(tmp_path, reference_w1, stop_at, where):
+    run_dir = tmp_path / "run"
+    assert in_process(run_dir, **{"train.max_steps": stop_at}).step == stop_at
+    state = in_process(run_dir)  # checkpoint.resume: auto
+    assert state.step == 9
+    assert_identical(load_weights(run_dir), reference_w1)
+    steps = [json.loads(r)["step"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(9) >= 1  # one continuous history
+
+
+def test_resume_is_exact_with_data_loader_workers(tmp_path, reference_w1):
+    run_dir = tmp_path / "run"
+    in_process(run_dir, **{"train.max_steps": 4, "data.num_workers": 2})
+    in_process(run_dir, **{"data.num_workers": 1})
+    assert_identical(load_weights(run_dir), reference_w1)
+    import multiprocessing
+    assert multiprocessing.active_children() == []  # no DataLoader worker outlives its run
+
+
+def test_keep_last_and_weights_only_loading(tmp_path):
+    run_dir = tmp_path / "run"
+    in_process(run_dir, **{"checkpoint.every_n_steps": 1, "checkpoint.keep_last": 2})
+    kept = [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+    assert kept == ["step_00000009", "step_00000008"]
+    payload = checkpoint.load(run_dir / "checkpoints" / kept[0])  # torch.load(weights_only=True)
+    assert payload["train_state"]["step"] == 9 and len(payload["rng"]) == 1
+    assert set(payload) >= {"model", "optimizer", "scheduler", "scaler", "train_state", "rng", "recipe", "loggers"}
+
+
+# ---------------------------------------------------------------- world size 2
+
+
+def run2(tmp_path, name, run_dir, *extra, env=None, **changes):
+    path = write_recipe(tmp_path / f"{name}.yaml", recipe(run_dir, **changes))
+    return launcher("run", "--nproc", "2", *extra, path, env=env or worker_env(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_w2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("w2")
+    proc = run2(tmp, "ref", tmp / "ref")
+    assert proc.returncode == 0, proc.stderr
+    return load_weights(tmp / "ref")
+
+
+def test_resume_is_exact_at_world_size_2(tmp_path, reference_w2):
+    run_dir = tmp_path / "run"
+    assert run2(tmp_path, "a", run_dir, **{"train.max_steps": 4}).returncode == 0
+    proc = run2(tmp_path, "b", run_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stdout and "train.max_steps: 4 -> None" in proc.stdout
+    assert_identical(load_weights(run_dir), reference_w2)
+
+
+def gate(tmp_path, rank, at_call, **extra):
+    until, waiting = tmp_path / "release", tmp_path / "waiting"
+    return until, waiting, {"model": {**RESUMABLE["model"], "rank": rank, "at_call": at_call,
+                                      "until": str(until), "waiting": str(waiting), **extra}}
+
+
+def wait_for(path: Path, proc, limit_s=120):
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exactly(tmp_path, reference_w2):
+    run_dir, marker = tmp_path / "run", f"LAUNCHER_TEST_{uuid.uuid4().hex}"
+    until, waiting, model = gate(tmp_path, rank=0, at_call=7)  # mid-way through step 4
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
+                            env=worker_env(**{marker: "1"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(waiting, proc)
+    proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
+    until.touch()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err
+    assert "preempted (SIGUSR1)" in err
+    saved = checkpoint.find_latest(run_dir / "checkpoints")
+    assert saved is not None and 4 <= checkpoint.load(saved)["train_state"]["step"] < 9
+    assert not (run_dir / "model.pt").exists()  # training did not finish
+    assert processes_with(marker) == []
+    proc = run2(tmp_path, "resume", run_dir)  # the requeued job
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(load_weights(run_dir), reference_w2)
+
+
+def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
+    run_dir = tmp_path / "run"
+    at_call = random.Random().randint(3, 15)  # a random micro-step (8 per 3 steps... 18 in all)
+    until, waiting, model = gate(tmp_path, rank=1, at_call=at_call, first_attempt_only=True)
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"checkpoint.every_n_steps": 2}))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
+                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(waiting, proc)
+    os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, f"micro-step {at_call}\n{err}"
+    assert "restart 1" in out  # the workers were restarted once...
+    assert_identical(load_weights(run_dir), reference_w2)  # ...and finished exactly as if never interrupted
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_a_hung_rank_is_named_after_the_timeout(tmp_path):
+    marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
+    until, waiting, model = gate(tmp_path, rank=1, at_call=3)  # never released
+    proc = run2(tmp_path, "hang", tmp_path / "run", env=worker_env(**{marker: "1"}), **model,
+                **{"dist.timeout_s": 3})
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "timed out" in errors[0] and "rank(s) 1 did not arrive" in errors[0], proc.stderr
+    assert processes_with(marker) == []
+
+
+def test_nonfinite_loss_stops_naming_step_and_rank_and_saves_nothing_after(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run2(tmp_path, "nan", run_dir, **{"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1],
+                                                      "rank": 1, "at_call": 5}, "checkpoint.every_n_steps": 1})
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: non-finite loss at step 3 on rank 1 (train.on_nonfinite=stop); nothing after it "
+                      "was saved and the last checkpoint (step 2) is intact"], proc.stderr
+    latest = checkpoint.find_latest(run_dir / "checkpoints")
+    payload = checkpoint.load(latest)
+    assert payload["train_state"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in payload["model"].values())
+    assert not (run_dir / "model.pt").exists()
+
+
+def test_nonfinite_skip_skips_the_step_on_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run2(tmp_path, "skip", run_dir, **{"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1],
+                                                       "rank": 1, "at_call": 5}, "train.on_nonfinite": "skip"})
+    assert proc.returncode == 0, proc.stderr
+    assert "step 3: non-finite gradients, step skipped" in proc.stderr
+    final = checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))
+    assert final["train_state"]["skipped_steps"] == 1 and final["train_state"]["step"] == 9
+    assert all(torch.isfinite(v).all() for v in load_weights(run_dir).values())
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_a_single_process(tmp_path):
+    run_dir = tmp_path / "run"
+    until, waiting, model = gate(tmp_path, rank=0, at_call=5)
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"data.num_workers": 1}))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(waiting, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # DataLoader workers get it too, and must survive it
+    until.touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "preempted (SIGTERM)" in err and "Traceback" not in err
+    assert checkpoint.find_latest(run_dir / "checkpoints") is not None
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    ckpt_dir = tmp_path / "ckpts"
+    checkpoint.write_checkpoint(ckpt_dir, 1, {"w": torch.ones(3)})
+    code = (f"import torch; from pathlib import Path; from launcher import checkpoint; "
+            f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(2**26)}})")
+    child = subprocess.Popen([sys.executable, "-c", code], env=worker_env())
+    deadline = time.monotonic() + 60
+    while not list(ckpt_dir.glob(".step_00000002.*")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.001)
+    child.kill()  # somewhere inside the write
+    child.wait()
+    latest = checkpoint.find_latest(ckpt_dir)
+    if latest.name == "step_00000002":  # the write won the race: it must then be complete
+        assert checkpoint.verify(latest) is None
+    else:
+        assert latest.name == "step_00000001" and torch.equal(checkpoint.load(latest)["w"], torch.ones(3))
+
+
+def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
+    ckpt_dir = tmp_path / "ckpts"
+    for step in (1, 2, 3):
+        checkpoint.write_checkpoint(ckpt_dir, step, {"w": torch.full((4,), float(step))})
+    (ckpt_dir / "step_00000003" / "COMPLETE").unlink()  # as if the write had stopped before the marker
+    state = ckpt_dir / "step_00000002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))  # a flipped byte
+    import logging
+    logging.getLogger("launcher").propagate = True
+    with caplog.at_level("WARNING", logger="launcher"):
+        latest = checkpoint.find_latest(ckpt_dir)
+    assert latest.name == "step_00000001"
+    assert "step_00000003: incomplete" in caplog.text and "step_00000002: state.pt is corrupt" in caplog.text
+
+
+def test_bad_resume_paths_and_other_models_are_one_line_errors(tmp_path):
+    run_dir = tmp_path / "run"
+    in_process(run_dir, **{"train.max_steps": 2})
+    for override, phrase in [(f"checkpoint.resume={tmp_path / 'nope'}", "does not exist"),
+                             (f"checkpoint.resume={tmp_path}", "not a checkpoint directory"),
+                             ("model.sizes=[8,32,1]", "was saved from a different model: unexpected keys [net.7.weight, net.7.bias]; "
+                                                      "shape mismatches [net.1.weight (16, 8) vs model (32, 8)")]:
+        proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe(run_dir)), override)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint.resume: "), proc.stderr
+        assert phrase in proc.stderr, proc.stderr
