@@ -44,23 +44,25 @@ def gpus_for(local_world_size: int) -> bool:
     return torch.cuda.is_available() and local_world_size <= torch.cuda.device_count()
 
 
-def pick_backend(requested: str, local_rank: int, local_world_size: int = 1) -> tuple[str, torch.device]:
-    has_gpu = gpus_for(local_world_size)
+def pick_backend(requested: str, local_rank: int, local_world_size: int = 1,
+                 gpu_bound: bool = False) -> tuple[str, torch.device]:
+    """`gpu_bound`: the scheduler gave this process one GPU of its own, which it sees as cuda:0."""
+    has_gpu = torch.cuda.is_available() if gpu_bound else gpus_for(local_world_size)
     if requested == "nccl" and not has_gpu:
         why = "no CUDA device is visible" if not torch.cuda.is_available() else (
             f"{local_world_size} local ranks share {torch.cuda.device_count()} GPU(s)")
         raise LaunchError("dist.backend", f"nccl needs one GPU per local rank but {why}; use dist.backend=auto or gloo")
-    if requested == "auto" and torch.cuda.is_available() and not has_gpu:
+    if requested == "auto" and torch.cuda.is_available() and not has_gpu and local_rank == 0:
         log.warning(f"{local_world_size} local ranks but {torch.cuda.device_count()} GPU(s): training on CPU with gloo")
     backend = "nccl" if requested == "auto" and has_gpu else ("gloo" if requested == "auto" else requested)
-    device = torch.device("cuda", local_rank) if has_gpu else torch.device("cpu")
+    device = torch.device("cuda", 0 if gpu_bound else local_rank) if has_gpu else torch.device("cpu")
     return backend, device
 
 
 @contextlib.contextmanager
 def session(env: ClusterEnv, backend: str = "auto", timeout_s: float = 600.0) -> Iterator[Session]:
     """Init the process group (if world size > 1), bind the device, and always destroy it."""
-    backend, device = pick_backend(backend, env.local_rank, env.local_world_size)
+    backend, device = pick_backend(backend, env.local_rank, env.local_world_size, env.gpu_bound)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.source == "single":
@@ -122,16 +124,17 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "Timed out" in str(exc)
 
 
-def missing_ranks(session: Session, timeout_s: float) -> str:
-    """After a collective timed out: which ranks do not answer? (monitored_barrier on the CPU group)"""
+def missing_ranks(group, rank: int, timeout_s: float) -> str:
+    """After a collective timed out: which ranks do not answer? (monitored_barrier on a gloo group
+    made before the failure: creating one now would itself wait for the missing ranks)"""
     import re
     try:
-        dist.monitored_barrier(group=session.control, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:
         found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
         if found:
             return f"rank(s) {found.group(1).strip()} did not arrive"
-        if session.rank != 0:
+        if rank != 0:
             return "rank 0 did not answer (it may be the one that is stuck; see its log)"
         return str(e).splitlines()[0]
     return "every rank answered the check; the stuck collective may have been a mismatched one"
