@@ -1,0 +1,76 @@
+"""`launcher slurm`: render an sbatch script for a recipe (into its run directory), optionally submit it.
+
+Templates (launcher/templates, also at slurm/ in the repository):
+  single_node.sbatch  --mode torchrun --nodes 1: torchrun --standalone, one worker per GPU
+  multi_node.sbatch   --mode torchrun --nodes N: srun starts one torchrun per node (c10d rendezvous)
+  per_gpu.sbatch      --mode per-gpu: srun starts one task per GPU, each `launcher run` (SLURM detection)
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.errors import LaunchError
+from launcher.recipe import Recipe
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def template_name(mode: str, nodes: int) -> str:
+    if mode == "per-gpu":
+        return "per_gpu.sbatch"
+    return "single_node.sbatch" if nodes == 1 else "multi_node.sbatch"
+
+
+def render(recipe: Recipe, recipe_path: str, overrides: list[str], *, mode: str, nodes: int, gpus_per_node: int,
+           nproc_per_node: int, partition: str | None = None, time: str | None = None, account: str | None = None,
+           job_name: str | None = None, cpus_per_task: int | None = None, grace_s: int = 120,
+           python: str | None = None) -> str:
+    run_dir = recipe.run_dir.resolve()
+    resources = []
+    if gpus_per_node:
+        resources.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    if cpus_per_task:
+        resources.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    for option, value in (("time", time), ("partition", partition), ("account", account)):
+        if value:
+            resources.append(f"#SBATCH --{option}={value}")
+    # the job runs in this run directory whatever directory it is submitted from
+    args = [*overrides, f"run.dir={run_dir}"]
+    fields = {
+        "requeue_logic": (TEMPLATES / "requeue_logic.sh").read_text().rstrip(),
+        "job_name": job_name or recipe.name,
+        "nodes": str(nodes),
+        "nproc_per_node": str(nproc_per_node),
+        "sbatch_resources": "\n".join(resources) if resources else "# (no GPU, time, partition or account requested)",
+        "run_dir": str(run_dir),
+        "grace_s": str(grace_s),
+        "python": python or sys.executable,
+        "recipe": shlex.quote(str(Path(recipe_path).resolve())),
+        "overrides": "".join(f" {shlex.quote(a)}" for a in args),
+        "requeue_exit_code": str(recipe.checkpoint.requeue_exit_code),
+        "preempt_signal": recipe.checkpoint.preempt_signal.upper().removeprefix("SIG"),
+    }
+    text = (TEMPLATES / template_name(mode, nodes)).read_text()
+    for _ in range(2):  # the requeue logic has fields of its own
+        for key, value in fields.items():
+            text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def write_and_submit(text: str, path: Path, submit: bool) -> str | None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    if not submit:
+        return None
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise LaunchError("--submit", f"sbatch is not on PATH here; copy {path} to a SLURM login node and run `sbatch {path}`")
+    out = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LaunchError("sbatch", (out.stderr.strip() or out.stdout.strip()).splitlines()[-1])
+    return out.stdout.strip().split(";")[0]
