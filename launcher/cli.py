@@ -36,6 +36,31 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", metavar="key.path=value")
     check.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="plan for N ranks (default: WORLD_SIZE if set, else 1)")
+    doc = sub.add_parser("doctor", help="check backends, devices, addresses and an all_reduce across the job",
+                         description="Start it the way the job is started (torchrun, srun, or --nproc N); "
+                                     "rank 0 prints a table. Exits 1 if any check fails.")
+    doc.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local ranks")
+    doc.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
+    doc.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for every rank (default 30)")
+
+    sl = sub.add_parser("slurm", help="write an sbatch script for a recipe (and submit it)",
+                        description="Render the sbatch script for RECIPE into its run directory and print its path; "
+                                    "with --submit, submit it with sbatch.")
+    sl.add_argument("recipe")
+    sl.add_argument("overrides", nargs="*", metavar="key.path=value")
+    sl.add_argument("--mode", choices=["torchrun", "per-gpu"], default="torchrun",
+                    help="torchrun: one torchrun per node starts the workers (default); per-gpu: one SLURM task per GPU")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node; 0 for CPU-only nodes")
+    sl.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
+    sl.add_argument("--partition")
+    sl.add_argument("--time", help="time limit, e.g. 24:00:00")
+    sl.add_argument("--account")
+    sl.add_argument("--job-name", help="default: the recipe's name")
+    sl.add_argument("--cpus-per-task", type=int, default=None)
+    sl.add_argument("--grace-s", type=int, default=120, help="seconds between the preemption warning and the time limit")
+    sl.add_argument("--python", help="the Python with launcher installed, as the nodes see it (default: this one)")
+    sl.add_argument("--submit", action="store_true", help="submit the script with sbatch")
     return p
 
 
@@ -58,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "slurm":
+            return cmd_slurm(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         raise AssertionError(args.command)
     except UserError as e:
         return report(e, f"error: {e}", EXIT_USAGE)
@@ -81,10 +110,19 @@ def report(exc: Exception | None, line: str, code: int) -> int:
     if exc is not None and os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
         ErrorHandler().record_exception(exc)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank == 0 and not os.environ.get(CHILD_ENV):
+    if _rank() == 0 and not os.environ.get(CHILD_ENV):
         print(line, file=sys.stderr, flush=True)
     return code
+
+
+def _rank() -> int:
+    """This process's rank in its job, from whichever launcher started it (0 if none, or unreadable)."""
+    from launcher.env import ClusterEnv
+
+    try:
+        return ClusterEnv.detect().rank
+    except UserError:
+        return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def _positive(value: int | None, option: str) -> None:
@@ -127,6 +165,42 @@ def cmd_check(args) -> int:
     recipe = recipes.load(args.recipe, args.overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
     print(check_recipe(recipe, world))
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    _positive(args.nproc, "--nproc")
+    if args.nproc is not None:
+        from launcher.local import elastic
+        return elastic(["doctor", "--backend", args.backend, "--timeout-s", str(args.timeout_s)], args.nproc)
+    from launcher import doctor
+    from launcher.env import ClusterEnv
+    return doctor.run(ClusterEnv.detect(), args.backend, args.timeout_s)
+
+
+def cmd_slurm(args) -> int:
+    from launcher import recipe as recipes
+    from launcher import slurm
+    from launcher.check import check_static
+
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else args.gpus_per_node
+    _positive(args.nodes, "--nodes")
+    _positive(nproc, "--nproc-per-node")
+    if args.gpus_per_node < 0:
+        raise LaunchError("--gpus-per-node", f"must be 0 or more, got {args.gpus_per_node}")
+    if args.gpus_per_node and nproc > args.gpus_per_node:
+        raise LaunchError("--nproc-per-node", f"{nproc} ranks per node for {args.gpus_per_node} GPUs; use at most one rank per GPU")
+    recipe = recipes.load(args.recipe, args.overrides)
+    check_static(recipe, args.nodes * nproc)
+    text = slurm.render(recipe, args.recipe, args.overrides, mode=args.mode, nodes=args.nodes,
+                        gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, partition=args.partition,
+                        time=args.time, account=args.account, job_name=args.job_name,
+                        cpus_per_task=args.cpus_per_task, grace_s=args.grace_s, python=args.python)
+    path = recipe.run_dir / slurm.template_name(args.mode, args.nodes)
+    job = slurm.write_and_submit(text, path, args.submit)
+    print(path)
+    if job:
+        print(f"submitted job {job}; log: {recipe.run_dir.resolve()}/slurm-{job}.out")
     return EXIT_OK
 
 

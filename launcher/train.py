@@ -80,7 +80,7 @@ def run(recipe: Recipe, env: ClusterEnv) -> loop.TrainState:
                 # the traceback pins the frames that hold DDP; free them so it goes before the process group
                 traceback.clear_frames(e.__traceback__)
                 if env.world_size > 1 and distributed.is_timeout(e):
-                    who = distributed.missing_ranks(sess, min(recipe.dist.timeout_s, 30.0))
+                    who = distributed.missing_ranks(sess.control, env.rank, min(recipe.dist.timeout_s, 30.0))
                     raise TrainingError(f"[rank {env.rank}] a collective timed out after dist.timeout_s="
                                         f"{recipe.dist.timeout_s:g}s: {who}") from None
                 raise

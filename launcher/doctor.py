@@ -1,0 +1,128 @@
+"""`launcher doctor`: check a launch before training on it. Start it exactly as the job would be
+started (torchrun, srun, `launcher doctor --nproc N`); rank 0 prints one table; exit 1 on any failure.
+
+Every rank first checks in on a TCPStore under its own key, so when the group cannot form, rank 0
+can name the ranks that never arrived; the process group then forms on the same store.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from launcher.distributed import pick_backend
+from launcher.env import ClusterEnv
+from launcher.errors import LaunchError
+
+
+def _versions() -> str:
+    parts = [f"torch {torch.__version__}", "gloo (bundled with torch)"]
+    if torch.cuda.is_available():
+        parts.append(f"cuda {torch.version.cuda}")
+        try:
+            parts.append("nccl " + ".".join(map(str, torch.cuda.nccl.version())))
+        except Exception:  # noqa: BLE001 - a version string is not worth failing the doctor
+            parts.append("nccl unknown")
+    return ", ".join(parts)
+
+
+def _agent_serves_store(env: ClusterEnv) -> bool:
+    """torchrun's agent serves a store at MASTER_ADDR:PORT for its workers (unless told not to share it)."""
+    return env.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _store(env: ClusterEnv, timeout: timedelta) -> dist.Store:
+    host_it = env.rank == 0 and not _agent_serves_store(env)
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_it,
+                         timeout=timeout, wait_for_workers=False)
+
+
+def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0) -> int:
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        backend, device = pick_backend(backend_request, env.local_rank, env.local_world_size, env.gpu_bound)
+        checks.append(("backend", True, f"{backend} on {device}"))
+    except LaunchError as e:
+        backend, device = "gloo", torch.device("cpu")
+        checks.append(("backend", False, e.message))
+    available = {name: getattr(dist, f"is_{name}_available")() for name in ("nccl", "gloo", "mpi")}
+    checks.append(("backends built in", available["gloo"], ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in available.items())))
+    checks.append(("versions", True, _versions()))
+    me = {"rank": env.rank, "host": socket.gethostname(), "pid": os.getpid(), "local_rank": env.local_rank,
+          "device": str(device), "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    if not env.is_distributed and env.source == "single":
+        checks.append(("process group", True, "none needed: one process (start the doctor as your job starts)"))
+        return _report(env, [me], checks)
+    try:
+        ip = socket.getaddrinfo(env.master_addr, env.master_port, proto=socket.IPPROTO_TCP)[0][4][0]
+        checks.append(("master address", True, f"{env.master_addr} -> {ip}"))
+    except OSError as e:
+        checks.append(("master address", False, f"{env.master_addr} does not resolve ({e}); set MASTER_ADDR"))
+        return _report(env, [me], checks)
+    timeout = timedelta(seconds=timeout_s)
+    t0 = time.perf_counter()
+    try:
+        store = _store(env, timeout)
+    except (RuntimeError, OSError) as e:
+        what = "is in use by another process" if "address already in use" in str(e).lower() else "cannot be reached"
+        checks.append(("master port", False, f"{env.master_addr}:{env.master_port} {what}: {str(e).splitlines()[0]}"))
+        return _report(env, [me], checks)
+    checks.append(("master port", True, f"{env.master_port} " + ("(served by torchrun's agent)" if _agent_serves_store(env) else "(rank 0 serves the store)")))
+    store.set(f"doctor/{env.rank}", me["host"])
+    try:
+        store.wait([f"doctor/{r}" for r in range(env.world_size)], timeout)
+    except RuntimeError:
+        missing = [r for r in range(env.world_size) if not store.check([f"doctor/{r}"])]
+        checks.append(("ranks joined", False, f"rank(s) {', '.join(map(str, missing))} did not join within {timeout_s:g}s "
+                                              "(not started, or cannot reach the master address)"))
+        return _report(env, [me], checks)
+    dist.init_process_group(backend, store=dist.PrefixStore("launcher-doctor", store), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
+    try:
+        control = dist.new_group(backend="gloo")  # made now: after a failure it could not be
+        checks.append(("process group", True, f"{backend}, {env.world_size} ranks, formed in {time.perf_counter() - t0:.2f} s"))
+        checks.append(_timed_all_reduce(env, device, control, timeout_s))
+        rows = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(me, rows, dst=0)
+        return _report(env, rows or [me], checks)
+    finally:
+        dist.destroy_process_group()
+
+
+def _timed_all_reduce(env: ClusterEnv, device: torch.device, control, timeout_s: float) -> tuple[str, bool, str]:
+    numel = (64 if device.type == "cuda" else 4) * 2**20 // 4
+    x = torch.ones(numel, device=device)
+    try:
+        dist.all_reduce(torch.ones(1, device=device))  # warm-up: connections are set up lazily
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+    except RuntimeError as e:
+        from launcher.distributed import missing_ranks
+        return ("all_reduce", False, f"failed: {str(e).splitlines()[0]}; {missing_ranks(control, env.rank, timeout_s)}")
+    ok = bool((x == env.world_size).all())
+    mib = numel * 4 / 2**20
+    return ("all_reduce", ok, f"{mib:.0f} MiB in {dt * 1e3:.1f} ms ({mib / 1024 / dt:.2f} GiB/s)" + ("" if ok else ", WRONG RESULT"))
+
+
+def _report(env: ClusterEnv, rows: list[dict], checks: list[tuple[str, bool, str]]) -> int:
+    failed = [c for c in checks if not c[1]]
+    if env.rank != 0:
+        return 1 if failed else 0
+    lines = [f"launcher doctor: world size {env.world_size}, started by {env.source}"]
+    lines.append(f"  {'rank':<5} {'host':<20} {'pid':<8} {'local':<6} {'device':<8} gpus visible")
+    for r in rows:
+        lines.append(f"  {r['rank']:<5} {r['host'][:20]:<20} {r['pid']:<8} {r['local_rank']:<6} {r['device']:<8} {r['gpus_visible']}")
+    width = max(len(name) for name, _, _ in checks)
+    for name, ok, detail in checks:
+        lines.append(f"  {'ok  ' if ok else 'FAIL'} {name:<{width}}  {detail}")
+    lines.append("all checks passed" if not failed else f"{len(failed)} check(s) failed")
+    print("\n".join(lines), flush=True)
+    return 1 if failed else 0
