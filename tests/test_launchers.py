@@ -1,0 +1,50 @@
+"""`launcher doctor`, and jobs started by other launchers (accelerate launch)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import launcher, recipe_dict, worker_env, write_recipe
+from test_slurm import free_port
+
+
+def test_doctor_with_two_gloo_ranks():
+    proc = launcher("doctor", "--nproc", "2", "--timeout-s", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "world size 2" in out and "all checks passed" in out
+    for check in ("backend", "backends built in", "versions", "master address", "master port", "process group", "all_reduce"):
+        assert f"ok   {check}" in out, out
+    assert out.count(" cpu ") >= 2  # one row per rank
+
+
+def test_doctor_under_plain_torchrun_uses_the_agents_store():
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "launcher", "doctor"], env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(served by torchrun's agent)" in proc.stdout and "all checks passed" in proc.stdout
+
+
+def test_doctor_names_the_rank_that_never_joined():
+    """Rank 0 of a 2-task SLURM job starts; rank 1's node never does."""
+    env = worker_env(SLURM_JOB_ID="7", SLURM_JOB_NAME="train", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2",
+                     SLURM_NNODES="2", SLURM_NODEID="0", SLURM_TASKS_PER_NODE="1(x2)", SLURM_JOB_NODELIST="localhost",
+                     MASTER_PORT=free_port())
+    proc = launcher("doctor", "--timeout-s", "3", env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "FAIL ranks joined" in proc.stdout and "rank(s) 1 did not join within 3s" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate is not installed (pip install '.[test]')")
+def test_accelerate_launch_starts_a_two_rank_run(tmp_path):
+    run_dir = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir)}))
+    # on a machine without GPUs accelerate starts several processes only with --multi_gpu (through torchrun)
+    proc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                           "-m", "launcher", "run", str(path)], env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "world size             2" in proc.stdout and "done: completed after 6 steps" in proc.stdout
