@@ -59,7 +59,9 @@ def _ranges(spec: str, whole: str) -> list[str]:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host: via `scontrol show hostnames` if available, else the parser above."""
+    """The first host: via `scontrol show hostnames` if available, else the parser above. The list
+    is parsed here first either way: scontrol answers a malformed list with garbage and exit code 0."""
+    parsed = expand(nodelist)
     scontrol = shutil.which("scontrol")
     if scontrol:
         try:
@@ -68,7 +70,7 @@ def first_host(nodelist: str) -> str:
                 return out.stdout.split()[0]
         except (OSError, subprocess.TimeoutExpired):
             pass
-    return expand(nodelist)[0]
+    return parsed[0]
 
 
 def tasks_per_node(spec: str) -> list[int]:

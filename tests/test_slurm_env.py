@@ -23,7 +23,6 @@ NODELISTS = {
     "host-with-dash[1,3]": ["host-with-dash1", "host-with-dash3"],
     "x[1]": ["x1"],
     "gpu-a100-[1-2],gpu-h100-3": ["gpu-a100-1", "gpu-a100-2", "gpu-h100-3"],
-    "node[1-2]ib": ["node1ib", "node2ib"],
     "nid[00010-00012]": ["nid00010", "nid00011", "nid00012"],
     "login1.cluster.org": ["login1.cluster.org"],
     "c[1-2,5],g[10-11]": ["c1", "c2", "c5", "g10", "g11"],
