@@ -1,10 +1,18 @@
-"""Metric sinks. Only rank 0 writes; the loop calls `log(row)` on every rank."""
+"""Where metrics go. Only rank 0 has sinks; the loop calls `log(row)` and `advance(step)` everywhere.
+
+Sinks: metrics.jsonl (always), the console (a tqdm bar on a terminal, plain lines otherwise, as in
+SLURM logs), TensorBoard (log.tensorboard) and wandb (log.wandb, launcher/wandb_log.py).
+"""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import sys
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger("launcher")
 
@@ -20,8 +28,14 @@ class JsonlSink:
         self._f.write(json.dumps(row, allow_nan=True) + "\n")
         self._f.flush()
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         self._f.close()
+
+
+def format_row(row: dict, total_steps: int) -> str:
+    parts = [f"step {row['step']}/{total_steps}", f"epoch {row['epoch']}"]
+    parts += [f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("step", "epoch")]
+    return " | ".join(parts)
 
 
 class ConsoleSink:
@@ -31,15 +45,73 @@ class ConsoleSink:
         self.total = total_steps
 
     def __call__(self, row: dict) -> None:
-        parts = [f"step {row['step']}/{self.total}", f"epoch {row['epoch']}"]
-        for key, value in row.items():
-            if key in ("step", "epoch"):
-                continue
-            parts.append(f"{key} {_fmt(value)}")
-        log.info(" | ".join(parts))
+        log.info(format_row(row, self.total))
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         pass
+
+
+class ProgressSink:
+    """A tqdm bar with loss and throughput; other rows and log messages print above it."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        from tqdm import tqdm
+
+        self.total = total_steps
+        try:
+            sized = os.get_terminal_size(sys.stdout.fileno()).columns > 0
+        except OSError:
+            sized = False
+        # a terminal that reports no size (some ptys, `script`) would hide the bar: assume 100 x 24
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stdout, dynamic_ncols=sized,
+                        ncols=None if sized else 100, nrows=None if sized else 24)
+        self._handler = _TqdmHandler(self.bar)
+        self._previous = log.handlers[:]
+        log.handlers[:] = [self._handler]
+
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def __call__(self, row: dict) -> None:
+        if "loss" in row:
+            post = {"loss": f"{row['loss']:.4g}", "samples/s": _fmt(row.get("samples_per_s", math.nan))}
+            if "tokens_per_s" in row:
+                post["tokens/s"] = _fmt(row["tokens_per_s"])
+            self.bar.set_postfix(post, refresh=False)
+        else:
+            self.bar.write(format_row(row, self.total))
+
+    def close(self, ok: bool = True) -> None:
+        self.bar.close()
+        log.handlers[:] = self._previous
+
+
+class _TqdmHandler(logging.Handler):
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.bar.write(self.format(record))
+
+
+class TensorBoardSink:
+    def __init__(self, directory: Path, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from launcher.errors import RecipeError
+            raise RecipeError("log.tensorboard", "needs the tensorboard package: pip install 'launcher[tensorboard]'") from None
+        self.writer = SummaryWriter(str(directory), purge_step=start_step or None)
+
+    def __call__(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=row["step"])
+
+    def close(self, ok: bool = True) -> None:
+        self.writer.close()
 
 
 def _fmt(v) -> str:
@@ -58,17 +130,43 @@ class Metrics:
         for sink in self.sinks:
             sink(row)
 
-    def close(self) -> None:
+    def advance(self, step: int) -> None:
         for sink in self.sinks:
-            sink.close()
+            if hasattr(sink, "advance"):
+                sink.advance(step)
+
+    def close(self, ok: bool = True) -> None:
+        for sink in self.sinks:
+            sink.close(ok)
 
 
 def setup_logging(rank: int) -> None:
     """Rank 0 logs at INFO; other ranks only warnings and errors, prefixed with their rank."""
-    import sys
-
     handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
+
+
+# Dense peak FLOP/s per GPU, for MFU: (bf16/fp16, tf32, fp32). NVIDIA's datasheets, SXM parts.
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12, 67e12),
+    "H100": (989e12, 494e12, 67e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "A10G": (70e12, 35e12, 31.2e12),
+    "V100": (125e12, 15.7e12, 15.7e12),
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32, fp32) in PEAK_FLOPS.items():
+        if key in name:
+            if precision in ("bf16", "fp16"):
+                return half
+            return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
+    return None

@@ -89,8 +89,20 @@ class Checkpoint(_Section):
     requeue_exit_code: typing.Annotated[int, Field(ge=3, le=125)] = 75  # EX_TEMPFAIL
 
 
+class Wandb(_Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
+    project: str | None = None  # None: the recipe's name
+    entity: str | None = None
+    name: str | None = None  # None: the recipe's name
+    group: str | None = None
+    tags: list[str] = []
+
+
 class Log(_Section):
     every_n_steps: PosInt = 10
+    wandb: Wandb | None = None  # None: no wandb
+    tensorboard: bool = False
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
 
 
 class Run(_Section):
@@ -121,10 +133,26 @@ class Recipe(_Section):
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The resolved recipe, with secret-looking values (api_key, token, password, ...) redacted:
+        this is what config.yaml, checkpoints, wandb and `launcher check` show."""
+        return redact(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECRET = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential)", re.I)
+REDACTED = "***"
+
+
+def redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if key and _SECRET.search(key) and value not in (None, "", False):
+        return REDACTED
+    return value
 
 
 # Where each component section lives, and how many leading positional arguments the launcher

@@ -1,0 +1,83 @@
+"""wandb, on rank 0 only. Never prompts (offline unless an API key is configured), never blocks
+training (a failed start is a warning), and keeps one run across resumes, restarts and requeues:
+the run id lives in <run.dir>/wandb_run_id and in every checkpoint, and is reused with resume="allow".
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+from launcher.errors import RecipeError
+from launcher.metrics import log
+from launcher.recipe import Recipe
+
+ID_FILE = "wandb_run_id"
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if has_api_key() else "offline"
+    if mode == "online" and not has_api_key():
+        raise RecipeError("log.wandb.mode", "online needs an API key (WANDB_API_KEY, or `wandb login`); "
+                                            "use offline (sync later with `wandb sync`) or auto")
+    return mode
+
+
+def run_id(run_dir: Path, from_checkpoint: str | None, continuing: bool) -> str:
+    """The checkpoint's id, else (for a restart before any checkpoint) the run directory's, else a new one."""
+    path = run_dir / ID_FILE
+    if from_checkpoint:
+        chosen = from_checkpoint
+    elif continuing and path.exists():
+        chosen = path.read_text().strip()
+    else:
+        chosen = uuid.uuid4().hex[:12]
+    path.write_text(chosen + "\n")
+    return chosen
+
+
+class WandbSink:
+    def __init__(self, recipe: Recipe, run_dir: Path, run_id_: str):
+        cfg = recipe.log.wandb
+        mode = resolve_mode(cfg.mode)
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            log.warning("log.wandb is set but wandb is not installed (pip install wandb); training continues without it")
+            return
+        try:
+            self.run = wandb.init(
+                id=run_id_, resume="allow", dir=str(run_dir), mode=mode,
+                project=cfg.project or recipe.name, entity=cfg.entity, name=cfg.name or recipe.name,
+                group=cfg.group, tags=list(cfg.tags) or None, config=recipe.to_dict(),
+                settings=wandb.Settings(silent=True, console="off", init_timeout=90, disable_git=True),
+            )
+        except Exception as e:  # noqa: BLE001 - wandb must never stop a training run
+            log.warning(f"wandb could not start ({type(e).__name__}: {e}); training continues without it")
+
+    def __call__(self, row: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def preempting(self) -> None:
+        if self.run is not None:
+            self.run.mark_preempting()
+
+    def close(self, ok: bool = True) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=0 if ok else 1)
+            self.run = None
