@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -60,20 +61,26 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler | None
-    train_loader: torch.utils.data.DataLoader
-    train_sampler: ShardSampler
+    # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
+    shards: list[tuple[int, ShardSampler, torch.utils.data.DataLoader]]
     val_loader: torch.utils.data.DataLoader | None
-    log: Callable[[dict], None]  # metrics sink (rank 0 writes, others drop)
+    log: Any  # metrics.Metrics: rank 0 writes, the others have no sinks
     preempt: Any = None  # signals.PreemptionFlag
     agreement: Any = None  # signals.Agreement
     state: TrainState = field(default_factory=TrainState)
     logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
     first_nonfinite: torch.Tensor | None = None  # on the device: first step with a non-finite loss, or -1
+    tokens_per_sample: int | None = None  # for tokens/s
+    flops_per_sample: float | None = None  # for MFU (forward + backward)
+    peak_flops: float | None = None  # per device, for MFU
+    rank_rng: dict[int, dict] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
     # running sums since the last log step, kept on the device
     _loss_sum: torch.Tensor | None = None
     _samples: int = 0
+    _steps: int = 0
     _data_wait_s: float = 0.0
     _last_log_time: float = 0.0
+    _grad_norm: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -105,26 +112,33 @@ def fit(t: Trainer) -> TrainState:
 
 
 def train_epoch(t: Trainer) -> None:
-    s, p, rank = t.state, t.plan, t.session.rank
+    s, p = t.state, t.plan
     micro_index = s.step_in_epoch * p.accumulation
-    t.train_sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
-    t.train_sampler.set_start(micro_index * p.micro_batch)
-    batches = iter(t.train_loader)
+    shards = []
+    for rank, sampler, loader in t.shards:
+        sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
+        sampler.set_start(micro_index * p.micro_batch)
+        shards.append((rank, iter(loader)))
     while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
         for m in range(n_micro):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t._data_wait_s += time.perf_counter() - t0
-            micro_step(t, batch, p.real_in_micro_batch(micro_index, rank), n_window, sync=m == n_micro - 1)
+            for rank, batches in shards:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t._data_wait_s += time.perf_counter() - t0
+                with _rng_of(t, rank):
+                    micro_step(t, batch, p.real_in_micro_batch(micro_index, rank), n_window, sync=m == n_micro - 1)
             micro_index += 1
-        optimizer_step(t)
+        end_of_epoch = s.step_in_epoch + 1 == p.steps_per_epoch
+        log_now = (s.step + 1) % t.recipe.log.every_n_steps == 0 or s.step + 1 == p.total_steps or end_of_epoch
+        optimizer_step(t, want_norm=log_now)
         s.step += 1
         s.step_in_epoch += 1
         t._samples += n_window
-        end_of_epoch = s.step_in_epoch == p.steps_per_epoch
-        if s.step % t.recipe.log.every_n_steps == 0 or s.step == p.total_steps or end_of_epoch:
+        t._steps += 1
+        t.log.advance(s.step)
+        if log_now:
             log_train(t)
         every = t.recipe.train.eval_every_steps
         if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
@@ -140,6 +154,20 @@ def train_epoch(t: Trainer) -> None:
             break  # the next epoch needs set_epoch and a fresh iterator
 
 
+@contextlib.contextmanager
+def _rng_of(t: Trainer, rank: int):
+    """When simulating ranks, run with `rank`'s own RNG streams (dropout masks then match the real run)."""
+    if t.rank_rng is None:
+        yield
+        return
+    from launcher.checkpoint import capture_rng, restore_rng
+    restore_rng(t.rank_rng[rank])
+    try:
+        yield
+    finally:
+        t.rank_rng[rank] = capture_rng()
+
+
 def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> None:
     """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
     if n_real < batch_size_of(batch):
@@ -151,7 +179,8 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
     with (no_sync() if no_sync is not None and not sync else contextlib.nullcontext()):
         with t.autocast():
             loss = t.loss_fn(t.train_model(inputs), targets)
-        weighted = loss * (n_real * t.plan.world_size / n_window)
+        # x the number of ranks DDP averages over: the real ones (1 when ranks are only simulated)
+        weighted = loss * (n_real * t.session.world_size / n_window)
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
     loss = loss.detach().float()
     t._loss_sum += loss * n_real
@@ -161,7 +190,8 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
         t.first_nonfinite = torch.where(first.lt(0) & ~torch.isfinite(loss), torch.full_like(first, t.state.step + 1), first)
 
 
-def optimizer_step(t: Trainer) -> None:
+def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
+    """`want_norm`: also measure the gradient norm (for the log), if clipping does not already."""
     cfg = t.recipe.train
     if t.scaler is not None:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
@@ -171,11 +201,12 @@ def optimizer_step(t: Trainer) -> None:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
+    if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
+        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm before value clipping; scales by 1.0
+    t._grad_norm = norm
     if cfg.on_nonfinite == "skip":
         # after the all-reduce every rank holds the same gradients, so all decide alike; this is
         # the one mode that syncs with the device every step
-        if norm is None:
-            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm; scales by 1.0
         if not torch.isfinite(norm).item():
             t.state.skipped_steps += 1
             log.warning(f"step {t.state.step + 1}: non-finite gradients, step skipped ({t.state.skipped_steps} so far)")
@@ -202,16 +233,26 @@ def log_train(t: Trainer) -> None:
     # each rank holds its sample-weighted loss sum; the window sizes in _samples are already global
     loss_sum = distributed.all_reduce(t._loss_sum.clone()).item()
     elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
-    t.log({
-        "step": s.step,
-        "epoch": s.epoch,
-        "loss": loss_sum / t._samples,
-        "lr": t.optimizer.param_groups[0]["lr"],
-        "samples_per_s": t._samples / elapsed,
-        "data_wait": t._data_wait_s / elapsed,
-    })
+    samples_per_s = t._samples / elapsed
+    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "lr": t.optimizer.param_groups[0]["lr"]}
+    if t._grad_norm is not None:
+        row["grad_norm"] = t._grad_norm.item()
+    row["samples_per_s"] = samples_per_s
+    if t.tokens_per_sample:
+        row["tokens_per_s"] = samples_per_s * t.tokens_per_sample
+    row["step_time_s"] = elapsed / max(t._steps, 1)
+    row["data_wait"] = t._data_wait_s / elapsed
+    if t.device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
+    else:  # the process's peak resident memory
+        row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if t.flops_per_sample and t.peak_flops:
+        row["mfu"] = t.flops_per_sample * samples_per_s / (t.peak_flops * t.plan.world_size)
+    if s.skipped_steps:
+        row["skipped_steps"] = s.skipped_steps
+    t.log(row)
     t._loss_sum.zero_()
-    t._samples = 0
+    t._samples = t._steps = 0
     t._data_wait_s = 0.0
     t._last_log_time = time.perf_counter()
 
@@ -219,9 +260,8 @@ def log_train(t: Trainer) -> None:
 @torch.no_grad()
 def evaluate(t: Trainer) -> dict[str, float]:
     """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once."""
-    model, W, rank = t.model, t.plan.world_size, t.session.rank
-    n_val = t.plan.val_samples
-    real_end = math.ceil((n_val - rank) / W)  # shard positions below this are real samples
+    model, sampler = t.model, t.val_loader.sampler
+    real_end = math.ceil((t.plan.val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
     was_training = model.training
     model.eval()
     # loss x samples, samples, correct predictions, predictions

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from launcher.components import instantiate, resolve_callable
 from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
-from launcher.metrics import ConsoleSink, JsonlSink, Metrics, log, setup_logging
+from launcher.metrics import (ConsoleSink, JsonlSink, Metrics, ProgressSink, TensorBoardSink, log, peak_flops,
+                              setup_logging)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan
 from launcher.recipe import Recipe
@@ -64,7 +66,8 @@ def build_datasets(recipe: Recipe):
     return train_set, val_set
 
 
-def run(recipe: Recipe, env: ClusterEnv) -> loop.TrainState:
+def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> loop.TrainState:
+    """Train. `simulate=N`: one process reproduces the arithmetic of an N-rank run (launcher debug)."""
     setup_logging(env.rank)
     if env.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
@@ -75,7 +78,7 @@ def run(recipe: Recipe, env: ClusterEnv) -> loop.TrainState:
     with PreemptionFlag(list(dict.fromkeys(signals))) as preempt:
         with distributed.session(env, recipe.dist.backend, recipe.dist.timeout_s) as sess:
             try:
-                return _train(recipe, env, sess, preempt)
+                return _train(recipe, env, sess, preempt, simulate)
             except BaseException as e:
                 # the traceback pins the frames that hold DDP; free them so it goes before the process group
                 traceback.clear_frames(e.__traceback__)
@@ -90,11 +93,11 @@ def run(recipe: Recipe, env: ClusterEnv) -> loop.TrainState:
                 gc.collect()
 
 
-def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag) -> loop.TrainState:
+def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None) -> loop.TrainState:
     resume_from = prepare_run_dir(recipe, env.restart_count, env.rank)
     seed_everything(recipe.seed)
     train_set, val_set = build_datasets(recipe)
-    plan = build_plan(recipe, env.world_size, len(train_set), len(val_set) if val_set is not None else None,
+    plan = build_plan(recipe, simulate or env.world_size, len(train_set), len(val_set) if val_set is not None else None,
                       sess.backend, str(sess.device))
     model = instantiate(recipe.model, "model")
     parallel.check_segments(model, plan.segments)
@@ -111,22 +114,39 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag) -> lo
     optimizer = build_optimizer(recipe, model)
     scheduler = build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
-    train_sampler, train_loader, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals)
+    ranks = range(simulate) if simulate else [env.rank]
+    shards, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals, ranks)
     t = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler,
-                     train_loader, train_sampler, val_loader, log=lambda row: None, preempt=preempt,
-                     agreement=Agreement(sess.control if env.world_size > 1 else None))
+                     shards, val_loader, log=Metrics([]), preempt=preempt,
+                     agreement=Agreement(sess.control if env.world_size > 1 else None),
+                     tokens_per_sample=_attr("tokens_per_sample", model, train_set),
+                     flops_per_sample=_attr("flops_per_sample", model, train_set),
+                     peak_flops=peak_flops(sess.device, recipe.train.precision))
     if payload is not None:
         resume.restore(t, payload, resume_from)  # last: it sets the RNG streams the loop continues
         del payload
-    t.log = metrics = _metrics(recipe, plan, env, t.state.step if resume_from else None)
-    _print_plan(plan, env, model)
+    if simulate:  # each simulated rank starts with the streams that rank would have
+        t.rank_rng = {}
+        for r in ranks:
+            seed_everything(recipe.seed + r)
+            t.rank_rng[r] = checkpoint.capture_rng()
+    _print_plan(plan, env, model, simulate)
+    if env.is_rank0:
+        t.log = _metrics(t, resumed=resume_from is not None, continuing=resume_from is not None or env.restart_count > 0)
+    ok = False
     try:
         state = loop.fit(t)
         resume.check_finite(t)
+        # final (or preemption) checkpoint: the run can be resumed or extended
+        resume.save_checkpoint(t)
+        ok = True
     finally:
-        metrics.close()
-    resume.save_checkpoint(t)  # final (or preemption) checkpoint: the run can be resumed or extended
-    if state.stop_reason.startswith("preempted"):
+        preempted = ok and state.stop_reason.startswith("preempted")
+        for sink in t.log.sinks:
+            if preempted and hasattr(sink, "preempting"):
+                sink.preempting()
+        t.log.close(ok and not preempted)
+    if preempted:
         code = recipe.checkpoint.requeue_exit_code
         raise Preempted(f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code)
     if env.is_rank0:
@@ -136,39 +156,66 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag) -> lo
     return state
 
 
-def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set, signals):
+def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set, signals, ranks):
+    """One training shard per rank this process trains (its own, or each simulated rank's)."""
     d = recipe.data
     pin = d.pin_memory if d.pin_memory is not None else sess.device.type == "cuda"
     common = dict(num_workers=d.num_workers, pin_memory=pin, prefetch_factor=d.prefetch_factor,
-                  seed=recipe.seed + env.rank, ignore_signals=tuple(signals))
-    train_sampler = ShardSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=d.shuffle,
-                                 seed=recipe.seed, drop_last=d.drop_last, stop=plan.shard_stop, with_epoch=True)
-    train_loader = build_loader(SeededDataset(train_set, recipe.seed), train_sampler, d.batch_size, **common)
+                  ignore_signals=tuple(signals))
+    seeded = SeededDataset(train_set, recipe.seed)
+    shards = []
+    for rank in ranks:
+        sampler = ShardSampler(train_set, num_replicas=plan.world_size, rank=rank, shuffle=d.shuffle,
+                               seed=recipe.seed, drop_last=d.drop_last, stop=plan.shard_stop, with_epoch=True)
+        shards.append((rank, sampler, build_loader(seeded, sampler, d.batch_size, seed=recipe.seed + rank, **common)))
     val_loader = None
-    if val_set is not None:
+    if val_set is not None:  # evaluation sums over samples: a simulated run evaluates unsharded
         val_sampler = ShardSampler(val_set, num_replicas=env.world_size, rank=env.rank, shuffle=False,
                                    seed=recipe.seed, drop_last=False)
-        val_loader = build_loader(val_set, val_sampler, d.batch_size, **common)
-    return train_sampler, train_loader, val_loader
+        val_loader = build_loader(val_set, val_sampler, d.batch_size, seed=recipe.seed + env.rank, **common)
+    return shards, val_loader
 
 
-def _metrics(recipe: Recipe, plan: Plan, env: ClusterEnv, resumed_step: int | None) -> Metrics:
-    if not env.is_rank0:
-        return Metrics([])
-    run_dir = recipe.run_dir
+def _metrics(t: loop.Trainer, resumed: bool, continuing: bool) -> Metrics:
+    """Rank 0's sinks. `resumed`: from a checkpoint; `continuing`: the same run (resumed or restarted)."""
+    recipe, run_dir, step = t.recipe, t.recipe.run_dir, t.state.step
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(run_dir / "config.yaml", lambda f: f.write(recipe.to_yaml().encode()))
     path = run_dir / "metrics.jsonl"
-    if resumed_step is not None and path.exists():
+    if resumed and path.exists():
         # continue the history: rows past the checkpoint were trained again and are logged again
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resumed_step]
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         checkpoint.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
-    return Metrics([JsonlSink(path, append=resumed_step is not None), ConsoleSink(plan.total_steps)])
+    sinks: list = [JsonlSink(path, append=resumed)]
+    progress = recipe.log.progress
+    if progress == "bar" or (progress == "auto" and sys.stdout.isatty()):
+        sinks.append(ProgressSink(t.plan.total_steps, step))
+    else:
+        sinks.append(ConsoleSink(t.plan.total_steps))
+    if recipe.log.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard", step))
+    if recipe.log.wandb is not None:
+        from launcher import wandb_log
+        run_id = wandb_log.run_id(run_dir, t.logger_ids.get("wandb"), continuing)
+        t.logger_ids["wandb"] = run_id
+        sinks.append(wandb_log.WandbSink(recipe, run_dir, run_id))
+    return Metrics(sinks)
 
 
-def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module) -> None:
+def _attr(name: str, *objects) -> float | None:
+    """A per-sample figure the model or the dataset declares (GPT: tokens_per_sample, flops_per_sample)."""
+    for obj in objects:
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            return value
+    return None
+
+
+def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module, simulate: int | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     launched = env.source + (f" (restart {env.restart_count})" if env.restart_count else "")
+    if simulate:
+        launched += f", simulating {simulate} ranks in this one process"
     rows = [("launched by", launched), *plan.describe(), ("parameters", f"{n_params:,}")]
     width = max(len(k) for k, _ in rows)
     log.info("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

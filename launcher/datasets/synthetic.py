@@ -52,6 +52,7 @@ class Tokens(Dataset):
 
     def __init__(self, size: int = 1024, seq_len: int = 128, vocab_size: int = 256, seed: int = 0):
         self.size, self.seq_len, self.vocab_size, self.seed = size, seq_len, vocab_size, seed
+        self.tokens_per_sample = seq_len  # for tokens/s in the metrics
 
     def __len__(self) -> int:
         return self.size

@@ -44,6 +44,10 @@ class ByteText(Dataset):
         if len(self) == 0:
             raise ValueError(f"the {split} split has {len(data)} bytes, fewer than seq_len + 1 = {seq_len + 1}")
 
+    @property
+    def tokens_per_sample(self) -> int:  # for tokens/s in the metrics
+        return self.seq_len
+
     def __len__(self) -> int:
         return max(0, (len(self.data) - 1) // self.seq_len)
 
