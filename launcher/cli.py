@@ -43,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     doc.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for every rank (default 30)")
 
+    dbg = sub.add_parser("debug", help="a few steps in one process, with anomaly detection and per-step timing",
+                         description="Run a few steps of RECIPE in one process (one GPU or the CPU) with autograd anomaly "
+                                     "detection, num_workers=0, and timing and memory for every step, into RUN_DIR/debug. "
+                                     "--distributed: 2 ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL. --simulate-world-size N: "
+                                     "one process reproduces the arithmetic of an N-rank run exactly.")
+    dbg.add_argument("recipe")
+    dbg.add_argument("overrides", nargs="*", metavar="key.path=value")
+    dbg.add_argument("--steps", type=int, default=5, help="optimizer steps to run (default 5)")
+    mode = dbg.add_mutually_exclusive_group()
+    mode.add_argument("--distributed", action="store_true", help="2 local ranks, with distributed debug logging")
+    mode.add_argument("--simulate-world-size", type=int, default=None, metavar="N",
+                      help="one process computes exactly what N ranks would")
+    dbg.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)  # a worker of --distributed
+
+    pl = sub.add_parser("plot", help="plot loss, evaluation, lr and throughput of one or more runs",
+                        description="Write a PNG of loss, evaluation metrics, lr and throughput against step; "
+                                    "several run directories are overlaid.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("-o", "--output", help="the PNG to write (default: RUN_DIR/metrics.png, or ./runs.png for several runs)")
+
     sl = sub.add_parser("slurm", help="write an sbatch script for a recipe (and submit it)",
                         description="Render the sbatch script for RECIPE into its run directory and print its path; "
                                     "with --submit, submit it with sbatch.")
@@ -87,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_slurm(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "plot":
+            return cmd_plot(args)
+        if args.command == "debug":
+            return cmd_debug(args)
         raise AssertionError(args.command)
     except UserError as e:
         return report(e, f"error: {e}", EXIT_USAGE)
@@ -165,6 +189,49 @@ def cmd_check(args) -> int:
     recipe = recipes.load(args.recipe, args.overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
     print(check_recipe(recipe, world))
+    return EXIT_OK
+
+
+def cmd_debug(args) -> int:
+    from launcher import recipe as recipes
+
+    _positive(args.steps, "--steps")
+    _positive(args.simulate_world_size, "--simulate-world-size")
+    recipe = recipes.load(args.recipe, args.overrides)  # the user's recipe must be valid as it is
+    if args.distributed:
+        from launcher.distributed import gpus_for
+        from launcher.local import elastic
+
+        from launcher.debug import distributed_debug_level
+        os.environ["TORCH_DISTRIBUTED_DEBUG"] = distributed_debug_level()
+        if recipe.dist.backend != "gloo" and gpus_for(2):
+            os.environ["NCCL_DEBUG"] = "INFO"
+        return elastic(["debug", "--in-job", args.recipe, *args.overrides, "--steps", str(args.steps)], 2)
+    import torch
+
+    from launcher import train
+    from launcher.check import check_static
+    from launcher.env import ClusterEnv
+
+    debug = [f"train.max_steps={args.steps}", "data.num_workers=0", "log.every_n_steps=1", f"run.dir={recipe.run_dir / 'debug'}",
+             "run.overwrite=true", "checkpoint.resume=none", "checkpoint.every_n_steps=null", "log.wandb=null"]
+    recipe = recipes.load(args.recipe, [*args.overrides, *debug])
+    if args.simulate_world_size:
+        check_static(recipe, args.simulate_world_size)
+    torch.autograd.set_detect_anomaly(True)  # slow, and worth it: the op that produced a NaN is named
+    train.run(recipe, ClusterEnv.detect() if args.in_job else ClusterEnv(), simulate=args.simulate_world_size)
+    return EXIT_OK
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from launcher.plot import plot
+
+    dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.output) if args.output else (dirs[0] / "metrics.png" if len(dirs) == 1 else Path("runs.png"))
+    plot(dirs, out)
+    print(out)
     return EXIT_OK
 
 
