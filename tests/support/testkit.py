@@ -115,3 +115,30 @@ class NoisyRegression(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, y = self.base[i]
         return x + 0.1 * torch.randn_like(x), y
+
+
+class PrivateRegression(torch.utils.data.Dataset):
+    """A dataset that needs a credential (like a gated hub dataset would): it must never be written out."""
+
+    def __init__(self, size: int = 37, api_token: str = "", seed: int = 0):
+        from launcher.datasets.synthetic import Regression
+
+        assert api_token, "a token is required"
+        self.base = Regression(size=size, seed=seed)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+class NaNInBackward(nn.Module):
+    """Finite forward, NaN gradient: sqrt of a value that is 0 makes backward divide by zero."""
+
+    def __init__(self, in_dim: int = 8):
+        super().__init__()
+        self.lin = nn.Linear(in_dim, 1)
+
+    def forward(self, x):
+        return torch.sqrt(self.lin(x) * 0.0)
