@@ -160,7 +160,8 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
     ref = tmp_path / "ref"
     assert launcher("run", "--nproc", "2", write_recipe(tmp_path / "ref.yaml", recipe(ref))).returncode == 0
     until, waiting, model = gate(tmp_path, rank=0, at_call=7)
-    job, log = submit(tmp_path, recipe(tmp_path / "run", **model), "--mode", "per-gpu")
+    wandb = {"log.wandb": {"mode": "offline"}}
+    job, log = submit(tmp_path, recipe(tmp_path / "run", **model, **wandb), "--mode", "per-gpu")
     deadline = time.monotonic() + 120
     while not waiting.exists():
         assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text() if log.exists() else job_state(job)
@@ -175,3 +176,6 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
     assert "exiting with 75 to be requeued" in text and "requeueing job" in text
     assert "launched by            slurm (restart 1)" in text and "resuming from" in text
     assert_identical(load_weights(tmp_path / "run"), load_weights(ref))
+    from wandb_files import run_id
+    sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(sessions) == 2 and len({run_id(f) for f in sessions}) == 1  # one wandb run across the requeue
