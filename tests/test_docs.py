@@ -35,7 +35,7 @@ def test_recipe_reference_covers_every_key():
             inner = [a for a in getattr(field.annotation, "__args__", ()) if hasattr(a, "model_fields")]
             if sub is not None:
                 yield from keys(field.annotation, f"{prefix}{name}.")
-            elif inner and name != "early_stopping":
+            elif inner and name not in ("early_stopping",):
                 yield from keys(inner[0], f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"
