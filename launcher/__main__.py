@@ -1,3 +1,9 @@
-from launcher.cli import entry
+from launcher import startup
+
+startup.mark("python")
+import torch  # noqa: E402,F401  (timed: the floor of any PyTorch program's start-up)
+
+startup.mark("torch")
+from launcher.cli import entry  # noqa: E402
 
 entry()

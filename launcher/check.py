@@ -33,7 +33,8 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
 
     check_static(recipe, world_size)
     model = build_model_cheaply(recipe)
-    parallel.check_segments(model, recipe.train.activation_checkpointing.segments)
+    ac = recipe.train.activation_checkpointing
+    parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     n_params = sum(p.numel() for p in model.parameters())
     notes = []
     try:

@@ -276,6 +276,12 @@ __all__ = ["main", "RecipeError", "LaunchError"]
 
 def entry() -> None:
     """The `launcher` console script: `record` lets torchrun report a worker's exception as the root cause."""
+    from launcher import startup
+
+    startup.mark("python")
+    import torch  # noqa: F401
+
+    startup.mark("torch")
     from torch.distributed.elastic.multiprocessing.errors import record
 
     sys.exit(record(main)())

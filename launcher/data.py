@@ -8,6 +8,8 @@ how `drop_last` drops whole partial windows rather than micro-batches.
 Training samples are fetched through `SeededDataset`, which seeds torch's and Python's RNG from
 (seed, epoch, index) for each sample: a random augmentation then depends only on the sample and the
 epoch, not on the worker that loads it, the number of workers or ranks, or a restart in between.
+A dataset whose class sets `deterministic = True` (no randomness in __getitem__, like the built-in
+ones) is fetched directly, without that per-sample cost.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class SeededDataset(Dataset):
     def __init__(self, dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
+        self.deterministic = bool(getattr(dataset, "deterministic", False))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -63,6 +66,8 @@ class SeededDataset(Dataset):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys):
+        if self.deterministic:
+            return [self.dataset[index] for _, index in keys]
         # fork_rng keeps the caller's RNG streams (dropout in the main process) untouched
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):

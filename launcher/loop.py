@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from launcher import distributed, resume
+from launcher import distributed, resume, startup
 from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
 from launcher.metrics import log
@@ -69,35 +69,39 @@ class Trainer:
     agreement: Any = None  # signals.Agreement
     state: TrainState = field(default_factory=TrainState)
     logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
-    first_nonfinite: torch.Tensor | None = None  # on the device: first step with a non-finite loss, or -1
     tokens_per_sample: int | None = None  # for tokens/s
     flops_per_sample: float | None = None  # for MFU (forward + backward)
     peak_flops: float | None = None  # per device, for MFU
     rank_rng: dict[int, dict] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
-    # running sums since the last log step, kept on the device
-    _loss_sum: torch.Tensor | None = None
+    # since the last log step: each step's sample-weighted loss sum on this rank, kept on the device
+    step_losses: torch.Tensor | None = None
+    _params: list | None = None
     _samples: int = 0
     _steps: int = 0
     _data_wait_s: float = 0.0
     _last_log_time: float = 0.0
     _grad_norm: torch.Tensor | None = None
+    _startup_logged: bool = False
 
     @property
     def device(self) -> torch.device:
         return self.session.device
 
     def autocast(self):
-        precision = self.recipe.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.recipe.train.precision, self.device)
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for the forward pass: bf16 or fp16 autocast; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def fit(t: Trainer) -> TrainState:
     s, p = t.state, t.plan
-    t._loss_sum = torch.zeros((), device=t.device)
-    t.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=t.device)
+    t.step_losses = torch.zeros(t.recipe.log.every_n_steps, device=t.device)
+    t._params = list(t.model.parameters())  # once: no per-step Python work that grows with the model
     t._last_log_time = time.perf_counter()
     t.train_model.train()
     while s.step < p.total_steps and s.stop_reason is None:
@@ -133,6 +137,10 @@ def train_epoch(t: Trainer) -> None:
         end_of_epoch = s.step_in_epoch + 1 == p.steps_per_epoch
         log_now = (s.step + 1) % t.recipe.log.every_n_steps == 0 or s.step + 1 == p.total_steps or end_of_epoch
         optimizer_step(t, want_norm=log_now)
+        if "first_step" not in startup.marks:
+            if t.device.type == "cuda":
+                torch.cuda.synchronize(t.device)  # once: the step has really happened
+            startup.mark("first_step")
         s.step += 1
         s.step_in_epoch += 1
         t._samples += n_window
@@ -175,19 +183,17 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
         # this rank still joins the window's all-reduce (with zero weight)
         batch = slice_batch(batch, max(n_real, 1))
     inputs, targets = to_device(batch, t.device)
+    if t.recipe.train.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     no_sync = getattr(t.train_model, "no_sync", None)
     with (no_sync() if no_sync is not None and not sync else contextlib.nullcontext()):
         with t.autocast():
-            loss = t.loss_fn(t.train_model(inputs), targets)
+            loss = t.train_model(inputs, targets)  # the model and the loss, in one module
         # x the number of ranks DDP averages over: the real ones (1 when ranks are only simulated)
         weighted = loss * (n_real * t.session.world_size / n_window)
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
-    loss = loss.detach().float()
-    t._loss_sum += loss * n_real
-    if t.recipe.train.on_nonfinite == "stop":
-        # remember the first bad step on the device; it is looked at only when syncing anyway
-        first = t.first_nonfinite
-        t.first_nonfinite = torch.where(first.lt(0) & ~torch.isfinite(loss), torch.full_like(first, t.state.step + 1), first)
+    # read at log steps and before saves, never here: a NaN is found there, with its step
+    t.step_losses[t._steps] += loss.detach().float() * n_real
 
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
@@ -195,7 +201,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     cfg = t.recipe.train
     if t.scaler is not None:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-    params = [p for p in t.model.parameters() if p.grad is not None]
+    params = t._params
     norm = None
     if cfg.grad_clip_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
@@ -229,9 +235,8 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
 def log_train(t: Trainer) -> None:
     """The log step: the only place the training loop synchronises with the device and the ranks."""
     s = t.state
-    resume.check_finite(t)
-    # each rank holds its sample-weighted loss sum; the window sizes in _samples are already global
-    loss_sum = distributed.all_reduce(t._loss_sum.clone()).item()
+    per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
+    loss_sum = float(per_rank.sum())  # the window sizes in _samples are already global
     elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
     samples_per_s = t._samples / elapsed
     row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "lr": t.optimizer.param_groups[0]["lr"]}
@@ -250,8 +255,11 @@ def log_train(t: Trainer) -> None:
         row["mfu"] = t.flops_per_sample * samples_per_s / (t.peak_flops * t.plan.world_size)
     if s.skipped_steps:
         row["skipped_steps"] = s.skipped_steps
+    if "first_step" in startup.marks and not t._startup_logged:
+        row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
+        t._startup_logged = True
     t.log(row)
-    t._loss_sum.zero_()
+    t.step_losses.zero_()
     t._samples = t._steps = 0
     t._data_wait_s = 0.0
     t._last_log_time = time.perf_counter()

@@ -1,57 +1,96 @@
-"""Model wrapping: activation checkpointing inside, DDP outside, nothing at world size 1.
+"""The module the training step calls: model and loss in one forward, then activation
+checkpointing inside, DDP outside (skipped at world size 1), torch.compile outermost.
+
+Computing the loss inside the wrapped module lets checkpointing and torch.compile cover the whole
+step: the last module (a language model's vocabulary projection) and the loss can be recomputed in
+chunks, and inductor can fuse them.
 
 Checkpointing is non-reentrant (`use_reentrant=False`): the reentrant variant runs backward inside
-autograd's own backward, which DDP sees as a parameter being "marked ready twice" and which breaks
+autograd's own backward, which DDP sees as a parameter being "marked ready twice", and which breaks
 with `find_unused_parameters` and `static_graph`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from launcher.errors import RecipeError
 
+KEY = "train.activation_checkpointing"
 
-class CheckpointedSequential(nn.Module):
-    """Runs an nn.Sequential through checkpoint_sequential while training; plainly otherwise."""
 
-    def __init__(self, seq: nn.Sequential, segments: int):
+class TrainModule(nn.Module):
+    """forward(inputs, targets) -> loss.
+
+    segments > 0: the model runs through checkpoint_sequential(model, segments, x, use_reentrant=False).
+    head_chunks > 0: the last module and the loss instead run apart from the rest, in `head_chunks`
+    slices of the batch, each checkpointed, so their activations (a language model's logits) exist
+    for one slice at a time; the rest goes through checkpoint_sequential (if segments > 0). The loss
+    is the mean of the slices' losses weighted by their sizes: the same mean over samples.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, segments: int = 0, head_chunks: int = 0):
         super().__init__()
-        self.seq = seq
+        self.model = model
+        self.loss_fn = loss_fn
         self.segments = segments
+        self.head_chunks = head_chunks
 
-    def forward(self, x):
-        if self.training and torch.is_grad_enabled():
-            return checkpoint_sequential(self.seq, self.segments, x, use_reentrant=False)
-        return self.seq(x)
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model[-1](hidden), targets)
+
+    def forward(self, inputs, targets):
+        if not (self.training and torch.is_grad_enabled()) or (self.segments == 0 and self.head_chunks == 0):
+            return self.loss_fn(self.model(inputs), targets)
+        if self.head_chunks == 0:
+            return self.loss_fn(checkpoint_sequential(self.model, self.segments, inputs, use_reentrant=False), targets)
+        body = self.model[:-1]
+        if self.segments:
+            hidden = checkpoint_sequential(body, self.segments, inputs, use_reentrant=False)
+        else:
+            hidden = body(inputs)
+        n = hidden.shape[0]
+        loss = 0
+        for h, t in zip(hidden.tensor_split(self.head_chunks), targets.tensor_split(self.head_chunks)):
+            if h.shape[0]:
+                loss = loss + checkpoint(self._head_loss, h, t, use_reentrant=False) * (h.shape[0] / n)
+        return loss
 
 
-def check_segments(model: nn.Module, segments: int, key: str = "train.activation_checkpointing.segments") -> None:
-    if segments <= 0:
+def check_segments(model: nn.Module, segments: int, head_chunks: int = 0) -> None:
+    if segments <= 0 and head_chunks <= 0:
         return
     if not isinstance(model, nn.Sequential):
-        raise RecipeError(key, f"checkpoint_sequential needs an nn.Sequential model but model is {type(model).__name__}; "
-                               "build the model as nn.Sequential or set segments: 0")
-    if segments > len(model):
-        raise RecipeError(key, f"{segments} segments for a Sequential of {len(model)} modules; use at most {len(model)}")
+        what = "checkpoint_sequential" if segments > 0 else "head_chunks"
+        raise RecipeError(f"{KEY}.{'segments' if segments > 0 else 'head_chunks'}",
+                          f"{what} needs an nn.Sequential model but model is {type(model).__name__}; "
+                          "build the model as nn.Sequential or turn activation checkpointing off")
+    usable = len(model) - (1 if head_chunks > 0 else 0)
+    if segments > usable:
+        raise RecipeError(f"{KEY}.segments", f"{segments} segments for {usable} module(s) "
+                                             f"{'before the head ' if head_chunks else ''}of the Sequential; use at most {usable}")
 
 
-def wrap(model: nn.Module, *, segments: int, world_size: int, device: torch.device, ddp_cfg, comm_hook=None) -> nn.Module:
+def wrap(model: nn.Module, loss_fn: Callable, *, segments: int, head_chunks: int, world_size: int,
+         device: torch.device, ddp_cfg, comm_hook=None, compile_: bool = False) -> nn.Module:
     """The module the training step calls. `model` itself stays the unwrapped one for saving/eval."""
-    check_segments(model, segments)
-    wrapped: nn.Module = CheckpointedSequential(model, segments) if segments > 0 else model
-    if world_size == 1:
-        return wrapped
-    kwargs = dict(
-        find_unused_parameters=ddp_cfg.find_unused_parameters,
-        static_graph=ddp_cfg.static_graph,
-        gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
-    )
-    if ddp_cfg.bucket_cap_mb is not None:
-        kwargs["bucket_cap_mb"] = ddp_cfg.bucket_cap_mb
-    ddp = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
-    if comm_hook is not None:
-        ddp.register_comm_hook(state=None, hook=comm_hook)
-    return ddp
+    check_segments(model, segments, head_chunks)
+    wrapped: nn.Module = TrainModule(model, loss_fn, segments, head_chunks)
+    if world_size > 1:
+        kwargs = dict(
+            find_unused_parameters=ddp_cfg.find_unused_parameters,
+            static_graph=ddp_cfg.static_graph,
+            gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
+        )
+        if ddp_cfg.bucket_cap_mb is not None:
+            kwargs["bucket_cap_mb"] = ddp_cfg.bucket_cap_mb
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
+        if comm_hook is not None:
+            wrapped.register_comm_hook(state=None, hook=comm_hook)
+    if compile_:
+        wrapped = torch.compile(wrapped)
+    return wrapped

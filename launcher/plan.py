@@ -32,7 +32,7 @@ class Plan:
     epochs: int
     backend: str
     device: str
-    segments: int
+    checkpointing: str  # how activation checkpointing is set, in words
 
     @property
     def shard_stop(self) -> int:
@@ -70,7 +70,7 @@ class Plan:
             ("train / val samples", f"{self.train_samples} / {self.val_samples if self.val_samples is not None else '-'}"),
             ("steps per epoch", f"{self.steps_per_epoch}" + (" (last window partial)" if self.train_samples % self.global_batch and not self.drop_last else "")),
             ("total optimizer steps", f"{self.total_steps} ({self.epochs} epoch{'s' if self.epochs != 1 else ''})"),
-            ("checkpoint segments", str(self.segments) if self.segments else "off"),
+            ("checkpoint segments", self.checkpointing),
         ]
 
 
@@ -108,5 +108,15 @@ def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples:
         world_size=W, micro_batch=b, accumulation=A, global_batch=G,
         train_samples=train_samples, val_samples=val_samples, drop_last=recipe.data.drop_last,
         steps_per_epoch=steps_per_epoch, total_steps=total, epochs=math.ceil(total / steps_per_epoch),
-        backend=backend, device=device, segments=t.activation_checkpointing.segments,
+        backend=backend, device=device, checkpointing=describe_checkpointing(t.activation_checkpointing),
     )
+
+
+def describe_checkpointing(ac) -> str:
+    if ac.segments == "auto":
+        budget = f"{ac.max_memory_gib:g} GiB" if ac.max_memory_gib else "90% of the GPU"
+        return f"auto (fewest that fit {budget}; chosen at start)"
+    parts = [f"{ac.segments}" if ac.segments else "off"]
+    if ac.head_chunks:
+        parts.append(f"last module + loss in {ac.head_chunks} chunks")
+    return ", ".join(parts)

@@ -42,7 +42,9 @@ class Data(_Section):
 
 
 class ActivationCheckpointing(_Section):
-    segments: NonNegInt = 0
+    segments: NonNegInt | Literal["auto"] = 0  # auto: the fewest that fit max_memory_gib, found by probing
+    head_chunks: NonNegInt = 0  # > 0: the last module and the loss run apart, in this many checkpointed slices
+    max_memory_gib: PosFloat | None = None  # the budget for auto; None: 90% of the GPU
 
 
 class EarlyStopping(_Section):
@@ -64,6 +66,8 @@ class Train(_Section):
     eval_every_steps: PosInt | None = None  # None: after each epoch
     early_stopping: EarlyStopping | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    compile: bool = False  # torch.compile the model and the loss together
+    channels_last: bool = False  # NHWC memory format for image models (faster convolutions on GPUs)
 
 
 class DDP(_Section):

@@ -20,28 +20,29 @@ from launcher.metrics import log
 FORMAT = 1
 
 
-def check_finite(t) -> None:
-    """With on_nonfinite=stop: raise if any rank saw a non-finite loss. Syncs; called at log steps,
-    before every save, and at the end, so nothing corrupt is ever written."""
-    if t.recipe.train.on_nonfinite != "stop":
-        return
-    first_bad = t.first_nonfinite.detach().reshape(1)
-    if distributed.is_initialized():
+def check_finite(t) -> torch.Tensor:
+    """Every rank's per-step loss sums since the last log ([ranks, steps], on the CPU). With
+    on_nonfinite=stop, raise if any is non-finite, naming the first such step and its rank(s).
+    Syncs; called at log steps, before every save, and at the end, so nothing corrupt is written."""
+    mine = t.step_losses[:t._steps].detach()
+    if distributed.is_initialized() and t.session.world_size > 1:
         import torch.distributed as dist
 
-        gathered = [torch.empty_like(first_bad) for _ in range(t.plan.world_size)]
-        dist.all_gather(gathered, first_bad)
-        per_rank = [int(x.item()) for x in gathered]
+        gathered = [torch.empty_like(mine) for _ in range(t.session.world_size)]
+        dist.all_gather(gathered, mine.contiguous())
+        per_rank = torch.stack(gathered).cpu()
     else:
-        per_rank = [int(first_bad.item())]
-    bad = {r: s for r, s in enumerate(per_rank) if s >= 0}
-    if bad:
-        step = min(bad.values())
-        ranks = ", ".join(str(r) for r, s in bad.items() if s == step)
+        per_rank = mine.cpu().unsqueeze(0)
+    if t.recipe.train.on_nonfinite == "stop" and not torch.isfinite(per_rank).all():
+        bad = ~torch.isfinite(per_rank)
+        first = int(bad.any(dim=0).nonzero()[0])
+        step = t.state.step - t._steps + first + 1
+        ranks = ", ".join(str(r) for r in bad[:, first].nonzero().flatten().tolist())
         last = t.state.last_checkpoint_step
         kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
         raise TrainingError(f"non-finite loss at step {step} on rank {ranks} (train.on_nonfinite=stop); "
                             f"nothing after it was saved and {kept}")
+    return per_rank
 
 
 def save_checkpoint(t) -> Path | None:

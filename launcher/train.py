@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, distributed, loop, parallel, resume
+from launcher import checkpoint, distributed, loop, parallel, resume, startup
 from launcher.components import instantiate, resolve_callable
 from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
@@ -99,23 +99,32 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
     train_set, val_set = build_datasets(recipe)
     plan = build_plan(recipe, simulate or env.world_size, len(train_set), len(val_set) if val_set is not None else None,
                       sess.backend, str(sess.device))
+    startup.mark("model_start")
     model = instantiate(recipe.model, "model")
-    parallel.check_segments(model, plan.segments)
+    startup.mark("model")
+    ac = recipe.train.activation_checkpointing
+    parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     payload = resume.load_for_resume(resume_from, model) if resume_from else None
     model.to(sess.device)
+    if recipe.train.channels_last:
+        model.to(memory_format=torch.channels_last)
     # same initial weights on every rank (above); per-rank streams for dropout and the like (below)
     seed_everything(recipe.seed + env.rank)
-    comm_hook = None
-    if recipe.dist.ddp.comm_hook is not None:
-        comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
-    train_model = parallel.wrap(model, segments=plan.segments, world_size=env.world_size,
-                                device=sess.device, ddp_cfg=recipe.dist.ddp, comm_hook=comm_hook)
     loss_fn = instantiate(recipe.loss, "loss")
+    startup.mark("optimizer_start")
     optimizer = build_optimizer(recipe, model)
+    startup.mark("optimizer")
     scheduler = build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
     ranks = range(simulate) if simulate else [env.rank]
     shards, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals, ranks)
+    segments, head_chunks = _checkpointing(recipe, model, loss_fn, shards[0][2], sess.device, optimizer)
+    comm_hook = None
+    if recipe.dist.ddp.comm_hook is not None:
+        comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
+    train_model = parallel.wrap(model, loss_fn, segments=segments, head_chunks=head_chunks, world_size=env.world_size,
+                                device=sess.device, ddp_cfg=recipe.dist.ddp, comm_hook=comm_hook,
+                                compile_=recipe.train.compile)
     t = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler,
                      shards, val_loader, log=Metrics([]), preempt=preempt,
                      agreement=Agreement(sess.control if env.world_size > 1 else None),
@@ -136,6 +145,8 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
     ok = False
     try:
         state = loop.fit(t)
+        if env.is_rank0 and "first_step" in startup.marks:
+            _write_startup(recipe.run_dir)
         resume.check_finite(t)
         # final (or preemption) checkpoint: the run can be resumed or extended
         resume.save_checkpoint(t)
@@ -174,6 +185,31 @@ def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_s
                                    seed=recipe.seed, drop_last=False)
         val_loader = build_loader(val_set, val_sampler, d.batch_size, seed=recipe.seed + env.rank, **common)
     return shards, val_loader
+
+
+def _checkpointing(recipe: Recipe, model, loss_fn, loader, device, optimizer) -> tuple[int, int]:
+    """(segments, head_chunks): from the recipe, or probed (segments: auto)."""
+    ac = recipe.train.activation_checkpointing
+    if ac.segments != "auto":
+        return ac.segments, ac.head_chunks
+    from launcher import memory
+    from launcher.data import to_device
+
+    # Adam-like optimizers will hold two tensors per parameter once they step
+    state_gib = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    batch = to_device(next(iter(loader)), device)
+    segments, chunks, _ = memory.choose(model, loss_fn, batch, device, lambda: loop.autocast(recipe.train.precision, device),
+                                        ac.max_memory_gib, state_gib)
+    return segments, chunks
+
+
+def _write_startup(run_dir: Path) -> None:
+    report = startup.report()
+    (run_dir / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
+    if "launcher_s" in report:
+        log.info(f"first optimizer step {report['first_step_s']:.2f} s after process start: import torch "
+                 f"{report['torch_s']:.2f} s, model {report['model_build_s']:.2f} s, optimizer "
+                 f"{report['optimizer_build_s']:.2f} s, the rest {report['launcher_s']:.2f} s")
 
 
 def _metrics(t: loop.Trainer, resumed: bool, continuing: bool) -> Metrics:

@@ -6,6 +6,8 @@ from torch.utils.data import Dataset
 
 
 class _Tensors(Dataset):
+    deterministic = True  # no randomness in __getitem__: no per-sample seeding needed
+
     def __len__(self) -> int:
         return len(self.y)
 
@@ -34,21 +36,29 @@ class Classification(_Tensors):
 
 
 class Images(Dataset):
-    """Random images of `shape` with random labels; generated per index, so memory stays flat."""
+    """Random images of `shape` with random labels. A pool of at most `pool` distinct images is made
+    once and indexed cyclically, so a sample costs an index, as for data already in memory."""
 
-    def __init__(self, size: int = 1024, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, seed: int = 0):
-        self.size, self.shape, self.classes, self.seed = size, tuple(shape), classes, seed
+    deterministic = True
+
+    def __init__(self, size: int = 1024, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, seed: int = 0,
+                 pool: int = 2048):
+        g = torch.Generator().manual_seed(seed)
+        self.size = size
+        self.x = torch.randn(min(size, pool), *shape, generator=g)
+        self.y = torch.randint(0, classes, (min(size, pool),), generator=g)
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        return torch.randn(self.shape, generator=g), torch.randint(0, self.classes, (), generator=g)
+        return self.x[i % len(self.x)], self.y[i % len(self.y)]
 
 
 class Tokens(Dataset):
     """Random token sequences: (input, next-token target) pairs of length `seq_len`."""
+
+    deterministic = True
 
     def __init__(self, size: int = 1024, seq_len: int = 128, vocab_size: int = 256, seed: int = 0):
         self.size, self.seq_len, self.vocab_size, self.seed = size, seq_len, vocab_size, seed

@@ -26,6 +26,8 @@ class ByteText(Dataset):
     """Non-overlapping windows of `seq_len` bytes; the target is the input shifted by one byte.
     The last `val_fraction` of the text is the "val" split."""
 
+    deterministic = True  # no randomness in __getitem__: no per-sample seeding needed
+
     def __init__(self, path: str | None = None, split: str = "train", seq_len: int = 256,
                  val_fraction: float = 0.1, max_bytes: int = 4_000_000):
         if split not in ("train", "val"):

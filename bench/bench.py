@@ -1,0 +1,320 @@
+"""The launcher against a hand-written torch loop, HF Accelerate and Lightning Fabric, same workloads.
+
+    python bench/bench.py                       # CUDA: ResNet-18 (batch 256) and GPT-2-small shape (batch 8)
+    python bench/bench.py --device cpu --smoke  # tiny shapes, a few steps: what CI runs
+    python bench/bench.py --workloads gpt --batch 32 --ckpt-table   # checkpointing: memory against time
+
+Every (workload, implementation, checkpointing) runs in a fresh process, one after the other, with
+the same model, data (synthetic tensors in a Dataset, through a DataLoader with pinned memory and
+workers), optimizer (AdamW, fused on CUDA), bf16 autocast and batch. Each warms up, then times
+`--chunks` chunks of `--chunk` steps (synchronising at the end of each chunk) and reports the median
+chunk's throughput; peak memory is torch.cuda.max_memory_allocated; "first step" is the time from
+process start to the end of the first optimizer step. The launcher runs from a recipe
+(bench/recipes/), as `python -m launcher run`, and its numbers come from its own metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORKLOADS = {
+    # name: (recipe, overrides for the device, units per sample, label)
+    "resnet18": ("resnet18.yaml", "img/s"),
+    "gpt": ("gpt.yaml", "tok/s"),
+}
+
+
+def shapes(workload: str, device: str, batch: int | None) -> dict:
+    if workload == "resnet18":
+        if device == "cuda":
+            return {"batch": batch or 256, "image": 32, "classes": 10, "segments": 4}
+        return {"batch": batch or 16, "image": 32, "classes": 10, "segments": 4}
+    if device == "cuda":
+        return {"batch": batch or 8, "seq": 1024, "vocab": 50304, "d": 768, "layers": 12, "heads": 12, "segments": 4}
+    return {"batch": batch or 4, "seq": 64, "vocab": 256, "d": 64, "layers": 2, "heads": 2, "segments": 2}
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+
+def build(workload: str, s: dict, device):
+    """Model, dataset, loss and units per sample, shared by every implementation."""
+    import torch
+    from launcher.datasets.synthetic import Images, Tokens
+    from launcher.losses import TokenCrossEntropy
+    from launcher.models import GPT, ResNet18
+
+    size = s["batch"] * 64
+    if workload == "resnet18":
+        model = ResNet18(s["classes"]).to(device).to(memory_format=torch.channels_last)
+        return model, Images(size, (3, s["image"], s["image"]), s["classes"]), torch.nn.CrossEntropyLoss(), 1
+    model = GPT(s["vocab"], s["seq"], s["d"], s["layers"], s["heads"]).to(device)
+    return model, Tokens(size, s["seq"], s["vocab"]), TokenCrossEntropy(), s["seq"]
+
+
+def loader(dataset, batch: int, device, workers: int):
+    import torch
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def time_loop(step, batches, args, device, units_per_sample: int, batch: int) -> dict:
+    """Warm up, then time chunks of steps; report the median chunk. `step(inputs, targets)`."""
+    import torch
+    from launcher.startup import process_start
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    it = iter(batches)
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(batches)
+            return next(it)
+
+    step(*next_batch())
+    sync()
+    first_step = time.time() - process_start()
+    for _ in range(args.warmup - 1):
+        step(*next_batch())
+    sync()
+    chunk_times = []
+    for _ in range(args.chunks):
+        t0 = time.perf_counter()
+        for _ in range(args.chunk):
+            step(*next_batch())
+        sync()
+        chunk_times.append((time.perf_counter() - t0) / args.chunk)
+    step_s = statistics.median(chunk_times)
+    return {"throughput": batch * units_per_sample / step_s, "step_ms": step_s * 1e3, "first_step_s": first_step,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def worker(args) -> dict:
+    import torch
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    device = torch.device(args.device)
+    s = shapes(args.workload, args.device, args.batch)
+    segments = s["segments"] if args.ckpt else 0
+    torch.manual_seed(0)
+    model, dataset, loss_fn, units = build(args.workload, s, device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    channels_last = args.workload == "resnet18"
+
+    def forward(m, x):
+        return checkpoint_sequential(m, segments, x, use_reentrant=False) if segments else m(x)
+
+    if args.worker == "raw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        fwd = torch.compile(model) if args.compile else model
+
+        def step(x, y):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn(forward(fwd, x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        batches = loader(dataset, s["batch"], device, args.workers)
+    elif args.worker == "accelerate":
+        from accelerate import Accelerator
+        acc = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        model, opt, batches = acc.prepare(model, opt, loader(dataset, s["batch"], device, args.workers))
+
+        def step(x, y):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with acc.autocast():
+                loss = loss_fn(forward(model, x), y)
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif args.worker == "fabric":
+        import lightning as L
+        fabric = L.Fabric(accelerator=device.type, devices=1, precision="bf16-mixed")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        model, opt = fabric.setup(model, opt)
+        batches = fabric.setup_dataloaders(loader(dataset, s["batch"], device, args.workers))
+
+        def step(x, y):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(forward(model, x), y)
+            fabric.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        raise SystemExit(f"unknown implementation {args.worker}")
+    return time_loop(step, batches, args, device, units, s["batch"])
+
+
+def run_launcher(args, overrides: list[str]) -> dict:
+    """`python -m launcher run bench/recipes/<workload>.yaml`, and its own metrics."""
+    s = shapes(args.workload, args.device, args.batch)
+    recipe = ROOT / "bench" / "recipes" / WORKLOADS[args.workload][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [f"run.dir={tmp}", f"log.every_n_steps={args.chunk}", f"train.max_steps={args.warmup + args.chunks * args.chunk}",
+                f"data.batch_size={s['batch']}", f"data.num_workers={args.workers}", "log.progress=lines",
+                f"train.compile={str(args.compile).lower()}"]
+        if args.workload == "gpt":
+            sets += [f"model.{k}={s[v]}" for k, v in (("vocab_size", "vocab"), ("seq_len", "seq"), ("d_model", "d"),
+                                                        ("n_layers", "layers"), ("n_heads", "heads"))]
+            sets += [f"data.train.seq_len={s['seq']}", f"data.train.vocab_size={s['vocab']}"]
+        sets += [f"data.train.size={s['batch'] * 64}"]
+        if args.ckpt:
+            sets.append(f"train.activation_checkpointing.segments={s['segments']}")
+        if args.device == "cpu":
+            sets += ["train.precision=bf16", "dist.backend=gloo"]
+        proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), *sets, *overrides],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        startup = json.loads((Path(tmp) / "startup.json").read_text())
+    timed = [r for r in rows if "loss" in r and r["step"] > args.warmup]
+    step_s = statistics.median(r["step_time_s"] for r in timed)
+    units = s["seq"] if args.workload == "gpt" else 1
+    out = {"throughput": s["batch"] * units / step_s, "step_ms": step_s * 1e3, "first_step_s": startup["first_step_s"],
+           "peak_gib": timed[-1].get("peak_mem_gib"), "data_wait": statistics.median(r["data_wait"] for r in timed),
+           "launcher_startup_s": startup.get("launcher_s")}
+    if "mfu" in timed[-1]:
+        out["mfu"] = statistics.median(r["mfu"] for r in timed)
+    return out
+
+
+# ---------------------------------------------------------------- the parent: one table
+
+
+def spawn(args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--workload", workload, "--device", args.device,
+           "--warmup", str(args.warmup), "--chunk", str(args.chunk), "--chunks", str(args.chunks),
+           "--workers", str(args.workers)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    if ckpt:
+        cmd.append("--with-ckpt")
+    if compile_:
+        cmd.append("--compile")
+    cmd += [f"--set={e}" for e in extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(line[7:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workloads", default="resnet18,gpt")
+    p.add_argument("--impls", default="raw,launcher,accelerate,fabric")
+    p.add_argument("--ckpt", choices=["off", "on", "both"], default="both")
+    p.add_argument("--compile", action="store_true", help="also compiled GPT rows (raw and launcher)")
+    p.add_argument("--ckpt-table", action="store_true", help="the launcher's checkpointing settings: memory against time")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--chunk", type=int, default=10)
+    p.add_argument("--chunks", type=int, default=5)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="2 warm-up steps and 2 chunks of 2: checks, not figures")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--with-ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.smoke:
+        args.warmup, args.chunk, args.chunks, args.workers = 2, 2, 2, min(args.workers, 1)
+    if args.worker:
+        args.ckpt = args.with_ckpt
+        result = run_launcher(args, args.set) if args.worker == "launcher" else worker(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    rows = []
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.ckpt]
+    for workload in args.workloads.split(","):
+        for ckpt in ckpts:
+            for impl in args.impls.split(","):
+                if impl == "fabric" and not _has("lightning"):
+                    rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, error="skipped: lightning is not installed"))
+                    continue
+                if impl == "accelerate" and not _has("accelerate"):
+                    rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, error="skipped: accelerate is not installed"))
+                    continue
+                rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, **spawn(args, impl, workload, ckpt, False, [])))
+                print(_line(rows[-1], rows), flush=True)
+        if args.compile and workload == "gpt":
+            for impl in ("raw", "launcher"):
+                rows.append(dict(workload=workload, ckpt=False, impl=f"{impl} compiled", **spawn(args, impl, workload, False, True, [])))
+                print(_line(rows[-1], rows), flush=True)
+        if args.ckpt_table:
+            body = shapes(workload, args.device, args.batch)
+            n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
+            for seg, chunks in [(0, 0), (2, 0), (4, 0), (n // 2, 0), (n, 0), (0, 8), (2, 8), (4, 8), (n, 8)]:
+                extra = [f"train.activation_checkpointing.segments={seg}", f"train.activation_checkpointing.head_chunks={chunks}"]
+                rows.append(dict(workload=workload, ckpt=f"{seg}/{chunks}", impl="launcher", **spawn(args, "launcher", workload, False, False, extra)))
+                print(_line(rows[-1], rows), flush=True)
+    print()
+    print(table(rows, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _line(r: dict, rows: list[dict]) -> str:
+    if "error" in r:
+        return f"{r['workload']:<9} ckpt={r['ckpt']!s:<5} {r['impl']:<18} {r['error']}"
+    return f"{r['workload']:<9} ckpt={r['ckpt']!s:<5} {r['impl']:<18} {r['throughput']:>12,.0f}  {r['step_ms']:8.2f} ms"
+
+
+def table(rows: list[dict], args) -> str:
+    out = ["| workload | checkpointing | implementation | throughput | vs hand-written | step ms | peak GiB | first step s | notes |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        unit = WORKLOADS[r["workload"]][1]
+        if "error" in r:
+            out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | - | - | - | - | - | {r['error']} |")
+            continue
+        ref = next((x for x in rows if x["workload"] == r["workload"] and x["ckpt"] == r["ckpt"] and x["impl"] == "raw"
+                    and "error" not in x), None)
+        if r["impl"].endswith("compiled"):
+            ref = next((x for x in rows if x["impl"] == "raw compiled" and "error" not in x), ref)
+        ratio = f"{r['throughput'] / ref['throughput']:.3f}" if ref else "-"
+        notes = []
+        if r.get("data_wait") is not None:
+            notes.append(f"data wait {r['data_wait']:.1%}")
+        if r.get("mfu"):
+            notes.append(f"MFU {r['mfu']:.1%}")
+        if r.get("launcher_startup_s") is not None:
+            notes.append(f"launcher's own start-up {r['launcher_startup_s']:.2f} s")
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | {r['throughput']:,.0f} {unit} | {ratio} | "
+                   f"{r['step_ms']:.2f} | {peak} | {r['first_step_s']:.2f} | {', '.join(notes)} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`activation_checkpointing.segments: auto`: probe, then pick the least recomputation that fits.
+
+Each candidate runs one forward and backward on the first micro-batch, measuring peak memory and
+time; the first (least recomputation) whose peak plus the optimizer's future state fits the budget
+wins. Probes change nothing: their gradients are dropped, and the RNG streams and buffers (BatchNorm
+statistics) are restored afterwards, so the run computes exactly what it would with that setting
+chosen by hand. All ranks adopt the most conservative choice of any rank.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from launcher import distributed
+from launcher.checkpoint import capture_rng, restore_rng
+from launcher.metrics import log
+from launcher.parallel import TrainModule
+
+HEAD_CHUNKS = 8
+
+
+@dataclass
+class Probe:
+    segments: int
+    head_chunks: int
+    peak_gib: float | None  # None: out of memory
+    step_s: float | None
+
+
+def candidates(model: nn.Module) -> list[tuple[int, int]]:
+    """Ordered from least to most recomputation."""
+    if not isinstance(model, nn.Sequential) or len(model) < 2:
+        return [(0, 0)]
+    body = len(model) - 1
+    segments = sorted({s for s in (1, 2, 3, 4, 6, 8, 12, 16, body) if s <= body})
+    return [(0, 0), (0, HEAD_CHUNKS)] + [(s, HEAD_CHUNKS) for s in segments]
+
+
+def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, budget_gib: float | None,
+           optimizer_state_gib: float) -> tuple[int, int, list[Probe]]:
+    """(segments, head_chunks, the probes made). On CPU there is no device memory to measure: (0, 0)."""
+    if device.type != "cuda":
+        log.warning("activation_checkpointing.segments=auto measures GPU memory; on CPU it turns checkpointing off")
+        return 0, 0, []
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    budget = budget_gib if budget_gib is not None else 0.9 * total
+    inputs, targets = batch
+    rng = capture_rng()
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    probes: list[Probe] = []
+    chosen = None
+    for segments, chunks in candidates(model):
+        probe = _measure(TrainModule(model, loss_fn, segments, chunks), inputs, targets, device, autocast)
+        probe.segments, probe.head_chunks = segments, chunks
+        probes.append(probe)
+        if probe.peak_gib is not None and probe.peak_gib + optimizer_state_gib <= budget:
+            chosen = (segments, chunks)
+            break
+    restore_rng(rng)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    if chosen is None:
+        chosen = (probes[-1].segments, probes[-1].head_chunks)
+        log.warning(f"no checkpointing setting fits {budget:.1f} GiB; using the most economical one")
+    # every rank must run the same program: take the most recomputation any rank needs
+    order = candidates(model)
+    index = torch.tensor([order.index(chosen)], device=device)
+    distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
+    segments, chunks = order[int(index.item())]
+    rows = "; ".join(f"{p.segments} seg/{p.head_chunks} head chunks: "
+                     + (f"{p.peak_gib:.2f} GiB, {p.step_s * 1e3:.0f} ms" if p.peak_gib is not None else "out of memory")
+                     for p in probes)
+    log.info(f"activation checkpointing auto (budget {budget:.1f} GiB incl. {optimizer_state_gib:.2f} GiB optimizer "
+             f"state): {rows} -> {segments} segments, head in {chunks or 'no'} chunks")
+    return segments, chunks, probes
+
+
+def _measure(module: TrainModule, inputs, targets, device, autocast) -> Probe:
+    module.train()
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        with autocast():
+            loss = module(inputs, targets)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        return Probe(0, 0, torch.cuda.max_memory_allocated(device) / 2**30, time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return Probe(0, 0, None, None)
+    finally:
+        for p in module.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
