@@ -64,8 +64,9 @@ def build(workload: str, s: dict, device):
 
 def loader(dataset, batch: int, device, workers: int):
     import torch
+    pin = device.type == "cuda" and os.environ.get("BENCH_PIN", "1") == "1"  # BENCH_PIN=0: an experiment switch
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                       pin_memory=pin, persistent_workers=workers > 0)
 
 
 def time_loop(step, batches, args, device, units_per_sample: int, batch: int) -> dict:
@@ -113,6 +114,8 @@ def worker(args) -> dict:
     s = shapes(args.workload, args.device, args.batch)
     segments = s["segments"] if args.ckpt else 0
     torch.manual_seed(0)
+    if os.environ.get("BENCH_CUDNN_BENCHMARK") == "1":  # an experiment switch, off in the published runs
+        torch.backends.cudnn.benchmark = True
     model, dataset, loss_fn, units = build(args.workload, s, device)
     fused = {"fused": True} if device.type == "cuda" else {}
     channels_last = args.workload == "resnet18"
@@ -134,6 +137,8 @@ def worker(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         batches = loader(dataset, s["batch"], device, args.workers)
+        if os.environ.get("BENCH_DEVICE_DATA") == "1":  # an experiment switch: one batch, already on the device
+            batches = [tuple(t.to(device) for t in next(iter(batches)))]
     elif args.worker == "accelerate":
         from accelerate import Accelerator
         acc = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
@@ -158,7 +163,11 @@ def worker(args) -> dict:
         def step(x, y):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(forward(model, x), y)
+            if segments:  # checkpoint_sequential needs the Sequential itself, under Fabric's autocast
+                with fabric.autocast():
+                    loss = loss_fn(forward(model.module, x), y)
+            else:
+                loss = loss_fn(model(x), y)
             fabric.backward(loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -184,8 +193,9 @@ def run_launcher(args, overrides: list[str]) -> dict:
             sets.append(f"train.activation_checkpointing.segments={s['segments']}")
         if args.device == "cpu":
             sets += ["train.precision=bf16", "dist.backend=gloo"]
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), *sets, *overrides],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         if proc.returncode:
             raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

@@ -190,10 +190,11 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
         with t.autocast():
             loss = t.train_model(inputs, targets)  # the model and the loss, in one module
         # x the number of ranks DDP averages over: the real ones (1 when ranks are only simulated)
-        weighted = loss * (n_real * t.session.world_size / n_window)
+        scale = n_real * t.session.world_size / n_window
+        weighted = loss if scale == 1.0 else loss * scale  # 1.0 in every full window without accumulation
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
     # read at log steps and before saves, never here: a NaN is found there, with its step
-    t.step_losses[t._steps] += loss.detach().float() * n_real
+    t.step_losses[t._steps].add_(loss.detach(), alpha=n_real)
 
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:

@@ -1,0 +1,31 @@
+"""The benchmark runs anywhere: CI runs its smoke version on CPU (figures come from a GPU, docs/performance.md)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, worker_env
+
+
+def test_bench_smoke_on_cpu_covers_every_implementation():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--device", "cpu", "--smoke", "--workloads", "gpt",
+                           "--impls", "raw,launcher,accelerate,fabric"], capture_output=True, text=True, timeout=600,
+                          env=worker_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
+    assert len(table) == 8  # 4 implementations x checkpointing off/on
+    for impl in ("raw", "launcher", "accelerate"):
+        rows = [line for line in table if f"| {impl} |" in line]
+        assert len(rows) == 2 and all(re.search(r"\| [\d,]+ tok/s \|", r) for r in rows), rows
+    launcher_rows = [line for line in table if "| launcher |" in line]
+    assert all("data wait" in r and "launcher's own start-up" in r for r in launcher_rows)
+    fabric = [line for line in table if "| fabric |" in line]
+    assert all("tok/s" in r or "skipped: lightning is not installed" in r for r in fabric)
+
+
+def test_overhead_script_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "400"], capture_output=True,
+                          text=True, timeout=300, env=worker_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"the launcher adds -?\d+ us per step", proc.stdout)
