@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from launcher import components, parallel
-from launcher.errors import BuildError, LaunchError, RecipeError
+from launcher.errors import BuildError, LaunchError
 from launcher.plan import batch_shape, build_plan
 from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
 

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--grace-s", type=int, default=120, help="seconds between the preemption warning and the time limit")
     sl.add_argument("--python", help="the Python with launcher installed, as the nodes see it (default: this one)")
     sl.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+    for name, parser in sub.choices.items():
+        parser.set_defaults(handler=globals()[f"cmd_{name}"])
     return p
 
 
@@ -99,19 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "check":
-            return cmd_check(args)
-        if args.command == "slurm":
-            return cmd_slurm(args)
-        if args.command == "doctor":
-            return cmd_doctor(args)
-        if args.command == "plot":
-            return cmd_plot(args)
-        if args.command == "debug":
-            return cmd_debug(args)
-        raise AssertionError(args.command)
+        return args.handler(args)
     except UserError as e:
         return report(e, f"error: {e}", EXIT_USAGE)
     except TrainingError as e:

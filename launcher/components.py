@@ -74,7 +74,7 @@ def check(spec: dict[str, Any], key: str, n_runtime: int = 0) -> Callable:
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for name in kwargs:
         if name in runtime:
-            raise RecipeError(f"{key}.{name}", f"is passed by the launcher at build time; remove it from the recipe")
+            raise RecipeError(f"{key}.{name}", "is passed by the launcher at build time; remove it from the recipe")
         if name not in named and not accepts_any:
             raise RecipeError(f"{key}.{name}", f"{spec[TARGET]} takes no argument {name!r}{suggest(name, named)} (it takes: {', '.join(n for n in named if n not in runtime)})")
     for name, p in params.items():

@@ -63,6 +63,7 @@ def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, bud
     with torch.no_grad():
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
+    torch.cuda.reset_peak_memory_stats(device)  # from here on the peak is the training run's
     if chosen is None:
         chosen = (probes[-1].segments, probes[-1].head_chunks)
         log.warning(f"no checkpointing setting fits {budget:.1f} GiB; using the most economical one")

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from launcher import checkpoint
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_resume import RESUMABLE, recipe
+from test_resume import recipe
 from wandb_files import config as wandb_config
 from wandb_files import history, run_id
 

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from launcher import checkpoint, cli, slurm
+from launcher import cli, slurm
 from launcher.recipe import load
 from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_resume import RESUMABLE, assert_identical, gate, recipe
+from test_resume import assert_identical, gate, recipe
 
 GOLDEN = ROOT / "tests" / "golden"
 CASES = {  # name: (mode, nodes, gpus_per_node, nproc_per_node, extra)
