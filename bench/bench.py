@@ -8,15 +8,19 @@ Every (workload, implementation, checkpointing) runs in a fresh process, one aft
 the same model, data (synthetic tensors in a Dataset, through a DataLoader with pinned memory and
 workers), optimizer (AdamW, fused on CUDA), bf16 autocast and batch. Each warms up, then times
 `--chunks` chunks of `--chunk` steps (synchronising at the end of each chunk) and reports the median
-chunk's throughput; peak memory is torch.cuda.max_memory_allocated; "first step" is the time from
-process start to the end of the first optimizer step. The launcher runs from a recipe
+chunk's throughput; with `--repeat R`, everything runs R times, interleaved, and the table gives the
+median and the range. Peak memory is torch.cuda.max_memory_allocated; "first step" is the time from
+process start to the end of the first optimizer step. `--profile DIR` traces 5 steps after the
+warm-up of each configuration with the launcher's profiler (`log.profile`), for every implementation. The launcher runs from a recipe
 (bench/recipes/), as `python -m launcher run`, and its numbers come from its own metrics.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+PROFILE_STEPS = 5
 
 WORKLOADS = {
     # name: (recipe, overrides for the device, units per sample, label)
@@ -94,6 +100,14 @@ def time_loop(step, batches, args, device, units_per_sample: int, batch: int) ->
     for _ in range(args.warmup - 1):
         step(*next_batch())
     sync()
+    if args.profile:  # the launcher's own profiler, on the same steps as the launcher's (after the warm-up)
+        from launcher.profiling import StepProfiler
+        prof = StepProfiler(Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS)
+        prof.after_step(0)
+        for i in range(PROFILE_STEPS + 1):
+            step(*next_batch())
+            prof.after_step(i + 1)
+        sync()
     chunk_times = []
     for _ in range(args.chunks):
         t0 = time.perf_counter()
@@ -191,6 +205,10 @@ def run_launcher(args, overrides: list[str]) -> dict:
         sets += [f"data.train.size={s['batch'] * 64}"]
         if args.ckpt:
             sets.append(f"train.activation_checkpointing.segments={s['segments']}")
+        if args.profile:  # more chunks: those the profiler (and its warm-up step) runs in are not timed
+            extra = math.ceil((PROFILE_STEPS + 1) / args.chunk)
+            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}",
+                     f"train.max_steps={args.warmup + (args.chunks + extra) * args.chunk}"]
         if args.device == "cpu":
             sets += ["train.precision=bf16", "dist.backend=gloo"]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -200,7 +218,11 @@ def run_launcher(args, overrides: list[str]) -> dict:
             raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         startup = json.loads((Path(tmp) / "startup.json").read_text())
-    timed = [r for r in rows if "loss" in r and r["step"] > args.warmup]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            for f in (Path(tmp) / "profile").iterdir():
+                shutil.copy(f, Path(args.profile) / f.name.replace("rank0", args.profile_name))
+    timed = [r for r in rows if "loss" in r and r["step"] > args.warmup and not r.get("profiled")]
     step_s = statistics.median(r["step_time_s"] for r in timed)
     units = s["seq"] if args.workload == "gpt" else 1
     out = {"throughput": s["batch"] * units / step_s, "step_ms": step_s * 1e3, "first_step_s": startup["first_step_s"],
@@ -214,7 +236,7 @@ def run_launcher(args, overrides: list[str]) -> dict:
 # ---------------------------------------------------------------- the parent: one table
 
 
-def spawn(args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: list[str]) -> dict:
+def spawn(args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: list[str], profile_name: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--workload", workload, "--device", args.device,
            "--warmup", str(args.warmup), "--chunk", str(args.chunk), "--chunks", str(args.chunks),
            "--workers", str(args.workers)]
@@ -225,6 +247,8 @@ def spawn(args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: lis
     if compile_:
         cmd.append("--compile")
     cmd += [f"--set={e}" for e in extra]
+    if profile_name:
+        cmd += ["--profile", args.profile, "--profile-name", profile_name]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -246,11 +270,16 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="2 warm-up steps and 2 chunks of 2: checks, not figures")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run everything this many times, interleaved, each implementation first in turn; report medians")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help=f"also trace {PROFILE_STEPS} steps after the warm-up with torch.profiler; summaries and traces go to DIR")
+    p.add_argument("--json", default=None, help="also write the results here (after every group)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--with-ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile-name", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.smoke:
         args.warmup, args.chunk, args.chunks, args.workers = 2, 2, 2, min(args.workers, 1)
@@ -259,34 +288,68 @@ def main() -> None:
         result = run_launcher(args, args.set) if args.worker == "launcher" else worker(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    rows = []
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.ckpt]
-    for workload in args.workloads.split(","):
-        for ckpt in ckpts:
-            for impl in args.impls.split(","):
-                if impl == "fabric" and not _has("lightning"):
-                    rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, error="skipped: lightning is not installed"))
-                    continue
-                if impl == "accelerate" and not _has("accelerate"):
-                    rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, error="skipped: accelerate is not installed"))
-                    continue
-                rows.append(dict(workload=workload, ckpt=ckpt, impl=impl, **spawn(args, impl, workload, ckpt, False, [])))
-                print(_line(rows[-1], rows), flush=True)
-        if args.compile and workload == "gpt":
-            for impl in ("raw", "launcher"):
-                rows.append(dict(workload=workload, ckpt=False, impl=f"{impl} compiled", **spawn(args, impl, workload, False, True, [])))
-                print(_line(rows[-1], rows), flush=True)
-        if args.ckpt_table:
-            body = shapes(workload, args.device, args.batch)
-            n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
-            for seg, chunks in [(0, 0), (2, 0), (4, 0), (n // 2, 0), (n, 0), (0, 8), (2, 8), (4, 8), (n, 8)]:
-                extra = [f"train.activation_checkpointing.segments={seg}", f"train.activation_checkpointing.head_chunks={chunks}"]
-                rows.append(dict(workload=workload, ckpt=f"{seg}/{chunks}", impl="launcher", **spawn(args, "launcher", workload, False, False, extra)))
-                print(_line(rows[-1], rows), flush=True)
+    runs = []  # every process's result; `rows` aggregates the repeats
+    for round_ in range(args.repeat):
+        for workload in args.workloads.split(","):
+            for ckpt in ckpts:
+                impls = args.impls.split(",")
+                impls = impls[round_ % len(impls):] + impls[:round_ % len(impls)]  # each goes first in turn
+                for impl in impls:
+                    runs.append(one(args, workload, ckpt, impl, False, [], round_))
+            if args.compile and workload == "gpt":
+                for impl in ("raw", "launcher")[::1 if round_ % 2 == 0 else -1]:
+                    runs.append(one(args, workload, False, f"{impl} compiled", True, [], round_))
+            if args.ckpt_table:
+                body = shapes(workload, args.device, args.batch)
+                n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
+                for seg, chunks in [(0, 0), (2, 0), (4, 0), (n // 2, 0), (n, 0), (0, 8), (2, 8), (4, 8), (n, 8)]:
+                    extra = [f"train.activation_checkpointing.segments={seg}", f"train.activation_checkpointing.head_chunks={chunks}"]
+                    runs.append(one(args, workload, f"{seg}/{chunks}", "launcher", False, extra, round_))
+            if args.json:  # after every group: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"runs": runs, "rows": aggregate(runs)}, indent=1))
     print()
-    print(table(rows, args))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(aggregate(runs), args))
+
+
+def one(args, workload: str, ckpt, impl: str, compile_: bool, extra: list[str], round_: int) -> dict:
+    base = impl.split()[0]
+    if base == "fabric" and not _has("lightning"):
+        r = dict(error="skipped: lightning is not installed")
+    elif base == "accelerate" and not _has("accelerate"):
+        r = dict(error="skipped: accelerate is not installed")
+    else:
+        name = None
+        if args.profile and round_ == 0:  # the first round only: one trace per configuration
+            label = {True: "ckpt", False: "nockpt"}.get(ckpt, f"seg{str(ckpt).replace('/', 'h')}")
+            name = f"{workload}-{label}-{impl.replace(' ', '-')}"
+        r = spawn(args, base, workload, ckpt is True, compile_, extra, name)
+    r = dict(workload=workload, ckpt=ckpt, impl=impl, round=round_, **r)
+    print(_line(r), flush=True)
+    return r
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (workload, checkpointing, implementation): the median over the repeats, with the range."""
+    keys = list(dict.fromkeys((r["workload"], str(r["ckpt"]), r["impl"]) for r in runs))
+    rows = []
+    for key in keys:
+        same = [r for r in runs if (r["workload"], str(r["ckpt"]), r["impl"]) == key]
+        ok = [r for r in same if "error" not in r]
+        if not ok:
+            rows.append(same[-1])
+            continue
+        row = {k: v for k, v in ok[0].items() if k != "round"}
+        for field in ("throughput", "step_ms", "first_step_s", "peak_gib", "data_wait", "mfu", "launcher_startup_s"):
+            values = [r[field] for r in ok if r.get(field) is not None]
+            if values:
+                row[field] = statistics.median(values)
+        row["repeats"] = len(ok)
+        if len(ok) < len(same):
+            row["failed"] = [r["error"] for r in same if "error" in r]
+        row["range"] = (min(r["throughput"] for r in ok), max(r["throughput"] for r in ok))
+        rows.append(row)
+    return rows
 
 
 def _has(module: str) -> bool:
@@ -294,7 +357,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _line(r: dict, rows: list[dict]) -> str:
+def _line(r: dict) -> str:
     if "error" in r:
         return f"{r['workload']:<9} ckpt={r['ckpt']!s:<5} {r['impl']:<18} {r['error']}"
     return f"{r['workload']:<9} ckpt={r['ckpt']!s:<5} {r['impl']:<18} {r['throughput']:>12,.0f}  {r['step_ms']:8.2f} ms"
@@ -314,6 +377,13 @@ def table(rows: list[dict], args) -> str:
             ref = next((x for x in rows if x["impl"] == "raw compiled" and "error" not in x), ref)
         ratio = f"{r['throughput'] / ref['throughput']:.3f}" if ref else "-"
         notes = []
+        peers = [x for x in rows if x["workload"] == r["workload"] and x["ckpt"] == r["ckpt"] and "error" not in x
+                 and x["impl"] in ("accelerate", "fabric")]
+        if r["impl"] == "launcher" and peers:
+            best = max(peers, key=lambda x: x["throughput"])
+            notes.append(f"{r['throughput'] / best['throughput']:.3f}x the fastest peer ({best['impl']})")
+        if r.get("failed"):
+            notes.append(f"{len(r['failed'])} run(s) failed: {r['failed'][0]}")
         if r.get("data_wait") is not None:
             notes.append(f"data wait {r['data_wait']:.1%}")
         if r.get("mfu"):
@@ -321,7 +391,10 @@ def table(rows: list[dict], args) -> str:
         if r.get("launcher_startup_s") is not None:
             notes.append(f"launcher's own start-up {r['launcher_startup_s']:.2f} s")
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
-        out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | {r['throughput']:,.0f} {unit} | {ratio} | "
+        spread = ""
+        if r.get("repeats", 1) > 1:
+            spread = f" ({r['range'][0]:,.0f} to {r['range'][1]:,.0f}, n={r['repeats']})"
+        out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | {r['throughput']:,.0f} {unit}{spread} | {ratio} | "
                    f"{r['step_ms']:.2f} | {peak} | {r['first_step_s']:.2f} | {', '.join(notes)} |")
     return "\n".join(out)
 

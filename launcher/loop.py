@@ -67,6 +67,7 @@ class Trainer:
     log: Any  # metrics.Metrics: rank 0 writes, the others have no sinks
     preempt: Any = None  # signals.PreemptionFlag
     agreement: Any = None  # signals.Agreement
+    profiler: Any = None  # profiling.StepProfiler, when log.profile is on for this rank
     state: TrainState = field(default_factory=TrainState)
     logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
     tokens_per_sample: int | None = None  # for tokens/s
@@ -82,6 +83,7 @@ class Trainer:
     _last_log_time: float = 0.0
     _grad_norm: torch.Tensor | None = None
     _startup_logged: bool = False
+    _profiled: bool = False  # the profiler ran during this log window: its step times are inflated
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +106,12 @@ def fit(t: Trainer) -> TrainState:
     t._params = list(t.model.parameters())  # once: no per-step Python work that grows with the model
     t._last_log_time = time.perf_counter()
     t.train_model.train()
+    if t.profiler is not None:
+        t.profiler.after_step(s.step)  # start_step may be 0, or where a resumed run starts
     while s.step < p.total_steps and s.stop_reason is None:
         train_epoch(t)
+    if t.profiler is not None:
+        t.profiler.close()
     if t.agreement is not None:
         t.agreement.drain()
     if s.stop_reason is None:
@@ -146,6 +152,9 @@ def train_epoch(t: Trainer) -> None:
         t._samples += n_window
         t._steps += 1
         t.log.advance(s.step)
+        if t.profiler is not None:
+            t._profiled |= t.profiler.active
+            t.profiler.after_step(s.step)
         if log_now:
             log_train(t)
         every = t.recipe.train.eval_every_steps
@@ -256,6 +265,9 @@ def log_train(t: Trainer) -> None:
         row["mfu"] = t.flops_per_sample * samples_per_s / (t.peak_flops * t.plan.world_size)
     if s.skipped_steps:
         row["skipped_steps"] = s.skipped_steps
+    if t._profiled:
+        row["profiled"] = True  # the profiler's overhead is in this row's times
+        t._profiled = False
     if "first_step" in startup.marks and not t._startup_logged:
         row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
         t._startup_logged = True

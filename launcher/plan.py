@@ -92,6 +92,10 @@ def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples:
     G, A = batch_shape(recipe, world_size)
     if train_samples <= 0:
         raise RecipeError("data.train", "the training dataset is empty")
+    profile = recipe.log.profile
+    if profile is not None and any(r >= W for r in profile.ranks):
+        bad = next(r for r in profile.ranks if r >= W)
+        raise RecipeError("log.profile.ranks", f"rank {bad} does not exist at world size {W}; list ranks from 0 to {W - 1}")
     if recipe.data.drop_last:
         steps_per_epoch = train_samples // G
         if steps_per_epoch == 0:

@@ -102,11 +102,20 @@ class Wandb(_Section):
     tags: list[str] = []
 
 
+class Profile(_Section):
+    start_step: NonNegInt = 10  # optimizer steps before the profiler starts (it then warms up for one)
+    steps: PosInt = 5  # optimizer steps recorded
+    ranks: list[NonNegInt] = [0]  # which ranks write a trace
+    memory: bool = False  # also record tensor allocations (profile_memory)
+    with_stack: bool = False  # also record Python stacks (larger traces)
+
+
 class Log(_Section):
     every_n_steps: PosInt = 10
     wandb: Wandb | None = None  # None: no wandb
     tensorboard: bool = False
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
+    profile: Profile | None = None  # None: no profiler; see launcher/profiling.py
 
 
 class Run(_Section):

@@ -131,6 +131,7 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
                      tokens_per_sample=_attr("tokens_per_sample", model, train_set),
                      flops_per_sample=_attr("flops_per_sample", model, train_set),
                      peak_flops=peak_flops(sess.device, recipe.train.precision))
+    t.profiler = _profiler(recipe, env, sess.device)
     if payload is not None:
         resume.restore(t, payload, resume_from)  # last: it sets the RNG streams the loop continues
         del payload
@@ -165,6 +166,17 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
         checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, recipe.run_dir / "model.pt")
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.run_dir / 'model.pt'}")
     return state
+
+
+def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device):
+    cfg = recipe.log.profile
+    if cfg is None:
+        return None
+    if env.rank not in cfg.ranks:
+        return None
+    from launcher.profiling import StepProfiler
+    return StepProfiler(recipe.run_dir / "profile", f"rank{env.rank}", device, cfg.start_step, cfg.steps,
+                        memory=cfg.memory, with_stack=cfg.with_stack)
 
 
 def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set, signals, ranks):

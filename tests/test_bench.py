@@ -1,6 +1,7 @@
 """The benchmark runs anywhere: CI runs its smoke version on CPU (figures come from a GPU, docs/performance.md)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -22,6 +23,22 @@ def test_bench_smoke_on_cpu_covers_every_implementation():
     assert all("data wait" in r and "launcher's own start-up" in r for r in launcher_rows)
     fabric = [line for line in table if "| fabric |" in line]
     assert all("tok/s" in r or "skipped: lightning is not installed" in r for r in fabric)
+
+
+def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--device", "cpu", "--smoke", "--workloads", "gpt",
+                           "--impls", "raw,launcher", "--ckpt", "off", "--repeat", "2", "--profile", str(tmp_path / "prof"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, env=worker_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["round"], r["impl"]) for r in runs] == [(0, "raw"), (0, "launcher"), (1, "launcher"), (1, "raw")]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
+    assert len(table) == 2 and all("n=2)" in line for line in table), table
+    for impl in ("raw", "launcher"):  # the first round is traced, the same way for both
+        summary = (tmp_path / "prof" / f"gpt-nockpt-{impl}.txt").read_text()
+        assert "Self CPU" in summary and "AdamW.step" in summary
+        assert (tmp_path / "prof" / f"gpt-nockpt-{impl}.trace.json").stat().st_size > 0
 
 
 def test_overhead_script_runs():

@@ -165,3 +165,40 @@ def test_simulated_world_size_reproduces_a_two_rank_run(tmp_path):
     sim = tmp_path / "sim" / "debug"
     assert [r["loss"] for r in rows(sim) if "loss" in r] == pytest.approx([r["loss"] for r in rows(real) if "loss" in r], rel=1e-6)
     assert_close_rel(load_weights(sim), load_weights(real), rtol=1e-6)
+
+
+def profiler_steps(trace: Path) -> list[str]:
+    events = json.loads(trace.read_text())["traceEvents"]
+    return sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#"))
+
+
+def test_profile_traces_the_chosen_steps_on_each_listed_rank_and_changes_nothing(tmp_path):
+    plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+    base = {"train.epochs": 4}  # 12 steps
+    launcher("run", "--nproc", "2", write_recipe(tmp_path / "a.yaml", recipe_dict(**{"run.dir": str(plain), **base})), check=True)
+    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "b.yaml", recipe_dict(**{
+        "run.dir": str(profiled), **base, "log.profile": {"start_step": 2, "steps": 3, "ranks": [0, 1]}})), check=True)
+    assert "log.profile: steps 4-6 traced" in proc.stderr + proc.stdout
+    for rank in (0, 1):
+        assert profiler_steps(profiled / "profile" / f"rank{rank}.trace.json") == \
+            ["ProfilerStep#1", "ProfilerStep#2", "ProfilerStep#3"]  # after the one warm-up step
+        summary = (profiled / "profile" / f"rank{rank}.txt").read_text()
+        assert "Self CPU" in summary and "AdamW.step" in summary
+    # the rows whose times include the profiler are marked: its warm-up step 3, then 4 to 6
+    assert [r["step"] for r in rows(profiled) if r.get("profiled")] == [3, 4, 5, 6]
+    assert_close_rel(load_weights(profiled), load_weights(plain), rtol=0)  # the profiler changes no number
+
+
+def test_profile_cut_short_by_the_end_of_training_and_a_rank_that_does_not_exist(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launcher("run", write_recipe(tmp_path / "a.yaml", recipe_dict(**{
+        "run.dir": str(run_dir), "log.profile": {"start_step": 3, "steps": 10}})), check=True)
+    assert "ended after 2 of 10 profiled steps" in proc.stdout + proc.stderr
+    # steps 5 and 6 (4 warms up), then the empty marker the profiler had opened for a next step
+    assert profiler_steps(run_dir / "profile" / "rank0.trace.json")[:2] == ["ProfilerStep#1", "ProfilerStep#2"]
+    bad = write_recipe(tmp_path / "b.yaml", recipe_dict(**{"run.dir": str(tmp_path / "b"), "log.profile": {"ranks": [0, 2]}}))
+    for cmd in (("check", "--nproc", "2", bad), ("run", "--nproc", "2", bad)):
+        proc = launcher(*cmd)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == \
+            "error: log.profile.ranks: rank 2 does not exist at world size 2; list ranks from 0 to 1"
