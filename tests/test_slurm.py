@@ -168,14 +168,9 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # the time-limit warning
     until.touch()
-    wait_job(job, until=("PENDING",))  # requeued by the script, held until its begin time
-    # release it early, but only once the node has finished tearing down the first run (SLURM's own
-    # begin-time delay exists for this; releasing sooner gets the job killed: "credential revoked")
-    deadline = time.monotonic() + 120
-    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.strip() != "idle":
-        assert time.monotonic() < deadline, "the node never became idle"
-        time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    # requeued by the script; SLURM holds it for cred_expire (10 s on the test cluster, see
+    # scripts/slurm-cluster), then starts it again. Releasing it sooner gets it killed on the node
+    # ("Job credential revoked"), so the test leaves the timing to SLURM.
     assert wait_job(job) == "COMPLETED", log.read_text()
     text = log.read_text()
     assert "exiting with 75 to be requeued" in text and "requeueing job" in text
