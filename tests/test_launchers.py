@@ -1,13 +1,12 @@
 """`launcher doctor`, and jobs started by other launchers (accelerate launch)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import launcher, recipe_dict, worker_env, write_recipe
+from conftest import launcher, recipe_dict, tool, worker_env, write_recipe
 from test_slurm import free_port
 
 
@@ -38,12 +37,12 @@ def test_doctor_names_the_rank_that_never_joined():
     assert "FAIL ranks joined" in proc.stdout and "rank(s) 1 did not join within 3s" in proc.stdout, proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate is not installed (pip install '.[test]')")
+@pytest.mark.skipif(tool("accelerate") is None, reason="accelerate is not installed (pip install '.[test]')")
 def test_accelerate_launch_starts_a_two_rank_run(tmp_path):
     run_dir = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir)}))
     # on a machine without GPUs accelerate starts several processes only with --multi_gpu (through torchrun)
-    proc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    proc = subprocess.run([tool("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                            "-m", "launcher", "run", str(path)], env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
