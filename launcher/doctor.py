@@ -6,6 +6,7 @@ can name the ranks that never arrived; the process group then forms on the same 
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -83,22 +84,32 @@ def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0)
     dist.init_process_group(backend, store=dist.PrefixStore("launcher-doctor", store), rank=env.rank,
                             world_size=env.world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
+    # Tensors given to gloo stay referenced here until the group is gone. torch < 2.8 destroys a
+    # process group holding the GIL and joins gloo's threads; a thread that then drops the last
+    # reference to a tensor needs the GIL to free it: a deadlock (pytorch/pytorch#154976).
+    keep: list[torch.Tensor] = []
     try:
         control = dist.new_group(backend="gloo")  # made now: after a failure it could not be
         checks.append(("process group", True, f"{backend}, {env.world_size} ranks, formed in {time.perf_counter() - t0:.2f} s"))
-        checks.append(_timed_all_reduce(env, device, control, timeout_s))
-        rows = [None] * env.world_size if env.rank == 0 else None
-        dist.gather_object(me, rows, dst=0)
-        return _report(env, rows or [me], checks)
+        checks.append(_timed_all_reduce(env, device, control, timeout_s, keep))
+        # the table's rows go through the store, not a collective: no tensor is left with gloo's threads
+        store.set(f"doctor/row/{env.rank}", json.dumps(me))
+        if env.rank != 0:
+            return _report(env, [me], checks)
+        store.wait([f"doctor/row/{r}" for r in range(env.world_size)], timeout)
+        return _report(env, [json.loads(store.get(f"doctor/row/{r}")) for r in range(env.world_size)], checks)
     finally:
         dist.destroy_process_group()
+        keep.clear()
 
 
-def _timed_all_reduce(env: ClusterEnv, device: torch.device, control, timeout_s: float) -> tuple[str, bool, str]:
+def _timed_all_reduce(env: ClusterEnv, device: torch.device, control, timeout_s: float,
+                      keep: list[torch.Tensor]) -> tuple[str, bool, str]:
     numel = (64 if device.type == "cuda" else 4) * 2**20 // 4
-    x = torch.ones(numel, device=device)
+    warm, x = torch.ones(1, device=device), torch.ones(numel, device=device)
+    keep += [warm, x]
     try:
-        dist.all_reduce(torch.ones(1, device=device))  # warm-up: connections are set up lazily
+        dist.all_reduce(warm)  # warm-up: connections are set up lazily
         t0 = time.perf_counter()
         dist.all_reduce(x)
         if device.type == "cuda":
