@@ -88,7 +88,8 @@ def _summarize(e) -> int:
         print(f"error: {prefix}{_message(failures[rank]).partition(': ')[2]}", file=sys.stderr, flush=True)
         return 2
     # the earliest failure that recorded an error; ranks that merely lost their peer record none
-    recorded = {r: f for r, f in failures.items() if f.error_file_data.get("message")}
+    # (torch fills error_file_data with {"message": "<NONE>"} and the time of parsing when there is no file)
+    recorded = {r: f for r, f in failures.items() if f.error_file_data.get("message") not in (None, "", "<NONE>")}
     if not recorded:
         codes = {f.exitcode for f in failures.values()}
         if len(codes) == 1 and next(iter(codes)) > 0:

@@ -53,3 +53,22 @@ def test_accelerate_launch_starts_a_two_rank_run(tmp_path):
                            "-m", "launcher", "run", str(path)], env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "world size             2" in proc.stdout and "done: completed after 6 steps" in proc.stdout
+
+
+def test_the_job_summary_names_the_rank_that_recorded_an_error_not_one_that_was_stopped(tmp_path, capsys):
+    """torch gives a rank without an error file a placeholder message and the time of parsing; a rank
+    stopped because its peer failed must not win a tie of timestamps (seconds) against the real error."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launcher.local import _summarize
+
+    stopped = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "none.json"))
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "ValueError: injected failure on rank 1",
+                                                  "extraInfo": {"py_callstack": "...", "timestamp": str(stopped.timestamp)}}}))
+    failed = ProcessFailure(local_rank=1, pid=101, exitcode=1, error_file=str(error_file))
+    assert failed.timestamp == stopped.timestamp  # the tie
+    assert _summarize(ChildFailedError("launcher", {0: stopped, 1: failed})) == 1
+    assert capsys.readouterr().err.strip() == "error: rank 1 failed (exit code 1): ValueError: injected failure on rank 1"
