@@ -5,17 +5,18 @@ import torch
 
 from launcher import components, parallel
 from launcher.errors import BuildError, LaunchError
-from launcher.plan import batch_shape, build_plan
+from launcher.plan import batch_shape, build_plan, check_ranks
 from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
 
 
 def check_static(recipe: Recipe, world_size: int) -> None:
-    """Checks that need neither data nor a model: component signatures and the batch arithmetic."""
+    """Checks that need neither data nor a model: component signatures, the batch arithmetic, ranks."""
     for key, n_runtime in COMPONENT_KEYS.items():
         spec = get_key(recipe, key)
         if spec is not None:
             components.check(spec, key, n_runtime)
     batch_shape(recipe, world_size)
+    check_ranks(recipe, world_size)
 
 
 def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:

@@ -86,16 +86,22 @@ def batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
     return G, G // (b * W)
 
 
+def check_ranks(recipe: Recipe, world_size: int) -> None:
+    """Settings that name ranks must name ranks that exist."""
+    profile = recipe.log.profile
+    if profile is not None and any(r >= world_size for r in profile.ranks):
+        bad = next(r for r in profile.ranks if r >= world_size)
+        raise RecipeError("log.profile.ranks", f"rank {bad} does not exist at world size {world_size}; "
+                                               f"list ranks from 0 to {world_size - 1}")
+
+
 def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples: int | None,
                backend: str, device: str) -> Plan:
     b, W, t = recipe.data.batch_size, world_size, recipe.train
     G, A = batch_shape(recipe, world_size)
     if train_samples <= 0:
         raise RecipeError("data.train", "the training dataset is empty")
-    profile = recipe.log.profile
-    if profile is not None and any(r >= W for r in profile.ranks):
-        bad = next(r for r in profile.ranks if r >= W)
-        raise RecipeError("log.profile.ranks", f"rank {bad} does not exist at world size {W}; list ranks from 0 to {W - 1}")
+    check_ranks(recipe, W)
     if recipe.data.drop_last:
         steps_per_epoch = train_samples // G
         if steps_per_epoch == 0:
