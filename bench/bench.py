@@ -194,8 +194,10 @@ def run_launcher(args, overrides: list[str]) -> dict:
     """`python -m launcher run bench/recipes/<workload>.yaml`, and its own metrics."""
     s = shapes(args.workload, args.device, args.batch)
     recipe = ROOT / "bench" / "recipes" / WORKLOADS[args.workload][0]
+    # with --profile, more chunks: those the profiler (and its warm-up step) runs in are not timed
+    chunks = args.chunks + (math.ceil((PROFILE_STEPS + 1) / args.chunk) if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"run.dir={tmp}", f"log.every_n_steps={args.chunk}", f"train.max_steps={args.warmup + args.chunks * args.chunk}",
+        sets = [f"run.dir={tmp}", f"log.every_n_steps={args.chunk}", f"train.max_steps={args.warmup + chunks * args.chunk}",
                 f"data.batch_size={s['batch']}", f"data.num_workers={args.workers}", "log.progress=lines",
                 f"train.compile={str(args.compile).lower()}"]
         if args.workload == "gpt":
@@ -205,10 +207,8 @@ def run_launcher(args, overrides: list[str]) -> dict:
         sets += [f"data.train.size={s['batch'] * 64}"]
         if args.ckpt:
             sets.append(f"train.activation_checkpointing.segments={s['segments']}")
-        if args.profile:  # more chunks: those the profiler (and its warm-up step) runs in are not timed
-            extra = math.ceil((PROFILE_STEPS + 1) / args.chunk)
-            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}",
-                     f"train.max_steps={args.warmup + (args.chunks + extra) * args.chunk}"]
+        if args.profile:
+            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}"]
         if args.device == "cpu":
             sets += ["train.precision=bf16", "dist.backend=gloo"]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

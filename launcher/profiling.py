@@ -28,7 +28,6 @@ class StepProfiler:
         self._prof = None
         self._calls = 0  # profiler steps since it started
         self.done = False
-        self.files: list[Path] = []
 
     @property
     def active(self) -> bool:
@@ -74,7 +73,6 @@ class StepProfiler:
         trace, summary = self.out_dir / f"{self.name}.trace.json", self.out_dir / f"{self.name}.txt"
         prof.export_chrome_trace(str(trace))
         summary.write_text(summary_table(prof, self.device) + "\n")
-        self.files = [trace, summary]
         log.info(f"log.profile: steps {self.start_step + 2}-{self.start_step + 1 + self.steps} traced: {trace} "
                  f"(open in https://ui.perfetto.dev), top operators in {summary}")
 

@@ -46,10 +46,10 @@ def prepare_run_dir(recipe: Recipe, restart_count: int = 0, rank: int = 0) -> Pa
     if resume_from is not None or restart_count > 0:
         return resume_from
     run_dir, ckpt_dir = recipe.run_dir, recipe.checkpoint_dir
-    found = [str(run_dir / n) for n in RUN_OUTPUTS if (run_dir / n).exists()]
-    found += [str(p) for p in checkpoint.list_checkpoints(ckpt_dir)][:1]
+    checkpoints = checkpoint.list_checkpoints(ckpt_dir)
+    found = [str(run_dir / n) for n in RUN_OUTPUTS if (run_dir / n).exists()] + [str(p) for p in checkpoints[:1]]
     if found and not recipe.run.overwrite:
-        how = "resume it with checkpoint.resume=auto, " if recipe.checkpoint.resume == "none" and checkpoint.list_checkpoints(ckpt_dir) else ""
+        how = "resume it with checkpoint.resume=auto, " if recipe.checkpoint.resume == "none" and checkpoints else ""
         raise RecipeError("run.dir", f"{run_dir} already holds a run ({', '.join(found)}); {how}choose another "
                                      f"run.dir=..., or start over with run.overwrite=true")
     if found and rank == 0:
@@ -170,9 +170,7 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
 
 def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device):
     cfg = recipe.log.profile
-    if cfg is None:
-        return None
-    if env.rank not in cfg.ranks:
+    if cfg is None or env.rank not in cfg.ranks:
         return None
     from launcher.profiling import StepProfiler
     return StepProfiler(recipe.run_dir / "profile", f"rank{env.rank}", device, cfg.start_step, cfg.steps,
