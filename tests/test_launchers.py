@@ -24,7 +24,8 @@ def test_doctor_under_plain_torchrun_uses_the_agents_store(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     # whether torchrun's agent shares its store with the workers depends on the torch version (2.4: no)
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nprint('SHARED', os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n")
+    # one write (torchrun runs workers unbuffered, and two ranks' print() pieces can interleave)
+    probe.write_text("import os, sys\nsys.stdout.write('SHARED %s\\n' % os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n")
     shared = "SHARED True" in subprocess.run([*torchrun, str(probe)], env=worker_env(), capture_output=True, text=True,
                                              timeout=120).stdout
     proc = subprocess.run([*torchrun, "-m", "launcher", "doctor"], env=worker_env(), capture_output=True, text=True, timeout=120)
