@@ -11,7 +11,8 @@ workers), optimizer (AdamW, fused on CUDA), bf16 autocast and batch. Each warms 
 chunk's throughput; with `--repeat R`, everything runs R times, interleaved, and the table gives the
 median and the range. Peak memory is torch.cuda.max_memory_allocated; "first step" is the time from
 process start to the end of the first optimizer step. `--profile DIR` traces 5 steps after the
-warm-up of each configuration with the launcher's profiler (`log.profile`), for every implementation. The launcher runs from a recipe
+warm-up of each configuration with the launcher's profiler (`log.profile`, with memory), for every
+implementation; bench/trace_diff.py compares two traces. The launcher runs from a recipe
 (bench/recipes/), as `python -m launcher run`, and its numbers come from its own metrics.jsonl.
 """
 from __future__ import annotations
@@ -102,7 +103,8 @@ def time_loop(step, batches, args, device, units_per_sample: int, batch: int) ->
     sync()
     if args.profile:  # the launcher's own profiler, on the same steps as the launcher's (after the warm-up)
         from launcher.profiling import StepProfiler
-        prof = StepProfiler(Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS)
+        prof = StepProfiler(Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS,
+                            memory=True)
         prof.after_step(0)
         for i in range(PROFILE_STEPS + 1):
             step(*next_batch())
@@ -131,7 +133,7 @@ def worker(args) -> dict:
     if os.environ.get("BENCH_CUDNN_BENCHMARK") == "1":  # an experiment switch, off in the published runs
         torch.backends.cudnn.benchmark = True
     model, dataset, loss_fn, units = build(args.workload, s, device)
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True}  # as the launcher's recipes (CUDA, and CPU since torch 2.4)
     channels_last = args.workload == "resnet18"
 
     def forward(m, x):
@@ -208,7 +210,7 @@ def run_launcher(args, overrides: list[str]) -> dict:
         if args.ckpt:
             sets.append(f"train.activation_checkpointing.segments={s['segments']}")
         if args.profile:
-            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}"]
+            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}", "log.profile.memory=true"]
         if args.device == "cpu":
             sets += ["train.precision=bf16", "dist.backend=gloo"]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -85,3 +85,27 @@ def summary_table(prof, device: torch.device, rows: int = 30) -> str:
     else:
         key = "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def read_trace(path: Path) -> dict:
+    """What a trace written by `log.profile` (or the bench) holds, for comparing two runs:
+    `steps` (recorded optimizer steps), `ops` (a Counter of aten operators and of device kernels,
+    over the recorded steps) and `peak_bytes` ({device: highest allocated bytes}, with
+    `log.profile.memory`; on CUDA the allocator's total, on CPU counted from the profiler's start)."""
+    import json
+    from collections import Counter
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    ops: Counter = Counter()
+    peak: dict[str, int] = {}
+    for e in events:
+        cat = e.get("cat")
+        if cat == "cpu_op" and e["name"].startswith("aten::"):
+            ops[e["name"]] += 1
+        elif cat == "kernel":
+            ops["kernel: " + e["name"]] += 1
+        elif e.get("name") == "[memory]":
+            a = e["args"]
+            device = "cpu" if a.get("Device Type") == 0 else f"cuda:{a.get('Device Id')}"
+            peak[device] = max(peak.get(device, 0), a.get("Total Allocated", 0))
+    return {"steps": len(steps), "ops": ops, "peak_bytes": peak}

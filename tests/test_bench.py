@@ -39,6 +39,12 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
         summary = (tmp_path / "prof" / f"gpt-nockpt-{impl}.txt").read_text()
         assert "Self CPU" in summary and "AdamW.step" in summary
         assert (tmp_path / "prof" / f"gpt-nockpt-{impl}.trace.json").stat().st_size > 0
+    # the two traces compared: operators per step and peak memory (both traced with memory)
+    diff = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_diff.py"), str(tmp_path / "prof" / "gpt-nockpt-raw.trace.json"),
+                           str(tmp_path / "prof" / "gpt-nockpt-launcher.trace.json")], capture_output=True, text=True,
+                          timeout=120, env=worker_env(), check=True).stdout
+    assert "(5 steps)" in diff and "aten::add_" in diff, diff  # the launcher's loss sum, one add per step
+    assert re.search(r"peak allocated on cpu: A [\d.]+ MiB, B [\d.]+ MiB", diff), diff
 
 
 def test_overhead_script_runs():

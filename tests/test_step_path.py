@@ -3,11 +3,11 @@
 Both run under torch.profiler (the launcher's `log.profile`); every aten operator of the recorded
 steps is counted. The launcher may add only the one in-place add that keeps the step's loss on the
 device for the next log step: no `.item()` or other host-device sync, no per-parameter Python
-work, nothing that grows with the model. Timing-free: counts, not seconds (speed is in bench/).
+work, nothing that grows with the model. And its peak memory over those steps is no higher: no
+tensor is kept longer than by hand. Timing-free: counts, not seconds (speed is in bench/).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.profiling import read_trace
 from conftest import SUPPORT, launcher, worker_env, write_recipe
 
 STEPS = 4  # recorded steps, after 3 steps and the profiler's warm-up step
@@ -23,13 +24,10 @@ EXTRA_PER_STEP = Counter({"aten::select": 1, "aten::as_strided": 1, "aten::detac
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
 
 
-def ops(trace: Path) -> Counter:
-    """aten operators, top-level or nested, inside the recorded ProfilerStep spans."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name", "").startswith("ProfilerStep#")]
-    assert len(spans) == STEPS, [e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")]
-    return Counter(e["name"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")
-                   and any(lo <= e["ts"] <= hi for lo, hi in spans))
+def trace(path: Path) -> dict:
+    t = read_trace(path)
+    assert t["steps"] == STEPS
+    return t
 
 
 @pytest.mark.parametrize("precision,clip", [("fp32", None), ("bf16", 1.0)])
@@ -43,12 +41,15 @@ def test_the_launcher_step_runs_the_hand_written_operators_plus_one_add(tmp_path
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 0.01},
         # one epoch of 64 steps; no log step (the one place that syncs) among the recorded ones
         "train": {"epochs": 1, "precision": precision, "grad_clip_norm": clip},
-        "log": {"every_n_steps": 100, "profile": {"start_step": 3, "steps": STEPS}},
+        "log": {"every_n_steps": 100, "profile": {"start_step": 3, "steps": STEPS, "memory": True}},
     }
     launcher("run", write_recipe(tmp_path / "r.yaml", recipe), check=True)
     subprocess.run([sys.executable, str(SUPPORT / "hand_written_step.py"), str(tmp_path / "hand"), precision,
                     str(clip) if clip is not None else "none"], env=worker_env(), check=True, timeout=300)
-    ours, theirs = ops(tmp_path / "run" / "profile" / "rank0.trace.json"), ops(tmp_path / "hand" / "hand.trace.json")
+    ours, theirs = trace(tmp_path / "run" / "profile" / "rank0.trace.json"), trace(tmp_path / "hand" / "hand.trace.json")
+    # no tensor outlives its use longer than by hand (counted from the profiler's start, on CPU)
+    assert ours["peak_bytes"]["cpu"] <= theirs["peak_bytes"]["cpu"], (ours["peak_bytes"], theirs["peak_bytes"])
+    ours, theirs = ours["ops"], theirs["ops"]
     assert theirs - ours == Counter()  # nothing the hand-written step does is done differently
     extra = ours - theirs
     # (the optimizer's own .item() on its CPU step counters is in both)

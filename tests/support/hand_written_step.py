@@ -20,7 +20,7 @@ model = MLP([8, 32, 32, 1])
 opt = torch.optim.AdamW(model.parameters(), lr=0.01)
 loss_fn = torch.nn.MSELoss()
 data = torch.utils.data.DataLoader(Regression(size=512, in_dim=8), batch_size=8, shuffle=True, drop_last=True)
-prof = StepProfiler(out, "hand", torch.device("cpu"), start_step=3, steps=4)
+prof = StepProfiler(out, "hand", torch.device("cpu"), start_step=3, steps=4, memory=True)
 prof.after_step(0)
 for i, (x, y) in enumerate(data):
     x, y = x.to("cpu", non_blocking=True), y.to("cpu", non_blocking=True)
