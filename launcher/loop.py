@@ -218,7 +218,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
-        norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the norm before value clipping; scales by 1.0
+        norm = grad_norm(params)  # before value clipping
     t._grad_norm = norm
     if cfg.on_nonfinite == "skip":
         # after the all-reduce every rank holds the same gradients, so all decide alike; this is
@@ -240,6 +240,15 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     if t.scheduler is not None:
         t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
+
+
+def grad_norm(params: list) -> torch.Tensor:
+    """The gradients' total 2-norm, on the device. torch >= 2.6 measures it without touching the
+    gradients; before that, clipping at infinity measures it and multiplies every gradient by 1.0."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    return get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def log_train(t: Trainer) -> None:

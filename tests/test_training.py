@@ -56,6 +56,16 @@ def test_clipping_bounds_the_update(tmp_path, kind, bound):
     assert 1e-4 < size <= 1e-3 * (1 + 1e-5)
 
 
+def test_reported_grad_norm_is_the_norm_of_the_gradients(tmp_path):
+    # plain SGD at lr 1: the first update is minus the gradient, so its norm is the gradient norm
+    changes = {"optimizer": {"_component_": "torch.optim.SGD", "lr": 1.0}, "train.max_steps": 1}
+    a = load_weights(run(tmp_path, "zero", **{**changes, "optimizer.lr": 0.0})[2])
+    _, rows, run_dir = run(tmp_path, "one", **changes)
+    b = load_weights(run_dir)
+    update = torch.cat([(b[k] - a[k]).flatten() for k in a]).double().norm().item()
+    assert rows[0]["step"] == 1 and rows[0]["grad_norm"] == pytest.approx(update, rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
     _, rows, run_dir = run(tmp_path, precision, **{"train.precision": precision, "train.epochs": 3})
