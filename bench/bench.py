@@ -6,7 +6,7 @@
 
 Every (workload, implementation, checkpointing) runs in a fresh process, one after the other, with
 the same model, data (synthetic tensors in a Dataset, through a DataLoader with pinned memory and
-workers), optimizer (AdamW, fused on CUDA), bf16 autocast and batch. Each warms up, then times
+workers), optimizer (fused AdamW), bf16 autocast and batch. Each warms up, then times
 `--chunks` chunks of `--chunk` steps (synchronising at the end of each chunk) and reports the median
 chunk's throughput; with `--repeat R`, everything runs R times, interleaved, and the table gives the
 median and the range. Peak memory is torch.cuda.max_memory_allocated; "first step" is the time from

@@ -89,8 +89,8 @@ def batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
 def check_ranks(recipe: Recipe, world_size: int) -> None:
     """Settings that name ranks must name ranks that exist."""
     profile = recipe.log.profile
-    if profile is not None and any(r >= world_size for r in profile.ranks):
-        bad = next(r for r in profile.ranks if r >= world_size)
+    bad = next((r for r in profile.ranks if r >= world_size), None) if profile is not None else None
+    if bad is not None:
         raise RecipeError("log.profile.ranks", f"rank {bad} does not exist at world size {world_size}; "
                                                f"list ranks from 0 to {world_size - 1}")
 

@@ -43,8 +43,7 @@ class StepProfiler:
         self._prof.step()
         self._calls += 1
         if self._calls == self.steps + 1:  # one warm-up step, then `steps` recorded ones: the trace is out
-            self._prof.stop()
-            self._prof, self.done = None, True
+            self._stop()
 
     def close(self) -> None:
         """At the end of training: a profile still running is cut short and written as it is."""
@@ -52,8 +51,11 @@ class StepProfiler:
             recorded = max(self._calls - 1, 0)
             log.warning(f"log.profile: training ended after {recorded} of {self.steps} profiled steps; "
                         f"writing what was recorded")
-            self._prof.stop()
-            self._prof, self.done = None, True
+            self._stop()
+
+    def _stop(self) -> None:
+        self._prof.stop()  # writes the trace (on_trace_ready)
+        self._prof, self.done = None, True
 
     def _start(self) -> None:
         # kineto prints its stages, and on CPU-only machines a spurious "gpuGetDeviceCount failed"
