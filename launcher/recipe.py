@@ -8,6 +8,7 @@ arguments are checked against the component's signature in `components.check`.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import signal
 import types
@@ -19,21 +20,33 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import RecipeError
+from launcher.rundir import RunDir
 
 Component = dict[str, Any]
-PosInt = typing.Annotated[int, Field(gt=0)]
-NonNegInt = typing.Annotated[int, Field(ge=0)]
+# counts stay within a C int: larger values are typos that would overflow deep inside torch
+MAX_COUNT = 2**31 - 1
+PosInt = typing.Annotated[int, Field(gt=0, le=MAX_COUNT)]
+NonNegInt = typing.Annotated[int, Field(ge=0, le=MAX_COUNT)]
 PosFloat = typing.Annotated[float, Field(gt=0)]
+# seeds feed torch (uint64), numpy (mod 2**32) and seed + rank: any non-negative int64 fits all three
+Seed = typing.Annotated[int, Field(ge=0, lt=2**63 - 2**20)]
+# timedelta and the process group's timeout overflow long before 1e300; a month is plenty for one collective
+TIMEOUT_MAX_S = 30 * 24 * 3600.0
+# a recipe is a few hundred values; YAML aliases can make a 3 KB file expand to billions ("billion laughs")
+MAX_RECIPE_VALUES = 100_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are never meaningful settings, and fail later in odd places
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Data(_Section):
     train: Component
     val: Component | None = None
     batch_size: PosInt  # per-rank micro-batch
+    fit_batch_size: bool = False  # batch_size is the largest micro-batch: use the largest that splits the global batch
+    seed: Seed | None = None  # the sampler's shuffling order; None: the recipe's seed
     num_workers: NonNegInt = 0
     shuffle: bool = True
     drop_last: bool = False
@@ -64,8 +77,10 @@ class Train(_Section):
     warmup_steps: NonNegInt = 0
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     eval_every_steps: PosInt | None = None  # None: after each epoch
+    eval_max_batches: PosInt | None = None  # None: the whole validation set; else this many batches per rank
     early_stopping: EarlyStopping | None = None
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: PosInt = 10  # with on_nonfinite=skip: this many non-finite steps in a row stop the run
     compile: bool = False  # torch.compile the model and the loss together
     channels_last: bool = False  # NHWC memory format for image models (faster convolutions on GPUs)
 
@@ -80,7 +95,7 @@ class DDP(_Section):
 
 class Dist(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: PosFloat = 600.0
+    timeout_s: typing.Annotated[float, Field(gt=0, le=TIMEOUT_MAX_S)] = 600.0
     ddp: DDP = DDP()
 
 
@@ -125,7 +140,7 @@ class Run(_Section):
 
 class Recipe(_Section):
     name: str
-    seed: int = 0
+    seed: Seed = 0
     model: Component
     data: Data
     loss: Component
@@ -144,6 +159,11 @@ class Recipe(_Section):
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    @property
+    def layout(self) -> RunDir:
+        """The run directory's files, checks and lock."""
+        return RunDir(self.run_dir, self.checkpoint_dir)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, with secret-looking values (api_key, token, password, ...) redacted:
@@ -182,7 +202,24 @@ COMPONENT_KEYS: dict[str, int] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load, but `3e-4` is a float (YAML 1.2) rather than the string PyYAML 1.1 makes of it."""
+    """safe_load, but `3e-4` is a float (YAML 1.2) rather than the string PyYAML 1.1 makes of it,
+    a key given twice in one mapping is an error (PyYAML keeps the last silently), and aliases
+    cannot expand a small file into an enormous recipe."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    where = f"{key_node.start_mark.name}:{line}"
+                    raise RecipeError(where, f"duplicate key {key!r} (first at line {seen[key]}, again at line {line}); "
+                                             "a later one would silently replace the earlier: keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -199,11 +236,42 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once aliases are expanded (an alias counts its whole anchor
+    each time); shared nodes are measured once, so this is linear in the file, not in the expansion."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a recursive alias: counted once here, and rejected by the constructor
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(v, sizes) for v in node.value)
+    else:
+        total = 1
+    sizes[id(node)] = min(total, 10 * MAX_RECIPE_VALUES)
+    return sizes[id(node)]
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_RECIPE_VALUES:
+            raise RecipeError(name, f"expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (&anchor/*alias); "
+                                    "a recipe this large is a mistake or an attack: write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_value(text: str) -> Any:
     """A command-line value, typed as YAML would type it: `3e-4` -> float, `null` -> None."""
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
+        return _load_yaml(text, "override")
+    except (yaml.YAMLError, RecipeError):
         return text
 
 
@@ -211,13 +279,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), "no such recipe file; pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(path), f"is not a text file (byte {e.start} is not UTF-8); pass a YAML recipe") from None
+    if "\x00" in text:
+        raise RecipeError(str(path), "is not a text file (it contains NUL bytes); pass a YAML recipe")
+    try:
+        data = _load_yaml(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(where, f"invalid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(str(path), "is nested too deeply to be a recipe") from None
     if not isinstance(data, dict):
         raise RecipeError(str(path), "a recipe must be a YAML mapping of sections (name, model, data, ...)")
     return data
@@ -296,6 +373,22 @@ def _check_rules(r: Recipe) -> None:
     lr = r.optimizer.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
         raise RecipeError("optimizer.lr", f"expected a non-negative number, got {lr!r}")
+    for key in COMPONENT_KEYS:
+        spec = get_key(r, key)
+        if spec is not None:
+            # an optimizer's numbers (lr, betas, eps, weight_decay) must be finite; NaN is never an argument
+            _check_finite(spec, key, allow_inf=key != "optimizer")
+
+
+def _check_finite(value: Any, key: str, allow_inf: bool) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}", allow_inf)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", allow_inf)
+    elif isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not allow_inf)):
+        raise RecipeError(key, f"expected a finite number, got {value!r}")
 
 
 def get_key(recipe: Recipe, dotted: str) -> Any:
@@ -347,6 +440,7 @@ _TYPE_WORDS = {
     "dict_type": "a mapping of key: value",
     "model_type": "a section (a mapping of key: value)",
     "list_type": "a list",
+    "finite_number": "a finite number",
 }
 
 

@@ -39,6 +39,18 @@ BAD = [
     ("dataset argument rejected by the dataset", {"data.train.size": -3}, [], "data.train", "building"),
     ("drop_last with less than one batch", {"data.drop_last": True, "data.train.size": 5}, [], "data.drop_last", "fewer than one global batch"),
     ("bad run name", {"name": "a/b"}, [], "name", "letters, digits"),
+    ("infinite learning rate", {}, ["optimizer.lr=.inf"], "optimizer.lr", "finite"),
+    ("NaN learning rate", {}, ["optimizer.lr=.nan"], "optimizer.lr", "finite"),
+    ("NaN inside a component", {}, ["optimizer.betas=[0.9, .nan]"], "optimizer.betas[1]", "finite"),
+    ("infinite timeout", {}, ["dist.timeout_s=.inf"], "dist.timeout_s", "finite"),
+    ("absurd timeout", {}, ["dist.timeout_s=1e300"], "dist.timeout_s", "less than or equal to 2592000"),
+    ("NaN clipping", {}, ["train.grad_clip_norm=.nan"], "train.grad_clip_norm", "finite"),
+    ("float seed", {}, ["seed=1e23"], "seed", "expected an integer"),
+    ("huge seed", {}, ["seed=100000000000000000000000"], "seed", "less than"),
+    ("negative seed", {}, ["seed=-1"], "seed", "greater than or equal to 0"),
+    ("huge count", {}, ["log.every_n_steps=10000000000000"], "log.every_n_steps", "less than or equal to"),
+    ("model that is not a module", {"model": {"_component_": "testkit.not_a_module"}}, [], "model._component_",
+     "not a torch.nn.Module"),
 ]
 
 
@@ -100,3 +112,43 @@ def test_check_tolerates_data_that_is_not_here(tmp_path, capsys):
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "steps per epoch" in out and "unknown" in out and "warning: data.train" in out
+
+
+def test_duplicate_keys_binary_files_and_alias_bombs_are_one_line_errors(tmp_path, capsys):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\ntrain:\n  epochs: 1\n  global_batch_size: 8\ndata: {batch_size: 4}\ntrain:\n  epochs: 2\n")
+    assert cli.main(["check", str(dup)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {dup}:6: duplicate key 'train' (first at line 2, again at line 6); a later one would " \
+                  "silently replace the earlier: keep one", err
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("name: x\noptimizer:\n  lr: 1\n  lr: 2\n")
+    assert cli.main(["check", str(nested)]) == 2
+    assert "duplicate key 'lr' (first at line 3, again at line 4)" in capsys.readouterr().err
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert cli.main(["check", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {binary}: is not a text file") and err.count("\n") == 1, err
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]"
+              for i in range(1, 9)]  # 10**9 values from a few hundred bytes
+    bomb.write_text("\n".join(lines) + "\nname: x\n")
+    assert cli.main(["check", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert "expands to more than 100,000 values through YAML aliases" in err and err.count("\n") == 1, err
+    ok = write_recipe(tmp_path / "anchors.yaml", recipe_dict())  # a few aliases are fine
+    ok.write_text(ok.read_text() + "x_defaults: &d {lr: 0.01}\n")
+    assert cli.main(["check", str(ok)]) == 2 and "unknown key" in capsys.readouterr().err  # reaches validation
+
+
+def test_run_without_a_recipe_and_the_version(capsys):
+    for command in ("run", "check", "debug", "slurm"):
+        assert cli.main([command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: launcher {command}: which recipe? e.g. launcher {command} recipes/quickstart.yaml " \
+                      "[key.path=value ...]", err
+    proc = launcher("--version")
+    from launcher import __version__
+    assert proc.returncode == 0 and proc.stdout.strip() == f"launcher {__version__}"

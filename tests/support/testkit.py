@@ -142,3 +142,48 @@ class NaNInBackward(nn.Module):
 
     def forward(self, x):
         return torch.sqrt(self.lin(x) * 0.0)
+
+
+class RandomlyBuiltRegression(torch.utils.data.Dataset):
+    """launcher's synthetic Regression that also draws from torch's global RNG when it is built, as
+    many datasets do (a random split, random crops precomputed): it must not shift the model's init."""
+
+    def __init__(self, size: int = 37, in_dim: int = 8, seed: int = 0, draws: int = 1000):
+        from launcher.datasets.synthetic import Regression
+
+        self.base = Regression(size=size, in_dim=in_dim, seed=seed)
+        self.noise = torch.rand(draws)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+class UnprotectedGate(torch.utils.data.Dataset):
+    """A dataset whose constructor puts SIGTERM back to its default (dying), as a worker still
+    starting up would be, then blocks until the file `until` exists, having created `waiting`."""
+
+    def __init__(self, until: str, waiting: str, size: int = 37):
+        import signal
+        import time
+
+        from launcher.datasets.synthetic import Regression
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        Path(waiting).write_text(str(os.getpid()))
+        while not Path(until).exists():
+            time.sleep(0.02)
+        self.base = Regression(size=size)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def not_a_module(**kwargs):
+    """A model component that returns something other than an nn.Module."""
+    return {"weights": [1, 2, 3]}
