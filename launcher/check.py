@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from launcher import components, parallel
+from launcher.builders import build_datasets, checked_model
+from launcher.memory import checkpoint_bytes
 from launcher.errors import BuildError, LaunchError
-from launcher.plan import batch_shape, build_plan, check_ranks
+from launcher.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
 
 
@@ -23,21 +25,28 @@ def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
     """The model on the meta device (no memory, no GPU); on CPU if it cannot be built there."""
     try:
         with torch.device("meta"):
-            return components.instantiate(recipe.model, "model")
+            model = components.instantiate(recipe.model, "model")
     except BuildError:
-        return components.instantiate(recipe.model, "model")
+        model = components.instantiate(recipe.model, "model")
+    return checked_model(model, recipe)
 
 
 def check_recipe(recipe: Recipe, world_size: int) -> str:
     from launcher.distributed import pick_backend
-    from launcher.train import build_datasets
 
     check_static(recipe, world_size)
+    notes = []
+    for error, certain in recipe.layout.problems():
+        if certain:
+            raise error
+        notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
     model = build_model_cheaply(recipe)
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     n_params = sum(p.numel() for p in model.parameters())
-    notes = []
+    space = recipe.layout.space_warning(checkpoint_bytes(model))
+    if space:
+        notes.append(f"checkpoint.dir: {space}")
     try:
         backend, device = pick_backend(recipe.dist.backend, 0, world_size)
         backend, device = (backend if world_size > 1 else "none (world size 1)"), str(device)
@@ -48,14 +57,15 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         train_set, val_set = build_datasets(recipe)
         plan = build_plan(recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device)
         rows = plan.describe()
+        notes += plan_warnings(recipe, plan, device.split(":")[0])
     except BuildError as e:
         # data that lives only on the cluster is not a recipe error; anything else is
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
             raise
-        G, A = batch_shape(recipe, world_size)
+        shape = batch_shape(recipe, world_size)
         rows = [("world size", str(world_size)), ("backend / device", f"{backend} / {device}"),
-                ("micro-batch per rank", str(recipe.data.batch_size)), ("accumulation steps", str(A)),
-                ("global batch", str(G)), ("steps per epoch", "unknown: data not available here")]
+                ("micro-batch per rank", str(shape.micro_batch)), ("accumulation steps", str(shape.accumulation)),
+                ("global batch", str(shape.global_batch)), ("steps per epoch", "unknown: data not available here")]
         notes.append(f"{e.key}: {e.message}")
     rows.append(("parameters", f"{n_params:,}"))
     width = max(len(k) for k, _ in rows)
@@ -63,3 +73,4 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     out += [f"{k:<{width}}  {v}" for k, v in rows]
     out += [f"warning: {n}" for n in notes]
     return "\n".join(out)
+

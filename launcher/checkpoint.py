@@ -24,6 +24,7 @@ import torch
 
 from launcher.errors import RecipeError
 from launcher.metrics import log
+from launcher.rundir import write_failed
 
 STATE, MARKER = "state.pt", "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -32,19 +33,43 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # ---------------------------------------------------------------- atomic files
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Files and directories the launcher writes follow the umask, as `open()` and `mkdir` would: the
+# temporary files behind atomic writes are created 0600 by mkstemp and are widened to this.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temp file in the same directory, fsync it, then rename it over `path`."""
+    """Call write(file) on a temp file in the same directory, fsync it, then rename it over `path`.
+    A failed write (disk full, I/O error) leaves `path` as it was and raises one line naming it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise write_failed(path, e) from None
         raise
     fsync_dir(path.parent)
 
@@ -108,26 +133,38 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
-    """Write <directory>/step_<step> atomically; returns its path."""
+    """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
+    removes the partial directory and raises one line naming the path and the free space."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, DIR_MODE)
         state_path = tmp / STATE
         with open(state_path, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        _crash_point("after-state")
         marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": _sha256(state_path), "time": time.time()}
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise write_failed(final, e) from None
         raise
     fsync_dir(directory)
     return final
+
+
+def _crash_point(name: str) -> None:
+    """Tests kill the process at a chosen point of a checkpoint write (deterministically, not by a
+    race): LAUNCHER_TEST_CRASH_AT=after-state dies between state.pt and the COMPLETE marker."""
+    if os.environ.get("LAUNCHER_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), 9)
 
 
 def verify(path: Path) -> str | None:
@@ -156,32 +193,38 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def find_latest(directory: Path) -> Path | None:
-    """The newest complete, intact checkpoint; damaged ones are skipped with a warning."""
+def find_latest(directory: Path, warn: bool = True) -> Path | None:
+    """The newest complete, intact checkpoint; damaged ones are skipped (with a warning if `warn`)."""
     for path in list_checkpoints(directory):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning(f"skipping checkpoint {path}: {problem}")
+        if warn:
+            log.warning(f"skipping checkpoint {path}: {problem}")
     return None
 
 
-def resolve_resume(resume: str, directory: Path) -> Path | None:
-    """`checkpoint.resume` -> the checkpoint directory to load, or None to start fresh."""
+def resolve_resume(resume: str, directory: Path, warn: bool = True) -> Path | None:
+    """`checkpoint.resume` -> the checkpoint directory to load, or None to start fresh. `warn`:
+    report skipped damaged checkpoints (one process of the job says it, not every rank)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(directory)
+        return find_latest(directory, warn)
     path = Path(resume).expanduser()
     if path.is_file() and path.name == STATE:
         path = path.parent
     if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
-        latest = find_latest(path)  # a directory of checkpoints: its newest
+        latest = find_latest(path, warn)  # a directory of checkpoints: its newest
         if latest is None:
             raise RecipeError("checkpoint.resume", f"{path} holds no complete, intact checkpoint")
         return latest
     if not path.exists():
-        raise RecipeError("checkpoint.resume", f"{path} does not exist; use auto, none, or a checkpoint directory")
+        existing = [p.name for p in list_checkpoints(path.parent if path.parent.is_dir() else directory)]
+        where = path.parent if path.parent.is_dir() and existing else directory
+        have = f"; {where} holds {', '.join(existing[:5])}" if existing else ""
+        raise RecipeError("checkpoint.resume", f"{path} does not exist (checkpoint.keep_last may have deleted it){have}; "
+                                               "use one of those, auto, or none")
     is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
     problem = verify(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
     if problem:

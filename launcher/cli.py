@@ -5,9 +5,12 @@ import argparse
 import os
 import sys
 
+from launcher import __version__
 from launcher.errors import LaunchError, Preempted, RecipeError, TrainingError, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# `launcher debug` evaluates on this many validation batches per rank: a check that evaluation runs, not a score
+DEBUG_EVAL_BATCHES = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,13 +20,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="launcher", description="Train a PyTorch model from a YAML recipe, on one process or many.")
+    p.add_argument("--version", action="version", version=f"launcher {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     run = sub.add_parser("run", help="train a recipe", description=(
         "Train RECIPE. Started plainly it runs one process; under torchrun it joins the job torchrun set up; "
         "with --nproc N it starts N local workers through torch's elastic launcher."))
-    run.add_argument("recipe", help="path to the recipe YAML")
+    run.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. optimizer.lr=3e-4")
     run.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local worker processes")
     run.add_argument("--max-restarts", type=int, default=0, metavar="K",
@@ -31,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a recipe and print the resolved config and plan",
                            description="Validate RECIPE and print the resolved config and the plan. "
-                                       "Creates no process group and touches no GPU.")
-    check.add_argument("recipe")
+                                       "Creates no process group and touches no GPU, but imports the recipe's "
+                                       "components and builds its model (on the meta device) and datasets: "
+                                       "a recipe is code; check only recipes you trust.")
+    check.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     check.add_argument("overrides", nargs="*", metavar="key.path=value")
     check.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="plan for N ranks (default: WORLD_SIZE if set, else 1)")
@@ -48,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "detection, num_workers=0, and timing and memory for every step, into RUN_DIR/debug. "
                                      "--distributed: 2 ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL. --simulate-world-size N: "
                                      "one process reproduces the arithmetic of an N-rank run exactly.")
-    dbg.add_argument("recipe")
+    dbg.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     dbg.add_argument("overrides", nargs="*", metavar="key.path=value")
     dbg.add_argument("--steps", type=int, default=5, help="optimizer steps to run (default 5)")
     mode = dbg.add_mutually_exclusive_group()
@@ -66,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("slurm", help="write an sbatch script for a recipe (and submit it)",
                         description="Render the sbatch script for RECIPE into its run directory and print its path; "
                                     "with --submit, submit it with sbatch.")
-    sl.add_argument("recipe")
+    sl.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     sl.add_argument("overrides", nargs="*", metavar="key.path=value")
     sl.add_argument("--mode", choices=["torchrun", "per-gpu"], default="torchrun",
                     help="torchrun: one torchrun per node starts the workers (default); per-gpu: one SLURM task per GPU")
@@ -95,16 +101,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         raise LaunchError(f"launcher {args.command}", f"unrecognized argument {unknown[0]!r}; see launcher {args.command} --help")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "recipe") and not args.recipe:
+        raise LaunchError(f"launcher {args.command}", f"which recipe? e.g. launcher {args.command} recipes/quickstart.yaml "
+                                                     "[key.path=value ...]")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    # components named in a recipe may live in the directory it is run from, as with `python -m`
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from launcher.metrics import setup_logging
+
+    setup_logging(_rank())  # warnings before training starts are marked and go to stderr too
     try:
         args = _parse(argv)
         return args.handler(args)
     except UserError as e:
+        _traceback_if_debugging()
         return report(e, f"error: {e}", EXIT_USAGE)
     except TrainingError as e:
+        _traceback_if_debugging()
         return report(e, f"error: {e}", EXIT_FAILED)
     except Preempted as e:
         report(None, str(e), e.exit_code)
@@ -114,8 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _traceback_if_debugging() -> None:
+    """LAUNCHER_DEBUG=1: every user error also shows where it was raised."""
+    if os.environ.get("LAUNCHER_DEBUG") == "1":
+        import traceback
+        traceback.print_exc()
+
+
 # set by `launcher run --nproc` for its workers: the parent prints one line for the whole job
 CHILD_ENV = "LAUNCHER_CHILD"
+# set by `launcher run --nproc` for its workers: the pid of the process whose death must end them
+PARENT_PID_ENV = "LAUNCHER_PARENT_PID"
 
 
 def report(exc: Exception | None, line: str, code: int) -> int:
@@ -203,8 +229,11 @@ def cmd_debug(args) -> int:
     from launcher.check import check_static
     from launcher.env import ClusterEnv
 
-    debug = [f"train.max_steps={args.steps}", "data.num_workers=0", "log.every_n_steps=1", f"run.dir={recipe.run_dir / 'debug'}",
-             "run.overwrite=true", "checkpoint.resume=none", "checkpoint.every_n_steps=null", "log.wandb=null"]
+    # everything it writes goes under RUN_DIR/debug: a checkpoint.dir of the recipe's own is left alone
+    debug_dir = recipe.run_dir / "debug"
+    debug = [f"train.max_steps={args.steps}", "data.num_workers=0", "log.every_n_steps=1", f"run.dir={debug_dir}",
+             f"checkpoint.dir={debug_dir / 'checkpoints'}", "run.overwrite=true", "checkpoint.resume=none",
+             "checkpoint.every_n_steps=null", "log.wandb=null", f"train.eval_max_batches={DEBUG_EVAL_BATCHES}"]
     recipe = recipes.load(args.recipe, [*args.overrides, *debug])
     if args.simulate_world_size:
         check_static(recipe, args.simulate_world_size)
@@ -269,6 +298,9 @@ def entry() -> None:
     from launcher import startup
 
     startup.mark("python")
+    if os.environ.get(PARENT_PID_ENV, "").isdigit():  # a worker of `launcher run --nproc`: die with it
+        from launcher.signals import die_with_parent
+        die_with_parent(int(os.environ[PARENT_PID_ENV]))
     import torch  # noqa: F401
 
     startup.mark("torch")

@@ -33,9 +33,14 @@ def resolve(target: str, key: str) -> Callable:
                 raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {e}; install the missing package") from None
             error = e
         except Exception as e:  # the module exists but fails to import: report, do not hide it
-            raise RecipeError(f"{key}.{TARGET}", f"importing {'.'.join(parts[:cut])} failed: {type(e).__name__}: {e}") from None
+            if debugging():
+                raise
+            raise RecipeError(f"{key}.{TARGET}", f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
+                                                 f"{type(e).__name__}: {first_line(e)} {DEBUG_HINT}") from None
     if module is None:
-        raise RecipeError(f"{key}.{TARGET}", f"cannot import {target!r} ({error}); check the spelling or install the package")
+        raise RecipeError(f"{key}.{TARGET}", f"cannot import {target!r} ({error}); looked in {os.getcwd()} (the "
+                                             "working directory) and the installed packages: check the spelling, run "
+                                             "from the directory that holds the module, or install its package")
     obj: Any = module
     for depth in range(cut, len(parts)):
         name = parts[depth]
@@ -96,10 +101,43 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
     try:
         return target(*args, **kwargs, **runtime)
     except Exception as e:
-        if os.environ.get("LAUNCHER_DEBUG") == "1":
+        if debugging():
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BuildError(key, f"building {spec[TARGET]} failed: {type(e).__name__}: {msg} (LAUNCHER_DEBUG=1 shows the traceback)", e) from None
+        raise BuildError(key, f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)} "
+                              f"{DEBUG_HINT}", e) from None
+
+
+DEBUG_HINT = "(LAUNCHER_DEBUG=1 shows the traceback)"
+
+
+def debugging() -> bool:
+    """LAUNCHER_DEBUG=1: user errors raised from the user's code keep their traceback."""
+    return os.environ.get("LAUNCHER_DEBUG") == "1"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def where(exc: BaseException) -> str:
+    """file:line of the innermost frame of `exc` (for a SyntaxError: the offending line)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    # the innermost line of the user's own code, rather than of torch or Python, which it called
+    libraries = (os.path.dirname(os.__file__), os.path.dirname(os.path.dirname(__file__)))
+    import torch
+    libraries += (os.path.dirname(torch.__file__),)
+    own = [f for f in frames if not f[0].startswith(libraries) and not f[0].startswith("<frozen")]
+    if not (own or frames):
+        return "an unknown place"
+    filename, line = (own or frames)[-1]
+    return f"{filename}:{line}"
 
 
 def resolve_callable(spec: dict[str, Any], key: str) -> Callable:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
+from pathlib import Path
 
 from launcher.recipe import Recipe
 
@@ -20,28 +23,33 @@ def launch_local(recipe: Recipe, args) -> int:
 
     # fail here, once, before any worker starts, on everything that can be known without data
     check_static(recipe, args.nproc)
-    prepare_run_dir(recipe, rank=-1)  # validate only (rank -1 deletes nothing); the workers act on it
+    recipe.layout.preflight()
+    recipe.layout.check_unlocked()  # another run in this directory: say so now (rank 0 takes the lock)
+    prepare_run_dir(recipe, act=False)  # validate only; the workers' rank 0 acts on it
     return elastic(["run", args.recipe, *args.overrides], args.nproc, args.max_restarts,
-                   preempt=recipe.checkpoint.preempt_signal, requeue_exit_code=recipe.checkpoint.requeue_exit_code)
+                   preempt=recipe.checkpoint.preempt_signal, requeue_exit_code=recipe.checkpoint.requeue_exit_code,
+                   checkpoint_dir=recipe.checkpoint_dir)
 
 
 def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: str | None = None,
-            requeue_exit_code: int | None = None) -> int:
-    """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent."""
+            requeue_exit_code: int | None = None, checkpoint_dir: Path | None = None) -> int:
+    """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent.
+    `checkpoint_dir`: where the workers checkpoint when stopped by a signal; the requeue exit code
+    is returned only if a checkpoint was written there since the launch."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from launcher.cli import CHILD_ENV
+    from launcher.cli import CHILD_ENV, PARENT_PID_ENV
     from launcher.signals import parse_signal
 
     os.environ[CHILD_ENV] = "1"  # workers stay quiet on fatal errors: _summarize prints one line
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers die with this process (signals.die_with_parent)
+    launched_at = time.time()
     # a restarted worker group can read the previous attempt's addresses from a store shared with
     # the rendezvous and fail to connect (pytorch/pytorch#135712); a store per attempt avoids it
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if nproc > 1:
-        # as torchrun does: N workers x all cores each would oversubscribe the CPU
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # no OMP_NUM_THREADS here: each worker takes its share of the cores (cpu.threads_per_rank)
     preempt_sig = parse_signal(preempt) if preempt else None
     if preempt_sig is not None:
         def on_preempt(signum, frame):
@@ -56,6 +64,7 @@ def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: 
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
+        _RestartReporter.install()
     extra = {}
     if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters:  # torch >= 2.10
         extra["shutdown_timeout"] = SHUTDOWN_GRACE_S  # time the workers get to checkpoint when stopped
@@ -69,13 +78,73 @@ def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: 
     except ChildFailedError as e:
         return _summarize(e)
     except SignalException as e:  # the agent stopped the workers, passing them the signal
+        saved = _checkpoint_since(checkpoint_dir, launched_at) if checkpoint_dir is not None else None
+        if saved is None:
+            after = "; no checkpoint was written (nothing to resume from this attempt)" if checkpoint_dir else ""
+            print(f"stopped by {e.sigval.name}{after}", file=sys.stderr, flush=True)
+            return 128 + int(e.sigval)
         if requeue_exit_code is not None and e.sigval in (signal.SIGTERM, preempt_sig):
-            print(f"preempted ({e.sigval.name}): workers checkpointed; exiting with {requeue_exit_code} to be requeued",
-                  file=sys.stderr, flush=True)
+            print(f"preempted ({e.sigval.name}): workers checkpointed ({saved}); exiting with {requeue_exit_code} "
+                  "to be requeued", file=sys.stderr, flush=True)
             return requeue_exit_code
-        print(f"stopped by {e.sigval.name}", file=sys.stderr, flush=True)
+        print(f"stopped by {e.sigval.name}: workers checkpointed ({saved}); run the same command to continue",
+              file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     return 0
+
+
+def _checkpoint_since(directory: Path, since: float) -> Path | None:
+    """The newest intact checkpoint in `directory` completed at or after `since` (time.time())."""
+    from launcher.checkpoint import MARKER, find_latest
+
+    latest = find_latest(directory, warn=False)
+    if latest is None:
+        return None
+    try:
+        written = json.loads((latest / MARKER).read_text())["time"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return latest if written >= since else None
+
+
+class _RestartReporter(logging.Handler):
+    """Says why the workers were restarted, which torch's agent logs only at levels the launcher
+    otherwise silences: the multiprocessing layer logs the failure ("failed (exitcode: -9)
+    local_rank: 1 (pid: ...)"), then the agent logs that it restarts the group."""
+
+    FAILURE_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+    AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.failure: tuple | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        reporter = cls()
+        for name in (cls.FAILURE_LOGGER, cls.AGENT_LOGGER):
+            logger = logging.getLogger(name)
+            logger.handlers[:] = [reporter]
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+        if message.startswith("failed (exitcode") and len(args) >= 3:
+            self.failure = args[:3]
+        elif "will restart worker group" in message and len(args) >= 4 and self.failure is not None:
+            code, local_rank, pid = self.failure
+            how = f"was killed by {_signal_name(-int(code))}" if int(code) < 0 else f"exited with code {code}"
+            print(f"warning: rank {local_rank} (pid {pid}) {how}; restarting the workers from the newest checkpoint "
+                  f"(restart {int(args[3]) - int(args[2]) + 1} of {args[3]})", file=sys.stderr, flush=True)
+            self.failure = None
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _summarize(e) -> int:

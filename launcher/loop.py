@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +26,7 @@ from torch import nn
 from launcher import distributed, resume, startup
 from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
+from launcher.errors import TrainingError
 from launcher.metrics import log
 from launcher.plan import Plan
 from launcher.recipe import Recipe
@@ -41,6 +44,7 @@ class TrainState:
     last_eval_step: int = -1
     last_checkpoint_step: int = -1
     skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
+    consecutive_skips: int = 0  # of those, how many in a row up to now
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,11 +72,13 @@ class Trainer:
     preempt: Any = None  # signals.PreemptionFlag
     agreement: Any = None  # signals.Agreement
     profiler: Any = None  # profiling.StepProfiler, when log.profile is on for this rank
+    heartbeat: Heartbeat | None = None  # rank 0: says it is alive when a step or an evaluation takes long
     state: TrainState = field(default_factory=TrainState)
     logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
     tokens_per_sample: int | None = None  # for tokens/s
     flops_per_sample: float | None = None  # for MFU (forward + backward)
     peak_flops: float | None = None  # per device, for MFU
+    stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     rank_rng: dict[int, dict] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
     # since the last log step: each step's sample-weighted loss sum on this rank, kept on the device
     step_losses: torch.Tensor | None = None
@@ -93,6 +99,35 @@ class Trainer:
         return autocast(self.recipe.train.precision, self.device)
 
 
+class Heartbeat:
+    """A thread that says the run is alive when a step or an evaluation takes long (a first step on a
+    slow CPU, a long evaluation): after FIRST_S without progress, then every EVERY_S. It reads two
+    attributes the loop sets at each step; it never touches the device."""
+
+    FIRST_S, EVERY_S = 10.0, 60.0
+
+    def __init__(self) -> None:
+        self.what, self.since, self.next_s = "starting", time.monotonic(), self.FIRST_S
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="launcher-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def mark(self, what: str) -> None:
+        self.what, self.since, self.next_s = what, time.monotonic(), self.FIRST_S
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            elapsed = time.monotonic() - self.since
+            if elapsed >= self.next_s:
+                log.info(f"{self.what}: still running after {elapsed:.0f} s")
+                self.next_s += self.EVERY_S
+
+
 def autocast(precision: str, device: torch.device):
     """Mixed precision for the forward pass: bf16 or fp16 autocast; nothing for fp32."""
     if precision == "fp32":
@@ -100,29 +135,43 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def new_log_window(t: Trainer) -> None:
+    """The per-step loss sums kept between log rows; a window never spans more than every_n_steps steps."""
+    t.step_losses = torch.zeros(min(t.recipe.log.every_n_steps, t.plan.total_steps), device=t.device)
+
+
 def fit(t: Trainer) -> TrainState:
     s, p = t.state, t.plan
-    t.step_losses = torch.zeros(t.recipe.log.every_n_steps, device=t.device)
+    if t.step_losses is None:
+        new_log_window(t)
     t._params = list(t.model.parameters())  # once: no per-step Python work that grows with the model
     t._last_log_time = time.perf_counter()
     t.train_model.train()
     if t.profiler is not None:
         t.profiler.after_step(s.step)  # start_step may be 0, or where a resumed run starts
-    while s.step < p.total_steps and s.stop_reason is None:
-        train_epoch(t)
-    if t.profiler is not None:
-        t.profiler.close()
-    if t.agreement is not None:
-        t.agreement.drain()
-    if s.stop_reason is None:
-        s.stop_reason = "completed"
-    if t.val_loader is not None and s.last_eval_step != s.step and not s.stop_reason.startswith("preempted"):
-        evaluate_and_maybe_stop(t)
+    if t.heartbeat is not None:
+        t.heartbeat.start()
+    try:
+        while s.step < p.total_steps and s.stop_reason is None:
+            train_epoch(t)
+        if t.profiler is not None:
+            t.profiler.close()
+        if t.agreement is not None:
+            t.agreement.drain()
+        if s.stop_reason is None:
+            s.stop_reason = "completed"
+        if t.val_loader is not None and s.last_eval_step != s.step and t.stop_signal is None:
+            evaluate_and_maybe_stop(t)
+    finally:
+        if t.heartbeat is not None:
+            t.heartbeat.stop()
     return s
 
 
 def train_epoch(t: Trainer) -> None:
     s, p = t.state, t.plan
+    if s.step_in_epoch >= p.steps_per_epoch:  # resume.check_compatible refuses such a checkpoint
+        raise RuntimeError(f"step {s.step_in_epoch} of an epoch of {p.steps_per_epoch} steps")
     micro_index = s.step_in_epoch * p.accumulation
     shards = []
     for rank, sampler, loader in t.shards:
@@ -130,6 +179,8 @@ def train_epoch(t: Trainer) -> None:
         sampler.set_start(micro_index * p.micro_batch)
         shards.append((rank, iter(loader)))
     while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
+        if t.heartbeat is not None:
+            t.heartbeat.mark(f"step {s.step + 1}/{p.total_steps}")
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
         for m in range(n_micro):
@@ -165,8 +216,11 @@ def train_epoch(t: Trainer) -> None:
         ckpt_every = t.recipe.checkpoint.every_n_steps
         if ckpt_every and s.step % ckpt_every == 0:
             resume.save_checkpoint(t)
-        if t.agreement is not None and t.agreement.poll(t.preempt.signum is not None):
-            s.stop_reason = f"preempted ({t.preempt.name or 'signal on another rank'})"
+        if t.agreement is not None:
+            agreed = t.agreement.poll(t.preempt.signum or 0)
+            if agreed:
+                t.stop_signal = agreed
+                s.stop_reason = f"{'interrupted' if agreed == signal.SIGINT else 'preempted'} ({signal.Signals(agreed).name})"
         if end_of_epoch:
             break  # the next epoch needs set_epoch and a fresh iterator
 
@@ -224,14 +278,23 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
         # after the all-reduce every rank holds the same gradients, so all decide alike; this is
         # the one mode that syncs with the device every step
         if not torch.isfinite(norm).item():
-            t.state.skipped_steps += 1
-            log.warning(f"step {t.state.step + 1}: non-finite gradients, step skipped ({t.state.skipped_steps} so far)")
+            s = t.state
+            s.skipped_steps += 1
+            s.consecutive_skips += 1
+            if s.consecutive_skips >= cfg.max_consecutive_skips:
+                last = s.last_checkpoint_step
+                kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
+                raise TrainingError(f"non-finite gradients in {s.consecutive_skips} steps in a row, up to step {s.step + 1} "
+                                    f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); the run is diverging: "
+                                    f"nothing after it was saved and {kept}")
+            log.warning(f"step {s.step + 1}: non-finite gradients, step skipped ({s.skipped_steps} so far)")
             if t.scaler is not None:
                 t.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
             if t.scheduler is not None:
                 t.scheduler.step()  # the schedule follows the step count
             t.optimizer.zero_grad(set_to_none=True)
             return
+    t.state.consecutive_skips = 0
     if t.scaler is not None:
         t.scaler.step(t.optimizer)
         t.scaler.update()
@@ -258,7 +321,8 @@ def log_train(t: Trainer) -> None:
     loss_sum = float(per_rank.sum())  # the window sizes in _samples are already global
     elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
     samples_per_s = t._samples / elapsed
-    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "lr": t.optimizer.param_groups[0]["lr"]}
+    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "samples": t._samples,
+           "lr": t.optimizer.param_groups[0]["lr"]}
     if t._grad_norm is not None:
         row["grad_norm"] = t._grad_norm.item()
     row["samples_per_s"] = samples_per_s
@@ -297,7 +361,11 @@ def evaluate(t: Trainer) -> dict[str, float]:
     # loss x samples, samples, correct predictions, predictions
     totals = torch.zeros(4, dtype=torch.float64, device=t.device)
     position = 0
-    for batch in t.val_loader:
+    limit = t.recipe.train.eval_max_batches
+    for index, batch in enumerate(t.val_loader):
+        if limit is not None and index >= limit:
+            break  # every rank stops at the same batch: its shard has as many batches as the others'
+
         n = batch_size_of(batch)
         n_real = max(0, min(position + n, real_end) - position)
         position += n
@@ -315,7 +383,7 @@ def evaluate(t: Trainer) -> dict[str, float]:
     model.train(was_training)
     distributed.all_reduce(totals)
     loss_sum, count, correct, predictions = totals.tolist()
-    metrics = {"val_loss": loss_sum / count}
+    metrics = {"val_loss": loss_sum / count, "val_samples": int(count)}
     if predictions:
         metrics["val_accuracy"] = correct / predictions
     return metrics
@@ -323,6 +391,8 @@ def evaluate(t: Trainer) -> dict[str, float]:
 
 def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float]:
     s = t.state
+    if t.heartbeat is not None:
+        t.heartbeat.mark(f"evaluation at step {s.step}")
     metrics = evaluate(t)
     s.last_eval_step = s.step
     t.log({"step": s.step, "epoch": s.epoch, **metrics})

@@ -97,3 +97,10 @@ def _measure(module: TrainModule, inputs, targets, device, autocast) -> Probe:
         for p in module.parameters():
             p.grad = None
         torch.cuda.empty_cache()
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Roughly what a checkpoint and the final weights take: the weights, and two optimizer moments
+    per parameter (AdamW's), plus model.pt."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 4 * weights

@@ -18,18 +18,40 @@ log = logging.getLogger("launcher")
 
 
 class JsonlSink:
-    """One JSON object per line, flushed per row so a crash loses nothing already logged."""
+    """One JSON object per line. Each row goes to the file in a single append-mode write, so a crash
+    leaves at most a torn last line (which `read_metrics` drops), never rows interleaved or lost."""
 
     def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self._f = open(path, "a" if append else "w", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC), 0o666)
 
     def __call__(self, row: dict) -> None:
-        self._f.write(json.dumps(row, allow_nan=True) + "\n")
-        self._f.flush()
+        data = (json.dumps(row, allow_nan=True) + "\n").encode()
+        while data:  # os.write may write less than asked (a signal, a full pipe): finish the row
+            data = data[os.write(self._fd, data):]
 
     def close(self, ok: bool = True) -> None:
-        self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a metrics.jsonl, and how many lines were unreadable (a row torn by a crash)."""
+    rows, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn += 1
+    return rows, torn
 
 
 def format_row(row: dict, total_steps: int) -> str:
@@ -90,10 +112,11 @@ class _TqdmHandler(logging.Handler):
     def __init__(self, bar):
         super().__init__()
         self.bar = bar
-        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setFormatter(_LevelFormatter(0))
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.bar.write(self.format(record))
+        # above the bar; warnings to stderr, as without a bar
+        self.bar.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
 
 
 class TensorBoardSink:
@@ -140,11 +163,35 @@ class Metrics:
             sink.close(ok)
 
 
+class _LevelFormatter(logging.Formatter):
+    """Info as the bare message; warnings and errors marked with their level (and the rank, off rank 0)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] " if rank else ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{self.prefix}{record.levelname.lower()}: {message}"
+        return f"{self.prefix}{message}"
+
+
+class _StdoutBelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def setup_logging(rank: int) -> None:
-    """Rank 0 logs at INFO; other ranks only warnings and errors, prefixed with their rank."""
-    handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
-    log.handlers[:] = [handler]
+    """Rank 0 logs at INFO; other ranks only warnings and errors, prefixed with their rank.
+    Information goes to stdout; warnings and errors to stderr, marked `warning:` / `error:`."""
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_StdoutBelowWarning())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(_LevelFormatter(rank))
+    log.handlers[:] = [out, err]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
 

@@ -74,16 +74,30 @@ class Plan:
         ]
 
 
-def batch_shape(recipe: Recipe, world_size: int) -> tuple[int, int]:
-    """(global batch, accumulation steps); the global batch must split evenly over ranks and micro-batches."""
+@dataclass(frozen=True)
+class BatchShape:
+    global_batch: int
+    micro_batch: int  # per rank
+    accumulation: int
+
+
+def batch_shape(recipe: Recipe, world_size: int) -> BatchShape:
+    """The global batch, the per-rank micro-batch and the accumulation steps. The global batch must
+    split evenly over ranks and micro-batches; with data.fit_batch_size, data.batch_size is the
+    largest micro-batch, and the largest one up to it that splits the global batch is used."""
     b, W = recipe.data.batch_size, world_size
     G = recipe.train.global_batch_size or b * W
+    if G % (b * W) and recipe.data.fit_batch_size and recipe.train.global_batch_size and G % W == 0:
+        per_rank = G // W
+        b = max(d for d in range(1, min(b, per_rank) + 1) if per_rank % d == 0)
     if G % (b * W):
         lower = max(b * W, G // (b * W) * b * W)
+        fit = ("" if recipe.data.fit_batch_size else
+               "; or set data.fit_batch_size=true to use a smaller micro-batch where it must")
         raise RecipeError("train.global_batch_size",
                           f"{G} is not a multiple of data.batch_size x world size = {b} x {W} = {b * W}; "
-                          f"use {lower} or {lower + b * W}, or change data.batch_size")
-    return G, G // (b * W)
+                          f"use {lower} or {lower + b * W}, or change data.batch_size{fit}")
+    return BatchShape(G, b, G // (b * W))
 
 
 def check_ranks(recipe: Recipe, world_size: int) -> None:
@@ -97,8 +111,9 @@ def check_ranks(recipe: Recipe, world_size: int) -> None:
 
 def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples: int | None,
                backend: str, device: str) -> Plan:
-    b, W, t = recipe.data.batch_size, world_size, recipe.train
-    G, A = batch_shape(recipe, world_size)
+    W, t = world_size, recipe.train
+    shape = batch_shape(recipe, world_size)
+    G, A, b = shape.global_batch, shape.accumulation, shape.micro_batch
     if train_samples <= 0:
         raise RecipeError("data.train", "the training dataset is empty")
     check_ranks(recipe, W)
@@ -130,3 +145,22 @@ def describe_checkpointing(ac) -> str:
     if ac.head_chunks:
         parts.append(f"last module + loss in {ac.head_chunks} chunks")
     return ", ".join(parts)
+
+
+def plan_warnings(recipe: Recipe, plan: Plan, device_type: str) -> list[str]:
+    """Settings that work but are likely not what the user meant, for `check` and the run's start."""
+    from launcher.cpu import precision_warning
+
+    out = []
+    slow = precision_warning(recipe.train.precision, device_type)
+    if slow:
+        out.append(slow)
+    scheduler = recipe.scheduler or {}
+    t_max = scheduler.get("T_max")
+    if scheduler.get("_component_", "").endswith("CosineAnnealingLR") and isinstance(t_max, int):
+        annealed = plan.total_steps - recipe.train.warmup_steps
+        if annealed > t_max:
+            out.append(f"scheduler.T_max={t_max}, but {annealed} steps follow the warmup: CosineAnnealingLR is "
+                       f"periodic, so the learning rate climbs back up from eta_min after step "
+                       f"{t_max + recipe.train.warmup_steps}; set scheduler.T_max={annealed}")
+    return out

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from launcher import checkpoint, distributed
-from launcher.errors import TrainingError
+from launcher.errors import RecipeError, TrainingError
 from launcher.metrics import log
+from launcher.plan import Plan
+from launcher.recipe import Recipe
 
 FORMAT = 1
 
@@ -50,7 +52,7 @@ def save_checkpoint(t) -> Path | None:
     s = t.state
     if s.last_checkpoint_step == s.step:
         return None
-    check_finite(t)
+    per_rank = check_finite(t)
     rng = distributed.gather_objects(checkpoint.capture_rng(), group=t.session.control)
     path = None
     s.last_checkpoint_step = s.step
@@ -64,6 +66,11 @@ def save_checkpoint(t) -> Path | None:
             "train_state": s.state_dict(),
             "rng": rng,
             "world_size": t.plan.world_size,
+            "plan": {"global_batch": t.plan.global_batch, "train_samples": t.plan.train_samples,
+                     "steps_per_epoch": t.plan.steps_per_epoch},
+            # the log steps since the last log row, summed over ranks: a resumed run's first row then
+            # averages over the same steps as the uninterrupted run's
+            "log_window": {"loss_sums": per_rank.sum(0), "samples": t._samples},
             "recipe": t.recipe.to_dict(),
             "loggers": dict(t.logger_ids),
         }
@@ -75,17 +82,59 @@ def save_checkpoint(t) -> Path | None:
     return path
 
 
-def load_for_resume(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load a checkpoint and put its weights in `model` (before wrapping)."""
+def load_for_resume(path: Path, model: torch.nn.Module, recipe: Recipe, plan: Plan) -> dict[str, Any]:
+    """Load a checkpoint, check that this recipe can continue it exactly, and put its weights in
+    `model` (before wrapping)."""
     payload = checkpoint.load(path)
+    check_compatible(payload, path, recipe, plan)
     checkpoint.check_model_matches(model.state_dict(), payload["model"], path)
     model.load_state_dict(payload["model"])
     return payload
 
 
+_START_OVER = "or start over with checkpoint.resume=none run.overwrite=true"
+
+
+def check_compatible(payload: dict[str, Any], path: Path, recipe: Recipe, plan: Plan) -> None:
+    """One line naming the key, for a recipe that cannot continue this checkpoint's maths."""
+    saved = payload.get("plan") or _plan_of_old_checkpoint(payload)
+    if saved["global_batch"] != plan.global_batch:
+        raise RecipeError("train.global_batch_size",
+                          f"{path} was trained with a global batch of {saved['global_batch']}, this run's is "
+                          f"{plan.global_batch}: the update would change mid-run; set train.global_batch_size="
+                          f"{saved['global_batch']} (any world size that divides it continues exactly), {_START_OVER}")
+    state = payload["train_state"]
+    if state["step_in_epoch"] >= plan.steps_per_epoch:
+        raise RecipeError("data.train", f"{path} stopped at step {state['step_in_epoch']} of an epoch, but an epoch now "
+                                        f"has {plan.steps_per_epoch} steps ({plan.train_samples} samples, data.drop_last="
+                                        f"{str(plan.drop_last).lower()}); resume with the data it was trained on, {_START_OVER}")
+    if saved["train_samples"] != plan.train_samples:
+        log.warning(f"{path} was trained on {saved['train_samples']} samples and resumes on {plan.train_samples}: "
+                    "the data order from here differs from the uninterrupted run's")
+    old = payload.get("recipe", {})
+    for key in ("optimizer", "scheduler"):
+        before = (old.get(key) or {}).get("_component_")
+        now = (getattr(recipe, key) or {}).get("_component_")
+        if before != now and "recipe" in payload:
+            raise RecipeError(f"{key}._component_", f"{path} holds the state of {before}, not {now}; resume with "
+                                                    f"{key}._component_={before}, {_START_OVER}")
+
+
+def _plan_of_old_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before the plan was saved: their global batch, from the saved recipe."""
+    r = payload["recipe"]
+    batch = r["train"].get("global_batch_size") or r["data"]["batch_size"] * payload["world_size"]
+    return {"global_batch": batch, "train_samples": None, "steps_per_epoch": None}
+
+
 def restore(t, payload: dict[str, Any], path: Path) -> None:
     """Everything but the weights, which `load_for_resume` restored before DDP wrapping."""
-    t.optimizer.load_state_dict(payload["optimizer"])
+    try:
+        t.optimizer.load_state_dict(payload["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise RecipeError("optimizer", f"{path} holds optimizer state that does not fit this optimizer "
+                                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); resume with the "
+                                       f"optimizer settings it was saved with, {_START_OVER}") from None
     if t.scheduler is not None and payload["scheduler"] is not None:
         t.scheduler.load_state_dict(payload["scheduler"])
     elif (t.scheduler is None) != (payload["scheduler"] is None):
@@ -96,6 +145,13 @@ def restore(t, payload: dict[str, Any], path: Path) -> None:
     t.state.stop_reason = None
     t.state.last_checkpoint_step = t.state.step
     t.logger_ids.update(payload.get("loggers", {}))
+    window = payload.get("log_window")
+    if window is not None and t.session.rank == 0 and len(window["loss_sums"]) <= len(t.step_losses):
+        steps = len(window["loss_sums"])
+        t.step_losses[:steps] = window["loss_sums"].to(t.step_losses)
+        t._steps, t._samples = steps, window["samples"]
+    elif window is not None and t.session.rank != 0:
+        t._steps, t._samples = len(window["loss_sums"]), window["samples"]
     rng = payload["rng"]
     rank = t.session.rank
     if payload["world_size"] != t.plan.world_size:

@@ -7,6 +7,7 @@ Templates (launcher/templates, also at slurm/ in the repository):
 """
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -72,5 +73,8 @@ def write_and_submit(text: str, path: Path, submit: bool) -> str | None:
         raise LaunchError("--submit", f"sbatch is not on PATH here; copy {path} to a SLURM login node and run `sbatch {path}`")
     out = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise LaunchError("sbatch", (out.stderr.strip() or out.stdout.strip()).splitlines()[-1])
+        last = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}").splitlines()[-1]
+        # sbatch prefixes its own errors ("sbatch: error: ..."): the key already says sbatch
+        last = re.sub(r"^(sbatch:\s*)?(error:\s*)?", "", last)
+        raise LaunchError("sbatch", last)
     return out.stdout.strip().split(";")[0]

@@ -2,83 +2,73 @@
 recipe -> process group -> data -> model (+ checkpoint) -> wrappers -> optimizer -> loop -> weights."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
-import random
-import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
-from launcher import checkpoint, distributed, loop, parallel, resume, startup
+from launcher import checkpoint, distributed, loop, parallel, resume, rng, startup
+from launcher.builders import build_datasets, build_model
 from launcher.components import instantiate, resolve_callable
+from launcher.cpu import threads_per_rank
 from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
+from launcher.memory import checkpoint_bytes
 from launcher.metrics import (ConsoleSink, JsonlSink, Metrics, ProgressSink, TensorBoardSink, log, peak_flops,
-                              setup_logging)
+                              read_metrics, setup_logging)
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.plan import Plan, build_plan
+from launcher.plan import Plan, build_plan, plan_warnings
 from launcher.recipe import Recipe
 from launcher.signals import Agreement, PreemptionFlag, parse_signal
 
-RUN_OUTPUTS = ("metrics.jsonl", "model.pt")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def prepare_run_dir(recipe: Recipe, restart_count: int = 0, rank: int = 0) -> Path | None:
+def prepare_run_dir(recipe: Recipe, restart_count: int = 0, rank: int = 0, act: bool = True) -> Path | None:
     """Decide where the run starts: the checkpoint to resume, or None for a fresh start. A fresh
-    start over a previous run's outputs needs run.overwrite (which then clears its checkpoints);
-    a worker restarted by torchrun or a SLURM requeue is the same run and may start over."""
-    resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, recipe.checkpoint_dir)
+    start over a previous run's outputs needs run.overwrite (which then deletes its checkpoints,
+    and only those); a worker restarted by torchrun or a SLURM requeue is the same run and may start
+    over. `act=False` only validates (the parent of `--nproc` workers): it deletes nothing and warns
+    of nothing, which the workers' rank 0 does."""
+    layout = recipe.layout
+    layout.preflight()
+    acting = act and rank == 0
+    if acting:
+        layout.remove_stale_temporaries()
+    resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, layout.checkpoints, warn=acting)
     if resume_from is not None or restart_count > 0:
         return resume_from
-    run_dir, ckpt_dir = recipe.run_dir, recipe.checkpoint_dir
-    checkpoints = checkpoint.list_checkpoints(ckpt_dir)
-    found = [str(run_dir / n) for n in RUN_OUTPUTS if (run_dir / n).exists()] + [str(p) for p in checkpoints[:1]]
+    checkpoints = checkpoint.list_checkpoints(layout.checkpoints)
+    found = [str(p) for p in layout.outputs if p.exists()] + [str(p) for p in checkpoints[:1]]
     if found and not recipe.run.overwrite:
         how = "resume it with checkpoint.resume=auto, " if recipe.checkpoint.resume == "none" and checkpoints else ""
-        raise RecipeError("run.dir", f"{run_dir} already holds a run ({', '.join(found)}); {how}choose another "
+        raise RecipeError("run.dir", f"{layout.root} already holds a run ({', '.join(found)}); {how}choose another "
                                      f"run.dir=..., or start over with run.overwrite=true")
-    if found and rank == 0:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh start must never resume an older run's state
+    if found and (acting or layout.foreign_checkpoint_entries()):
+        # a fresh start must never resume an older run's state; every rank refuses a foreign directory alike
+        layout.clear_checkpoints()
     return None
-
-
-def build_datasets(recipe: Recipe):
-    train_set = instantiate(recipe.data.train, "data.train")
-    val_set = instantiate(recipe.data.val, "data.val") if recipe.data.val is not None else None
-    for key, ds in (("data.train", train_set), ("data.val", val_set)):
-        if ds is not None and not hasattr(ds, "__len__"):
-            raise RecipeError(key, f"{type(ds).__name__} has no len(); the launcher needs a map-style dataset")
-    return train_set, val_set
 
 
 def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> loop.TrainState:
     """Train. `simulate=N`: one process reproduces the arithmetic of an N-rank run (launcher debug)."""
     setup_logging(env.rank)
+    threads, why = threads_per_rank(env.local_world_size)
+    torch.set_num_threads(threads)  # N ranks x all cores each would oversubscribe the CPU
     if env.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         log.warning("torchrun restarts can fail to reconnect when the workers share the rendezvous store "
                     "(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
-    signals = [parse_signal("SIGTERM"), parse_signal(recipe.checkpoint.preempt_signal)]
+    signals = [parse_signal("SIGTERM"), parse_signal(recipe.checkpoint.preempt_signal), signal.SIGINT]
     # installed first: a preemption signal during start-up is remembered, not fatal
     with PreemptionFlag(list(dict.fromkeys(signals))) as preempt:
         with distributed.session(env, recipe.dist.backend, recipe.dist.timeout_s) as sess:
             try:
-                return _train(recipe, env, sess, preempt, simulate)
+                return _train(recipe, env, sess, preempt, simulate, threads=f"{threads} ({why})")
             except BaseException as e:
                 # the traceback pins the frames that hold DDP; free them so it goes before the process group
                 traceback.clear_frames(e.__traceback__)
@@ -93,24 +83,36 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> loop.Tr
                 gc.collect()
 
 
-def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None) -> loop.TrainState:
+def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None,
+           threads: str) -> loop.TrainState:
+    # rank 0 writes the run directory: it holds the lock until it exits, however it exits
+    with recipe.layout.locked() if env.is_rank0 else contextlib.nullcontext():
+        return _train_locked(recipe, env, sess, preempt, simulate, threads)
+
+
+def _train_locked(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None,
+                  threads: str) -> loop.TrainState:
     resume_from = prepare_run_dir(recipe, env.restart_count, env.rank)
-    seed_everything(recipe.seed)
     train_set, val_set = build_datasets(recipe)
     plan = build_plan(recipe, simulate or env.world_size, len(train_set), len(val_set) if val_set is not None else None,
                       sess.backend, str(sess.device))
     startup.mark("model_start")
-    model = instantiate(recipe.model, "model")
+    model = build_model(recipe)
     startup.mark("model")
+    if env.is_rank0 and (space := recipe.layout.space_warning(checkpoint_bytes(model))):
+        log.warning(space)
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
-    payload = resume.load_for_resume(resume_from, model) if resume_from else None
+    payload = resume.load_for_resume(resume_from, model, recipe, plan) if resume_from else None
     model.to(sess.device)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)
     # same initial weights on every rank (above); per-rank streams for dropout and the like (below)
-    seed_everything(recipe.seed + env.rank)
+    rng.seed_everything(recipe.seed + env.rank)
     loss_fn = instantiate(recipe.loss, "loss")
+    if not callable(loss_fn):
+        raise RecipeError("loss._component_", f"{recipe.loss['_component_']} built a {type(loss_fn).__name__}, which "
+                                              "cannot be called; name a loss module or function")
     startup.mark("optimizer_start")
     optimizer = build_optimizer(recipe, model)
     startup.mark("optimizer")
@@ -130,17 +132,22 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
                      agreement=Agreement(sess.control if env.world_size > 1 else None),
                      tokens_per_sample=_attr("tokens_per_sample", model, train_set),
                      flops_per_sample=_attr("flops_per_sample", model, train_set),
-                     peak_flops=peak_flops(sess.device, recipe.train.precision))
+                     peak_flops=peak_flops(sess.device, recipe.train.precision),
+                     heartbeat=loop.Heartbeat() if env.is_rank0 else None)
     t.profiler = _profiler(recipe, env, sess.device)
+    loop.new_log_window(t)
     if payload is not None:
         resume.restore(t, payload, resume_from)  # last: it sets the RNG streams the loop continues
         del payload
     if simulate:  # each simulated rank starts with the streams that rank would have
         t.rank_rng = {}
         for r in ranks:
-            seed_everything(recipe.seed + r)
+            rng.seed_everything(recipe.seed + r)
             t.rank_rng[r] = checkpoint.capture_rng()
-    _print_plan(plan, env, model, simulate)
+    _print_plan(plan, env, model, simulate, threads)
+    if env.is_rank0:
+        for warning in plan_warnings(recipe, plan, sess.device.type):
+            log.warning(warning)
     if env.is_rank0:
         t.log = _metrics(t, resumed=resume_from is not None, continuing=resume_from is not None or env.restart_count > 0)
     ok = False
@@ -153,18 +160,21 @@ def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simul
         resume.save_checkpoint(t)
         ok = True
     finally:
-        preempted = ok and state.stop_reason.startswith("preempted")
+        stopped = ok and t.stop_signal is not None
         for sink in t.log.sinks:
-            if preempted and hasattr(sink, "preempting"):
+            if stopped and hasattr(sink, "preempting"):
                 sink.preempting()
-        t.log.close(ok and not preempted)
-    if preempted:
+        t.log.close(ok and not stopped)
+    if stopped:
+        if t.stop_signal == signal.SIGINT:  # Ctrl-C: the user stops; nothing to requeue
+            raise Preempted(f"{state.stop_reason} at step {state.step}: checkpoint saved; run the same command "
+                            "to continue", 128 + signal.SIGINT)
         code = recipe.checkpoint.requeue_exit_code
         raise Preempted(f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code)
     if env.is_rank0:
         # CPU tensors: loadable on any machine without map_location
-        checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, recipe.run_dir / "model.pt")
-        log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.run_dir / 'model.pt'}")
+        checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, recipe.layout.weights)
+        log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.layout.weights}")
     return state
 
 
@@ -187,13 +197,14 @@ def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_s
     shards = []
     for rank in ranks:
         sampler = ShardSampler(train_set, num_replicas=plan.world_size, rank=rank, shuffle=d.shuffle,
-                               seed=recipe.seed, drop_last=d.drop_last, stop=plan.shard_stop, with_epoch=True)
-        shards.append((rank, sampler, build_loader(seeded, sampler, d.batch_size, seed=recipe.seed + rank, **common)))
+                               seed=recipe.seed if d.seed is None else d.seed, drop_last=d.drop_last,
+                               stop=plan.shard_stop, with_epoch=True)
+        shards.append((rank, sampler, build_loader(seeded, sampler, plan.micro_batch, seed=recipe.seed + rank, **common)))
     val_loader = None
     if val_set is not None:  # evaluation sums over samples: a simulated run evaluates unsharded
         val_sampler = ShardSampler(val_set, num_replicas=env.world_size, rank=env.rank, shuffle=False,
                                    seed=recipe.seed, drop_last=False)
-        val_loader = build_loader(val_set, val_sampler, d.batch_size, seed=recipe.seed + env.rank, **common)
+        val_loader = build_loader(val_set, val_sampler, plan.micro_batch, seed=recipe.seed + env.rank, **common)
     return shards, val_loader
 
 
@@ -227,11 +238,15 @@ def _metrics(t: loop.Trainer, resumed: bool, continuing: bool) -> Metrics:
     recipe, run_dir, step = t.recipe, t.recipe.run_dir, t.state.step
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(run_dir / "config.yaml", lambda f: f.write(recipe.to_yaml().encode()))
-    path = run_dir / "metrics.jsonl"
+    path = recipe.layout.metrics
     if resumed and path.exists():
-        # continue the history: rows past the checkpoint were trained again and are logged again
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        checkpoint.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+        # continue the history: rows past the checkpoint were trained again and are logged again;
+        # a row torn by a crash mid-write is dropped (and rewritten when its step is trained again)
+        rows, torn = read_metrics(path)
+        if torn:
+            log.warning(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
+        kept = [json.dumps(r, allow_nan=True) for r in rows if r.get("step", 0) <= step]
+        checkpoint.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept).encode()))
     sinks: list = [JsonlSink(path, append=resumed)]
     progress = recipe.log.progress
     if progress == "bar" or (progress == "auto" and sys.stdout.isatty()):
@@ -257,11 +272,11 @@ def _attr(name: str, *objects) -> float | None:
     return None
 
 
-def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module, simulate: int | None = None) -> None:
+def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module, simulate: int | None, threads: str) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     launched = env.source + (f" (restart {env.restart_count})" if env.restart_count else "")
     if simulate:
         launched += f", simulating {simulate} ranks in this one process"
-    rows = [("launched by", launched), *plan.describe(), ("parameters", f"{n_params:,}")]
+    rows = [("launched by", launched), *plan.describe(), ("threads per rank", threads), ("parameters", f"{n_params:,}")]
     width = max(len(k) for k, _ in rows)
     log.info("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 import uuid
 from pathlib import Path
 
 from launcher.errors import RecipeError
 from launcher.metrics import log
-from launcher.recipe import Recipe
+from launcher.recipe import Recipe, redact
 
 ID_FILE = "wandb_run_id"
 
@@ -25,9 +26,43 @@ def has_api_key() -> bool:
         return False
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def server_answers(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Does the wandb server answer HTTP within `timeout_s`? (Any status counts: it is there.)
+    Run in a thread so that a DNS lookup, which no socket timeout covers, cannot hold start-up."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(base_url, timeout=timeout_s).close()
+            answered.set()
+        except urllib.error.HTTPError:
+            answered.set()
+        except Exception:  # noqa: BLE001 - unreachable, refused, reset, timed out: all the same answer
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True, name="wandb-probe")
+    thread.start()
+    thread.join(timeout_s)
+    return answered.is_set()
+
+
 def resolve_mode(mode: str) -> str:
     if mode == "auto":
-        return "online" if has_api_key() else "offline"
+        if not has_api_key():
+            return "offline"
+        base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if not server_answers(base_url):
+            log.warning(f"log.wandb: {base_url} did not answer within {PROBE_TIMEOUT_S:g} s; logging offline "
+                        "(sync later with `wandb sync`)")
+            return "offline"
+        return "online"
     if mode == "online" and not has_api_key():
         raise RecipeError("log.wandb.mode", "online needs an API key (WANDB_API_KEY, or `wandb login`); "
                                             "use offline (sync later with `wandb sync`) or auto")
@@ -43,8 +78,21 @@ def run_id(run_dir: Path, from_checkpoint: str | None, continuing: bool) -> str:
         chosen = path.read_text().strip()
     else:
         chosen = uuid.uuid4().hex[:12]
-    path.write_text(chosen + "\n")
+    from launcher.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write((chosen + "\n").encode()))  # never a torn, empty id
     return chosen
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """`key.path=value` arguments whose key looks secret (token, api_key, ...) with the value hidden."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not key.startswith("-"):
+            arg = f"{key}={redact({key.rsplit('.', 1)[-1]: value})[key.rsplit('.', 1)[-1]]}"
+        out.append(arg)
+    return out
 
 
 class WandbSink:
@@ -59,6 +107,8 @@ class WandbSink:
         except ImportError:
             log.warning("log.wandb is set but wandb is not installed (pip install wandb); training continues without it")
             return
+        # wandb records the command line; overrides such as model.hf_token=... must not be in it
+        sys.argv[:] = redact_argv(sys.argv)
         try:
             self.run = wandb.init(
                 id=run_id_, resume="allow", dir=str(run_dir), mode=mode,

@@ -1,0 +1,225 @@
+"""The run directory: its layout, the checks before a run writes anything, its lock, and what a
+fresh start may delete.
+
+Layout of <run.dir>: config.yaml, metrics.jsonl, model.pt, startup.json, wandb_run_id, .lock,
+checkpoints/ (unless checkpoint.dir points elsewhere), profile/, tensorboard/, wandb/.
+
+Policies:
+- Nothing outside what the launcher itself writes is ever deleted. `run.overwrite` deletes only
+  checkpoint directories of the launcher's own shape (step_N/ holding state.pt and COMPLETE) and
+  its own temporary files; a checkpoint directory holding anything else is refused.
+- One run at a time: the process that writes (rank 0) holds an exclusive `flock` on <run.dir>/.lock
+  for the whole run. The kernel releases it when the process dies, however it dies.
+- Every path the run will write is checked before the first step: a file where a directory must be,
+  a directory that cannot be written, a disk too full for one checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+from launcher.errors import RecipeError, TrainingError
+
+LOCK = ".lock"
+# what a launcher checkpoint directory holds (checkpoint.STATE, checkpoint.MARKER)
+CHECKPOINT_FILES = frozenset({"state.pt", "COMPLETE"})
+_STEP_DIR = re.compile(r"step_\d+$")
+_STEP_TMP = re.compile(r"\.step_\d+\..*\.tmp$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+    checkpoints: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def startup(self) -> Path:
+        return self.root / "startup.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Files whose presence means a previous run wrote here."""
+        return self.metrics, self.weights
+
+    # ------------------------------------------------------------ checks before anything is written
+
+    def problems(self) -> list[tuple[RecipeError, bool]]:
+        """What stops the run from writing where it must: (error, certain). Not certain: the
+        directory cannot be written from here, which may differ on the machine that runs it."""
+        found = []
+        ckpt_key = "checkpoint.dir" if self.checkpoints.parent != self.root else "run.dir"
+        for path, key in ((self.root, "run.dir"), (self.checkpoints, ckpt_key)):
+            try:
+                check_writable_dir(path, key)
+            except _NotWritable as e:
+                found.append((e, False))
+            except RecipeError as e:
+                found.append((e, True))
+        return found
+
+    def preflight(self) -> None:
+        """Raise a one-line RecipeError if the run could not write where it must."""
+        for error, _ in self.problems():
+            raise error
+
+    def space_warning(self, bytes_needed: int) -> str | None:
+        """A warning if the checkpoint directory's filesystem has less room than `bytes_needed`."""
+        try:
+            free = free_bytes(self.checkpoints)
+        except OSError:
+            return None
+        if free >= bytes_needed:
+            return None
+        return (f"{self.checkpoints} has {free / 2**20:,.1f} MiB free, less than the {bytes_needed / 2**20:,.1f} MiB "
+                "a checkpoint and the final weights need (weights and two optimizer moments per parameter)")
+
+    # ------------------------------------------------------------ fresh starts
+
+    def foreign_checkpoint_entries(self) -> list[Path]:
+        """What in the checkpoint directory the launcher did not write (and so must never delete)."""
+        if not self.checkpoints.is_dir():
+            return []
+        foreign = []
+        for entry in sorted(self.checkpoints.iterdir()):
+            if _STEP_TMP.match(entry.name) and entry.is_dir():
+                continue
+            if _STEP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink() \
+                    and {p.name for p in entry.iterdir()} <= CHECKPOINT_FILES:
+                continue
+            foreign.append(entry)
+        return foreign
+
+    def clear_checkpoints(self) -> None:
+        """run.overwrite: delete this launcher's checkpoints, and nothing else."""
+        foreign = self.foreign_checkpoint_entries()
+        if foreign:
+            raise RecipeError("checkpoint.dir", f"{self.checkpoints} also holds files the launcher did not write "
+                                                f"({', '.join(p.name for p in foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                                                "run.overwrite deletes only launcher checkpoints: point checkpoint.dir at a "
+                                                "directory of its own")
+        if not self.checkpoints.is_dir():
+            return
+        for entry in self.checkpoints.iterdir():
+            shutil.rmtree(entry)
+        if self.checkpoints != self.root:
+            with contextlib.suppress(OSError):
+                self.checkpoints.rmdir()  # ours only if now empty
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of atomic writes that a killed run left behind (`.model.pt.x1y2.tmp`)."""
+        names = [p.name for p in (self.config, self.metrics, self.weights, self.startup)] + ["wandb_run_id"]
+        for name in names:
+            for leftover in self.root.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if self.checkpoints.is_dir():
+            for leftover in self.checkpoints.iterdir():
+                if _STEP_TMP.match(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    # ------------------------------------------------------------ one run at a time
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory's lock, or raise naming the process that holds it."""
+        self.preflight()  # before the lock file makes the directory: a file in the way is named as such
+        handle = acquire_lock(self.lock_file)
+        try:
+            yield
+        finally:
+            handle.close()  # releases the flock
+
+    def check_unlocked(self) -> None:
+        """Fail now if another run holds the lock (without keeping it: the workers take it)."""
+        if self.lock_file.is_file():
+            acquire_lock(self.lock_file).close()
+
+
+def acquire_lock(path: Path) -> IO[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise
+        raise RecipeError("run.dir", f"{path.parent} is in use by {holder}; wait for that run to end, or choose "
+                                     "another run.dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class _NotWritable(RecipeError):
+    """The directory exists (or could), but this process cannot write there."""
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """`path` is, or can be made, a directory this process can write in."""
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        what = "is a file" if existing == path.absolute() else f"is under {existing}, which is a file"
+        raise RecipeError(key, f"{path} {what}, not a directory; choose another {key}=...")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".launcher-write-probe.")
+    except OSError as e:
+        raise _NotWritable(key, f"cannot write in {existing} ({e.strerror}); choose another {key}=... "
+                                "or fix its permissions") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_nearest_existing(path)).free
+
+
+def write_failed(path: Path, exc: BaseException) -> TrainingError:
+    """A failed write (disk full, quota, I/O error) as one line naming the path and the free space."""
+    try:
+        free: int | None = free_bytes(path)
+    except OSError:
+        free = None
+    reason = getattr(exc, "strerror", None)
+    if reason is None:
+        # torch.save reports a full disk from C++ ("[enforce fail at inline_container.cc] unexpected pos")
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = "No space left on device" if free is not None and free < 2**20 else text
+    room = f"{free / 2**20:,.1f} MiB free there" if free is not None else "free space unknown"
+    return TrainingError(f"writing {path} failed: {reason} ({room}); the previous checkpoint is intact")
