@@ -1,0 +1,104 @@
+"""Every `launcher` command written in README.md and docs/ works as written, with the shipped recipes.
+
+Commands that need a GPU, a cluster or a container are `check`ed at the world size they would run
+(`--nproc`, `--nproc-per-node` x `--nnodes`, `--nodes` x `--gpus-per-node`); `launcher slurm` renders
+its script (without `--submit`); `launcher check` and `launcher run` on CPU recipes run as written
+elsewhere in the suite (test_recipes.py, the README quickstart)."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, launcher
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for each shell line of README.md and docs/*.md that runs the launcher."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #", 1)[0].strip().rstrip("&").strip()
+                if line and not line.startswith("#") and re.search(r"(^|\s)(-m )?launcher\s", line + " "):
+                    found.append((path.name, line))
+    return found
+
+
+def as_check(command: str) -> tuple[list[str], str]:
+    """The launcher arguments to run here for a documented command, and what they stand for."""
+    words = shlex.split(command)
+    for part in " ".join(words).split(" && "):
+        if "launcher" in part and "pip install" not in part:
+            words = shlex.split(part)
+    if words[0] == "torchrun":
+        nproc = int(_option(words, "--nproc-per-node", "1")) * int(_option(words, "--nnodes", "1"))
+        rest = words[words.index("-m") + 2:]
+        assert rest[0] == "run", command
+        return ["check", *rest[1:], "--nproc", str(nproc)], f"torchrun at world size {nproc}"
+    if words[0] == "docker":
+        if words[1] == "build":
+            return [], "builds the image (tests/test_docker.py lints the Dockerfile)"
+        rest = words[words.index("launcher", words.index("run") + 1) + 1:]
+        return _launcher(rest, command)
+    assert words[0] == "launcher", command
+    return _launcher(words[1:], command)
+
+
+def _launcher(args: list[str], command: str) -> tuple[list[str], str]:
+    sub, rest = args[0], args[1:]
+    if sub == "run":
+        nproc = _option(rest, "--nproc", "1")
+        rest = _drop(rest, "--nproc", "--max-restarts")
+        return ["check", *rest, "--nproc", nproc], f"run at world size {nproc}"
+    if sub == "check":
+        return args, "as written"
+    if sub == "slurm":
+        return ["slurm", *[a for a in rest if a != "--submit"]], "rendered, not submitted"
+    if sub == "debug":
+        nproc = "2" if "--distributed" in rest else _option(rest, "--simulate-world-size", "1")
+        rest = _drop([a for a in rest if a != "--distributed"], "--steps", "--simulate-world-size")
+        return ["check", *rest, "--nproc", nproc], f"debug at world size {nproc} (tests/test_observability.py runs it)"
+    if sub == "doctor":
+        return [], "needs the job it checks (tests/test_launchers.py runs the doctor)"
+    if sub == "plot":
+        return [], "needs finished runs (tests/test_observability.py plots them)"
+    raise AssertionError(f"a documented command this test does not know how to check: {command}")
+
+
+def _option(words: list[str], name: str, default: str) -> str:
+    return words[words.index(name) + 1] if name in words else default
+
+
+def _drop(words: list[str], *names: str) -> list[str]:
+    out, skip = [], False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in names:
+            skip = True
+        else:
+            out.append(w)
+    return out
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_have_commands_to_check():
+    assert len(COMMANDS) >= 10, COMMANDS
+    assert any("slurm" in c for _, c in COMMANDS) and any(c.startswith("torchrun") for _, c in COMMANDS)
+
+
+@pytest.mark.parametrize("source,command", COMMANDS, ids=[f"{f}: {c[:60]}" for f, c in COMMANDS])
+def test_documented_command_works_with_the_shipped_recipes(tmp_path, source, command):
+    args, what = as_check(command)
+    if not args:
+        pytest.skip(what)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # as from a clone, writing runs/ here
+    proc = launcher(*args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, f"{source}: {command}\n({what}: launcher {' '.join(args)})\n{proc.stderr}"
+    if args[0] == "slurm":
+        assert Path(tmp_path, proc.stdout.split()[0]).is_file()
