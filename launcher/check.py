@@ -5,6 +5,7 @@ import torch
 
 from launcher import components, parallel
 from launcher.builders import build_datasets, checked_model
+from launcher.cpu import step_time_estimate
 from launcher.memory import checkpoint_bytes
 from launcher.errors import BuildError, LaunchError
 from launcher.plan import batch_shape, build_plan, check_ranks, plan_warnings
@@ -58,6 +59,9 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         plan = build_plan(recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device)
         rows = plan.describe()
         notes += plan_warnings(recipe, plan, device.split(":")[0])
+        flops = getattr(model, "flops_per_sample", None)
+        if device == "cpu" and isinstance(flops, (int, float)) and flops > 0:
+            rows.append(("step time (estimate)", step_time_estimate(flops, plan.global_batch, recipe.train.precision)))
     except BuildError as e:
         # data that lives only on the cluster is not a recipe error; anything else is
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):

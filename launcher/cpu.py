@@ -51,3 +51,40 @@ def precision_warning(precision: str, device_type: str) -> str | None:
         return None
     return (f"train.precision={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag) is "
             "emulated and several times slower than fp32: use train.precision=fp32 on this machine")
+
+
+def matmul_flops_per_s(precision: str, seconds: float = 0.2) -> float:
+    """This CPU's matrix-multiply rate in `precision` (autocast's dtype), measured for `seconds`
+    with every thread this process may use."""
+    import time
+
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    n = 512
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: thread pool, kernels
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / elapsed
+
+
+def step_time_estimate(flops_per_sample: float, global_batch: int, precision: str) -> str:
+    """One optimizer step's time on this CPU, roughly, from the model's FLOPs and a measured matmul
+    rate: enough to tell seconds from minutes before the first step."""
+    rate = matmul_flops_per_s(precision)
+    seconds = flops_per_sample * global_batch / rate
+    return (f"~{duration(seconds)} ({flops_per_sample * global_batch / 1e9:,.0f} GFLOP at {rate / 1e9:,.1f} GFLOP/s, "
+            f"a {precision} matmul measured here)")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

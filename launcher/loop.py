@@ -45,6 +45,7 @@ class TrainState:
     last_checkpoint_step: int = -1
     skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
     consecutive_skips: int = 0  # of those, how many in a row up to now
+    pending_eval: bool = False  # an evaluation was cut short by a stop signal: run it first on resume
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -152,6 +153,8 @@ def fit(t: Trainer) -> TrainState:
     if t.heartbeat is not None:
         t.heartbeat.start()
     try:
+        if s.pending_eval and t.val_loader is not None:
+            evaluate_and_maybe_stop(t)  # the one a stop signal interrupted, before the checkpoint
         while s.step < p.total_steps and s.stop_reason is None:
             train_epoch(t)
         if t.profiler is not None:
@@ -216,13 +219,21 @@ def train_epoch(t: Trainer) -> None:
         ckpt_every = t.recipe.checkpoint.every_n_steps
         if ckpt_every and s.step % ckpt_every == 0:
             resume.save_checkpoint(t)
-        if t.agreement is not None:
-            agreed = t.agreement.poll(t.preempt.signum or 0)
-            if agreed:
-                t.stop_signal = agreed
-                s.stop_reason = f"{'interrupted' if agreed == signal.SIGINT else 'preempted'} ({signal.Signals(agreed).name})"
+        stop_agreed(t)
         if end_of_epoch:
             break  # the next epoch needs set_epoch and a fresh iterator
+
+
+def stop_agreed(t: Trainer) -> bool:
+    """Have the ranks agreed to stop on a signal? Every rank calls this at the same points."""
+    if t.agreement is None:
+        return False
+    agreed = t.agreement.poll(t.preempt.signum or 0 if t.preempt is not None else 0)
+    if agreed and t.stop_signal is None:
+        t.stop_signal = agreed
+        kind = "interrupted" if agreed == signal.SIGINT else "preempted"
+        t.state.stop_reason = f"{kind} ({signal.Signals(agreed).name})"
+    return bool(agreed)
 
 
 @contextlib.contextmanager
@@ -352,8 +363,10 @@ def log_train(t: Trainer) -> None:
 
 
 @torch.no_grad()
-def evaluate(t: Trainer) -> dict[str, float]:
-    """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once."""
+def evaluate(t: Trainer) -> dict[str, float] | None:
+    """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once.
+    A stop signal (preemption, Ctrl-C) is honoured between batches, so that a long evaluation does
+    not eat the grace period: the ranks agree on it batch by batch, and None is returned."""
     model, sampler = t.model, t.val_loader.sampler
     real_end = math.ceil((t.plan.val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
     was_training = model.training
@@ -365,7 +378,9 @@ def evaluate(t: Trainer) -> dict[str, float]:
     for index, batch in enumerate(t.val_loader):
         if limit is not None and index >= limit:
             break  # every rank stops at the same batch: its shard has as many batches as the others'
-
+        if stop_agreed(t):
+            model.train(was_training)
+            return None
         n = batch_size_of(batch)
         n_real = max(0, min(position + n, real_end) - position)
         position += n
@@ -389,11 +404,14 @@ def evaluate(t: Trainer) -> dict[str, float]:
     return metrics
 
 
-def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float]:
+def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     s = t.state
     if t.heartbeat is not None:
         t.heartbeat.mark(f"evaluation at step {s.step}")
     metrics = evaluate(t)
+    s.pending_eval = metrics is None
+    if metrics is None:
+        return None
     s.last_eval_step = s.step
     t.log({"step": s.step, "epoch": s.epoch, **metrics})
     es = t.recipe.train.early_stopping

@@ -16,7 +16,7 @@ import torch
 from launcher import checkpoint, distributed, loop, parallel, resume, rng, startup
 from launcher.builders import build_datasets, build_model
 from launcher.components import instantiate, resolve_callable
-from launcher.cpu import threads_per_rank
+from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
@@ -144,7 +144,11 @@ def _train_locked(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag
         for r in ranks:
             rng.seed_everything(recipe.seed + r)
             t.rank_rng[r] = checkpoint.capture_rng()
-    _print_plan(plan, env, model, simulate, threads)
+    extra = [("threads per rank", threads)]
+    if env.is_rank0 and sess.device.type == "cpu" and t.flops_per_sample:
+        extra.append(("step time (estimate)", step_time_estimate(t.flops_per_sample, plan.global_batch,
+                                                                 recipe.train.precision)))
+    _print_plan(plan, env, model, simulate, extra)
     if env.is_rank0:
         for warning in plan_warnings(recipe, plan, sess.device.type):
             log.warning(warning)
@@ -272,11 +276,12 @@ def _attr(name: str, *objects) -> float | None:
     return None
 
 
-def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module, simulate: int | None, threads: str) -> None:
+def _print_plan(plan: Plan, env: ClusterEnv, model: torch.nn.Module, simulate: int | None,
+                extra: list[tuple[str, str]]) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     launched = env.source + (f" (restart {env.restart_count})" if env.restart_count else "")
     if simulate:
         launched += f", simulating {simulate} ranks in this one process"
-    rows = [("launched by", launched), *plan.describe(), ("threads per rank", threads), ("parameters", f"{n_params:,}")]
+    rows = [("launched by", launched), *plan.describe(), *extra, ("parameters", f"{n_params:,}")]
     width = max(len(k) for k, _ in rows)
     log.info("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -42,3 +42,19 @@ def test_recipe_reference_covers_every_key():
 
     missing = [k for k in keys(Recipe) if f"`{k}`" not in text]
     assert not missing, f"docs/recipes.md does not document: {missing}"
+
+
+def test_a_cpu_build_of_torch_installed_first_is_kept():
+    """README: install torch's CPU wheels first, and `pip install -e .` keeps them. pip keeps an
+    installed distribution that satisfies every requirement on it: the CPU builds' versions do."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    cpu_builds = {"torch": ["2.4.1+cpu", "2.14.1+cpu"], "torchvision": ["0.19.1+cpu", "0.29.1+cpu"]}
+    for dep in deps:
+        for version in cpu_builds.get(dep.name, []):
+            assert dep.specifier.contains(version), f"{dep} would replace an installed torch {version}"
+    assert {d.name for d in deps} >= set(cpu_builds)
+    assert "download.pytorch.org/whl/cpu" in (ROOT / "README.md").read_text()

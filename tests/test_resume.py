@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -148,7 +147,7 @@ def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exact
 
 def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
     run_dir = tmp_path / "run"
-    at_call = random.Random().randint(3, 15)  # a random micro-step (8 per 3 steps... 18 in all)
+    at_call = 9  # a fixed micro-step mid-epoch (of 18 in all): the test exercises the same kill every run
     until, waiting, model = gate(tmp_path, rank=1, at_call=at_call, first_attempt_only=True)
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"checkpoint.every_n_steps": 2}))
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
@@ -220,21 +219,30 @@ def test_sigterm_to_the_whole_process_group_checkpoints_a_single_process(tmp_pat
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    """The process dies between state.pt and the COMPLETE marker (LAUNCHER_TEST_CRASH_AT: exactly
+    there, every time, not wherever a race happens to land)."""
     ckpt_dir = tmp_path / "ckpts"
     checkpoint.write_checkpoint(ckpt_dir, 1, {"w": torch.ones(3)})
     code = (f"import torch; from pathlib import Path; from launcher import checkpoint; "
-            f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(2**26)}})")
-    child = subprocess.Popen([sys.executable, "-c", code], env=worker_env())
-    deadline = time.monotonic() + 60
-    while not list(ckpt_dir.glob(".step_00000002.*")) and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.001)
-    child.kill()  # somewhere inside the write
-    child.wait()
+            f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(1000)}})")
+    child = subprocess.run([sys.executable, "-c", code], env=worker_env(LAUNCHER_TEST_CRASH_AT="after-state"))
+    assert child.returncode == -signal.SIGKILL
+    partial = list(ckpt_dir.glob(".step_00000002.*.tmp"))
+    assert len(partial) == 1 and (partial[0] / "state.pt").is_file() and not (partial[0] / "COMPLETE").exists()
     latest = checkpoint.find_latest(ckpt_dir)
-    if latest.name == "step_00000002":  # the write won the race: it must then be complete
-        assert checkpoint.verify(latest) is None
-    else:
-        assert latest.name == "step_00000001" and torch.equal(checkpoint.load(latest)["w"], torch.ones(3))
+    assert latest.name == "step_00000001" and torch.equal(checkpoint.load(latest)["w"], torch.ones(3))
+
+
+def test_a_run_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, reference_w1):
+    run_dir = tmp_path / "run"
+    in_process(run_dir, **{"train.max_steps": 4, "checkpoint.every_n_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **{"checkpoint.every_n_steps": 2}))
+    proc = launcher("run", path, env=worker_env(LAUNCHER_TEST_CRASH_AT="after-state"))
+    assert proc.returncode == -signal.SIGKILL  # died writing step 6, after state.pt, before COMPLETE
+    assert checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000004"
+    assert launcher("run", path).returncode == 0  # removes the half-written one and resumes from step 4
+    assert_identical(load_weights(run_dir), reference_w1)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
 def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):

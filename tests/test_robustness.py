@@ -406,3 +406,43 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
     assert sorted(got) == sorted(want) == [3, 4, 6, 8, 9]
     for step in want:  # e.g. row 6 averages steps 5 and 6 in both, though 5 ran before the stop
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+
+
+def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_resume(tmp_path):
+    from test_resume import recipe as resumable
+
+    changes = {"data.val.size": 40, "train.eval_every_steps": 2}  # 10 evaluation batches of 4
+    ref = tmp_path / "ref"
+    assert launcher("run", write_recipe(tmp_path / "ref.yaml", resumable(ref, **changes))).returncode == 0
+    run_dir = tmp_path / "run"
+    until, waiting, model = gate(tmp_path, rank=0, at_call=3, in_eval=True)  # the first evaluation, at step 2
+    path = write_recipe(tmp_path / "r.yaml", resumable(run_dir, **model, **changes))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(waiting, proc)
+    proc.send_signal(signal.SIGTERM)
+    until.touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    saved = checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))["train_state"]
+    assert saved["step"] == 2 and saved["pending_eval"] is True  # stopped inside the evaluation
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "val_loss" in r]  # the cut-short evaluation logged nothing
+    assert launcher("run", path).returncode == 0
+    want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]  # noqa: E731
+    assert evals(got) == evals(want) and evals(want)[0][0] == 2
+    assert all(torch.equal(a, b) for a, b in zip(load_weights(ref).values(), load_weights(run_dir).values()))
+
+
+def test_debug_leaves_a_checkpoint_dir_of_the_recipes_own_alone(tmp_path):
+    shared = tmp_path / "ckpts"
+    changes = {"checkpoint.dir": str(shared), "train.max_steps": 2, "checkpoint.every_n_steps": 1}
+    assert run(tmp_path, **changes).returncode == 0
+    before = sorted(p.name for p in shared.iterdir())
+    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), **changes})
+    proc = launcher("debug", write_recipe(tmp_path / "d.yaml", r), "--steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in shared.iterdir()) == before  # the real run's checkpoints, untouched
+    assert checkpoint.find_latest(tmp_path / "run" / "debug" / "checkpoints") is not None

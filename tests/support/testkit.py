@@ -56,20 +56,22 @@ class WaitOnRank(nn.Module):
 class GatedMLP(nn.Module):
     """launcher.models.MLP whose training forward blocks, on `rank` at call `at_call`, until the file
     `until` exists; it first creates `waiting`, so a test knows the rank is parked mid-run.
-    `first_attempt_only`: do not block in workers restarted by torchrun. Same weights as an MLP."""
+    `first_attempt_only`: do not block in workers restarted by torchrun; `in_eval`: evaluation
+    forwards instead. Same weights as an MLP."""
 
     def __init__(self, sizes: list[int], rank: int = 0, at_call: int = 0, until: str = "", waiting: str = "",
-                 first_attempt_only: bool = False, dropout: float = 0.0):
+                 first_attempt_only: bool = False, dropout: float = 0.0, in_eval: bool = False):
         super().__init__()
         from launcher.models import MLP
 
         self.net = MLP(sizes, dropout=dropout)
         self.rank, self.at_call, self.until, self.waiting = rank, at_call, until, waiting
         self.first_attempt_only = first_attempt_only
+        self.in_eval = in_eval  # count (and block at) evaluation forwards instead of training ones
         self.calls = 0
 
     def forward(self, x):
-        if self.training:
+        if self.training != self.in_eval:
             self.calls += 1
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             if (self.calls == self.at_call and int(os.environ.get("RANK", 0)) == self.rank and self.until
