@@ -86,6 +86,9 @@ class Trainer:
     _params: list | None = None
     _samples: int = 0
     _steps: int = 0
+    # of those, the ones a resumed run restored from its checkpoint: in the loss, not in the timings
+    _restored_samples: int = 0
+    _restored_steps: int = 0
     _data_wait_s: float = 0.0
     _last_log_time: float = 0.0
     _grad_norm: torch.Tensor | None = None
@@ -331,7 +334,8 @@ def log_train(t: Trainer) -> None:
     per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
     loss_sum = float(per_rank.sum())  # the window sizes in _samples are already global
     elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
-    samples_per_s = t._samples / elapsed
+    timed_samples, timed_steps = t._samples - t._restored_samples, t._steps - t._restored_steps
+    samples_per_s = timed_samples / elapsed
     row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "samples": t._samples,
            "lr": t.optimizer.param_groups[0]["lr"]}
     if t._grad_norm is not None:
@@ -339,7 +343,7 @@ def log_train(t: Trainer) -> None:
     row["samples_per_s"] = samples_per_s
     if t.tokens_per_sample:
         row["tokens_per_s"] = samples_per_s * t.tokens_per_sample
-    row["step_time_s"] = elapsed / max(t._steps, 1)
+    row["step_time_s"] = elapsed / max(timed_steps, 1)
     row["data_wait"] = t._data_wait_s / elapsed
     if t.device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
@@ -357,7 +361,7 @@ def log_train(t: Trainer) -> None:
         t._startup_logged = True
     t.log(row)
     t.step_losses.zero_()
-    t._samples = t._steps = 0
+    t._samples = t._steps = t._restored_samples = t._restored_steps = 0
     t._data_wait_s = 0.0
     t._last_log_time = time.perf_counter()
 

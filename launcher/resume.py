@@ -146,12 +146,12 @@ def restore(t, payload: dict[str, Any], path: Path) -> None:
     t.state.last_checkpoint_step = t.state.step
     t.logger_ids.update(payload.get("loggers", {}))
     window = payload.get("log_window")
-    if window is not None and t.session.rank == 0 and len(window["loss_sums"]) <= len(t.step_losses):
+    if window is not None and len(window["loss_sums"]) <= len(t.step_losses):
         steps = len(window["loss_sums"])
-        t.step_losses[:steps] = window["loss_sums"].to(t.step_losses)
-        t._steps, t._samples = steps, window["samples"]
-    elif window is not None and t.session.rank != 0:
-        t._steps, t._samples = len(window["loss_sums"]), window["samples"]
+        if t.session.rank == 0:  # the sums are over every rank already: one rank holds them
+            t.step_losses[:steps] = window["loss_sums"].to(t.step_losses)
+        t._steps = t._restored_steps = steps
+        t._samples = t._restored_samples = window["samples"]
     rng = payload["rng"]
     rank = t.session.rank
     if payload["world_size"] != t.plan.world_size:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
 from test_resume import gate, wait_for

@@ -255,9 +255,13 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, ca
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))  # a flipped byte
     import logging
-    logging.getLogger("launcher").propagate = True
-    with caplog.at_level("WARNING", logger="launcher"):
-        latest = checkpoint.find_latest(ckpt_dir)
+    logger = logging.getLogger("launcher")
+    propagate, logger.propagate = logger.propagate, True  # caplog listens at the root logger
+    try:
+        with caplog.at_level("WARNING", logger="launcher"):
+            latest = checkpoint.find_latest(ckpt_dir)
+    finally:
+        logger.propagate = propagate
     assert latest.name == "step_00000001"
     assert "step_00000003: incomplete" in caplog.text and "step_00000002: state.pt is corrupt" in caplog.text
 

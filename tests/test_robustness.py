@@ -433,7 +433,7 @@ def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_r
     got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]  # noqa: E731
     assert evals(got) == evals(want) and evals(want)[0][0] == 2
-    assert all(torch.equal(a, b) for a, b in zip(load_weights(ref).values(), load_weights(run_dir).values()))
+    assert all(torch.equal(a, b) for a, b in zip(load_weights(ref).values(), load_weights(run_dir).values(), strict=True))
 
 
 def test_debug_leaves_a_checkpoint_dir_of_the_recipes_own_alone(tmp_path):
