@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from launcher.errors import RecipeError
-from launcher.metrics import log
+from launcher.logs import log
 from launcher.rundir import write_failed
 
 STATE, MARKER = "state.pt", "COMPLETE"
@@ -132,9 +132,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- checkpoint directories
 
 
-def write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
+def write_checkpoint(directory: Path, step: int, payload: dict[str, Any], summary: dict[str, Any] | None = None) -> Path:
     """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
-    removes the partial directory and raises one line naming the path and the free space."""
+    removes the partial directory and raises one line naming the path and the free space.
+    `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
@@ -146,7 +147,8 @@ def write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Pat
             f.flush()
             os.fsync(f.fileno())
         _crash_point("after-state")
-        marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": _sha256(state_path), "time": time.time()}
+        marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": _sha256(state_path), "time": time.time(),
+                  **(summary or {})}
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
             shutil.rmtree(final)
@@ -165,6 +167,11 @@ def _crash_point(name: str) -> None:
     race): LAUNCHER_TEST_CRASH_AT=after-state dies between state.pt and the COMPLETE marker."""
     if os.environ.get("LAUNCHER_TEST_CRASH_AT") == name:
         os.kill(os.getpid(), 9)
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of a verified checkpoint directory: its step, time and summary."""
+    return json.loads((path / MARKER).read_text())
 
 
 def verify(path: Path) -> str | None:

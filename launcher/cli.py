@@ -7,6 +7,7 @@ import sys
 
 from launcher import __version__
 from launcher.errors import LaunchError, Preempted, RecipeError, TrainingError, UserError
+from launcher.local import CHILD_ENV, PARENT_PID_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # `launcher debug` evaluates on this many validation batches per rank: a check that evaluation runs, not a score
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # components named in a recipe may live in the directory it is run from, as with `python -m`
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    from launcher.metrics import setup_logging
+    from launcher.logs import setup_logging
 
     setup_logging(_rank())  # warnings before training starts are marked and go to stderr too
     try:
@@ -138,10 +139,6 @@ def _traceback_if_debugging() -> None:
         traceback.print_exc()
 
 
-# set by `launcher run --nproc` for its workers: the parent prints one line for the whole job
-CHILD_ENV = "LAUNCHER_CHILD"
-# set by `launcher run --nproc` for its workers: the pid of the process whose death must end them
-PARENT_PID_ENV = "LAUNCHER_PARENT_PID"
 
 
 def report(exc: Exception | None, line: str, code: int) -> int:

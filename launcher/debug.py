@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher.metrics import log
+from launcher.logs import log
 
 _PROBE = """
 import torch, torch.distributed as dist

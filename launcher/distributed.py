@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from launcher.env import ClusterEnv
 from launcher.errors import LaunchError
-from launcher.metrics import log
+from launcher.logs import log
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from launcher import distributed, resume, startup
 from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
 from launcher.errors import TrainingError
-from launcher.metrics import log
+from launcher.logs import log
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 

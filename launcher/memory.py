@@ -16,7 +16,7 @@ from torch import nn
 
 from launcher import distributed
 from launcher.checkpoint import capture_rng, restore_rng
-from launcher.metrics import log
+from launcher.logs import log
 from launcher.parallel import TrainModule
 
 HEAD_CHUNKS = 8

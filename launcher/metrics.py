@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("launcher")
+from launcher.logs import LevelFormatter, log
+
 
 
 class JsonlSink:
@@ -112,7 +113,7 @@ class _TqdmHandler(logging.Handler):
     def __init__(self, bar):
         super().__init__()
         self.bar = bar
-        self.setFormatter(_LevelFormatter(0))
+        self.setFormatter(LevelFormatter(0))
 
     def emit(self, record: logging.LogRecord) -> None:
         # above the bar; warnings to stderr, as without a bar
@@ -161,39 +162,6 @@ class Metrics:
     def close(self, ok: bool = True) -> None:
         for sink in self.sinks:
             sink.close(ok)
-
-
-class _LevelFormatter(logging.Formatter):
-    """Info as the bare message; warnings and errors marked with their level (and the rank, off rank 0)."""
-
-    def __init__(self, rank: int):
-        super().__init__()
-        self.prefix = f"[rank {rank}] " if rank else ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"{self.prefix}{record.levelname.lower()}: {message}"
-        return f"{self.prefix}{message}"
-
-
-class _StdoutBelowWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.WARNING
-
-
-def setup_logging(rank: int) -> None:
-    """Rank 0 logs at INFO; other ranks only warnings and errors, prefixed with their rank.
-    Information goes to stdout; warnings and errors to stderr, marked `warning:` / `error:`."""
-    out = logging.StreamHandler(sys.stdout)
-    out.addFilter(_StdoutBelowWarning())
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    for handler in (out, err):
-        handler.setFormatter(_LevelFormatter(rank))
-    log.handlers[:] = [out, err]
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
 
 
 # Dense peak FLOP/s per GPU, for MFU: (bf16/fp16, tf32, fp32). NVIDIA's datasheets, SXM parts.

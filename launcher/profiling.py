@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.metrics import log
+from launcher.logs import log
 
 
 class StepProfiler:

@@ -15,7 +15,7 @@ import torch
 
 from launcher import checkpoint, distributed
 from launcher.errors import RecipeError, TrainingError
-from launcher.metrics import log
+from launcher.logs import log
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 
@@ -74,7 +74,8 @@ def save_checkpoint(t) -> Path | None:
             "recipe": t.recipe.to_dict(),
             "loggers": dict(t.logger_ids),
         }
-        path = checkpoint.write_checkpoint(t.recipe.checkpoint_dir, s.step, payload)
+        path = checkpoint.write_checkpoint(t.recipe.checkpoint_dir, s.step, payload,
+                                           summary={"global_batch": t.plan.global_batch})
         checkpoint.prune(t.recipe.checkpoint_dir, t.recipe.checkpoint.keep_last)
         log.info(f"checkpoint: {path}")
     # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
@@ -98,11 +99,7 @@ _START_OVER = "or start over with checkpoint.resume=none run.overwrite=true"
 def check_compatible(payload: dict[str, Any], path: Path, recipe: Recipe, plan: Plan) -> None:
     """One line naming the key, for a recipe that cannot continue this checkpoint's maths."""
     saved = payload.get("plan") or _plan_of_old_checkpoint(payload)
-    if saved["global_batch"] != plan.global_batch:
-        raise RecipeError("train.global_batch_size",
-                          f"{path} was trained with a global batch of {saved['global_batch']}, this run's is "
-                          f"{plan.global_batch}: the update would change mid-run; set train.global_batch_size="
-                          f"{saved['global_batch']} (any world size that divides it continues exactly), {_START_OVER}")
+    check_global_batch(saved["global_batch"], plan.global_batch, path)
     state = payload["train_state"]
     if state["step_in_epoch"] >= plan.steps_per_epoch:
         raise RecipeError("data.train", f"{path} stopped at step {state['step_in_epoch']} of an epoch, but an epoch now "
@@ -118,6 +115,14 @@ def check_compatible(payload: dict[str, Any], path: Path, recipe: Recipe, plan: 
         if before != now and "recipe" in payload:
             raise RecipeError(f"{key}._component_", f"{path} holds the state of {before}, not {now}; resume with "
                                                     f"{key}._component_={before}, {_START_OVER}")
+
+
+def check_global_batch(saved: int | None, now: int, path: Path) -> None:
+    if saved is not None and saved != now:
+        raise RecipeError("train.global_batch_size",
+                          f"{path} was trained with a global batch of {saved}, this run's is {now}: the update would "
+                          f"change mid-run; set train.global_batch_size={saved} (any world size that divides it "
+                          f"continues exactly), {_START_OVER}")
 
 
 def _plan_of_old_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:

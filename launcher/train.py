@@ -21,8 +21,9 @@ from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
 from launcher.memory import checkpoint_bytes
-from launcher.metrics import (ConsoleSink, JsonlSink, Metrics, ProgressSink, TensorBoardSink, log, peak_flops,
-                              read_metrics, setup_logging)
+from launcher.logs import log, setup_logging
+from launcher.metrics import (ConsoleSink, JsonlSink, Metrics, ProgressSink, TensorBoardSink, peak_flops,
+                              read_metrics)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan, plan_warnings
 from launcher.recipe import Recipe

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from launcher.errors import RecipeError
-from launcher.metrics import log
+from launcher.logs import log
 from launcher.recipe import Recipe, redact
 
 ID_FILE = "wandb_run_id"

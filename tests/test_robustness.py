@@ -58,6 +58,11 @@ def test_resume_on_more_ranks_without_a_fixed_global_batch_names_the_key(tmp_pat
     assert run(tmp_path, **{"train.global_batch_size": None, "train.max_steps": 5}).returncode == 0
     line = one_error(run(tmp_path, "--nproc", "2", **{"train.global_batch_size": None}, timeout=120))
     assert line.startswith("error: train.global_batch_size: ") and "train.global_batch_size=4" in line
+    # checkpoints from before the global batch was in the marker: the workers refuse it, one line
+    marker = next((tmp_path / "run" / "checkpoints").glob("step_*")) / "COMPLETE"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "global_batch"}))
+    line = one_error(run(tmp_path, "--nproc", "2", **{"train.global_batch_size": None}, timeout=120))
+    assert "train.global_batch_size: " in line and "train.global_batch_size=4" in line
 
 
 def test_resume_whose_position_no_longer_fits_the_epoch_names_the_data(tmp_path):
@@ -396,8 +401,9 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
     assert "Traceback" not in err, err
     saved = checkpoint.find_latest(run_dir / "checkpoints")
     step = checkpoint.load(saved)["train_state"]["step"]
-    # one process: exactly 5; two ranks: 7, unless the launcher passed the signal on only after rank 0 went on
-    assert step == 5 if nproc is None else step in (7, 8), step
+    # one process: exactly 5. Two ranks agree a step later (7), or during the evaluation that ends
+    # epoch 2 (6, if the signal reached them in step 6's first micro-batch), or at 8 if it came late
+    assert step == 5 if nproc is None else step in (6, 7, 8), step
     assert not (run_dir / "model.pt").exists()
 
     proc = launcher("run", *extra, path)  # the same command continues
