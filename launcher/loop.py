@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -30,6 +30,13 @@ from launcher.errors import TrainingError
 from launcher.logs import log
 from launcher.plan import Plan
 from launcher.recipe import Recipe
+
+if TYPE_CHECKING:  # annotations only
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from launcher.metrics import Metrics
+    from launcher.profiling import StepProfiler
+    from launcher.signals import Agreement, PreemptionFlag
 
 
 @dataclass
@@ -55,6 +62,41 @@ class TrainState:
 
 
 @dataclass
+class LogWindow:
+    """What accumulates on this rank between two log rows. The loss stays on the device, one slot
+    per optimizer step, until the log step reads it (the loop's one sync with the device)."""
+    loss_sums: torch.Tensor  # [steps]: this rank's sample-weighted loss sum of each step
+    steps: int = 0
+    samples: int = 0  # real samples over all ranks
+    # of those, the ones a resumed run restored from its checkpoint: in the loss, not in the timings
+    restored_steps: int = 0
+    restored_samples: int = 0
+    data_wait_s: float = 0.0
+    started_at: float = field(default_factory=time.perf_counter)
+    grad_norm: torch.Tensor | None = None  # of the last step, when it was measured
+    profiled: bool = False  # the profiler ran during this window: its step times are inflated
+
+    def add_step(self, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+
+    def restore(self, loss_sums: torch.Tensor | None, steps: int, samples: int) -> None:
+        """Continue a window saved in a checkpoint. `loss_sums` (over every rank already) is put on
+        one rank only (None elsewhere), so that the log step's sum over ranks counts it once."""
+        if loss_sums is not None:
+            self.loss_sums[:steps] = loss_sums.to(self.loss_sums)
+        self.steps = self.restored_steps = steps
+        self.samples = self.restored_samples = samples
+
+    def reset(self) -> None:
+        self.loss_sums.zero_()
+        self.steps = self.samples = self.restored_steps = self.restored_samples = 0
+        self.data_wait_s = 0.0
+        self.profiled = False
+        self.started_at = time.perf_counter()
+
+
+@dataclass
 class Trainer:
     """What the loop works on. Built by `launcher.train`; no logic beyond the loop's own."""
     recipe: Recipe
@@ -64,15 +106,15 @@ class Trainer:
     train_model: nn.Module  # checkpointing and DDP wrappers around `model`
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler | None
     # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
     shards: list[tuple[int, ShardSampler, torch.utils.data.DataLoader]]
     val_loader: torch.utils.data.DataLoader | None
-    log: Any  # metrics.Metrics: rank 0 writes, the others have no sinks
-    preempt: Any = None  # signals.PreemptionFlag
-    agreement: Any = None  # signals.Agreement
-    profiler: Any = None  # profiling.StepProfiler, when log.profile is on for this rank
+    log: Metrics  # rank 0 writes, the others have no sinks
+    preempt: PreemptionFlag | None = None
+    agreement: Agreement | None = None
+    profiler: StepProfiler | None = None  # when log.profile is on for this rank
     heartbeat: Heartbeat | None = None  # rank 0: says it is alive when a step or an evaluation takes long
     state: TrainState = field(default_factory=TrainState)
     logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
@@ -81,19 +123,9 @@ class Trainer:
     peak_flops: float | None = None  # per device, for MFU
     stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     rank_rng: dict[int, dict] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
-    # since the last log step: each step's sample-weighted loss sum on this rank, kept on the device
-    step_losses: torch.Tensor | None = None
-    _params: list | None = None
-    _samples: int = 0
-    _steps: int = 0
-    # of those, the ones a resumed run restored from its checkpoint: in the loss, not in the timings
-    _restored_samples: int = 0
-    _restored_steps: int = 0
-    _data_wait_s: float = 0.0
-    _last_log_time: float = 0.0
-    _grad_norm: torch.Tensor | None = None
+    window: LogWindow | None = None  # what accumulates between two log rows (new_log_window)
+    _params: list | None = None  # the model's parameters, listed once
     _startup_logged: bool = False
-    _profiled: bool = False  # the profiler ran during this log window: its step times are inflated
 
     @property
     def device(self) -> torch.device:
@@ -140,16 +172,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def new_log_window(t: Trainer) -> None:
-    """The per-step loss sums kept between log rows; a window never spans more than every_n_steps steps."""
-    t.step_losses = torch.zeros(min(t.recipe.log.every_n_steps, t.plan.total_steps), device=t.device)
+    """A window never spans more than every_n_steps steps (a log row ends each)."""
+    t.window = LogWindow(torch.zeros(min(t.recipe.log.every_n_steps, t.plan.total_steps), device=t.device))
 
 
 def fit(t: Trainer) -> TrainState:
     s, p = t.state, t.plan
-    if t.step_losses is None:
+    if t.window is None:
         new_log_window(t)
     t._params = list(t.model.parameters())  # once: no per-step Python work that grows with the model
-    t._last_log_time = time.perf_counter()
+    t.window.started_at = time.perf_counter()
     t.train_model.train()
     if t.profiler is not None:
         t.profiler.after_step(s.step)  # start_step may be 0, or where a resumed run starts
@@ -193,7 +225,7 @@ def train_epoch(t: Trainer) -> None:
             for rank, batches in shards:
                 t0 = time.perf_counter()
                 batch = next(batches)
-                t._data_wait_s += time.perf_counter() - t0
+                t.window.data_wait_s += time.perf_counter() - t0
                 with _rng_of(t, rank):
                     micro_step(t, batch, p.real_in_micro_batch(micro_index, rank), n_window, sync=m == n_micro - 1)
             micro_index += 1
@@ -206,11 +238,10 @@ def train_epoch(t: Trainer) -> None:
             startup.mark("first_step")
         s.step += 1
         s.step_in_epoch += 1
-        t._samples += n_window
-        t._steps += 1
+        t.window.add_step(n_window)
         t.log.advance(s.step)
         if t.profiler is not None:
-            t._profiled |= t.profiler.active
+            t.window.profiled |= t.profiler.active
             t.profiler.after_step(s.step)
         if log_now:
             log_train(t)
@@ -271,7 +302,7 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
         weighted = loss if scale == 1.0 else loss * scale  # 1.0 in every full window without accumulation
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
     # read at log steps and before saves, never here: a NaN is found there, with its step
-    t.step_losses[t._steps].add_(loss.detach(), alpha=n_real)
+    t.window.loss_sums[t.window.steps].add_(loss.detach(), alpha=n_real)
 
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
@@ -287,7 +318,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
         norm = grad_norm(params)  # before value clipping
-    t._grad_norm = norm
+    t.window.grad_norm = norm
     if cfg.on_nonfinite == "skip":
         # after the all-reduce every rank holds the same gradients, so all decide alike; this is
         # the one mode that syncs with the device every step
@@ -332,19 +363,20 @@ def log_train(t: Trainer) -> None:
     """The log step: the only place the training loop synchronises with the device and the ranks."""
     s = t.state
     per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
-    loss_sum = float(per_rank.sum())  # the window sizes in _samples are already global
-    elapsed = max(time.perf_counter() - t._last_log_time, 1e-9)
-    timed_samples, timed_steps = t._samples - t._restored_samples, t._steps - t._restored_steps
+    w = t.window
+    loss_sum = float(per_rank.sum())  # the window sizes in w.samples are already global
+    elapsed = max(time.perf_counter() - w.started_at, 1e-9)
+    timed_samples, timed_steps = w.samples - w.restored_samples, w.steps - w.restored_steps
     samples_per_s = timed_samples / elapsed
-    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / t._samples, "samples": t._samples,
+    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / w.samples, "samples": w.samples,
            "lr": t.optimizer.param_groups[0]["lr"]}
-    if t._grad_norm is not None:
-        row["grad_norm"] = t._grad_norm.item()
+    if w.grad_norm is not None:
+        row["grad_norm"] = w.grad_norm.item()
     row["samples_per_s"] = samples_per_s
     if t.tokens_per_sample:
         row["tokens_per_s"] = samples_per_s * t.tokens_per_sample
     row["step_time_s"] = elapsed / max(timed_steps, 1)
-    row["data_wait"] = t._data_wait_s / elapsed
+    row["data_wait"] = w.data_wait_s / elapsed
     if t.device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
     else:  # the process's peak resident memory
@@ -353,17 +385,13 @@ def log_train(t: Trainer) -> None:
         row["mfu"] = t.flops_per_sample * samples_per_s / (t.peak_flops * t.plan.world_size)
     if s.skipped_steps:
         row["skipped_steps"] = s.skipped_steps
-    if t._profiled:
+    if w.profiled:
         row["profiled"] = True  # the profiler's overhead is in this row's times
-        t._profiled = False
     if "first_step" in startup.marks and not t._startup_logged:
         row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
         t._startup_logged = True
     t.log(row)
-    t.step_losses.zero_()
-    t._samples = t._steps = t._restored_samples = t._restored_steps = 0
-    t._data_wait_s = 0.0
-    t._last_log_time = time.perf_counter()
+    w.reset()
 
 
 @torch.no_grad()

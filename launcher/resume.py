@@ -26,7 +26,7 @@ def check_finite(t) -> torch.Tensor:
     """Every rank's per-step loss sums since the last log ([ranks, steps], on the CPU). With
     on_nonfinite=stop, raise if any is non-finite, naming the first such step and its rank(s).
     Syncs; called at log steps, before every save, and at the end, so nothing corrupt is written."""
-    mine = t.step_losses[:t._steps].detach()
+    mine = t.window.loss_sums[:t.window.steps].detach()
     if distributed.is_initialized() and t.session.world_size > 1:
         import torch.distributed as dist
 
@@ -38,7 +38,7 @@ def check_finite(t) -> torch.Tensor:
     if t.recipe.train.on_nonfinite == "stop" and not torch.isfinite(per_rank).all():
         bad = ~torch.isfinite(per_rank)
         first = int(bad.any(dim=0).nonzero()[0])
-        step = t.state.step - t._steps + first + 1
+        step = t.state.step - t.window.steps + first + 1
         ranks = ", ".join(str(r) for r in bad[:, first].nonzero().flatten().tolist())
         last = t.state.last_checkpoint_step
         kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
@@ -70,7 +70,7 @@ def save_checkpoint(t) -> Path | None:
                      "steps_per_epoch": t.plan.steps_per_epoch},
             # the log steps since the last log row, summed over ranks: a resumed run's first row then
             # averages over the same steps as the uninterrupted run's
-            "log_window": {"loss_sums": per_rank.sum(0), "samples": t._samples},
+            "log_window": {"loss_sums": per_rank.sum(0), "samples": t.window.samples},
             "recipe": t.recipe.to_dict(),
             "loggers": dict(t.logger_ids),
         }
@@ -151,12 +151,9 @@ def restore(t, payload: dict[str, Any], path: Path) -> None:
     t.state.last_checkpoint_step = t.state.step
     t.logger_ids.update(payload.get("loggers", {}))
     window = payload.get("log_window")
-    if window is not None and len(window["loss_sums"]) <= len(t.step_losses):
-        steps = len(window["loss_sums"])
-        if t.session.rank == 0:  # the sums are over every rank already: one rank holds them
-            t.step_losses[:steps] = window["loss_sums"].to(t.step_losses)
-        t._steps = t._restored_steps = steps
-        t._samples = t._restored_samples = window["samples"]
+    if window is not None and len(window["loss_sums"]) <= len(t.window.loss_sums):
+        t.window.restore(window["loss_sums"] if t.session.rank == 0 else None, len(window["loss_sums"]),
+                         window["samples"])
     rng = payload["rng"]
     rank = t.session.rank
     if payload["world_size"] != t.plan.world_size:

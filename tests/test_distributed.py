@@ -7,25 +7,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from conftest import launcher, recipe_dict, worker_env, write_recipe
-
-
-def processes_with(marker: str) -> list[int]:
-    """PIDs whose environment carries `marker` (our workers and their children)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
+from runs import processes_with
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
-from test_resume import gate, wait_for
+from runs import gate, wait_for
 
 
 def own_recipe(tmp_path: Path, **changes) -> Path:

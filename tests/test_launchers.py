@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import launcher, recipe_dict, tool, worker_env, write_recipe
-from test_slurm import free_port
+from runs import free_port
 
 
 def test_doctor_with_two_gloo_ranks():

@@ -12,7 +12,7 @@ import pytest
 
 from launcher import checkpoint
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_resume import recipe
+from runs import recipe
 from wandb_files import config as wandb_config
 from wandb_files import history, run_id
 

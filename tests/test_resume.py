@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,30 +17,11 @@ import torch
 from launcher import checkpoint, train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
-from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_distributed import processes_with
-
-RESUMABLE = {
-    "model": {"_component_": "testkit.GatedMLP", "sizes": [8, 16, 16, 1], "dropout": 0.1},
-    "data.train": {"_component_": "testkit.NoisyRegression", "size": 37},
-    "scheduler": {"_component_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 9},
-    "train.warmup_steps": 2,
-    "train.epochs": 3,
-}
-
-
-def recipe(run_dir: Path, **changes) -> dict:
-    return recipe_dict(**{**RESUMABLE, "run.dir": str(run_dir), **changes})
-
+from conftest import launcher, load_weights, worker_env, write_recipe
+from runs import assert_identical, gate, processes_with, recipe, wait_for
 
 def in_process(run_dir: Path, **changes):
     return train.run(validate(recipe(run_dir, **changes)), ClusterEnv())
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max():.3g}"
 
 
 # ---------------------------------------------------------------- world size 1
@@ -108,20 +88,6 @@ def test_resume_is_exact_at_world_size_2(tmp_path, reference_w2):
     assert proc.returncode == 0, proc.stderr
     assert "resuming from" in proc.stdout and "train.max_steps: 4 -> None" in proc.stdout
     assert_identical(load_weights(run_dir), reference_w2)
-
-
-def gate(tmp_path, rank, at_call, **extra):
-    until, waiting = tmp_path / "release", tmp_path / "waiting"
-    return until, waiting, {"model": {**RESUMABLE["model"], "rank": rank, "at_call": at_call,
-                                      "until": str(until), "waiting": str(waiting), **extra}}
-
-
-def wait_for(path: Path, proc, limit_s=120):
-    deadline = time.monotonic() + limit_s
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exactly(tmp_path, reference_w2):

@@ -21,8 +21,7 @@ import torch
 
 from launcher import checkpoint
 from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_distributed import processes_with
-from test_resume import gate, wait_for
+from runs import gate, processes_with, wait_for
 
 
 def errors_of(proc) -> list[str]:
@@ -379,7 +378,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(tmp_path, nproc):
-    from test_resume import recipe as resumable
+    from runs import recipe as resumable
 
     every = {"log.every_n_steps": 4}
     extra = ["--nproc", str(nproc)] if nproc else []
@@ -415,7 +414,7 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
 
 
 def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_resume(tmp_path):
-    from test_resume import recipe as resumable
+    from runs import recipe as resumable
 
     changes = {"data.val.size": 40, "train.eval_every_steps": 2}  # 10 evaluation batches of 4
     ref = tmp_path / "ref"

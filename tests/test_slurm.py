@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from launcher import cli, slurm
 from launcher.recipe import load
 from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from test_resume import assert_identical, gate, recipe
+from runs import assert_identical, free_port, gate, recipe
 
 GOLDEN = ROOT / "tests" / "golden"
 CASES = {  # name: (mode, nodes, gpus_per_node, nproc_per_node, extra)
@@ -59,12 +58,6 @@ def test_slurm_command_writes_into_the_run_dir_and_checks_the_recipe(tmp_path, c
     if shutil.which("sbatch") is None:
         assert cli.main(["slurm", str(path), "--gpus-per-node", "2", "--submit"]) == 2
         assert capsys.readouterr().err.startswith("error: --submit: sbatch is not on PATH")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_per_gpu_mode_under_the_environment_srun_gives(tmp_path):

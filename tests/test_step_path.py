@@ -19,7 +19,7 @@ from launcher.profiling import read_trace
 from conftest import SUPPORT, launcher, worker_env, write_recipe
 
 STEPS = 4  # recorded steps, after 3 steps and the profiler's warm-up step
-# what one launcher step adds: step_losses[i].add_(loss.detach(), alpha=n) (select, detach, add_)
+# what one launcher step adds: window.loss_sums[i].add_(loss.detach(), alpha=n) (select, detach, add_)
 EXTRA_PER_STEP = Counter({"aten::select": 1, "aten::as_strided": 1, "aten::detach": 1, "aten::add_": 1})
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
 
