@@ -165,6 +165,12 @@ def restore(t, payload: dict[str, Any], path: Path) -> None:
         changed = _changed_keys(payload["recipe"], t.recipe.to_dict())
         note = f" with changes: {', '.join(changed)}" if changed else ""
         log.info(f"resuming from {path} at step {t.state.step} (epoch {t.state.epoch}){note}")
+        # torch's load_state_dict puts the saved hyperparameters back: say so rather than seem to apply them
+        ignored = [c.split(":")[0] for c in changed if c.startswith(("optimizer.", "scheduler."))]
+        if ignored:
+            log.warning(f"{', '.join(ignored)} changed, but the optimizer and scheduler continue with the values "
+                        f"saved in {path} (torch restores them); to change them, start over with "
+                        "checkpoint.resume=none run.overwrite=true")
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

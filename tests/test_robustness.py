@@ -72,6 +72,9 @@ def test_resume_whose_position_no_longer_fits_the_epoch_names_the_data(tmp_path)
 
 def test_resume_with_another_optimizer_is_one_error(tmp_path):
     assert run(tmp_path, **{"train.max_steps": 2}).returncode == 0
+    proc = run(tmp_path, **{"train.max_steps": 3, "optimizer.lr": 0.5})  # the same class: resumes, and says
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: optimizer.lr changed, but the optimizer and scheduler continue with the values saved" in proc.stderr
     line = one_error(run(tmp_path, **{"optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}}))
     assert line.startswith("error: optimizer._component_: ") and "torch.optim.AdamW" in line
 
