@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, exact resume state, safe loading.
+"""State checkpoint directories on disk: written atomically, verified, found, pruned, loaded.
+(What goes into one is the checkpointer's business, launcher/checkpointer.py.)
 
 Layout: <dir>/step_00000120/state.pt plus <dir>/step_00000120/COMPLETE. A checkpoint is written
 into a hidden temporary directory (file fsynced), the COMPLETE marker (size and sha256 of
@@ -8,11 +9,8 @@ Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -24,109 +22,10 @@ import torch
 
 from launcher.errors import RecipeError
 from launcher.logs import log
-from launcher.rundir import write_failed
+from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
 
 STATE, MARKER = "state.pt", "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-# ---------------------------------------------------------------- atomic files
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Files and directories the launcher writes follow the umask, as `open()` and `mkdir` would: the
-# temporary files behind atomic writes are created 0600 by mkstemp and are widened to this.
-FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temp file in the same directory, fsync it, then rename it over `path`.
-    A failed write (disk full, I/O error) leaves `path` as it was and raises one line naming it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise write_failed(path, e) from None
-        raise
-    fsync_dir(path.parent)
-
-
-def save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def fsync_dir(directory: Path) -> None:
-    # a rename is durable only once the directory entry is on disk
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- RNG state
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG streams, as tensors and plain values (weights_only-loadable)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        import numpy as np
-
-        s = np.random.get_state(legacy=False)
-        state["numpy"] = {"bit_generator": s["bit_generator"], "key": torch.from_numpy(s["state"]["key"].astype("int64")),
-                          "pos": int(s["state"]["pos"]), "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
-    except ImportError:
-        pass
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        n = state["numpy"]
-        np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
-                             "state": {"key": n["key"].numpy().astype("uint32"), "pos": n["pos"]}})
 
 
 # ---------------------------------------------------------------- checkpoint directories
@@ -147,7 +46,7 @@ def write_checkpoint(directory: Path, step: int, payload: dict[str, Any], summar
             f.flush()
             os.fsync(f.fileno())
         _crash_point("after-state")
-        marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": _sha256(state_path), "time": time.time(),
+        marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": sha256_of(state_path), "time": time.time(),
                   **(summary or {})}
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
@@ -187,7 +86,7 @@ def verify(path: Path) -> str | None:
         return f"{STATE} is missing"
     if state_path.stat().st_size != marker.get("bytes"):
         return f"{STATE} has {state_path.stat().st_size} bytes, the marker says {marker.get('bytes')}"
-    if _sha256(state_path) != marker.get("sha256"):
+    if sha256_of(state_path) != marker.get("sha256"):
         return f"{STATE} is corrupt (sha256 differs from the marker's)"
     return None
 
@@ -244,31 +143,8 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and leftover temp dirs."""
+    """Keep the newest `keep_last` complete checkpoints. (A failed write removes its own temporary
+    directory; one left by a killed process goes at the next start, RunDir.remove_stale_temporaries.)"""
     complete = [p for p in list_checkpoints(directory) if (p / MARKER).exists()]
     for old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in directory.glob(".step_*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def check_model_matches(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tensor], source: Path) -> None:
-    """One clear error listing what differs, rather than load_state_dict's wall of text."""
-    missing = [k for k in model_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in model_state]
-    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}" for k, v in model_state.items()
-              if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches {_few(shapes)}")
-        raise RecipeError("checkpoint.resume", f"{source} was saved from a different model: {'; '.join(parts)}; "
-                                               "resume with the recipe that wrote it, or set checkpoint.resume=none")
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    return "[" + ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "") + "]"

@@ -37,6 +37,10 @@ class Session:
     def world_size(self) -> int:
         return self.env.world_size
 
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
 
 def gpus_for(local_world_size: int) -> bool:
     """Does every local rank have a GPU of its own? (Queries the driver; creates no CUDA context.)

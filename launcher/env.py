@@ -35,7 +35,8 @@ class ClusterEnv:
         return self.world_size > 1
 
     @property
-    def is_rank0(self) -> bool:
+    def is_main(self) -> bool:
+        """The one process that writes the run's files and logs: rank 0. The launcher's one rank test."""
         return self.rank == 0
 
     @classmethod

@@ -36,3 +36,7 @@ class Preempted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# exit codes: success, anything else, a user error (one line on stderr)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

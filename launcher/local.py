@@ -1,4 +1,6 @@
-"""`launcher run --nproc N`: N local workers through torch's own elastic agent, on a free port."""
+"""N local worker processes through torch's own elastic agent, on a free port (`launcher run
+--nproc N`, `launcher doctor --nproc N`, `launcher debug --distributed`): start them, relay a
+preemption signal, report a failed or restarted worker in one line."""
 from __future__ import annotations
 
 import inspect
@@ -9,37 +11,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from launcher.recipe import Recipe
 
 SHUTDOWN_GRACE_S = 120
 # set for the workers: they stay quiet on fatal errors (the parent prints one line for the whole job)
 CHILD_ENV = "LAUNCHER_CHILD"
 # set for the workers: the pid of the process whose death must end them (signals.die_with_parent)
 PARENT_PID_ENV = "LAUNCHER_PARENT_PID"
-
-
-def launch_local(recipe: Recipe, args) -> int:
-    """`launcher run --nproc N RECIPE`: validate once here, then N workers, each `launcher run RECIPE`."""
-    from launcher.check import check_static
-    from launcher.checkpoint import read_marker
-    from launcher.plan import batch_shape
-    from launcher.resume import check_global_batch
-    from launcher.train import prepare_run_dir
-
-    # fail here, once, before any worker starts, on everything that can be known without data
-    check_static(recipe, args.nproc)
-    recipe.layout.preflight()
-    recipe.layout.check_unlocked()  # another run in this directory: say so now (rank 0 takes the lock)
-    resume_from = prepare_run_dir(recipe, act=False)  # validate only; the workers' rank 0 acts on it
-    if resume_from is not None:  # a resume that changes the global batch: one line here, not one per rank
-        check_global_batch(read_marker(resume_from).get("global_batch"), batch_shape(recipe, args.nproc).global_batch,
-                           resume_from)
-    return elastic(["run", args.recipe, *args.overrides], args.nproc, args.max_restarts,
-                   preempt=recipe.checkpoint.preempt_signal, requeue_exit_code=recipe.checkpoint.requeue_exit_code,
-                   checkpoint_dir=recipe.checkpoint_dir)
 
 
 def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: str | None = None,

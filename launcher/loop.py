@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -28,83 +28,29 @@ from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
 from launcher.errors import TrainingError
 from launcher.logs import log
+from launcher.loop_state import LogWindow, TrainState
 from launcher.plan import Plan
 from launcher.recipe import Recipe
+from launcher.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:  # annotations only
     from torch.optim.lr_scheduler import LRScheduler
 
+    from launcher.checkpointer import Checkpointer, Stateful
     from launcher.metrics import Metrics
     from launcher.profiling import StepProfiler
     from launcher.signals import Agreement, PreemptionFlag
 
 
 @dataclass
-class TrainState:
-    """Where the run is. Everything needed to continue exactly from an optimizer-step boundary."""
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps done in `epoch`
-    best_metric: float | None = None
-    bad_evals: int = 0
-    stop_reason: str | None = None
-    last_eval_step: int = -1
-    last_checkpoint_step: int = -1
-    skipped_steps: int = 0  # non-finite steps skipped (train.on_nonfinite=skip)
-    consecutive_skips: int = 0  # of those, how many in a row up to now
-    pending_eval: bool = False  # an evaluation was cut short by a stop signal: run it first on resume
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
-
-
-@dataclass
-class LogWindow:
-    """What accumulates on this rank between two log rows. The loss stays on the device, one slot
-    per optimizer step, until the log step reads it (the loop's one sync with the device)."""
-    loss_sums: torch.Tensor  # [steps]: this rank's sample-weighted loss sum of each step
-    steps: int = 0
-    samples: int = 0  # real samples over all ranks
-    # of those, the ones a resumed run restored from its checkpoint: in the loss, not in the timings
-    restored_steps: int = 0
-    restored_samples: int = 0
-    data_wait_s: float = 0.0
-    started_at: float = field(default_factory=time.perf_counter)
-    grad_norm: torch.Tensor | None = None  # of the last step, when it was measured
-    profiled: bool = False  # the profiler ran during this window: its step times are inflated
-
-    def add_step(self, samples: int) -> None:
-        self.steps += 1
-        self.samples += samples
-
-    def restore(self, loss_sums: torch.Tensor | None, steps: int, samples: int) -> None:
-        """Continue a window saved in a checkpoint. `loss_sums` (over every rank already) is put on
-        one rank only (None elsewhere), so that the log step's sum over ranks counts it once."""
-        if loss_sums is not None:
-            self.loss_sums[:steps] = loss_sums.to(self.loss_sums)
-        self.steps = self.restored_steps = steps
-        self.samples = self.restored_samples = samples
-
-    def reset(self) -> None:
-        self.loss_sums.zero_()
-        self.steps = self.samples = self.restored_steps = self.restored_samples = 0
-        self.data_wait_s = 0.0
-        self.profiled = False
-        self.started_at = time.perf_counter()
-
-
-@dataclass
 class Trainer:
-    """What the loop works on. Built by `launcher.train`; no logic beyond the loop's own."""
+    """What the loop works on, built complete by `launcher.train`; no logic beyond the loop's own."""
     recipe: Recipe
     plan: Plan
     session: Session
     model: nn.Module  # the user's model, unwrapped: eval and saving use it
-    train_model: nn.Module  # checkpointing and DDP wrappers around `model`
-    loss_fn: Callable
+    train_model: nn.Module  # activation checkpointing and DDP wrappers around `model`
+    loss_fn: Callable[..., torch.Tensor]
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler | None
@@ -112,26 +58,32 @@ class Trainer:
     shards: list[tuple[int, ShardSampler, torch.utils.data.DataLoader]]
     val_loader: torch.utils.data.DataLoader | None
     log: Metrics  # rank 0 writes, the others have no sinks
+    state: TrainState  # where the run is (restored from a checkpoint, or fresh)
+    window: LogWindow  # what accumulates between two log rows
+    checkpointer: Checkpointer
+    saved: Mapping[str, Stateful | None]  # what a checkpoint holds, by name (resume.saved_objects)
     preempt: PreemptionFlag | None = None
     agreement: Agreement | None = None
     profiler: StepProfiler | None = None  # when log.profile is on for this rank
-    heartbeat: Heartbeat | None = None  # rank 0: says it is alive when a step or an evaluation takes long
-    state: TrainState = field(default_factory=TrainState)
-    logger_ids: dict = field(default_factory=dict)  # e.g. the wandb run id, kept in checkpoints
-    tokens_per_sample: int | None = None  # for tokens/s
+    heartbeat: Heartbeat | None = None  # the main process: says it is alive when a step or an evaluation takes long
+    tokens_per_sample: float | None = None  # for tokens/s
     flops_per_sample: float | None = None  # for MFU (forward + backward)
     peak_flops: float | None = None  # per device, for MFU
+    rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
+    # set by the loop itself
     stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
-    rank_rng: dict[int, dict] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
-    window: LogWindow | None = None  # what accumulates between two log rows (new_log_window)
-    _params: list | None = None  # the model's parameters, listed once
-    _startup_logged: bool = False
+    startup_logged: bool = False  # the first log row carries the start-up time, once
+    params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
+
+    def __post_init__(self) -> None:
+        # once: no per-step Python work that grows with the model
+        self.params = list(self.model.parameters())
 
     @property
     def device(self) -> torch.device:
         return self.session.device
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return autocast(self.recipe.train.precision, self.device)
 
 
@@ -171,16 +123,8 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def new_log_window(t: Trainer) -> None:
-    """A window never spans more than every_n_steps steps (a log row ends each)."""
-    t.window = LogWindow(torch.zeros(min(t.recipe.log.every_n_steps, t.plan.total_steps), device=t.device))
-
-
 def fit(t: Trainer) -> TrainState:
     s, p = t.state, t.plan
-    if t.window is None:
-        new_log_window(t)
-    t._params = list(t.model.parameters())  # once: no per-step Python work that grows with the model
     t.window.started_at = time.perf_counter()
     t.train_model.train()
     if t.profiler is not None:
@@ -276,12 +220,11 @@ def _rng_of(t: Trainer, rank: int):
     if t.rank_rng is None:
         yield
         return
-    from launcher.checkpoint import capture_rng, restore_rng
-    restore_rng(t.rank_rng[rank])
+    restore_rng_state(t.rank_rng[rank])
     try:
         yield
     finally:
-        t.rank_rng[rank] = capture_rng()
+        t.rank_rng[rank] = capture_rng_state()
 
 
 def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> None:
@@ -310,7 +253,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     cfg = t.recipe.train
     if t.scaler is not None:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-    params = t._params
+    params = t.params
     norm = None
     if cfg.grad_clip_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
@@ -387,9 +330,9 @@ def log_train(t: Trainer) -> None:
         row["skipped_steps"] = s.skipped_steps
     if w.profiled:
         row["profiled"] = True  # the profiler's overhead is in this row's times
-    if "first_step" in startup.marks and not t._startup_logged:
+    if "first_step" in startup.marks and not t.startup_logged:
         row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
-        t._startup_logged = True
+        t.startup_logged = True
     t.log(row)
     w.reset()
 

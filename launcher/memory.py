@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from launcher import distributed
-from launcher.checkpoint import capture_rng, restore_rng
+from launcher.rng import capture_rng_state, restore_rng_state
 from launcher.logs import log
 from launcher.parallel import TrainModule
 
@@ -48,7 +48,7 @@ def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, bud
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     budget = budget_gib if budget_gib is not None else 0.9 * total
     inputs, targets = batch
-    rng = capture_rng()
+    rng = capture_rng_state()
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     probes: list[Probe] = []
     chosen = None
@@ -59,7 +59,7 @@ def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, bud
         if probe.peak_gib is not None and probe.peak_gib + optimizer_state_gib <= budget:
             chosen = (segments, chunks)
             break
-    restore_rng(rng)
+    restore_rng_state(rng)
     with torch.no_grad():
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
@@ -99,7 +99,7 @@ def _measure(module: TrainModule, inputs, targets, device, autocast) -> Probe:
         torch.cuda.empty_cache()
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> int:
+def state_checkpoint_bytes(model: torch.nn.Module) -> int:
     """Roughly what a checkpoint and the final weights take: the weights, and two optimizer moments
     per parameter (AdamW's), plus model.pt."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

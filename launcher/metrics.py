@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -173,6 +174,17 @@ PEAK_FLOPS = {
     "A10G": (70e12, 35e12, 31.2e12),
     "V100": (125e12, 15.7e12, 15.7e12),
 }
+
+
+class LoggerIds(dict):
+    """Ids of external loggers (the wandb run id), kept in checkpoints so that a resumed run logs to
+    the same run (Stateful)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.update(state_dict)
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

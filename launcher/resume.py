@@ -1,40 +1,54 @@
-"""What a checkpoint holds and how a run continues from one, exactly.
+"""What a run saves in a checkpoint, and which recipe may continue one, exactly.
 
-Saved at an optimizer-step boundary: the unwrapped model, optimizer, scheduler and GradScaler
-states, the TrainState (step, epoch, step within the epoch, early stopping), every rank's RNG
-streams, the recipe, and the ids of external loggers. The data position needs nothing more: the
-sampler's permutation is a function of (seed, epoch), and the step within the epoch says how many
-of this rank's samples to skip (ShardSampler.set_start), so nothing already trained on is reloaded.
+Saved at an optimizer-step boundary, by name (launcher/checkpointer.py does the saving): the
+unwrapped model, optimizer, scheduler and GradScaler states, the TrainState (step, epoch, step
+within the epoch, early stopping), the log window since the last log row, every rank's RNG streams,
+the ids of external loggers, and as metadata the recipe and the batch arithmetic. The data
+position needs nothing more: the sampler's permutation is a function of (seed, epoch), and the
+step within the epoch says how many of this rank's samples to skip (ShardSampler.set_start), so
+nothing already trained on is reloaded.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from launcher import checkpoint, distributed
+from launcher import checkpointer, distributed
+from launcher.checkpointer import Stateful
+from launcher.distributed import Session
 from launcher.errors import RecipeError, TrainingError
 from launcher.logs import log
+from launcher.loop_state import LogWindow, TrainState
 from launcher.plan import Plan
 from launcher.recipe import Recipe
+from launcher.rng import RankStreams
 
-FORMAT = 1
+if TYPE_CHECKING:  # annotations only: the loop calls into this module
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from launcher.loop import Trainer
+    from launcher.metrics import LoggerIds
 
 
-def check_finite(t) -> torch.Tensor:
-    """Every rank's per-step loss sums since the last log ([ranks, steps], on the CPU). With
-    on_nonfinite=stop, raise if any is non-finite, naming the first such step and its rank(s).
-    Syncs; called at log steps, before every save, and at the end, so nothing corrupt is written."""
-    mine = t.window.loss_sums[:t.window.steps].detach()
-    if distributed.is_initialized() and t.session.world_size > 1:
+def gather_loss_sums(window: LogWindow, session: Session) -> torch.Tensor:
+    """Every rank's per-step loss sums since the last log ([ranks, steps], on the CPU). Syncs."""
+    mine = window.loss_sums[:window.steps].detach()
+    if distributed.is_initialized() and session.world_size > 1:
         import torch.distributed as dist
 
-        gathered = [torch.empty_like(mine) for _ in range(t.session.world_size)]
+        gathered = [torch.empty_like(mine) for _ in range(session.world_size)]
         dist.all_gather(gathered, mine.contiguous())
-        per_rank = torch.stack(gathered).cpu()
-    else:
-        per_rank = mine.cpu().unsqueeze(0)
+        return torch.stack(gathered).cpu()
+    return mine.cpu().unsqueeze(0)
+
+
+def check_finite(t: Trainer) -> torch.Tensor:
+    """`gather_loss_sums`; with on_nonfinite=stop, raise if any is non-finite, naming the first such
+    step and its rank(s). Called at log steps, before every save, and at the end, so nothing corrupt
+    is written."""
+    per_rank = gather_loss_sums(t.window, t.session)
     if t.recipe.train.on_nonfinite == "stop" and not torch.isfinite(per_rank).all():
         bad = ~torch.isfinite(per_rank)
         first = int(bad.any(dim=0).nonzero()[0])
@@ -47,56 +61,68 @@ def check_finite(t) -> torch.Tensor:
     return per_rank
 
 
-def save_checkpoint(t) -> Path | None:
-    """Every rank calls this at the same step; rank 0 writes. Returns the path on rank 0."""
+class LogWindowState:
+    """The log steps since the last log row, summed over ranks (Stateful): a resumed run's first row
+    then averages over the same steps as the uninterrupted run's. Saving is a collective."""
+
+    def __init__(self, window: LogWindow, session: Session) -> None:
+        self.window, self.session = window, session
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sums": gather_loss_sums(self.window, self.session).sum(0), "samples": self.window.samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        steps = len(state_dict["loss_sums"])
+        if steps <= len(self.window.loss_sums):  # else log.every_n_steps shrank: start a fresh window
+            # on one rank only, so that the log step's sum over ranks counts it once
+            self.window.restore(state_dict["loss_sums"] if self.session.is_main else None, steps,
+                                state_dict["samples"])
+
+
+def saved_objects(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None,
+                  scaler: torch.amp.GradScaler | None, state: TrainState, window: LogWindow, session: Session,
+                  logger_ids: LoggerIds) -> dict[str, Stateful | None]:
+    """What a checkpoint holds, by name. The model is the user's, unwrapped."""
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "train_state": state,
+            "log_window": LogWindowState(window, session), "rng": RankStreams(session.rank, session.control),
+            "loggers": logger_ids}
+
+
+def metadata(recipe: Recipe, plan: Plan) -> dict[str, Any]:
+    """Saved beside the objects, read back only to check that a recipe may continue the run."""
+    return {"world_size": plan.world_size, "recipe": recipe.to_dict(),
+            "plan": {"global_batch": plan.global_batch, "train_samples": plan.train_samples,
+                     "steps_per_epoch": plan.steps_per_epoch}}
+
+
+def save_checkpoint(t: Trainer) -> Path | None:
+    """Every rank calls this at the same step; the main process writes. Returns the path there."""
     s = t.state
     if s.last_checkpoint_step == s.step:
         return None
-    per_rank = check_finite(t)
-    rng = distributed.gather_objects(checkpoint.capture_rng(), group=t.session.control)
-    path = None
+    check_finite(t)
     s.last_checkpoint_step = s.step
-    if t.session.rank == 0:
-        payload: dict[str, Any] = {
-            "format": FORMAT,
-            "model": t.model.state_dict(),
-            "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
-            "scaler": t.scaler.state_dict() if t.scaler is not None else None,
-            "train_state": s.state_dict(),
-            "rng": rng,
-            "world_size": t.plan.world_size,
-            "plan": {"global_batch": t.plan.global_batch, "train_samples": t.plan.train_samples,
-                     "steps_per_epoch": t.plan.steps_per_epoch},
-            # the log steps since the last log row, summed over ranks: a resumed run's first row then
-            # averages over the same steps as the uninterrupted run's
-            "log_window": {"loss_sums": per_rank.sum(0), "samples": t.window.samples},
-            "recipe": t.recipe.to_dict(),
-            "loggers": dict(t.logger_ids),
-        }
-        path = checkpoint.write_checkpoint(t.recipe.checkpoint_dir, s.step, payload,
-                                           summary={"global_batch": t.plan.global_batch})
-        checkpoint.prune(t.recipe.checkpoint_dir, t.recipe.checkpoint.keep_last)
+    path = t.checkpointer.save(s.step, t.saved, metadata(t.recipe, t.plan),
+                               summary={"global_batch": t.plan.global_batch})
+    if path is not None:
         log.info(f"checkpoint: {path}")
-    # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
-    distributed.barrier(t.session.control)
     return path
 
 
 def load_for_resume(path: Path, model: torch.nn.Module, recipe: Recipe, plan: Plan) -> dict[str, Any]:
-    """Load a checkpoint, check that this recipe can continue it exactly, and put its weights in
+    """Read a checkpoint, check that this recipe can continue it exactly, and put its weights in
     `model` (before wrapping)."""
-    payload = checkpoint.load(path)
+    payload = checkpointer.read(path)
     check_compatible(payload, path, recipe, plan)
-    checkpoint.check_model_matches(model.state_dict(), payload["model"], path)
-    model.load_state_dict(payload["model"])
+    check_model_matches(model.state_dict(), payload["model"], path)
+    checkpointer.restore(payload, {"model": model})
     return payload
 
 
 _START_OVER = "or start over with checkpoint.resume=none run.overwrite=true"
 
 
-def check_compatible(payload: dict[str, Any], path: Path, recipe: Recipe, plan: Plan) -> None:
+def check_compatible(payload: Mapping[str, Any], path: Path, recipe: Recipe, plan: Plan) -> None:
     """One line naming the key, for a recipe that cannot continue this checkpoint's maths."""
     saved = payload.get("plan") or _plan_of_old_checkpoint(payload)
     check_global_batch(saved["global_batch"], plan.global_batch, path)
@@ -125,46 +151,34 @@ def check_global_batch(saved: int | None, now: int, path: Path) -> None:
                           f"continues exactly), {_START_OVER}")
 
 
-def _plan_of_old_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
+def _plan_of_old_checkpoint(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Checkpoints written before the plan was saved: their global batch, from the saved recipe."""
     r = payload["recipe"]
     batch = r["train"].get("global_batch_size") or r["data"]["batch_size"] * payload["world_size"]
     return {"global_batch": batch, "train_samples": None, "steps_per_epoch": None}
 
 
-def restore(t, payload: dict[str, Any], path: Path) -> None:
-    """Everything but the weights, which `load_for_resume` restored before DDP wrapping."""
+def restore(payload: Mapping[str, Any], path: Path, saved: Mapping[str, Stateful | None], recipe: Recipe,
+            plan: Plan, session: Session) -> None:
+    """Everything but the model (restored before wrapping, load_for_resume) and the RNG streams
+    (restore_rng: last, as they are the streams the loop continues)."""
     try:
-        t.optimizer.load_state_dict(payload["optimizer"])
+        checkpointer.restore(payload, {"optimizer": saved["optimizer"]})
     except (KeyError, ValueError, RuntimeError) as e:
         raise RecipeError("optimizer", f"{path} holds optimizer state that does not fit this optimizer "
                                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); resume with the "
                                        f"optimizer settings it was saved with, {_START_OVER}") from None
-    if t.scheduler is not None and payload["scheduler"] is not None:
-        t.scheduler.load_state_dict(payload["scheduler"])
-    elif (t.scheduler is None) != (payload["scheduler"] is None):
-        log.warning(f"resuming {path} with{'' if t.scheduler else 'out'} a scheduler it was saved without/with")
-    if t.scaler is not None and payload["scaler"] is not None:
-        t.scaler.load_state_dict(payload["scaler"])
-    t.state.load_state_dict(payload["train_state"])
-    t.state.stop_reason = None
-    t.state.last_checkpoint_step = t.state.step
-    t.logger_ids.update(payload.get("loggers", {}))
-    window = payload.get("log_window")
-    if window is not None and len(window["loss_sums"]) <= len(t.window.loss_sums):
-        t.window.restore(window["loss_sums"] if t.session.rank == 0 else None, len(window["loss_sums"]),
-                         window["samples"])
-    rng = payload["rng"]
-    rank = t.session.rank
-    if payload["world_size"] != t.plan.world_size:
-        log.warning(f"{path} was saved by {payload['world_size']} ranks and resumes on {t.plan.world_size}: "
+    if (saved["scheduler"] is None) != (payload["scheduler"] is None):
+        log.warning(f"resuming {path} with{'' if saved['scheduler'] else 'out'} a scheduler it was saved without/with")
+    checkpointer.restore(payload, {k: saved[k] for k in ("scheduler", "scaler", "train_state", "log_window", "loggers")})
+    if payload["world_size"] != plan.world_size:
+        log.warning(f"{path} was saved by {payload['world_size']} ranks and resumes on {plan.world_size}: "
                     "the data order continues exactly; per-rank random streams (dropout) cannot")
-    if rank < len(rng):
-        checkpoint.restore_rng(rng[rank])
-    if rank == 0:
-        changed = _changed_keys(payload["recipe"], t.recipe.to_dict())
+    if session.is_main:
+        state = payload["train_state"]
+        changed = _changed_keys(payload["recipe"], recipe.to_dict())
         note = f" with changes: {', '.join(changed)}" if changed else ""
-        log.info(f"resuming from {path} at step {t.state.step} (epoch {t.state.epoch}){note}")
+        log.info(f"resuming from {path} at step {state['step']} (epoch {state['epoch']}){note}")
         # torch's load_state_dict puts the saved hyperparameters back: say so rather than seem to apply them
         ignored = [c.split(":")[0] for c in changed if c.startswith(("optimizer.", "scheduler."))]
         if ignored:
@@ -173,8 +187,12 @@ def restore(t, payload: dict[str, Any], path: Path) -> None:
                         "checkpoint.resume=none run.overwrite=true")
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
+def restore_rng(payload: Mapping[str, Any], saved: Mapping[str, Stateful | None]) -> None:
+    checkpointer.restore(payload, {"rng": saved["rng"]})
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -182,3 +200,26 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+def check_model_matches(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
+                        source: Path) -> None:
+    """One clear error listing what differs, rather than load_state_dict's wall of text."""
+    missing = [k for k in model_state if k not in ckpt_state]
+    unexpected = [k for k in ckpt_state if k not in model_state]
+    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}" for k, v in model_state.items()
+              if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches {_few(shapes)}")
+        raise RecipeError("checkpoint.resume", f"{source} was saved from a different model: {'; '.join(parts)}; "
+                                               "resume with the recipe that wrote it, or set checkpoint.resume=none")
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return "[" + ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "") + "]"

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Any
 
 import torch
+
+from launcher import distributed
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -30,3 +33,50 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG streams, as tensors and plain values (weights_only-loadable)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        s = np.random.get_state(legacy=False)
+        state["numpy"] = {"bit_generator": s["bit_generator"], "key": torch.from_numpy(s["state"]["key"].astype("int64")),
+                          "pos": int(s["state"]["pos"]), "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+    except ImportError:
+        pass
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+                             "state": {"key": n["key"].numpy().astype("uint32"), "pos": n["pos"]}})
+
+
+class RankStreams:
+    """Every rank's RNG streams, as one checkpointed object (Stateful): `state_dict` gathers them
+    onto rank 0 (a collective: every rank calls it), `load_state_dict` puts back this rank's own.
+    A rank that did not exist when they were saved keeps the streams it has."""
+
+    def __init__(self, rank: int, group: Any = None) -> None:
+        self.rank, self.group = rank, group
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": distributed.gather_objects(capture_rng_state(), group=self.group)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["ranks"]
+        if self.rank < len(ranks):
+            restore_rng_state(ranks[self.rank])

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
-from launcher.errors import RecipeError, TrainingError
+from launcher import checkpoint
+from launcher.errors import RecipeError
+from launcher.storage import free_bytes, nearest_existing
 
 LOCK = ".lock"
-# what a launcher checkpoint directory holds (checkpoint.STATE, checkpoint.MARKER)
-CHECKPOINT_FILES = frozenset({"state.pt", "COMPLETE"})
+# what a launcher checkpoint directory holds
+CHECKPOINT_FILES = frozenset({checkpoint.STATE, checkpoint.MARKER})
 _STEP_DIR = re.compile(r"step_\d+$")
 _STEP_TMP = re.compile(r"\.step_\d+\..*\.tmp$")
 
@@ -142,6 +144,29 @@ class RunDir:
                 if _STEP_TMP.match(leftover.name):
                     shutil.rmtree(leftover, ignore_errors=True)
 
+    def prepare(self, resume: str, overwrite: bool, restart_count: int = 0, act: bool = True) -> Path | None:
+        """Decide where the run starts: the checkpoint to resume (`checkpoint.resume`), or None for a
+        fresh start. A fresh start over a previous run's outputs needs `overwrite` (which then
+        deletes its checkpoints, and only those); a worker restarted by torchrun or a SLURM requeue
+        is the same run and may start over. `act`: this is the process that writes (the main
+        worker): it cleans up and warns. Others only validate: the parent of `--nproc` workers, and
+        the other ranks, which must refuse exactly what the main one refuses. Call `preflight` first."""
+        if act:
+            self.remove_stale_temporaries()
+        resume_from = checkpoint.resolve_resume(resume, self.checkpoints, warn=act)
+        if resume_from is not None or restart_count > 0:
+            return resume_from
+        checkpoints = checkpoint.list_checkpoints(self.checkpoints)
+        found = [str(p) for p in self.outputs if p.exists()] + [str(p) for p in checkpoints[:1]]
+        if found and not overwrite:
+            how = "resume it with checkpoint.resume=auto, " if resume == "none" and checkpoints else ""
+            raise RecipeError("run.dir", f"{self.root} already holds a run ({', '.join(found)}); {how}choose another "
+                                         f"run.dir=..., or start over with run.overwrite=true")
+        if found and (act or self.foreign_checkpoint_entries()):
+            # a fresh start must never resume an older run's state; every rank refuses a foreign directory alike
+            self.clear_checkpoints()
+        return None
+
     # ------------------------------------------------------------ one run at a time
 
     @contextlib.contextmanager
@@ -180,20 +205,13 @@ def acquire_lock(path: Path) -> IO[str]:
     return handle
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 class _NotWritable(RecipeError):
     """The directory exists (or could), but this process cannot write there."""
 
 
 def check_writable_dir(path: Path, key: str) -> None:
     """`path` is, or can be made, a directory this process can write in."""
-    existing = _nearest_existing(path)
+    existing = nearest_existing(path)
     if not existing.is_dir():
         what = "is a file" if existing == path.absolute() else f"is under {existing}, which is a file"
         raise RecipeError(key, f"{path} {what}, not a directory; choose another {key}=...")
@@ -204,22 +222,3 @@ def check_writable_dir(path: Path, key: str) -> None:
                                 "or fix its permissions") from None
     os.close(fd)
     os.unlink(probe)
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(_nearest_existing(path)).free
-
-
-def write_failed(path: Path, exc: BaseException) -> TrainingError:
-    """A failed write (disk full, quota, I/O error) as one line naming the path and the free space."""
-    try:
-        free: int | None = free_bytes(path)
-    except OSError:
-        free = None
-    reason = getattr(exc, "strerror", None)
-    if reason is None:
-        # torch.save reports a full disk from C++ ("[enforce fail at inline_container.cc] unexpected pos")
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        reason = "No space left on device" if free is not None and free < 2**20 else text
-    room = f"{free / 2**20:,.1f} MiB free there" if free is not None else "free space unknown"
-    return TrainingError(f"writing {path} failed: {reason} ({room}); the previous checkpoint is intact")

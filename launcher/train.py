@@ -1,5 +1,6 @@
-"""One training run, start to end, in the order data flows:
-recipe -> process group -> data -> model (+ checkpoint) -> wrappers -> optimizer -> loop -> weights."""
+"""One training run, assembled and run, in the order data flows: recipe -> process group -> run
+directory -> data -> model (+ the checkpoint's weights) -> wrappers -> optimizer -> loop state (+ the
+checkpoint's) -> Trainer -> loop -> final checkpoint and weights. Nothing here runs a step."""
 from __future__ import annotations
 
 import contextlib
@@ -10,57 +11,41 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from launcher import checkpoint, distributed, loop, parallel, resume, rng, startup
+from launcher import distributed, loop, parallel, resume, rng, startup
 from launcher.builders import build_datasets, build_model
 from launcher.components import instantiate, resolve_callable
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.data import SeededDataset, ShardSampler, build_loader
+from launcher.checkpointer import Checkpointer
+from launcher.distributed import Session
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
-from launcher.memory import checkpoint_bytes
+from launcher.memory import state_checkpoint_bytes
 from launcher.logs import log, setup_logging
-from launcher.metrics import (ConsoleSink, JsonlSink, Metrics, ProgressSink, TensorBoardSink, peak_flops,
+from launcher.loop_state import LogWindow, TrainState
+from launcher.metrics import (ConsoleSink, JsonlSink, LoggerIds, Metrics, ProgressSink, TensorBoardSink, peak_flops,
                               read_metrics)
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan, plan_warnings
 from launcher.recipe import Recipe
+from launcher.rng import capture_rng_state
 from launcher.signals import Agreement, PreemptionFlag, parse_signal
+from launcher.storage import atomic_write, save_torch
 
-def prepare_run_dir(recipe: Recipe, restart_count: int = 0, rank: int = 0, act: bool = True) -> Path | None:
-    """Decide where the run starts: the checkpoint to resume, or None for a fresh start. A fresh
-    start over a previous run's outputs needs run.overwrite (which then deletes its checkpoints,
-    and only those); a worker restarted by torchrun or a SLURM requeue is the same run and may start
-    over. `act=False` only validates (the parent of `--nproc` workers): it deletes nothing and warns
-    of nothing, which the workers' rank 0 does."""
-    layout = recipe.layout
-    layout.preflight()
-    acting = act and rank == 0
-    if acting:
-        layout.remove_stale_temporaries()
-    resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, layout.checkpoints, warn=acting)
-    if resume_from is not None or restart_count > 0:
-        return resume_from
-    checkpoints = checkpoint.list_checkpoints(layout.checkpoints)
-    found = [str(p) for p in layout.outputs if p.exists()] + [str(p) for p in checkpoints[:1]]
-    if found and not recipe.run.overwrite:
-        how = "resume it with checkpoint.resume=auto, " if recipe.checkpoint.resume == "none" and checkpoints else ""
-        raise RecipeError("run.dir", f"{layout.root} already holds a run ({', '.join(found)}); {how}choose another "
-                                     f"run.dir=..., or start over with run.overwrite=true")
-    if found and (acting or layout.foreign_checkpoint_entries()):
-        # a fresh start must never resume an older run's state; every rank refuses a foreign directory alike
-        layout.clear_checkpoints()
-    return None
+if TYPE_CHECKING:
+    from launcher.profiling import StepProfiler
 
-
-def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> loop.TrainState:
+def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> TrainState:
     """Train. `simulate=N`: one process reproduces the arithmetic of an N-rank run (launcher debug)."""
     setup_logging(env.rank)
     threads, why = threads_per_rank(env.local_world_size)
     torch.set_num_threads(threads)  # N ranks x all cores each would oversubscribe the CPU
-    if env.rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
+    if env.is_main and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 \
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         log.warning("torchrun restarts can fail to reconnect when the workers share the rendezvous store "
                     "(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
@@ -84,23 +69,27 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> loop.Tr
                 gc.collect()
 
 
-def _train(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None,
-           threads: str) -> loop.TrainState:
-    # rank 0 writes the run directory: it holds the lock until it exits, however it exits
-    with recipe.layout.locked() if env.is_rank0 else contextlib.nullcontext():
+def _train(recipe: Recipe, env: ClusterEnv, sess: Session, preempt: PreemptionFlag, simulate: int | None,
+           threads: str) -> TrainState:
+    # the main process writes the run directory: it holds the lock until it exits, however it exits;
+    # the others check it too, so that every rank refuses a directory that cannot be written alike
+    if not env.is_main:
+        recipe.layout.preflight()
+    with recipe.layout.locked() if env.is_main else contextlib.nullcontext():
         return _train_locked(recipe, env, sess, preempt, simulate, threads)
 
 
-def _train_locked(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag, simulate: int | None,
-                  threads: str) -> loop.TrainState:
-    resume_from = prepare_run_dir(recipe, env.restart_count, env.rank)
+def _train_locked(recipe: Recipe, env: ClusterEnv, sess: Session, preempt: PreemptionFlag, simulate: int | None,
+                  threads: str) -> TrainState:
+    layout = recipe.layout
+    resume_from = layout.prepare(recipe.checkpoint.resume, recipe.run.overwrite, env.restart_count, act=env.is_main)
     train_set, val_set = build_datasets(recipe)
     plan = build_plan(recipe, simulate or env.world_size, len(train_set), len(val_set) if val_set is not None else None,
                       sess.backend, str(sess.device))
     startup.mark("model_start")
     model = build_model(recipe)
     startup.mark("model")
-    if env.is_rank0 and (space := recipe.layout.space_warning(checkpoint_bytes(model))):
+    if env.is_main and (space := layout.space_warning(state_checkpoint_bytes(model))):
         log.warning(space)
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
@@ -119,47 +108,60 @@ def _train_locked(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag
     startup.mark("optimizer")
     scheduler = build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
-    ranks = range(simulate) if simulate else [env.rank]
+    ranks = list(range(simulate)) if simulate else [env.rank]
     shards, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals, ranks)
-    segments, head_chunks = _checkpointing(recipe, model, loss_fn, shards[0][2], sess.device, optimizer)
+    segments, head_chunks = _activation_checkpointing(recipe, model, loss_fn, shards[0][2], sess.device)
     comm_hook = None
     if recipe.dist.ddp.comm_hook is not None:
         comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
     train_model = parallel.wrap(model, loss_fn, segments=segments, head_chunks=head_chunks, world_size=env.world_size,
                                 device=sess.device, ddp_cfg=recipe.dist.ddp, comm_hook=comm_hook,
                                 compile_=recipe.train.compile)
-    t = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler,
-                     shards, val_loader, log=Metrics([]), preempt=preempt,
-                     agreement=Agreement(sess.control if env.world_size > 1 else None),
-                     tokens_per_sample=_attr("tokens_per_sample", model, train_set),
-                     flops_per_sample=_attr("flops_per_sample", model, train_set),
-                     peak_flops=peak_flops(sess.device, recipe.train.precision),
-                     heartbeat=loop.Heartbeat() if env.is_rank0 else None)
-    t.profiler = _profiler(recipe, env, sess.device)
-    loop.new_log_window(t)
+
+    # the loop's state: fresh, or restored from the checkpoint
+    state, window, logger_ids = TrainState(), LogWindow.for_run(recipe.log.every_n_steps, plan.total_steps,
+                                                                sess.device), LoggerIds()
+    saved = resume.saved_objects(model, optimizer, scheduler, scaler, state, window, sess, logger_ids)
     if payload is not None:
-        resume.restore(t, payload, resume_from)  # last: it sets the RNG streams the loop continues
-        del payload
-    if simulate:  # each simulated rank starts with the streams that rank would have
-        t.rank_rng = {}
-        for r in ranks:
-            rng.seed_everything(recipe.seed + r)
-            t.rank_rng[r] = checkpoint.capture_rng()
+        resume.restore(payload, resume_from, saved, recipe, plan, sess)
+    rank_rng = _simulated_rank_streams(recipe.seed, ranks) if simulate else None
+    flops_per_sample = _attr("flops_per_sample", model, train_set)
     extra = [("threads per rank", threads)]
-    if env.is_rank0 and sess.device.type == "cpu" and t.flops_per_sample:
-        extra.append(("step time (estimate)", step_time_estimate(t.flops_per_sample, plan.global_batch,
+    if env.is_main and sess.device.type == "cpu" and flops_per_sample:
+        extra.append(("step time (estimate)", step_time_estimate(flops_per_sample, plan.global_batch,
                                                                  recipe.train.precision)))
     _print_plan(plan, env, model, simulate, extra)
-    if env.is_rank0:
+    if env.is_main:
         for warning in plan_warnings(recipe, plan, sess.device.type):
             log.warning(warning)
-    if env.is_rank0:
-        t.log = _metrics(t, resumed=resume_from is not None, continuing=resume_from is not None or env.restart_count > 0)
+    metrics = Metrics([])
+    if env.is_main:
+        metrics = _metrics(recipe, plan, state.step, logger_ids, resumed=resume_from is not None,
+                           continuing=resume_from is not None or env.restart_count > 0)
+    if payload is not None:
+        resume.restore_rng(payload, saved)  # last: these are the streams the loop continues
+        del payload
+    t = loop.Trainer(recipe, plan, sess, model, train_model, loss_fn, optimizer, scheduler, scaler, shards, val_loader,
+                     log=metrics, state=state, window=window, saved=saved,
+                     checkpointer=Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last,
+                                               is_writer=env.is_main, group=sess.control),
+                     preempt=preempt, agreement=Agreement(sess.control if env.world_size > 1 else None),
+                     profiler=_profiler(recipe, env, sess.device),
+                     heartbeat=loop.Heartbeat() if env.is_main else None,
+                     tokens_per_sample=_attr("tokens_per_sample", model, train_set),
+                     flops_per_sample=flops_per_sample, peak_flops=peak_flops(sess.device, recipe.train.precision),
+                     rank_rng=rank_rng)
+    return _fit(t, env)
+
+
+def _fit(t: loop.Trainer, env: ClusterEnv) -> TrainState:
+    """Train, save the final checkpoint and weights, and say how the run ended."""
+    recipe = t.recipe
     ok = False
     try:
         state = loop.fit(t)
-        if env.is_rank0 and "first_step" in startup.marks:
-            _write_startup(recipe.run_dir)
+        if env.is_main and "first_step" in startup.marks:
+            _write_startup(recipe.layout.startup)
         resume.check_finite(t)
         # final (or preemption) checkpoint: the run can be resumed or extended
         resume.save_checkpoint(t)
@@ -176,14 +178,23 @@ def _train_locked(recipe: Recipe, env: ClusterEnv, sess, preempt: PreemptionFlag
                             "to continue", 128 + signal.SIGINT)
         code = recipe.checkpoint.requeue_exit_code
         raise Preempted(f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code)
-    if env.is_rank0:
+    if env.is_main:
         # CPU tensors: loadable on any machine without map_location
-        checkpoint.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, recipe.layout.weights)
+        save_torch({k: v.detach().cpu() for k, v in t.model.state_dict().items()}, recipe.layout.weights)
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.layout.weights}")
     return state
 
 
-def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device):
+def _simulated_rank_streams(seed: int, ranks: list[int]) -> dict[int, dict[str, Any]]:
+    """Each simulated rank starts with the streams that rank would have."""
+    streams = {}
+    for r in ranks:
+        rng.seed_everything(seed + r)
+        streams[r] = capture_rng_state()
+    return streams
+
+
+def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device) -> StepProfiler | None:
     cfg = recipe.log.profile
     if cfg is None or env.rank not in cfg.ranks:
         return None
@@ -192,7 +203,9 @@ def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device):
                         memory=cfg.memory, with_stack=cfg.with_stack)
 
 
-def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_set, signals, ranks):
+def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess: Session, train_set: Dataset, val_set: Dataset | None,
+             signals: list[int], ranks: list[int]
+             ) -> tuple[list[tuple[int, ShardSampler, DataLoader]], DataLoader | None]:
     """One training shard per rank this process trains (its own, or each simulated rank's)."""
     d = recipe.data
     pin = d.pin_memory if d.pin_memory is not None else sess.device.type == "cuda"
@@ -213,8 +226,9 @@ def _loaders(recipe: Recipe, plan: Plan, env: ClusterEnv, sess, train_set, val_s
     return shards, val_loader
 
 
-def _checkpointing(recipe: Recipe, model, loss_fn, loader, device, optimizer) -> tuple[int, int]:
-    """(segments, head_chunks): from the recipe, or probed (segments: auto)."""
+def _activation_checkpointing(recipe: Recipe, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor],
+                              loader: DataLoader, device: torch.device) -> tuple[int, int]:
+    """Activation checkpointing's (segments, head_chunks): from the recipe, or probed (segments: auto)."""
     ac = recipe.train.activation_checkpointing
     if ac.segments != "auto":
         return ac.segments, ac.head_chunks
@@ -229,21 +243,22 @@ def _checkpointing(recipe: Recipe, model, loss_fn, loader, device, optimizer) ->
     return segments, chunks
 
 
-def _write_startup(run_dir: Path) -> None:
+def _write_startup(path: Path) -> None:
     report = startup.report()
-    (run_dir / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
+    path.write_text(json.dumps(report, indent=1) + "\n")
     if "launcher_s" in report:
         log.info(f"first optimizer step {report['first_step_s']:.2f} s after process start: import torch "
                  f"{report['torch_s']:.2f} s, model {report['model_build_s']:.2f} s, optimizer "
                  f"{report['optimizer_build_s']:.2f} s, the rest {report['launcher_s']:.2f} s")
 
 
-def _metrics(t: loop.Trainer, resumed: bool, continuing: bool) -> Metrics:
-    """Rank 0's sinks. `resumed`: from a checkpoint; `continuing`: the same run (resumed or restarted)."""
-    recipe, run_dir, step = t.recipe, t.recipe.run_dir, t.state.step
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(run_dir / "config.yaml", lambda f: f.write(recipe.to_yaml().encode()))
-    path = recipe.layout.metrics
+def _metrics(recipe: Recipe, plan: Plan, step: int, logger_ids: LoggerIds, resumed: bool, continuing: bool) -> Metrics:
+    """The main process's sinks. `resumed`: from a checkpoint (at `step`); `continuing`: the same run
+    (resumed or restarted)."""
+    layout = recipe.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(layout.config, lambda f: f.write(recipe.to_yaml().encode()))
+    path = layout.metrics
     if resumed and path.exists():
         # continue the history: rows past the checkpoint were trained again and are logged again;
         # a row torn by a crash mid-write is dropped (and rewritten when its step is trained again)
@@ -251,24 +266,24 @@ def _metrics(t: loop.Trainer, resumed: bool, continuing: bool) -> Metrics:
         if torn:
             log.warning(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
         kept = [json.dumps(r, allow_nan=True) for r in rows if r.get("step", 0) <= step]
-        checkpoint.atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept).encode()))
-    sinks: list = [JsonlSink(path, append=resumed)]
+        atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept).encode()))
+    sinks: list[Any] = [JsonlSink(path, append=resumed)]
     progress = recipe.log.progress
     if progress == "bar" or (progress == "auto" and sys.stdout.isatty()):
-        sinks.append(ProgressSink(t.plan.total_steps, step))
+        sinks.append(ProgressSink(plan.total_steps, step))
     else:
-        sinks.append(ConsoleSink(t.plan.total_steps))
+        sinks.append(ConsoleSink(plan.total_steps))
     if recipe.log.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tensorboard", step))
+        sinks.append(TensorBoardSink(layout.root / "tensorboard", step))
     if recipe.log.wandb is not None:
         from launcher import wandb_log
-        run_id = wandb_log.run_id(run_dir, t.logger_ids.get("wandb"), continuing)
-        t.logger_ids["wandb"] = run_id
-        sinks.append(wandb_log.WandbSink(recipe, run_dir, run_id))
+        run_id = wandb_log.run_id(layout.root, logger_ids.get("wandb"), continuing)
+        logger_ids["wandb"] = run_id
+        sinks.append(wandb_log.WandbSink(recipe, layout.root, run_id))
     return Metrics(sinks)
 
 
-def _attr(name: str, *objects) -> float | None:
+def _attr(name: str, *objects: object) -> float | None:
     """A per-sample figure the model or the dataset declares (GPT: tokens_per_sample, flops_per_sample)."""
     for obj in objects:
         value = getattr(obj, name, None)

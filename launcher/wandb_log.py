@@ -78,7 +78,7 @@ def run_id(run_dir: Path, from_checkpoint: str | None, continuing: bool) -> str:
         chosen = path.read_text().strip()
     else:
         chosen = uuid.uuid4().hex[:12]
-    from launcher.checkpoint import atomic_write
+    from launcher.storage import atomic_write
 
     atomic_write(path, lambda f: f.write((chosen + "\n").encode()))  # never a torn, empty id
     return chosen

@@ -129,7 +129,7 @@ def test_plot_says_when_there_is_nothing_to_plot(tmp_path):
 
 
 def test_short_rows_are_drawn_off_the_line():
-    from launcher.plot import split_short_rows
+    from launcher.commands.plot import split_short_rows
 
     rows = [{"step": s, "loss": 1.0, "samples": n} for s, n in ((20, 1280), (23, 192), (43, 1280), (46, 192), (66, 1280))]
     full, short = split_short_rows(rows)

@@ -243,3 +243,39 @@ def test_bad_resume_paths_and_other_models_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint.resume: "), proc.stderr
         assert phrase in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- checkpoints from older versions
+
+GOLDEN = Path(__file__).parent / "golden" / "checkpoint_format1"
+
+
+def test_a_format_1_checkpoint_resumes_to_the_weights_its_own_version_reached(tmp_path):
+    """Pins the on-disk format on purpose. tests/golden/checkpoint_format1 was written by launcher at
+    commit 7b4d025, before the Stateful checkpointer (format 1): step_00000004 is this module's
+    resumable recipe stopped at step 4, model_step9.pt that version's uninterrupted 9-step run. The
+    new code reads the old payload (upgrading it) and continues to the same weights. Compared to
+    float tolerance, not bit for bit: the file was made on another machine, whose CPU kernels may
+    round differently."""
+    run_dir = tmp_path / "run"
+    import shutil
+    shutil.copytree(GOLDEN / "step_00000004", run_dir / "checkpoints" / "step_00000004")
+    assert in_process(run_dir).step == 9  # checkpoint.resume: auto finds it
+    expected = torch.load(GOLDEN / "model_step9.pt", weights_only=True)
+    got = load_weights(run_dir)
+    assert got.keys() == expected.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("payload,phrase", [
+    ({"format": 99}, "is in checkpoint format 99, newer than this launcher reads (1 to 2)"),
+    ({"weights": 1}, "holds no launcher checkpoint (no format number)"),
+])
+def test_a_checkpoint_in_an_unknown_format_is_refused_in_one_line(tmp_path, payload, phrase):
+    run_dir = tmp_path / "run"
+    checkpoint.write_checkpoint(run_dir / "checkpoints", 3, payload)
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe(run_dir)))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint.resume: "), proc.stderr
+    assert phrase in proc.stderr, proc.stderr

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli, slurm
+from launcher import cli
+from launcher.commands import slurm
 from launcher.recipe import load
 from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from runs import assert_identical, free_port, gate, recipe

@@ -1,13 +1,17 @@
 """`launcher check`: everything that can be validated without a process group or a GPU."""
 from __future__ import annotations
 
+import argparse
+import os
+
 import torch
 
 from launcher import components, parallel
 from launcher.builders import build_datasets, checked_model
 from launcher.cpu import step_time_estimate
-from launcher.memory import checkpoint_bytes
-from launcher.errors import BuildError, LaunchError
+from launcher.memory import state_checkpoint_bytes
+from launcher.commands import positive
+from launcher.errors import EXIT_OK, BuildError, LaunchError
 from launcher.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
 
@@ -45,7 +49,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     n_params = sum(p.numel() for p in model.parameters())
-    space = recipe.layout.space_warning(checkpoint_bytes(model))
+    space = recipe.layout.space_warning(state_checkpoint_bytes(model))
     if space:
         notes.append(f"checkpoint.dir: {space}")
     try:
@@ -78,3 +82,25 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     out += [f"warning: {n}" for n in notes]
     return "\n".join(out)
 
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser("check", help="validate a recipe and print the resolved config and plan",
+                           description="Validate RECIPE and print the resolved config and the plan. "
+                                       "Creates no process group and touches no GPU, but imports the recipe's "
+                                       "components and builds its model (on the meta device) and datasets: "
+                                       "a recipe is code; check only recipes you trust.")
+    check.add_argument("recipe", nargs="?", help="path to the recipe YAML")
+    check.add_argument("overrides", nargs="*", metavar="key.path=value")
+    check.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="plan for N ranks (default: WORLD_SIZE if set, else 1)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from launcher import recipe as recipes
+
+    positive(args.nproc, "--nproc")
+    recipe = recipes.load(args.recipe, args.overrides)
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
+    print(check_recipe(recipe, world))
+    return EXIT_OK

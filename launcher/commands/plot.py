@@ -4,9 +4,10 @@ Several runs are overlaid, one colour each. The PNG's metadata names its panels 
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from launcher.errors import LaunchError
+from launcher.errors import EXIT_OK, LaunchError
 
 PANELS = ("loss", "evaluation", "learning rate", "throughput")
 
@@ -88,3 +89,19 @@ def split_short_rows(train: list[dict]) -> tuple[list[dict], list[dict]]:
     usual = sizes[len(sizes) // 2]
     short = [r for r in train if r.get("samples", usual) < usual / 2]
     return [r for r in train if r not in short], short
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("plot", help="plot loss, evaluation, lr and throughput of one or more runs",
+                        description="Write a PNG of loss, evaluation metrics, lr and throughput against step; "
+                                    "several run directories are overlaid.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("-o", "--output", help="the PNG to write (default: RUN_DIR/metrics.png, or ./runs.png for several runs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.output) if args.output else (dirs[0] / "metrics.png" if len(dirs) == 1 else Path("runs.png"))
+    plot(dirs, out)
+    print(out)
+    return EXIT_OK

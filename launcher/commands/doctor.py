@@ -6,6 +6,7 @@ can name the ranks that never arrived; the process group then forms on the same 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from launcher.distributed import pick_backend
 from launcher.env import ClusterEnv
+from launcher.commands import positive
 from launcher.errors import LaunchError
 
 
@@ -137,3 +139,20 @@ def _report(env: ClusterEnv, rows: list[dict], checks: list[tuple[str, bool, str
     lines.append("all checks passed" if not failed else f"{len(failed)} check(s) failed")
     print("\n".join(lines), flush=True)
     return 1 if failed else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    doc = sub.add_parser("doctor", help="check backends, devices, addresses and an all_reduce across the job",
+                         description="Start it the way the job is started (torchrun, srun, or --nproc N); "
+                                     "rank 0 prints a table. Exits 1 if any check fails.")
+    doc.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local ranks")
+    doc.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
+    doc.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for every rank (default 30)")
+
+
+def main(args: argparse.Namespace) -> int:
+    positive(args.nproc, "--nproc")
+    if args.nproc is not None:
+        from launcher.local import elastic
+        return elastic(["doctor", "--backend", args.backend, "--timeout-s", str(args.timeout_s)], args.nproc)
+    return run(ClusterEnv.detect(), args.backend, args.timeout_s)

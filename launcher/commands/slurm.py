@@ -7,6 +7,7 @@ Templates (launcher/templates, also at slurm/ in the repository):
 """
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import shutil
@@ -14,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.errors import LaunchError
+from launcher.commands import positive
+from launcher.errors import EXIT_OK, LaunchError
 from launcher.recipe import Recipe
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = Path(__file__).parent.parent / "templates"
 
 
 def template_name(mode: str, nodes: int) -> str:
@@ -78,3 +80,49 @@ def write_and_submit(text: str, path: Path, submit: bool) -> str | None:
         last = re.sub(r"^(sbatch:\s*)?(error:\s*)?", "", last)
         raise LaunchError("sbatch", last)
     return out.stdout.strip().split(";")[0]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    sl = sub.add_parser("slurm", help="write an sbatch script for a recipe (and submit it)",
+                        description="Render the sbatch script for RECIPE into its run directory and print its path; "
+                                    "with --submit, submit it with sbatch.")
+    sl.add_argument("recipe", nargs="?", help="path to the recipe YAML")
+    sl.add_argument("overrides", nargs="*", metavar="key.path=value")
+    sl.add_argument("--mode", choices=["torchrun", "per-gpu"], default="torchrun",
+                    help="torchrun: one torchrun per node starts the workers (default); per-gpu: one SLURM task per GPU")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node; 0 for CPU-only nodes")
+    sl.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
+    sl.add_argument("--partition")
+    sl.add_argument("--time", help="time limit, e.g. 24:00:00")
+    sl.add_argument("--account")
+    sl.add_argument("--job-name", help="default: the recipe's name")
+    sl.add_argument("--cpus-per-task", type=int, default=None)
+    sl.add_argument("--grace-s", type=int, default=120, help="seconds between the preemption warning and the time limit")
+    sl.add_argument("--python", help="the Python with launcher installed, as the nodes see it (default: this one)")
+    sl.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+
+
+def main(args: argparse.Namespace) -> int:
+    from launcher import recipe as recipes
+    from launcher.commands.check import check_static
+
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else args.gpus_per_node
+    positive(args.nodes, "--nodes")
+    positive(nproc, "--nproc-per-node")
+    if args.gpus_per_node < 0:
+        raise LaunchError("--gpus-per-node", f"must be 0 or more, got {args.gpus_per_node}")
+    if args.gpus_per_node and nproc > args.gpus_per_node:
+        raise LaunchError("--nproc-per-node", f"{nproc} ranks per node for {args.gpus_per_node} GPUs; use at most one rank per GPU")
+    recipe = recipes.load(args.recipe, args.overrides)
+    check_static(recipe, args.nodes * nproc)
+    text = render(recipe, args.recipe, args.overrides, mode=args.mode, nodes=args.nodes,
+                  gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, partition=args.partition,
+                  time=args.time, account=args.account, job_name=args.job_name,
+                  cpus_per_task=args.cpus_per_task, grace_s=args.grace_s, python=args.python)
+    path = recipe.run_dir / template_name(args.mode, args.nodes)
+    job = write_and_submit(text, path, args.submit)
+    print(path)
+    if job:
+        print(f"submitted job {job}; log: {recipe.run_dir.resolve()}/slurm-{job}.out")
+    return EXIT_OK

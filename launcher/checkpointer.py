@@ -1,0 +1,87 @@
+"""Saving and restoring a run's state as a dict of named objects.
+
+Everything that is saved (model, optimizer, scheduler, scaler, train state, log window, RNG
+streams, logger ids) has `state_dict()` / `load_state_dict()`, the shape of torch's modules and
+optimizers and of `torch.distributed.checkpoint`'s `Stateful`. The checkpointer knows nothing of
+what the objects are: it asks each for its state on every rank (gathering RNG streams or shards is a
+collective), has the writing rank store the result as one step directory (launcher/checkpoint.py:
+atomic, verified), and gives each object back its part on restore. What to save, when, and which
+recipe may continue a checkpoint is the run's policy (launcher/resume.py).
+
+Format 2 (this one): {"format": 2, <metadata>, <name>: <that object's state_dict> or None}.
+Format 1 (launcher 0.x before the checkpointer) is read and upgraded; a newer format is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+from launcher import checkpoint, distributed
+from launcher.errors import RecipeError
+
+FORMAT = 2
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    directory: Path
+    keep_last: int
+    is_writer: bool  # the one process that writes a (replicated) checkpoint: rank 0
+    group: Any = None  # the process group every rank waits on until the checkpoint is on disk
+
+    def save(self, step: int, objects: Mapping[str, Stateful | None], metadata: Mapping[str, Any],
+             summary: Mapping[str, Any] | None = None) -> Path | None:
+        """Every rank calls this at the same step, with the same names. Returns the step directory
+        on the writer, None elsewhere. `summary`: small facts also kept in the COMPLETE marker."""
+        overlap = set(objects) & set(metadata)
+        if overlap:
+            raise ValueError(f"checkpoint names used twice: {sorted(overlap)}")
+        states = {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
+        path = None
+        if self.is_writer:
+            payload = {"format": FORMAT, **metadata, **states}
+            path = checkpoint.write_checkpoint(self.directory, step, payload, summary=dict(summary or {}))
+            checkpoint.prune(self.directory, self.keep_last)
+        # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
+        distributed.barrier(self.group)
+        return path
+
+
+def read(path: Path) -> dict[str, Any]:
+    """A verified checkpoint directory's payload, in the current format."""
+    return upgrade(checkpoint.load(path), path)
+
+
+def restore(payload: Mapping[str, Any], objects: Mapping[str, Stateful | None]) -> None:
+    """Give each object its saved state. An object absent on either side (a run without a
+    scheduler, say) is skipped: the caller decides whether that is worth a warning."""
+    for name, obj in objects.items():
+        if obj is not None and payload.get(name) is not None:
+            obj.load_state_dict(payload[name])
+
+
+def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Format 1 -> 2: the RNG streams were a bare list of ranks; no log window or logger ids yet."""
+    version = payload.get("format") if isinstance(payload, dict) else None
+    if version == FORMAT:
+        return payload
+    if version == 1:
+        upgraded = dict(payload, format=FORMAT)
+        upgraded["rng"] = {"ranks": payload["rng"]}
+        upgraded.setdefault("loggers", {})
+        upgraded.setdefault("log_window", None)
+        return upgraded
+    if isinstance(version, int) and version > FORMAT:
+        raise RecipeError("checkpoint.resume", f"{path} is in checkpoint format {version}, newer than this launcher "
+                                               f"reads (1 to {FORMAT}); resume it with the launcher that wrote it, or "
+                                               "start over with checkpoint.resume=none run.overwrite=true")
+    raise RecipeError("checkpoint.resume", f"{path} holds no launcher checkpoint (no format number); "
+                                           "point checkpoint.resume at a step_N directory the launcher wrote")

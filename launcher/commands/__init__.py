@@ -1,0 +1,14 @@
+"""One module per subcommand. Each has `add_parser(subparsers)` (its arguments and help) and
+`main(args) -> exit code` (validate the arguments, call the layers below). `launcher.cli` builds the
+parser from them and turns errors into exit codes; heavy imports stay inside `main`, so that
+`launcher --help` and a typo answer at once."""
+from __future__ import annotations
+
+from launcher.errors import LaunchError
+
+NAMES = ("run", "check", "doctor", "debug", "plot", "slurm")  # in `launcher --help` order
+
+
+def positive(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise LaunchError(option, f"must be at least 1, got {value}")
