@@ -15,6 +15,7 @@ warm-up of each configuration with the launcher's profiler (`log.profile`, with 
 implementation; bench/trace_diff.py compares two traces. The launcher runs from a recipe
 (bench/recipes/), as `python -m launcher run`, and its numbers come from its own metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def shapes(workload: str, device: str, batch: int | None) -> dict:
 def build(workload: str, s: dict, device):
     """Model, dataset, loss and units per sample, shared by every implementation."""
     import torch
+
     from launcher.datasets.synthetic import Images, Tokens
     from launcher.losses import TokenCrossEntropy
     from launcher.models import GPT, ResNet18
@@ -71,14 +73,23 @@ def build(workload: str, s: dict, device):
 
 def loader(dataset, batch: int, device, workers: int):
     import torch
+
     pin = device.type == "cuda" and os.environ.get("BENCH_PIN", "1") == "1"  # BENCH_PIN=0: an experiment switch
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                       pin_memory=pin, persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+    )
 
 
 def time_loop(step, batches, args, device, units_per_sample: int, batch: int) -> dict:
     """Warm up, then time chunks of steps; report the median chunk. `step(inputs, targets)`."""
     import torch
+
     from launcher.startup import process_start
 
     def sync():
@@ -103,8 +114,10 @@ def time_loop(step, batches, args, device, units_per_sample: int, batch: int) ->
     sync()
     if args.profile:  # the launcher's own profiler, on the same steps as the launcher's (after the warm-up)
         from launcher.profiling import StepProfiler
-        prof = StepProfiler(Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS,
-                            memory=True)
+
+        prof = StepProfiler(
+            Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS, memory=True
+        )
         prof.after_step(0)
         for i in range(PROFILE_STEPS + 1):
             step(*next_batch())
@@ -118,11 +131,15 @@ def time_loop(step, batches, args, device, units_per_sample: int, batch: int) ->
         sync()
         chunk_times.append((time.perf_counter() - t0) / args.chunk)
     step_s = statistics.median(chunk_times)
-    return {"throughput": batch * units_per_sample / step_s, "step_ms": step_s * 1e3, "first_step_s": first_step,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "throughput": batch * units_per_sample / step_s,
+        "step_ms": step_s * 1e3,
+        "first_step_s": first_step,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
-def worker(args) -> dict:
+def worker(args) -> dict:  # noqa: C901 - one branch per implementation, side by side on purpose
     import torch
     from torch.utils.checkpoint import checkpoint_sequential
 
@@ -152,11 +169,13 @@ def worker(args) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         batches = loader(dataset, s["batch"], device, args.workers)
         if os.environ.get("BENCH_DEVICE_DATA") == "1":  # an experiment switch: one batch, already on the device
             batches = [tuple(t.to(device) for t in next(iter(batches)))]
     elif args.worker == "accelerate":
         from accelerate import Accelerator
+
         acc = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
         model, opt, batches = acc.prepare(model, opt, loader(dataset, s["batch"], device, args.workers))
@@ -171,6 +190,7 @@ def worker(args) -> dict:
             opt.zero_grad(set_to_none=True)
     elif args.worker == "fabric":
         import lightning as L
+
         fabric = L.Fabric(accelerator=device.type, devices=1, precision="bf16-mixed")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
         model, opt = fabric.setup(model, opt)
@@ -199,23 +219,45 @@ def run_launcher(args, overrides: list[str]) -> dict:
     # with --profile, more chunks: those the profiler (and its warm-up step) runs in are not timed
     chunks = args.chunks + (math.ceil((PROFILE_STEPS + 1) / args.chunk) if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [f"run.dir={tmp}", f"log.every_n_steps={args.chunk}", f"train.max_steps={args.warmup + chunks * args.chunk}",
-                f"data.batch_size={s['batch']}", f"data.num_workers={args.workers}", "log.progress=lines",
-                f"train.compile={str(args.compile).lower()}"]
+        sets = [
+            f"run.dir={tmp}",
+            f"log.every_n_steps={args.chunk}",
+            f"train.max_steps={args.warmup + chunks * args.chunk}",
+            f"data.batch_size={s['batch']}",
+            f"data.num_workers={args.workers}",
+            "log.progress=lines",
+            f"train.compile={str(args.compile).lower()}",
+        ]
         if args.workload == "gpt":
-            sets += [f"model.{k}={s[v]}" for k, v in (("vocab_size", "vocab"), ("seq_len", "seq"), ("d_model", "d"),
-                                                        ("n_layers", "layers"), ("n_heads", "heads"))]
+            sets += [
+                f"model.{k}={s[v]}"
+                for k, v in (
+                    ("vocab_size", "vocab"),
+                    ("seq_len", "seq"),
+                    ("d_model", "d"),
+                    ("n_layers", "layers"),
+                    ("n_heads", "heads"),
+                )
+            ]
             sets += [f"data.train.seq_len={s['seq']}", f"data.train.vocab_size={s['vocab']}"]
         sets += [f"data.train.size={s['batch'] * 64}"]
         if args.ckpt:
             sets.append(f"train.activation_checkpointing.segments={s['segments']}")
         if args.profile:
-            sets += [f"log.profile.start_step={args.warmup}", f"log.profile.steps={PROFILE_STEPS}", "log.profile.memory=true"]
+            sets += [
+                f"log.profile.start_step={args.warmup}",
+                f"log.profile.steps={PROFILE_STEPS}",
+                "log.profile.memory=true",
+            ]
         if args.device == "cpu":
             sets += ["train.precision=bf16", "dist.backend=gloo"]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        proc = subprocess.run([sys.executable, "-m", "launcher", "run", str(recipe), *sets, *overrides],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher", "run", str(recipe), *sets, *overrides],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": path},
+        )
         if proc.returncode:
             raise SystemExit(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -227,9 +269,14 @@ def run_launcher(args, overrides: list[str]) -> dict:
     timed = [r for r in rows if "loss" in r and r["step"] > args.warmup and not r.get("profiled")]
     step_s = statistics.median(r["step_time_s"] for r in timed)
     units = s["seq"] if args.workload == "gpt" else 1
-    out = {"throughput": s["batch"] * units / step_s, "step_ms": step_s * 1e3, "first_step_s": startup["first_step_s"],
-           "peak_gib": timed[-1].get("peak_mem_gib"), "data_wait": statistics.median(r["data_wait"] for r in timed),
-           "launcher_startup_s": startup.get("launcher_s")}
+    out = {
+        "throughput": s["batch"] * units / step_s,
+        "step_ms": step_s * 1e3,
+        "first_step_s": startup["first_step_s"],
+        "peak_gib": timed[-1].get("peak_mem_gib"),
+        "data_wait": statistics.median(r["data_wait"] for r in timed),
+        "launcher_startup_s": startup.get("launcher_s"),
+    }
     if "mfu" in timed[-1]:
         out["mfu"] = statistics.median(r["mfu"] for r in timed)
     return out
@@ -238,10 +285,27 @@ def run_launcher(args, overrides: list[str]) -> dict:
 # ---------------------------------------------------------------- the parent: one table
 
 
-def spawn(args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: list[str], profile_name: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--workload", workload, "--device", args.device,
-           "--warmup", str(args.warmup), "--chunk", str(args.chunk), "--chunks", str(args.chunks),
-           "--workers", str(args.workers)]
+def spawn(
+    args, impl: str, workload: str, ckpt: bool, compile_: bool, extra: list[str], profile_name: str | None
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--workload",
+        workload,
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--chunk",
+        str(args.chunk),
+        "--chunks",
+        str(args.chunks),
+        "--workers",
+        str(args.workers),
+    ]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if ckpt:
@@ -265,17 +329,27 @@ def main() -> None:
     p.add_argument("--impls", default="raw,launcher,accelerate,fabric")
     p.add_argument("--ckpt", choices=["off", "on", "both"], default="both")
     p.add_argument("--compile", action="store_true", help="also compiled GPT rows (raw and launcher)")
-    p.add_argument("--ckpt-table", action="store_true", help="the launcher's checkpointing settings: memory against time")
+    p.add_argument(
+        "--ckpt-table", action="store_true", help="the launcher's checkpointing settings: memory against time"
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--chunk", type=int, default=10)
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="2 warm-up steps and 2 chunks of 2: checks, not figures")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run everything this many times, interleaved, each implementation first in turn; report medians")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help=f"also trace {PROFILE_STEPS} steps after the warm-up with torch.profiler; summaries and traces go to DIR")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run everything this many times, interleaved, each implementation first in turn; report medians",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help=f"also trace {PROFILE_STEPS} steps after the warm-up with torch.profiler; summaries and traces go to DIR",
+    )
     p.add_argument("--json", default=None, help="also write the results here (after every group)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
@@ -296,17 +370,20 @@ def main() -> None:
         for workload in args.workloads.split(","):
             for ckpt in ckpts:
                 impls = args.impls.split(",")
-                impls = impls[round_ % len(impls):] + impls[:round_ % len(impls)]  # each goes first in turn
+                impls = impls[round_ % len(impls) :] + impls[: round_ % len(impls)]  # each goes first in turn
                 for impl in impls:
                     runs.append(one(args, workload, ckpt, impl, False, [], round_))
             if args.compile and workload == "gpt":
-                for impl in ("raw", "launcher")[::1 if round_ % 2 == 0 else -1]:
+                for impl in ("raw", "launcher")[:: 1 if round_ % 2 == 0 else -1]:
                     runs.append(one(args, workload, False, f"{impl} compiled", True, [], round_))
             if args.ckpt_table:
                 body = shapes(workload, args.device, args.batch)
                 n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
                 for seg, chunks in [(0, 0), (2, 0), (4, 0), (n // 2, 0), (n, 0), (0, 8), (2, 8), (4, 8), (n, 8)]:
-                    extra = [f"train.activation_checkpointing.segments={seg}", f"train.activation_checkpointing.head_chunks={chunks}"]
+                    extra = [
+                        f"train.activation_checkpointing.segments={seg}",
+                        f"train.activation_checkpointing.head_chunks={chunks}",
+                    ]
                     runs.append(one(args, workload, f"{seg}/{chunks}", "launcher", False, extra, round_))
             if args.json:  # after every group: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps({"runs": runs, "rows": aggregate(runs)}, indent=1))
@@ -356,6 +433,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def _has(module: str) -> bool:
     import importlib.util
+
     return importlib.util.find_spec(module) is not None
 
 
@@ -365,22 +443,37 @@ def _line(r: dict) -> str:
     return f"{r['workload']:<9} ckpt={r['ckpt']!s:<5} {r['impl']:<18} {r['throughput']:>12,.0f}  {r['step_ms']:8.2f} ms"
 
 
-def table(rows: list[dict], args) -> str:
-    out = ["| workload | checkpointing | implementation | throughput | vs hand-written | step ms | peak GiB | first step s | notes |",
-           "|---|---|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], args) -> str:  # noqa: ARG001 - every report function takes the arguments
+    out = [
+        "| workload | checkpointing | implementation | throughput | vs hand-written | step ms | peak GiB "
+        "| first step s | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         unit = WORKLOADS[r["workload"]][1]
         if "error" in r:
             out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | - | - | - | - | - | {r['error']} |")
             continue
-        ref = next((x for x in rows if x["workload"] == r["workload"] and x["ckpt"] == r["ckpt"] and x["impl"] == "raw"
-                    and "error" not in x), None)
+        ref = next(
+            (
+                x
+                for x in rows
+                if x["workload"] == r["workload"] and x["ckpt"] == r["ckpt"] and x["impl"] == "raw" and "error" not in x
+            ),
+            None,
+        )
         if r["impl"].endswith("compiled"):
             ref = next((x for x in rows if x["impl"] == "raw compiled" and "error" not in x), ref)
         ratio = f"{r['throughput'] / ref['throughput']:.3f}" if ref else "-"
         notes = []
-        peers = [x for x in rows if x["workload"] == r["workload"] and x["ckpt"] == r["ckpt"] and "error" not in x
-                 and x["impl"] in ("accelerate", "fabric")]
+        peers = [
+            x
+            for x in rows
+            if x["workload"] == r["workload"]
+            and x["ckpt"] == r["ckpt"]
+            and "error" not in x
+            and x["impl"] in ("accelerate", "fabric")
+        ]
         if r["impl"] == "launcher" and peers:
             best = max(peers, key=lambda x: x["throughput"])
             notes.append(f"{r['throughput'] / best['throughput']:.3f}x the fastest peer ({best['impl']})")
@@ -396,8 +489,10 @@ def table(rows: list[dict], args) -> str:
         spread = ""
         if r.get("repeats", 1) > 1:
             spread = f" ({r['range'][0]:,.0f} to {r['range'][1]:,.0f}, n={r['repeats']})"
-        out.append(f"| {r['workload']} | {r['ckpt']} | {r['impl']} | {r['throughput']:,.0f} {unit}{spread} | {ratio} | "
-                   f"{r['step_ms']:.2f} | {peak} | {r['first_step_s']:.2f} | {', '.join(notes)} |")
+        out.append(
+            f"| {r['workload']} | {r['ckpt']} | {r['impl']} | {r['throughput']:,.0f} {unit}{spread} | {ratio} | "
+            f"{r['step_ms']:.2f} | {peak} | {r['first_step_s']:.2f} | {', '.join(notes)} |"
+        )
     return "\n".join(out)
 
 

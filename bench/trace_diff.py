@@ -10,6 +10,7 @@ memory during the recorded steps. E.g. the launcher against the hand-written loo
     python bench/bench.py --workloads resnet18 --impls raw,launcher --ckpt off --profile /tmp/prof
     python bench/trace_diff.py /tmp/prof/resnet18-nockpt-raw.trace.json /tmp/prof/resnet18-nockpt-launcher.trace.json
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """The recipe's model and datasets, each built from its own random stream (rng.py) and checked to be
 what the launcher needs, for `launcher run` and `launcher check` alike."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,10 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
         if ds is not None and not hasattr(ds, "__len__"):
             raise RecipeError(key, f"{type(ds).__name__} has no len(); the launcher needs a map-style dataset")
         if ds is not None and not hasattr(ds, "__getitem__"):
-            raise RecipeError(f"{key}._component_", f"built a {type(ds).__name__}, which has no __getitem__; "
-                                                    "name a map-style torch Dataset")
+            raise RecipeError(
+                f"{key}._component_",
+                f"built a {type(ds).__name__}, which has no __getitem__; name a map-style torch Dataset",
+            )
     return train_set, val_set
 
 
@@ -35,6 +38,9 @@ def build_model(recipe: Recipe) -> torch.nn.Module:
 
 def checked_model(model: Any, recipe: Recipe) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
-        raise RecipeError("model._component_", f"{recipe.model['_component_']} built a {type(model).__name__}, "
-                                               "not a torch.nn.Module; name a module class or a function that returns one")
+        raise RecipeError(
+            "model._component_",
+            f"{recipe.model['_component_']} built a {type(model).__name__}, "
+            "not a torch.nn.Module; name a module class or a function that returns one",
+        )
     return model

@@ -7,6 +7,7 @@ state.pt) is written last, and only then is the directory renamed into place. A 
 therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
 Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ _STEP_DIR = re.compile(r"step_(\d+)$")
 # ---------------------------------------------------------------- checkpoint directories
 
 
-def write_checkpoint(directory: Path, step: int, payload: dict[str, Any], summary: dict[str, Any] | None = None) -> Path:
+def write_checkpoint(
+    directory: Path, step: int, payload: dict[str, Any], summary: dict[str, Any] | None = None
+) -> Path:
     """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
     removes the partial directory and raises one line naming the path and the free space.
     `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt."""
@@ -46,8 +49,13 @@ def write_checkpoint(directory: Path, step: int, payload: dict[str, Any], summar
             f.flush()
             os.fsync(f.fileno())
         _crash_point("after-state")
-        marker = {"step": step, "bytes": state_path.stat().st_size, "sha256": sha256_of(state_path), "time": time.time(),
-                  **(summary or {})}
+        marker = {
+            "step": step,
+            "bytes": state_path.stat().st_size,
+            "sha256": sha256_of(state_path),
+            "time": time.time(),
+            **(summary or {}),
+        }
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
             shutil.rmtree(final)
@@ -129,10 +137,14 @@ def resolve_resume(resume: str, directory: Path, warn: bool = True) -> Path | No
         existing = [p.name for p in list_checkpoints(path.parent if path.parent.is_dir() else directory)]
         where = path.parent if path.parent.is_dir() and existing else directory
         have = f"; {where} holds {', '.join(existing[:5])}" if existing else ""
-        raise RecipeError("checkpoint.resume", f"{path} does not exist (checkpoint.keep_last may have deleted it){have}; "
-                                               "use one of those, auto, or none")
+        raise RecipeError(
+            "checkpoint.resume",
+            f"{path} does not exist (checkpoint.keep_last may have deleted it){have}; use one of those, auto, or none",
+        )
     is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
-    problem = verify(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+    problem = (
+        verify(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+    )
     if problem:
         raise RecipeError("checkpoint.resume", f"{path}: {problem}")
     return path

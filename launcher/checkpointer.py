@@ -11,11 +11,13 @@ recipe may continue a checkpoint is the run's policy (launcher/resume.py).
 Format 2 (this one): {"format": 2, <metadata>, <name>: <that object's state_dict> or None}.
 Format 1 (launcher 0.x before the checkpointer) is read and upgraded; a newer format is refused.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from launcher import checkpoint, distributed
 from launcher.errors import RecipeError
@@ -37,8 +39,13 @@ class Checkpointer:
     is_writer: bool  # the one process that writes a (replicated) checkpoint: rank 0
     group: Any = None  # the process group every rank waits on until the checkpoint is on disk
 
-    def save(self, step: int, objects: Mapping[str, Stateful | None], metadata: Mapping[str, Any],
-             summary: Mapping[str, Any] | None = None) -> Path | None:
+    def save(
+        self,
+        step: int,
+        objects: Mapping[str, Stateful | None],
+        metadata: Mapping[str, Any],
+        summary: Mapping[str, Any] | None = None,
+    ) -> Path | None:
         """Every rank calls this at the same step, with the same names. Returns the step directory
         on the writer, None elsewhere. `summary`: small facts also kept in the COMPLETE marker."""
         overlap = set(objects) & set(metadata)
@@ -80,8 +87,14 @@ def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:
         upgraded.setdefault("log_window", None)
         return upgraded
     if isinstance(version, int) and version > FORMAT:
-        raise RecipeError("checkpoint.resume", f"{path} is in checkpoint format {version}, newer than this launcher "
-                                               f"reads (1 to {FORMAT}); resume it with the launcher that wrote it, or "
-                                               "start over with checkpoint.resume=none run.overwrite=true")
-    raise RecipeError("checkpoint.resume", f"{path} holds no launcher checkpoint (no format number); "
-                                           "point checkpoint.resume at a step_N directory the launcher wrote")
+        raise RecipeError(
+            "checkpoint.resume",
+            f"{path} is in checkpoint format {version}, newer than this launcher "
+            f"reads (1 to {FORMAT}); resume it with the launcher that wrote it, or "
+            "start over with checkpoint.resume=none run.overwrite=true",
+        )
+    raise RecipeError(
+        "checkpoint.resume",
+        f"{path} holds no launcher checkpoint (no format number); "
+        "point checkpoint.resume at a step_N directory the launcher wrote",
+    )

@@ -1,5 +1,6 @@
 """`launcher COMMAND ...`: the parser (each command adds its own, launcher/commands/), and the one
 place errors become exit codes: 0 success, 2 user error (one line on stderr), 1 anything else."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,6 @@ from typing import NoReturn
 from launcher import __version__, commands
 from launcher.errors import EXIT_FAILED, EXIT_USAGE, LaunchError, Preempted, RecipeError, TrainingError, UserError
 from launcher.local import CHILD_ENV, PARENT_PID_ENV
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,12 +37,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
     if unknown:
-        raise LaunchError(f"launcher {args.command}", f"unrecognized argument {unknown[0]!r}; see launcher {args.command} --help")
+        raise LaunchError(
+            f"launcher {args.command}", f"unrecognized argument {unknown[0]!r}; see launcher {args.command} --help"
+        )
     if extra:
         args.overrides = [*args.overrides, *extra]
     if hasattr(args, "recipe") and not args.recipe:
-        raise LaunchError(f"launcher {args.command}", f"which recipe? e.g. launcher {args.command} recipes/quickstart.yaml "
-                                                     "[key.path=value ...]")
+        raise LaunchError(
+            f"launcher {args.command}",
+            f"which recipe? e.g. launcher {args.command} recipes/quickstart.yaml [key.path=value ...]",
+        )
     return args
 
 
@@ -74,9 +78,8 @@ def _traceback_if_debugging() -> None:
     """LAUNCHER_DEBUG=1: every user error also shows where it was raised."""
     if os.environ.get("LAUNCHER_DEBUG") == "1":
         import traceback
+
         traceback.print_exc()
-
-
 
 
 def report(exc: Exception | None, line: str, code: int) -> int:
@@ -84,8 +87,9 @@ def report(exc: Exception | None, line: str, code: int) -> int:
     torchrun (or our own parent) reports the root cause of a multi-process failure."""
     if exc is not None and os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
         ErrorHandler().record_exception(exc)
-    if _rank() == 0 and not os.environ.get(CHILD_ENV):
+    if _rank() == 0 and not os.environ.get(CHILD_ENV):  # the main process of the job
         print(line, file=sys.stderr, flush=True)
     return code
 
@@ -110,6 +114,7 @@ def entry() -> None:
     startup.mark("python")
     if os.environ.get(PARENT_PID_ENV, "").isdigit():  # a worker of `launcher run --nproc`: die with it
         from launcher.signals import die_with_parent
+
         die_with_parent(int(os.environ[PARENT_PID_ENV]))
     import torch  # noqa: F401
 

@@ -5,13 +5,15 @@
 passing runtime arguments (the parameters, the optimizer, ...) the recipe cannot name.
 Nested dicts with `_component_` inside the arguments are built first.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from launcher.errors import BuildError, RecipeError
 from launcher.recipe import suggest
@@ -30,17 +32,25 @@ def resolve(target: str, key: str) -> Callable:
         except ModuleNotFoundError as e:
             # only "this prefix does not exist" means try a shorter one; a missing dependency is the answer
             if e.name is None or not ".".join(parts[:cut]).startswith(e.name):
-                raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {e}; install the missing package") from None
+                raise RecipeError(
+                    f"{key}.{TARGET}", f"importing {target} failed: {e}; install the missing package"
+                ) from None
             error = e
         except Exception as e:  # the module exists but fails to import: report, do not hide it
             if debugging():
                 raise
-            raise RecipeError(f"{key}.{TARGET}", f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
-                                                 f"{type(e).__name__}: {first_line(e)} {DEBUG_HINT}") from None
+            raise RecipeError(
+                f"{key}.{TARGET}",
+                f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
+                f"{type(e).__name__}: {first_line(e)} {DEBUG_HINT}",
+            ) from None
     if module is None:
-        raise RecipeError(f"{key}.{TARGET}", f"cannot import {target!r} ({error}); looked in {os.getcwd()} (the "
-                                             "working directory) and the installed packages: check the spelling, run "
-                                             "from the directory that holds the module, or install its package")
+        raise RecipeError(
+            f"{key}.{TARGET}",
+            f"cannot import {target!r} ({error}); looked in {os.getcwd()} (the "
+            "working directory) and the installed packages: check the spelling, run "
+            "from the directory that holds the module, or install its package",
+        )
     obj: Any = module
     for depth in range(cut, len(parts)):
         name = parts[depth]
@@ -81,7 +91,11 @@ def check(spec: dict[str, Any], key: str, n_runtime: int = 0) -> Callable:
         if name in runtime:
             raise RecipeError(f"{key}.{name}", "is passed by the launcher at build time; remove it from the recipe")
         if name not in named and not accepts_any:
-            raise RecipeError(f"{key}.{name}", f"{spec[TARGET]} takes no argument {name!r}{suggest(name, named)} (it takes: {', '.join(n for n in named if n not in runtime)})")
+            raise RecipeError(
+                f"{key}.{name}",
+                f"{spec[TARGET]} takes no argument {name!r}{suggest(name, named)} "
+                f"(it takes: {', '.join(n for n in named if n not in runtime)})",
+            )
     for name, p in params.items():
         required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         if required and name not in kwargs and name not in runtime:
@@ -103,8 +117,9 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
     except Exception as e:
         if debugging():
             raise
-        raise BuildError(key, f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)} "
-                              f"{DEBUG_HINT}", e) from None
+        raise BuildError(
+            key, f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)} {DEBUG_HINT}", e
+        ) from None
 
 
 DEBUG_HINT = "(LAUNCHER_DEBUG=1 shows the traceback)"
@@ -130,9 +145,13 @@ def where(exc: BaseException) -> str:
         frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
         tb = tb.tb_next
     # the innermost line of the user's own code, rather than of torch or Python, which it called
-    libraries = (os.path.dirname(os.__file__), os.path.dirname(os.path.dirname(__file__)))
     import torch
-    libraries += (os.path.dirname(torch.__file__),)
+
+    libraries = (
+        os.path.dirname(os.__file__),
+        os.path.dirname(os.path.dirname(__file__)),
+        os.path.dirname(torch.__file__),
+    )
     own = [f for f in frames if not f[0].startswith(libraries) and not f[0].startswith("<frozen")]
     if not (own or frames):
         return "an unknown place"

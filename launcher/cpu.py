@@ -1,9 +1,10 @@
 """The CPU a rank runs on: how many threads its operators may use, and whether it computes bf16
 natively."""
+
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 # the user's (or torchrun's) explicit choice, which wins
 THREADS_ENV = "OMP_NUM_THREADS"
@@ -29,7 +30,11 @@ def threads_per_rank(local_world_size: int, environ: Mapping[str, str] | None = 
     if per_task.isdigit() and int(per_task) > 0:
         return max(1, min(cores, int(per_task))), f"SLURM_CPUS_PER_TASK={per_task}"
     n = max(1, cores // max(1, local_world_size))
-    return n, f"{cores} core{'s' if cores != 1 else ''} for {local_world_size} local rank{'s' if local_world_size != 1 else ''}"
+    return (
+        n,
+        f"{cores} core{'s' if cores != 1 else ''} for {local_world_size} "
+        f"local rank{'s' if local_world_size != 1 else ''}",
+    )
 
 
 def has_native_bf16() -> bool | None:
@@ -49,8 +54,10 @@ def precision_warning(precision: str, device_type: str) -> str | None:
     """bf16/fp16 autocast on a CPU that emulates them is several times slower than fp32."""
     if device_type != "cpu" or precision == "fp32" or has_native_bf16() is not False:
         return None
-    return (f"train.precision={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag) is "
-            "emulated and several times slower than fp32: use train.precision=fp32 on this machine")
+    return (
+        f"train.precision={precision} on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag) is "
+        "emulated and several times slower than fp32: use train.precision=fp32 on this machine"
+    )
 
 
 def matmul_flops_per_s(precision: str, seconds: float = 0.2) -> float:
@@ -76,8 +83,10 @@ def step_time_estimate(flops_per_sample: float, global_batch: int, precision: st
     rate: enough to tell seconds from minutes before the first step."""
     rate = matmul_flops_per_s(precision)
     seconds = flops_per_sample * global_batch / rate
-    return (f"~{duration(seconds)} ({flops_per_sample * global_batch / 1e9:,.0f} GFLOP at {rate / 1e9:,.1f} GFLOP/s, "
-            f"a {precision} matmul measured here)")
+    return (
+        f"~{duration(seconds)} ({flops_per_sample * global_batch / 1e9:,.0f} GFLOP at {rate / 1e9:,.1f} GFLOP/s, "
+        f"a {precision} matmul measured here)"
+    )
 
 
 def duration(seconds: float) -> str:

@@ -11,21 +11,36 @@ epoch, not on the worker that loads it, the number of workers or ranks, or a res
 A dataset whose class sets `deterministic = True` (no randomness in __getitem__, like the built-in
 ones) is fetched directly, without that per-sample cost.
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+# a collated batch: a tensor, or a tuple, list or dict of them (nested)
+Batch = Any
+
 
 class ShardSampler(DistributedSampler):
-    def __init__(self, dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int,
-                 drop_last: bool, stop: int | None = None, with_epoch: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        stop: int | None = None,
+        with_epoch: bool = False,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
         self.stop = self.num_samples if stop is None else min(stop, self.num_samples)
@@ -48,24 +63,24 @@ class ShardSampler(DistributedSampler):
 class SeededDataset(Dataset):
     """Fetches `dataset[i]` for keys `(epoch, i)` with RNG seeded from (seed, epoch, i)."""
 
-    def __init__(self, dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
         self.deterministic = bool(getattr(dataset, "deterministic", False))
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style datasets have a length
 
-    def _fetch(self, epoch: int, index: int):
+    def _fetch(self, epoch: int, index: int) -> Any:
         s = hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
         torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would reseed CUDA too
         random.seed(s)
         return self.dataset[index]
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys):
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
         if self.deterministic:
             return [self.dataset[index] for _, index in keys]
         # fork_rng keeps the caller's RNG streams (dropout in the main process) untouched
@@ -77,11 +92,12 @@ class SeededDataset(Dataset):
                 random.setstate(state)
 
 
-def _init_worker(worker_id: int, ignore_signals: tuple = ()) -> None:
+def _init_worker(worker_id: int, ignore_signals: tuple[int, ...] = ()) -> None:  # noqa: ARG001 - torch's signature
     # A preemption signal sent to the whole process group (SLURM signals every process of a step)
     # must not kill a worker before the main process has checkpointed: the main process acts on it,
     # and stops its workers through the loader; they also exit on their own when it is gone.
     import signal
+
     for s in ignore_signals:
         signal.signal(s, signal.SIG_IGN)
     # numpy is not seeded by torch: give each worker its own stream, derived from torch's seed
@@ -92,24 +108,44 @@ def _init_worker(worker_id: int, ignore_signals: tuple = ()) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def build_loader(dataset, sampler: ShardSampler, batch_size: int, *, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int | None, seed: int, ignore_signals: tuple = ()) -> DataLoader:
-    extra = {}
+def build_loader(
+    dataset: Dataset,
+    sampler: ShardSampler,
+    batch_size: int,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_factor: int | None,
+    seed: int,
+    ignore_signals: tuple[int, ...] = (),
+) -> DataLoader:
+    extra: dict[str, Any] = {}
     if num_workers > 0:
-        extra.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2,
-                     worker_init_fn=functools.partial(_init_worker, ignore_signals=ignore_signals))
+        extra.update(
+            persistent_workers=True,
+            prefetch_factor=prefetch_factor or 2,
+            worker_init_fn=functools.partial(_init_worker, ignore_signals=ignore_signals),
+        )
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, generator=g, **extra)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=g,
+        **extra,
+    )
 
 
-def batch_size_of(batch) -> int:
+def batch_size_of(batch: Batch) -> int:
     first = batch[0] if isinstance(batch, (list, tuple)) else batch
     return len(first)
 
 
-def slice_batch(batch, n: int):
+def slice_batch(batch: Batch, n: int) -> Batch:
     """The first `n` samples of a collated batch (tensors in a tuple/list/dict, or a tensor)."""
     if isinstance(batch, torch.Tensor):
         return batch[:n]
@@ -120,7 +156,7 @@ def slice_batch(batch, n: int):
     return batch
 
 
-def to_device(batch, device: torch.device):
+def to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -4,13 +4,15 @@ Backend `auto` is nccl when this local rank has a GPU, else gloo on CPU. A job s
 launcher (torchrun, SLURM) gets a process group even at world size 1, so that the nccl/gloo path
 is the same one at every size; a plain single process gets none: nothing to set up, no port needed.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,13 +50,17 @@ def gpus_for(local_world_size: int) -> bool:
     return torch.cuda.is_available() and local_world_size <= torch.cuda.device_count()
 
 
-def pick_backend(requested: str, local_rank: int, local_world_size: int = 1,
-                 gpu_bound: bool = False) -> tuple[str, torch.device]:
+def pick_backend(
+    requested: str, local_rank: int, local_world_size: int = 1, gpu_bound: bool = False
+) -> tuple[str, torch.device]:
     """`gpu_bound`: the scheduler gave this process one GPU of its own, which it sees as cuda:0."""
     has_gpu = torch.cuda.is_available() if gpu_bound else gpus_for(local_world_size)
     if requested == "nccl" and not has_gpu:
-        why = "no CUDA device is visible" if not torch.cuda.is_available() else (
-            f"{local_world_size} local ranks share {torch.cuda.device_count()} GPU(s)")
+        why = (
+            "no CUDA device is visible"
+            if not torch.cuda.is_available()
+            else (f"{local_world_size} local ranks share {torch.cuda.device_count()} GPU(s)")
+        )
         raise LaunchError("dist.backend", f"nccl needs one GPU per local rank but {why}; use dist.backend=auto or gloo")
     if requested == "auto" and torch.cuda.is_available() and not has_gpu and local_rank == 0:
         log.warning(f"{local_world_size} local ranks but {torch.cuda.device_count()} GPU(s): training on CPU with gloo")
@@ -94,7 +100,7 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | None = None) -> torch.Tensor:
     """In-place all-reduce (sum by default); a no-op without a process group."""
     if is_initialized():
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
@@ -110,16 +116,16 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def barrier(group=None) -> None:
+def barrier(group: dist.ProcessGroup | None = None) -> None:
     if is_initialized():
         dist.barrier(group=group)
 
 
-def gather_objects(obj, group=None) -> list | None:
+def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[Any] | None:
     """Every rank's `obj`, on rank 0 (None elsewhere); [obj] without a process group."""
     if not is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0, group=group)
     return out
 
@@ -128,10 +134,11 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "Timed out" in str(exc)
 
 
-def missing_ranks(group, rank: int, timeout_s: float) -> str:
+def missing_ranks(group: dist.ProcessGroup | None, rank: int, timeout_s: float) -> str:
     """After a collective timed out: which ranks do not answer? (monitored_barrier on a gloo group
     made before the failure: creating one now would itself wait for the missing ranks)"""
     import re
+
     try:
         dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:

@@ -8,11 +8,12 @@ Sources, in order of precedence:
             (not in an interactive salloc shell, job name "bash" or "interactive", of one task)
   single    nothing set: one process, no process group
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from launcher.errors import LaunchError
 
@@ -40,7 +41,7 @@ class ClusterEnv:
         return self.rank == 0
 
     @classmethod
-    def detect(cls, environ: Mapping[str, str] | None = None) -> "ClusterEnv":
+    def detect(cls, environ: Mapping[str, str] | None = None) -> ClusterEnv:
         environ = os.environ if environ is None else environ
         if "RANK" in environ and "WORLD_SIZE" in environ:
             return cls._from_torchrun(environ)
@@ -49,7 +50,7 @@ class ClusterEnv:
         return cls()
 
     @classmethod
-    def _from_torchrun(cls, e: Mapping[str, str]) -> "ClusterEnv":
+    def _from_torchrun(cls, e: Mapping[str, str]) -> ClusterEnv:
         world = _int(e, "WORLD_SIZE")
         env = cls(
             rank=_int(e, "RANK"),
@@ -58,7 +59,7 @@ class ClusterEnv:
             local_world_size=_int(e, "LOCAL_WORLD_SIZE", world),
             node_rank=_int(e, "GROUP_RANK", 0),
             master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int(e, "MASTER_PORT", None),
+            master_port=_optional_int(e, "MASTER_PORT"),
             source="torchrun",
             restart_count=_int(e, "TORCHELASTIC_RESTART_COUNT", 0),
         )
@@ -66,7 +67,7 @@ class ClusterEnv:
         return env
 
     @classmethod
-    def _from_slurm(cls, e: Mapping[str, str]) -> "ClusterEnv":
+    def _from_slurm(cls, e: Mapping[str, str]) -> ClusterEnv:
         from launcher.nodelist import first_host, tasks_per_node
 
         ntasks, nnodes, node_id = _int(e, "SLURM_NTASKS"), _int(e, "SLURM_NNODES", 1), _int(e, "SLURM_NODEID", 0)
@@ -76,12 +77,18 @@ class ClusterEnv:
         except ValueError as err:
             raise LaunchError("SLURM_TASKS_PER_NODE", str(err)) from None
         if sum(per_node) != ntasks:
-            raise LaunchError("SLURM_NTASKS", f"{ntasks} tasks, but SLURM_TASKS_PER_NODE={spec} adds up to {sum(per_node)}; "
-                                              "HINT: set --ntasks to --nodes x --ntasks-per-node, or only one of them")
+            raise LaunchError(
+                "SLURM_NTASKS",
+                f"{ntasks} tasks, but SLURM_TASKS_PER_NODE={spec} adds up to {sum(per_node)}; "
+                "HINT: set --ntasks to --nodes x --ntasks-per-node, or only one of them",
+            )
         explicit = e.get("SLURM_NTASKS_PER_NODE")
         if explicit and explicit.isdigit() and int(explicit) * nnodes != ntasks:
-            raise LaunchError("SLURM_NTASKS", f"{ntasks} tasks, but --nodes={nnodes} x --ntasks-per-node={explicit} = "
-                                              f"{int(explicit) * nnodes}; HINT: make --ntasks equal nodes x tasks per node")
+            raise LaunchError(
+                "SLURM_NTASKS",
+                f"{ntasks} tasks, but --nodes={nnodes} x --ntasks-per-node={explicit} = "
+                f"{int(explicit) * nnodes}; HINT: make --ntasks equal nodes x tasks per node",
+            )
         nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST")
         if "MASTER_ADDR" in e:
             addr = e["MASTER_ADDR"]
@@ -89,7 +96,9 @@ class ClusterEnv:
             try:
                 addr = first_host(nodelist)
             except ValueError as err:
-                raise LaunchError("SLURM_JOB_NODELIST", f"{err}; HINT: set MASTER_ADDR to the first node's address") from None
+                raise LaunchError(
+                    "SLURM_JOB_NODELIST", f"{err}; HINT: set MASTER_ADDR to the first node's address"
+                ) from None
         else:
             raise LaunchError("SLURM_JOB_NODELIST", "is not set, so the first node is unknown; HINT: set MASTER_ADDR")
         job_id = _int(e, "SLURM_JOB_ID", 0)
@@ -101,16 +110,16 @@ class ClusterEnv:
             node_rank=node_id,
             master_addr=addr,
             # one port per job, so that jobs sharing a head node do not collide
-            master_port=_int(e, "MASTER_PORT", None) or 15000 + job_id % 20000,
+            master_port=_optional_int(e, "MASTER_PORT") or 15000 + job_id % 20000,
             source="slurm",
             restart_count=_int(e, "SLURM_RESTART_COUNT", 0),
             gpu_bound=cls.gpu_per_task(e),
         )
         env.validate()
-        env._check_slurm_gpus(e)
+        env._check_slurm_gpus()
         return env
 
-    def _check_slurm_gpus(self, e: Mapping[str, str]) -> None:
+    def _check_slurm_gpus(self) -> None:
         """The usual SLURM layouts that leave GPUs idle or oversubscribed, caught before they hang."""
         import torch
 
@@ -118,12 +127,18 @@ class ClusterEnv:
         if gpus == 0 or self.gpu_bound:
             return
         if self.local_world_size > gpus:
-            raise LaunchError("SLURM_NTASKS_PER_NODE", f"{self.local_world_size} tasks on this node but {gpus} GPU(s); "
-                                                       f"HINT: use --ntasks-per-node={gpus} (one task per GPU)")
+            raise LaunchError(
+                "SLURM_NTASKS_PER_NODE",
+                f"{self.local_world_size} tasks on this node but {gpus} GPU(s); "
+                f"HINT: use --ntasks-per-node={gpus} (one task per GPU)",
+            )
         if self.local_world_size == 1 and gpus > 1:
-            raise LaunchError("SLURM_NTASKS_PER_NODE", f"one task on this node, which has {gpus} GPUs, and no torchrun "
-                                                       f"to start a worker per GPU; HINT: use --ntasks-per-node={gpus} "
-                                                       "(slurm/per_gpu.sbatch), or run torchrun in each task (slurm/multi_node.sbatch)")
+            raise LaunchError(
+                "SLURM_NTASKS_PER_NODE",
+                f"one task on this node, which has {gpus} GPUs, and no torchrun "
+                f"to start a worker per GPU; HINT: use --ntasks-per-node={gpus} "
+                "(slurm/per_gpu.sbatch), or run torchrun in each task (slurm/multi_node.sbatch)",
+            )
 
     @staticmethod
     def gpu_per_task(e: Mapping[str, str]) -> bool:
@@ -142,7 +157,9 @@ class ClusterEnv:
             raise LaunchError("MASTER_PORT", "is not set; start the job with torchrun or `launcher run --nproc N`")
 
     def describe(self) -> str:
-        return f"{self.source}: rank {self.rank}/{self.world_size}, local rank {self.local_rank}/{self.local_world_size}"
+        return (
+            f"{self.source}: rank {self.rank}/{self.world_size}, local rank {self.local_rank}/{self.local_world_size}"
+        )
 
 
 def is_slurm_job(e: Mapping[str, str]) -> bool:
@@ -154,13 +171,18 @@ def is_slurm_job(e: Mapping[str, str]) -> bool:
     return not interactive or e.get("SLURM_NTASKS") not in ("1", None)
 
 
-def _int(environ: Mapping[str, str], name: str, default: int | None | type = KeyError) -> int | None:
+def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """The variable's integer value; `default` if it is unset, and an error if there is none."""
     value = environ.get(name)
     if value is None or value == "":
-        if default is KeyError:
+        if default is None:
             raise LaunchError(name, "is not set")
         return default
     try:
         return int(value)
     except ValueError:
         raise LaunchError(name, f"expected an integer, got {value!r}") from None
+
+
+def _optional_int(environ: Mapping[str, str], name: str) -> int | None:
+    return _int(environ, name) if environ.get(name) else None

@@ -1,6 +1,7 @@
 """N local worker processes through torch's own elastic agent, on a free port (`launcher run
 --nproc N`, `launcher doctor --nproc N`, `launcher debug --distributed`): start them, relay a
 preemption signal, report a failed or restarted worker in one line."""
+
 from __future__ import annotations
 
 import inspect
@@ -11,6 +12,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch's elastic modules are imported where used: they are slow to import
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 SHUTDOWN_GRACE_S = 120
 # set for the workers: they stay quiet on fatal errors (the parent prints one line for the whole job)
@@ -19,8 +24,14 @@ CHILD_ENV = "LAUNCHER_CHILD"
 PARENT_PID_ENV = "LAUNCHER_PARENT_PID"
 
 
-def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: str | None = None,
-            requeue_exit_code: int | None = None, checkpoint_dir: Path | None = None) -> int:
+def elastic(
+    worker_args: list[str],
+    nproc: int,
+    max_restarts: int = 0,
+    preempt: str | None = None,
+    requeue_exit_code: int | None = None,
+    checkpoint_dir: Path | None = None,
+) -> int:
     """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent.
     `checkpoint_dir`: where the workers checkpoint when stopped by a signal; the requeue exit code
     is returned only if a checkpoint was written there since the launch."""
@@ -39,7 +50,8 @@ def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: 
     # no OMP_NUM_THREADS here: each worker takes its share of the cores (cpu.threads_per_rank)
     preempt_sig = parse_signal(preempt) if preempt else None
     if preempt_sig is not None:
-        def on_preempt(signum, frame):
+
+        def on_preempt(_signum: int, _frame: object) -> None:
             # as the agent does for SIGTERM: stop supervising and pass the signal to the workers,
             # which checkpoint at their next step and exit; waiting for them is the agent's shutdown
             raise SignalException(f"received {preempt_sig.name}", sigval=preempt_sig)
@@ -52,13 +64,19 @@ def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: 
             if name.startswith("torch.distributed.elastic"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
         _RestartReporter.install()
-    extra = {}
+    extra: dict[str, Any] = {}
     if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters:  # torch >= 2.10
         extra["shutdown_timeout"] = SHUTDOWN_GRACE_S  # time the workers get to checkpoint when stopped
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # port 0: the agent picks a free one
-        max_restarts=max_restarts, monitor_interval=0.1, **extra,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # port 0: the agent picks a free one
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        **extra,
     )
     try:
         elastic_launch(config, sys.executable)("-m", "launcher", *worker_args)
@@ -71,11 +89,18 @@ def elastic(worker_args: list[str], nproc: int, max_restarts: int = 0, preempt: 
             print(f"stopped by {e.sigval.name}{after}", file=sys.stderr, flush=True)
             return 128 + int(e.sigval)
         if requeue_exit_code is not None and e.sigval in (signal.SIGTERM, preempt_sig):
-            print(f"preempted ({e.sigval.name}): workers checkpointed ({saved}); exiting with {requeue_exit_code} "
-                  "to be requeued", file=sys.stderr, flush=True)
+            print(
+                f"preempted ({e.sigval.name}): workers checkpointed ({saved}); exiting with {requeue_exit_code} "
+                "to be requeued",
+                file=sys.stderr,
+                flush=True,
+            )
             return requeue_exit_code
-        print(f"stopped by {e.sigval.name}: workers checkpointed ({saved}); run the same command to continue",
-              file=sys.stderr, flush=True)
+        print(
+            f"stopped by {e.sigval.name}: workers checkpointed ({saved}); run the same command to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + int(e.sigval)
     return 0
 
@@ -104,7 +129,7 @@ class _RestartReporter(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.failure: tuple | None = None
+        self.failure: tuple[object, ...] | None = None
 
     @classmethod
     def install(cls) -> None:
@@ -120,10 +145,14 @@ class _RestartReporter(logging.Handler):
         if message.startswith("failed (exitcode") and len(args) >= 3:
             self.failure = args[:3]
         elif "will restart worker group" in message and len(args) >= 4 and self.failure is not None:
-            code, local_rank, pid = self.failure
-            how = f"was killed by {_signal_name(-int(code))}" if int(code) < 0 else f"exited with code {code}"
-            print(f"warning: rank {local_rank} (pid {pid}) {how}; restarting the workers from the newest checkpoint "
-                  f"(restart {int(args[3]) - int(args[2]) + 1} of {args[3]})", file=sys.stderr, flush=True)
+            code, local_rank, pid = (int(str(a)) for a in self.failure)
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            print(
+                f"warning: rank {local_rank} (pid {pid}) {how}; restarting the workers from the newest checkpoint "
+                f"(restart {int(str(args[3])) - int(str(args[2])) + 1} of {args[3]})",
+                file=sys.stderr,
+                flush=True,
+            )
             self.failure = None
 
 
@@ -134,7 +163,7 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _summarize(e) -> int:
+def _summarize(e: ChildFailedError) -> int:
     """One line for the whole job: the root cause, naming the rank."""
     failures = e.failures
     user = sorted(r for r, f in failures.items() if f.exitcode == 2)
@@ -152,7 +181,9 @@ def _summarize(e) -> int:
             return next(iter(codes))  # every rank chose this exit code (preemption, doctor): pass it on
         rank = min(failures, key=lambda r: (failures[r].timestamp, r))
         failure = failures[rank]
-        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        how = (
+            f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        )
         print(f"error: rank {rank} {how}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
     rank = min(recorded, key=lambda r: (recorded[r].timestamp, r))
@@ -165,7 +196,7 @@ def _summarize(e) -> int:
     return failure.exitcode if failure.exitcode > 0 else 1
 
 
-def _message(failure) -> str:
+def _message(failure: ProcessFailure) -> str:
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")

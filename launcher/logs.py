@@ -1,5 +1,6 @@
 """The launcher's logger and its set-up: information to stdout, warnings and errors to stderr, marked
 with their level (and, off rank 0, the rank)."""
+
 from __future__ import annotations
 
 import logging

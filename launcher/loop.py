@@ -9,6 +9,7 @@ Its mean loss is multiplied by n_i * W / n_window; DDP averages gradients over t
 summed gradient is exactly that of the mean loss over the window's real samples: the big-batch
 update, for any W and accumulation, including an epoch's last, partial window.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +18,15 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from launcher import distributed, resume, startup
-from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
+from launcher.data import Batch, ShardSampler, batch_size_of, slice_batch, to_device
 from launcher.distributed import Session
 from launcher.errors import TrainingError
 from launcher.logs import log
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # annotations only
 @dataclass
 class Trainer:
     """What the loop works on, built complete by `launcher.train`; no logic beyond the loop's own."""
+
     recipe: Recipe
     plan: Plan
     session: Session
@@ -116,7 +119,7 @@ class Heartbeat:
                 self.next_s += self.EVERY_S
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Mixed precision for the forward pass: bf16 or fp16 autocast; nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -163,6 +166,7 @@ def train_epoch(t: Trainer) -> None:
     while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
         if t.heartbeat is not None:
             t.heartbeat.mark(f"step {s.step + 1}/{p.total_steps}")
+        # one window: n_micro micro-batches on every rank, gradients all-reduced on the last
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
         for m in range(n_micro):
@@ -176,30 +180,36 @@ def train_epoch(t: Trainer) -> None:
         end_of_epoch = s.step_in_epoch + 1 == p.steps_per_epoch
         log_now = (s.step + 1) % t.recipe.log.every_n_steps == 0 or s.step + 1 == p.total_steps or end_of_epoch
         optimizer_step(t, want_norm=log_now)
-        if "first_step" not in startup.marks:
-            if t.device.type == "cuda":
-                torch.cuda.synchronize(t.device)  # once: the step has really happened
-            startup.mark("first_step")
         s.step += 1
         s.step_in_epoch += 1
         t.window.add_step(n_window)
-        t.log.advance(s.step)
-        if t.profiler is not None:
-            t.window.profiled |= t.profiler.active
-            t.profiler.after_step(s.step)
-        if log_now:
-            log_train(t)
-        every = t.recipe.train.eval_every_steps
-        if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
-            evaluate_and_maybe_stop(t)
-        if end_of_epoch:
-            s.epoch, s.step_in_epoch = s.epoch + 1, 0  # before saving: a resume starts the next epoch
-        ckpt_every = t.recipe.checkpoint.every_n_steps
-        if ckpt_every and s.step % ckpt_every == 0:
-            resume.save_checkpoint(t)
-        stop_agreed(t)
+        after_step(t, log_now, end_of_epoch)
         if end_of_epoch:
             break  # the next epoch needs set_epoch and a fresh iterator
+
+
+def after_step(t: Trainer, log_now: bool, end_of_epoch: bool) -> None:
+    """What follows an optimizer step, in order: log, evaluate, turn the epoch, checkpoint, agree on a stop."""
+    s = t.state
+    if "first_step" not in startup.marks:
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)  # once: the step has really happened
+        startup.mark("first_step")
+    t.log.advance(s.step)
+    if t.profiler is not None:
+        t.window.profiled |= t.profiler.active
+        t.profiler.after_step(s.step)
+    if log_now:
+        log_train(t)
+    every = t.recipe.train.eval_every_steps
+    if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
+        evaluate_and_maybe_stop(t)
+    if end_of_epoch:
+        s.epoch, s.step_in_epoch = s.epoch + 1, 0  # before saving: a resume starts the next epoch
+    ckpt_every = t.recipe.checkpoint.every_n_steps
+    if ckpt_every and s.step % ckpt_every == 0:
+        resume.save_checkpoint(t)
+    stop_agreed(t)
 
 
 def stop_agreed(t: Trainer) -> bool:
@@ -215,7 +225,7 @@ def stop_agreed(t: Trainer) -> bool:
 
 
 @contextlib.contextmanager
-def _rng_of(t: Trainer, rank: int):
+def _rng_of(t: Trainer, rank: int) -> Iterator[None]:
     """When simulating ranks, run with `rank`'s own RNG streams (dropout masks then match the real run)."""
     if t.rank_rng is None:
         yield
@@ -227,7 +237,7 @@ def _rng_of(t: Trainer, rank: int):
         t.rank_rng[rank] = capture_rng_state()
 
 
-def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> None:
+def micro_step(t: Trainer, batch: Batch, n_real: int, n_window: int, sync: bool) -> None:
     """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
     if n_real < batch_size_of(batch):
         # DistributedSampler padding: drop it, keeping one sample when nothing is real so that
@@ -237,7 +247,7 @@ def micro_step(t: Trainer, batch, n_real: int, n_window: int, sync: bool) -> Non
     if t.recipe.train.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     no_sync = getattr(t.train_model, "no_sync", None)
-    with (no_sync() if no_sync is not None and not sync else contextlib.nullcontext()):
+    with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
         with t.autocast():
             loss = t.train_model(inputs, targets)  # the model and the loss, in one module
         # x the number of ranks DDP averages over: the real ones (1 when ranks are only simulated)
@@ -262,26 +272,11 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
         norm = grad_norm(params)  # before value clipping
     t.window.grad_norm = norm
-    if cfg.on_nonfinite == "skip":
-        # after the all-reduce every rank holds the same gradients, so all decide alike; this is
-        # the one mode that syncs with the device every step
-        if not torch.isfinite(norm).item():
-            s = t.state
-            s.skipped_steps += 1
-            s.consecutive_skips += 1
-            if s.consecutive_skips >= cfg.max_consecutive_skips:
-                last = s.last_checkpoint_step
-                kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
-                raise TrainingError(f"non-finite gradients in {s.consecutive_skips} steps in a row, up to step {s.step + 1} "
-                                    f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); the run is diverging: "
-                                    f"nothing after it was saved and {kept}")
-            log.warning(f"step {s.step + 1}: non-finite gradients, step skipped ({s.skipped_steps} so far)")
-            if t.scaler is not None:
-                t.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
-            if t.scheduler is not None:
-                t.scheduler.step()  # the schedule follows the step count
-            t.optimizer.zero_grad(set_to_none=True)
-            return
+    # after the all-reduce every rank holds the same gradients, so all decide alike; this is
+    # the one mode that syncs with the device every step
+    if cfg.on_nonfinite == "skip" and norm is not None and not torch.isfinite(norm).item():
+        _skip_step(t)
+        return
     t.state.consecutive_skips = 0
     if t.scaler is not None:
         t.scaler.step(t.optimizer)
@@ -290,6 +285,27 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
         t.optimizer.step()
     if t.scheduler is not None:
         t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+
+
+def _skip_step(t: Trainer) -> None:
+    """train.on_nonfinite=skip: drop this step's gradients; the schedule still advances."""
+    cfg, s = t.recipe.train, t.state
+    s.skipped_steps += 1
+    s.consecutive_skips += 1
+    if s.consecutive_skips >= cfg.max_consecutive_skips:
+        last = s.last_checkpoint_step
+        kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
+        raise TrainingError(
+            f"non-finite gradients in {s.consecutive_skips} steps in a row, up to step {s.step + 1} "
+            f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); the run is diverging: "
+            f"nothing after it was saved and {kept}"
+        )
+    log.warning(f"step {s.step + 1}: non-finite gradients, step skipped ({s.skipped_steps} so far)")
+    if t.scaler is not None:
+        t.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
+    if t.scheduler is not None:
+        t.scheduler.step()  # the schedule follows the step count
     t.optimizer.zero_grad(set_to_none=True)
 
 
@@ -311,8 +327,13 @@ def log_train(t: Trainer) -> None:
     elapsed = max(time.perf_counter() - w.started_at, 1e-9)
     timed_samples, timed_steps = w.samples - w.restored_samples, w.steps - w.restored_steps
     samples_per_s = timed_samples / elapsed
-    row = {"step": s.step, "epoch": s.epoch, "loss": loss_sum / w.samples, "samples": w.samples,
-           "lr": t.optimizer.param_groups[0]["lr"]}
+    row = {
+        "step": s.step,
+        "epoch": s.epoch,
+        "loss": loss_sum / w.samples,
+        "samples": w.samples,
+        "lr": t.optimizer.param_groups[0]["lr"],
+    }
     if w.grad_norm is not None:
         row["grad_norm"] = w.grad_norm.item()
     row["samples_per_s"] = samples_per_s
@@ -342,6 +363,8 @@ def evaluate(t: Trainer) -> dict[str, float] | None:
     """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once.
     A stop signal (preemption, Ctrl-C) is honoured between batches, so that a long evaluation does
     not eat the grace period: the ranks agree on it batch by batch, and None is returned."""
+    assert t.val_loader is not None and isinstance(t.val_loader.sampler, ShardSampler)
+    assert t.plan.val_samples is not None  # a plan with a val set counts it
     model, sampler = t.model, t.val_loader.sampler
     real_end = math.ceil((t.plan.val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
     was_training = model.training
@@ -393,7 +416,8 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     if es is not None and es.metric in metrics:
         value = metrics[es.metric]
         better = s.best_metric is None or (
-            value < s.best_metric - es.min_delta if es.mode == "min" else value > s.best_metric + es.min_delta)
+            value < s.best_metric - es.min_delta if es.mode == "min" else value > s.best_metric + es.min_delta
+        )
         if better:
             s.best_metric, s.bad_evals = value, 0
         else:

@@ -1,5 +1,6 @@
 """The training loop's state, typed: where the run is (TrainState, saved in checkpoints) and what
 accumulates between two log rows (LogWindow)."""
+
 from __future__ import annotations
 
 import time
@@ -12,6 +13,7 @@ import torch
 @dataclass
 class TrainState:
     """Where the run is. Everything needed to continue exactly from an optimizer-step boundary."""
+
     step: int = 0  # optimizer steps done
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
@@ -38,6 +40,7 @@ class TrainState:
 class LogWindow:
     """What accumulates on this rank between two log rows. The loss stays on the device, one slot
     per optimizer step, until the log step reads it (the loop's one sync with the device)."""
+
     loss_sums: torch.Tensor  # [steps]: this rank's sample-weighted loss sum of each step
     steps: int = 0
     samples: int = 0  # real samples over all ranks

@@ -1,4 +1,5 @@
 """Losses the built-in recipes use, beyond torch.nn's."""
+
 from __future__ import annotations
 
 import torch

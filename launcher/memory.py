@@ -6,18 +6,22 @@ wins. Probes change nothing: their gradients are dropped, and the RNG streams an
 statistics) are restored afterwards, so the run computes exactly what it would with that setting
 chosen by hand. All ranks adopt the most conservative choice of any rank.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from launcher import distributed
-from launcher.rng import capture_rng_state, restore_rng_state
 from launcher.logs import log
 from launcher.parallel import TrainModule
+from launcher.rng import capture_rng_state, restore_rng_state
 
 HEAD_CHUNKS = 8
 
@@ -39,8 +43,15 @@ def candidates(model: nn.Module) -> list[tuple[int, int]]:
     return [(0, 0), (0, HEAD_CHUNKS)] + [(s, HEAD_CHUNKS) for s in segments]
 
 
-def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, budget_gib: float | None,
-           optimizer_state_gib: float) -> tuple[int, int, list[Probe]]:
+def choose(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batch: tuple[Any, torch.Tensor],
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    budget_gib: float | None,
+    optimizer_state_gib: float,
+) -> tuple[int, int, list[Probe]]:
     """(segments, head_chunks, the probes made). On CPU there is no device memory to measure: (0, 0)."""
     if device.type != "cuda":
         log.warning("activation_checkpointing.segments=auto measures GPU memory; on CPU it turns checkpointing off")
@@ -72,15 +83,25 @@ def choose(model: nn.Module, loss_fn, batch, device: torch.device, autocast, bud
     index = torch.tensor([order.index(chosen)], device=device)
     distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
     segments, chunks = order[int(index.item())]
-    rows = "; ".join(f"{p.segments} seg/{p.head_chunks} head chunks: "
-                     + (f"{p.peak_gib:.2f} GiB, {p.step_s * 1e3:.0f} ms" if p.peak_gib is not None else "out of memory")
-                     for p in probes)
-    log.info(f"activation checkpointing auto (budget {budget:.1f} GiB incl. {optimizer_state_gib:.2f} GiB optimizer "
-             f"state): {rows} -> {segments} segments, head in {chunks or 'no'} chunks")
+    rows = "; ".join(
+        f"{p.segments} seg/{p.head_chunks} head chunks: "
+        + (f"{p.peak_gib:.2f} GiB, {(p.step_s or 0) * 1e3:.0f} ms" if p.peak_gib is not None else "out of memory")
+        for p in probes
+    )
+    log.info(
+        f"activation checkpointing auto (budget {budget:.1f} GiB incl. {optimizer_state_gib:.2f} GiB optimizer "
+        f"state): {rows} -> {segments} segments, head in {chunks or 'no'} chunks"
+    )
     return segments, chunks, probes
 
 
-def _measure(module: TrainModule, inputs, targets, device, autocast) -> Probe:
+def _measure(
+    module: TrainModule,
+    inputs: Any,
+    targets: torch.Tensor,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> Probe:
     module.train()
     try:
         torch.cuda.synchronize(device)

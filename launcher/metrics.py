@@ -3,6 +3,7 @@
 Sinks: metrics.jsonl (always), the console (a tqdm bar on a terminal, plain lines otherwise, as in
 SLURM logs), TensorBoard (log.tensorboard) and wandb (log.wandb, launcher/wandb_log.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import torch
 from launcher.logs import LevelFormatter, log
 
 
-
 class JsonlSink:
     """One JSON object per line. Each row goes to the file in a single append-mode write, so a crash
     leaves at most a torn last line (which `read_metrics` drops), never rows interleaved or lost."""
@@ -30,9 +30,9 @@ class JsonlSink:
     def __call__(self, row: dict) -> None:
         data = (json.dumps(row, allow_nan=True) + "\n").encode()
         while data:  # os.write may write less than asked (a signal, a full pipe): finish the row
-            data = data[os.write(self._fd, data):]
+            data = data[os.write(self._fd, data) :]
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = True) -> None:  # noqa: ARG002 - a sink's interface; the file ends alike
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -87,8 +87,15 @@ class ProgressSink:
         except OSError:
             sized = False
         # a terminal that reports no size (some ptys, `script`) would hide the bar: assume 100 x 24
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stdout, dynamic_ncols=sized,
-                        ncols=None if sized else 100, nrows=None if sized else 24)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            file=sys.stdout,
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
+            nrows=None if sized else 24,
+        )
         self._handler = _TqdmHandler(self.bar)
         self._previous = log.handlers[:]
         log.handlers[:] = [self._handler]
@@ -105,13 +112,13 @@ class ProgressSink:
         else:
             self.bar.write(format_row(row, self.total))
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = True) -> None:  # noqa: ARG002 - a sink's interface
         self.bar.close()
         log.handlers[:] = self._previous
 
 
 class _TqdmHandler(logging.Handler):
-    def __init__(self, bar):
+    def __init__(self, bar: Any) -> None:  # a tqdm bar
         super().__init__()
         self.bar = bar
         self.setFormatter(LevelFormatter(0))
@@ -127,7 +134,10 @@ class TensorBoardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             from launcher.errors import RecipeError
-            raise RecipeError("log.tensorboard", "needs the tensorboard package: pip install 'launcher[tensorboard]'") from None
+
+            raise RecipeError(
+                "log.tensorboard", "needs the tensorboard package: pip install 'launcher[tensorboard]'"
+            ) from None
         self.writer = SummaryWriter(str(directory), purge_step=start_step or None)
 
     def __call__(self, row: dict) -> None:
@@ -135,11 +145,11 @@ class TensorBoardSink:
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, global_step=row["step"])
 
-    def close(self, ok: bool = True) -> None:
+    def close(self, ok: bool = True) -> None:  # noqa: ARG002 - a sink's interface
         self.writer.close()
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)

@@ -4,6 +4,7 @@
 parser covers the same grammar: comma-separated names, each with any number of bracketed range
 lists (zero padding kept), e.g. "rack[1-2]-node[01-02]" is the cross product.
 """
+
 from __future__ import annotations
 
 import itertools

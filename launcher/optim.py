@@ -1,4 +1,5 @@
 """Optimizer and learning-rate schedule from the recipe. Schedulers step once per optimizer step."""
+
 from __future__ import annotations
 
 import warnings
@@ -26,6 +27,10 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> LRSched
         return warmup
     # older torch's SequentialLR (2.4, not 2.14) calls step(0) itself at the milestone and warns the caller
     # that passing an epoch is deprecated: noise about torch's own code, not the recipe
-    warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler\.step\(\)` was not necessary",
-                            category=UserWarning, module=r"torch\.optim\.lr_scheduler")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The epoch parameter in `scheduler\.step\(\)` was not necessary",
+        category=UserWarning,
+        module=r"torch\.optim\.lr_scheduler",
+    )
     return SequentialLR(optimizer, [warmup, main], milestones=[w])

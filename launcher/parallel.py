@@ -9,9 +9,11 @@ Checkpointing is non-reentrant (`use_reentrant=False`): the reentrant variant ru
 autograd's own backward, which DDP sees as a parameter being "marked ready twice", and which breaks
 with `find_unused_parameters` and `static_graph`.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 from launcher.errors import RecipeError
+
+if TYPE_CHECKING:
+    from launcher.recipe import DDP
 
 KEY = "train.activation_checkpointing"
 
@@ -33,7 +38,9 @@ class TrainModule(nn.Module):
     is the mean of the slices' losses weighted by their sizes: the same mean over samples.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, segments: int = 0, head_chunks: int = 0):
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], segments: int = 0, head_chunks: int = 0
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -41,21 +48,23 @@ class TrainModule(nn.Module):
         self.head_chunks = head_chunks
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.model, nn.Sequential)  # head_chunks > 0 is checked to need one
         return self.loss_fn(self.model[-1](hidden), targets)
 
-    def forward(self, inputs, targets):
+    def forward(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()) or (self.segments == 0 and self.head_chunks == 0):
             return self.loss_fn(self.model(inputs), targets)
         if self.head_chunks == 0:
             return self.loss_fn(checkpoint_sequential(self.model, self.segments, inputs, use_reentrant=False), targets)
+        assert isinstance(self.model, nn.Sequential)
         body = self.model[:-1]
         if self.segments:
             hidden = checkpoint_sequential(body, self.segments, inputs, use_reentrant=False)
         else:
             hidden = body(inputs)
         n = hidden.shape[0]
-        loss = 0
-        for h, t in zip(hidden.tensor_split(self.head_chunks), targets.tensor_split(self.head_chunks)):
+        loss: Any = 0  # a tensor from the first chunk on (starting from a tensor would add an operator)
+        for h, t in zip(hidden.tensor_split(self.head_chunks), targets.tensor_split(self.head_chunks), strict=True):
             if h.shape[0]:
                 loss = loss + checkpoint(self._head_loss, h, t, use_reentrant=False) * (h.shape[0] / n)
         return loss
@@ -66,31 +75,48 @@ def check_segments(model: nn.Module, segments: int, head_chunks: int = 0) -> Non
         return
     if not isinstance(model, nn.Sequential):
         what = "checkpoint_sequential" if segments > 0 else "head_chunks"
-        raise RecipeError(f"{KEY}.{'segments' if segments > 0 else 'head_chunks'}",
-                          f"{what} needs an nn.Sequential model but model is {type(model).__name__}; "
-                          "build the model as nn.Sequential or turn activation checkpointing off")
+        raise RecipeError(
+            f"{KEY}.{'segments' if segments > 0 else 'head_chunks'}",
+            f"{what} needs an nn.Sequential model but model is {type(model).__name__}; "
+            "build the model as nn.Sequential or turn activation checkpointing off",
+        )
     usable = len(model) - (1 if head_chunks > 0 else 0)
     if segments > usable:
-        raise RecipeError(f"{KEY}.segments", f"{segments} segments for {usable} module(s) "
-                                             f"{'before the head ' if head_chunks else ''}of the Sequential; use at most {usable}")
+        raise RecipeError(
+            f"{KEY}.segments",
+            f"{segments} segments for {usable} module(s) "
+            f"{'before the head ' if head_chunks else ''}of the Sequential; use at most {usable}",
+        )
 
 
-def wrap(model: nn.Module, loss_fn: Callable, *, segments: int, head_chunks: int, world_size: int,
-         device: torch.device, ddp_cfg, comm_hook=None, compile_: bool = False) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    segments: int,
+    head_chunks: int,
+    world_size: int,
+    device: torch.device,
+    ddp_cfg: DDP,
+    comm_hook: Callable[..., Any] | None = None,
+    compile_: bool = False,
+) -> nn.Module:
     """The module the training step calls. `model` itself stays the unwrapped one for saving/eval."""
     check_segments(model, segments, head_chunks)
     wrapped: nn.Module = TrainModule(model, loss_fn, segments, head_chunks)
     if world_size > 1:
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             find_unused_parameters=ddp_cfg.find_unused_parameters,
             static_graph=ddp_cfg.static_graph,
             gradient_as_bucket_view=ddp_cfg.gradient_as_bucket_view,
         )
         if ddp_cfg.bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = ddp_cfg.bucket_cap_mb
-        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
+        wrapped = DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None, **kwargs
+        )
         if comm_hook is not None:
             wrapped.register_comm_hook(state=None, hook=comm_hook)
     if compile_:
-        wrapped = torch.compile(wrapped)
+        return torch.compile(wrapped)  # type: ignore[return-value]  # an OptimizedModule, an nn.Module at run time
     return wrapped

@@ -9,13 +9,14 @@ Definitions (N train samples, W ranks, b micro-batch, A accumulation steps, G = 
 - DistributedSampler pads each epoch to a multiple of W by repeating samples; those repeats are
   not real samples and get no weight. With drop_last, partial windows are dropped instead.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 from launcher.errors import RecipeError
-from launcher.recipe import Recipe
+from launcher.recipe import ActivationCheckpointing, Recipe
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,15 @@ class Plan:
             ("micro-batch per rank", str(self.micro_batch)),
             ("accumulation steps", str(self.accumulation)),
             ("global batch", f"{self.global_batch} (= {self.micro_batch} x {self.accumulation} x {self.world_size})"),
-            ("train / val samples", f"{self.train_samples} / {self.val_samples if self.val_samples is not None else '-'}"),
-            ("steps per epoch", f"{self.steps_per_epoch}" + (" (last window partial)" if self.train_samples % self.global_batch and not self.drop_last else "")),
+            (
+                "train / val samples",
+                f"{self.train_samples} / {self.val_samples if self.val_samples is not None else '-'}",
+            ),
+            (
+                "steps per epoch",
+                f"{self.steps_per_epoch}"
+                + (" (last window partial)" if self.train_samples % self.global_batch and not self.drop_last else ""),
+            ),
             ("total optimizer steps", f"{self.total_steps} ({self.epochs} epoch{'s' if self.epochs != 1 else ''})"),
             ("checkpoint segments", self.checkpointing),
         ]
@@ -92,11 +100,16 @@ def batch_shape(recipe: Recipe, world_size: int) -> BatchShape:
         b = max(d for d in range(1, min(b, per_rank) + 1) if per_rank % d == 0)
     if G % (b * W):
         lower = max(b * W, G // (b * W) * b * W)
-        fit = ("" if recipe.data.fit_batch_size else
-               "; or set data.fit_batch_size=true to use a smaller micro-batch where it must")
-        raise RecipeError("train.global_batch_size",
-                          f"{G} is not a multiple of data.batch_size x world size = {b} x {W} = {b * W}; "
-                          f"use {lower} or {lower + b * W}, or change data.batch_size{fit}")
+        fit = (
+            ""
+            if recipe.data.fit_batch_size
+            else "; or set data.fit_batch_size=true to use a smaller micro-batch where it must"
+        )
+        raise RecipeError(
+            "train.global_batch_size",
+            f"{G} is not a multiple of data.batch_size x world size = {b} x {W} = {b * W}; "
+            f"use {lower} or {lower + b * W}, or change data.batch_size{fit}",
+        )
     return BatchShape(G, b, G // (b * W))
 
 
@@ -105,12 +118,15 @@ def check_ranks(recipe: Recipe, world_size: int) -> None:
     profile = recipe.log.profile
     bad = next((r for r in profile.ranks if r >= world_size), None) if profile is not None else None
     if bad is not None:
-        raise RecipeError("log.profile.ranks", f"rank {bad} does not exist at world size {world_size}; "
-                                               f"list ranks from 0 to {world_size - 1}")
+        raise RecipeError(
+            "log.profile.ranks",
+            f"rank {bad} does not exist at world size {world_size}; list ranks from 0 to {world_size - 1}",
+        )
 
 
-def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples: int | None,
-               backend: str, device: str) -> Plan:
+def build_plan(
+    recipe: Recipe, world_size: int, train_samples: int, val_samples: int | None, backend: str, device: str
+) -> Plan:
     W, t = world_size, recipe.train
     shape = batch_shape(recipe, world_size)
     G, A, b = shape.global_batch, shape.accumulation, shape.micro_batch
@@ -120,7 +136,11 @@ def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples:
     if recipe.data.drop_last:
         steps_per_epoch = train_samples // G
         if steps_per_epoch == 0:
-            raise RecipeError("data.drop_last", f"the dataset has {train_samples} samples, fewer than one global batch ({G}), so every batch would be dropped; set data.drop_last=false or use a smaller batch")
+            raise RecipeError(
+                "data.drop_last",
+                f"the dataset has {train_samples} samples, fewer than one global batch ({G}), so every batch "
+                "would be dropped; set data.drop_last=false or use a smaller batch",
+            )
     else:
         steps_per_epoch = math.ceil(train_samples / G)
     if t.max_steps is not None and t.epochs is not None:
@@ -128,16 +148,26 @@ def build_plan(recipe: Recipe, world_size: int, train_samples: int, val_samples:
     elif t.max_steps is not None:
         total = t.max_steps
     else:
+        assert t.epochs is not None  # the recipe's rules require one of the two
         total = t.epochs * steps_per_epoch
     return Plan(
-        world_size=W, micro_batch=b, accumulation=A, global_batch=G,
-        train_samples=train_samples, val_samples=val_samples, drop_last=recipe.data.drop_last,
-        steps_per_epoch=steps_per_epoch, total_steps=total, epochs=math.ceil(total / steps_per_epoch),
-        backend=backend, device=device, checkpointing=describe_checkpointing(t.activation_checkpointing),
+        world_size=W,
+        micro_batch=b,
+        accumulation=A,
+        global_batch=G,
+        train_samples=train_samples,
+        val_samples=val_samples,
+        drop_last=recipe.data.drop_last,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        epochs=math.ceil(total / steps_per_epoch),
+        backend=backend,
+        device=device,
+        checkpointing=describe_checkpointing(t.activation_checkpointing),
     )
 
 
-def describe_checkpointing(ac) -> str:
+def describe_checkpointing(ac: ActivationCheckpointing) -> str:
     if ac.segments == "auto":
         budget = f"{ac.max_memory_gib:g} GiB" if ac.max_memory_gib else "90% of the GPU"
         return f"auto (fewest that fit {budget}; chosen at start)"
@@ -160,7 +190,9 @@ def plan_warnings(recipe: Recipe, plan: Plan, device_type: str) -> list[str]:
     if scheduler.get("_component_", "").endswith("CosineAnnealingLR") and isinstance(t_max, int):
         annealed = plan.total_steps - recipe.train.warmup_steps
         if annealed > t_max:
-            out.append(f"scheduler.T_max={t_max}, but {annealed} steps follow the warmup: CosineAnnealingLR is "
-                       f"periodic, so the learning rate climbs back up from eta_min after step "
-                       f"{t_max + recipe.train.warmup_steps}; set scheduler.T_max={annealed}")
+            out.append(
+                f"scheduler.T_max={t_max}, but {annealed} steps follow the warmup: CosineAnnealingLR is "
+                f"periodic, so the learning rate climbs back up from eta_min after step "
+                f"{t_max + recipe.train.warmup_steps}; set scheduler.T_max={annealed}"
+            )
     return out

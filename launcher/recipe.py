@@ -5,6 +5,7 @@ not coerced ("10" is not an int), and every error becomes a one-line `RecipeErro
 Component sections (`model`, `loss`, ...) are dicts with `_component_` plus keyword arguments; their
 arguments are checked against the component's signature in `components.check`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -206,7 +207,7 @@ class _Loader(yaml.SafeLoader):
     a key given twice in one mapping is an error (PyYAML keeps the last silently), and aliases
     cannot expand a small file into an enormous recipe."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
@@ -216,8 +217,11 @@ class _Loader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 if key in seen:
                     where = f"{key_node.start_mark.name}:{line}"
-                    raise RecipeError(where, f"duplicate key {key!r} (first at line {seen[key]}, again at line {line}); "
-                                             "a later one would silently replace the earlier: keep one")
+                    raise RecipeError(
+                        where,
+                        f"duplicate key {key!r} (first at line {seen[key]}, again at line {line}); "
+                        "a later one would silently replace the earlier: keep one",
+                    )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -260,8 +264,11 @@ def _load_yaml(text: str, name: str) -> Any:
         if node is None:
             return None
         if _expanded_size(node, {}) > MAX_RECIPE_VALUES:
-            raise RecipeError(name, f"expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (&anchor/*alias); "
-                                    "a recipe this large is a mistake or an attack: write the values out")
+            raise RecipeError(
+                name,
+                f"expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (&anchor/*alias); "
+                "a recipe this large is a mistake or an attack: write the values out",
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -278,7 +285,9 @@ def parse_value(text: str) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(str(path), "no such recipe file; pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
+        raise RecipeError(
+            str(path), "no such recipe file; pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml"
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -320,7 +329,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     raw = apply_overrides(read_yaml(path), list(overrides))
     return validate(raw)
 
@@ -334,7 +343,7 @@ def validate(raw: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def suggest(word: str, choices) -> str:
+def suggest(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -343,20 +352,40 @@ def _check_rules(r: Recipe) -> None:
     """Cross-field rules that need no world size and no data (those live in plan.py)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.name):
         raise RecipeError("name", f"{r.name!r} must be letters, digits, '.', '_' or '-' (it names the run directory)")
+    _check_train_rules(r)
+    _check_components(r)
+    sig = r.checkpoint.preempt_signal
+    name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP", "SIGINT"):
+        raise RecipeError(
+            "checkpoint.preempt_signal",
+            f"{sig!r} is not a signal the launcher can catch; use e.g. SIGUSR1, SIGUSR2 or SIGTERM",
+        )
+
+
+def _check_train_rules(r: Recipe) -> None:
     t = r.train
     if t.epochs is None and t.max_steps is None:
         raise RecipeError("train.epochs", "set train.epochs or train.max_steps (or both: whichever ends first)")
     if t.grad_clip_norm is not None and t.grad_clip_value is not None:
         raise RecipeError("train.grad_clip_value", "set either train.grad_clip_norm or train.grad_clip_value, not both")
     if t.eval_every_steps is not None and r.data.val is None:
-        raise RecipeError("train.eval_every_steps", "evaluation needs data.val; add a validation dataset or remove this key")
+        raise RecipeError(
+            "train.eval_every_steps", "evaluation needs data.val; add a validation dataset or remove this key"
+        )
     if t.early_stopping is not None:
         metric = t.early_stopping.metric
         if metric.startswith("val_") and r.data.val is None:
             raise RecipeError("train.early_stopping.metric", f"{metric} needs data.val; add a validation dataset")
         known = ("val_loss", "val_accuracy")
         if metric not in known:
-            raise RecipeError("train.early_stopping.metric", f"unknown metric {metric!r}{suggest(metric, known)} (one of {', '.join(known)})")
+            raise RecipeError(
+                "train.early_stopping.metric",
+                f"unknown metric {metric!r}{suggest(metric, known)} (one of {', '.join(known)})",
+            )
+
+
+def _check_components(r: Recipe) -> None:
     for key in COMPONENT_KEYS:
         spec = get_key(r, key)
         if spec is None:
@@ -366,10 +395,6 @@ def _check_rules(r: Recipe) -> None:
             raise RecipeError(f"{key}._component_", "missing; name what to build, e.g. _component_: torch.optim.AdamW")
         if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", target):
             raise RecipeError(f"{key}._component_", f"{target!r} is not a dotted path like torch.optim.AdamW")
-    sig = r.checkpoint.preempt_signal
-    name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
-    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP", "SIGINT"):
-        raise RecipeError("checkpoint.preempt_signal", f"{sig!r} is not a signal the launcher can catch; use e.g. SIGUSR1, SIGUSR2 or SIGTERM")
     lr = r.optimizer.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
         raise RecipeError("optimizer.lr", f"expected a non-negative number, got {lr!r}")
@@ -421,7 +446,7 @@ def _leaf_loc(loc: tuple) -> tuple[list[str], type[BaseModel] | None, Any]:
     return path, parent, field
 
 
-def _section_type(annotation) -> type[BaseModel] | None:
+def _section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (Union, types.UnionType):

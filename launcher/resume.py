@@ -8,10 +8,12 @@ position needs nothing more: the sampler's permutation is a function of (seed, e
 step within the epoch says how many of this rank's samples to skip (ShardSampler.set_start), so
 nothing already trained on is reloaded.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: the loop calls into this module
 
 def gather_loss_sums(window: LogWindow, session: Session) -> torch.Tensor:
     """Every rank's per-step loss sums since the last log ([ranks, steps], on the CPU). Syncs."""
-    mine = window.loss_sums[:window.steps].detach()
+    mine = window.loss_sums[: window.steps].detach()
     if distributed.is_initialized() and session.world_size > 1:
         import torch.distributed as dist
 
@@ -56,8 +58,10 @@ def check_finite(t: Trainer) -> torch.Tensor:
         ranks = ", ".join(str(r) for r in bad[:, first].nonzero().flatten().tolist())
         last = t.state.last_checkpoint_step
         kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
-        raise TrainingError(f"non-finite loss at step {step} on rank {ranks} (train.on_nonfinite=stop); "
-                            f"nothing after it was saved and {kept}")
+        raise TrainingError(
+            f"non-finite loss at step {step} on rank {ranks} (train.on_nonfinite=stop); "
+            f"nothing after it was saved and {kept}"
+        )
     return per_rank
 
 
@@ -75,24 +79,43 @@ class LogWindowState:
         steps = len(state_dict["loss_sums"])
         if steps <= len(self.window.loss_sums):  # else log.every_n_steps shrank: start a fresh window
             # on one rank only, so that the log step's sum over ranks counts it once
-            self.window.restore(state_dict["loss_sums"] if self.session.is_main else None, steps,
-                                state_dict["samples"])
+            self.window.restore(state_dict["loss_sums"] if self.session.is_main else None, steps, state_dict["samples"])
 
 
-def saved_objects(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None,
-                  scaler: torch.amp.GradScaler | None, state: TrainState, window: LogWindow, session: Session,
-                  logger_ids: LoggerIds) -> dict[str, Stateful | None]:
+def saved_objects(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainState,
+    window: LogWindow,
+    session: Session,
+    logger_ids: LoggerIds,
+) -> dict[str, Stateful | None]:
     """What a checkpoint holds, by name. The model is the user's, unwrapped."""
-    return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "train_state": state,
-            "log_window": LogWindowState(window, session), "rng": RankStreams(session.rank, session.control),
-            "loggers": logger_ids}
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "train_state": state,
+        "log_window": LogWindowState(window, session),
+        "rng": RankStreams(session.rank, session.control),
+        "loggers": logger_ids,
+    }
 
 
 def metadata(recipe: Recipe, plan: Plan) -> dict[str, Any]:
     """Saved beside the objects, read back only to check that a recipe may continue the run."""
-    return {"world_size": plan.world_size, "recipe": recipe.to_dict(),
-            "plan": {"global_batch": plan.global_batch, "train_samples": plan.train_samples,
-                     "steps_per_epoch": plan.steps_per_epoch}}
+    return {
+        "world_size": plan.world_size,
+        "recipe": recipe.to_dict(),
+        "plan": {
+            "global_batch": plan.global_batch,
+            "train_samples": plan.train_samples,
+            "steps_per_epoch": plan.steps_per_epoch,
+        },
+    }
 
 
 def save_checkpoint(t: Trainer) -> Path | None:
@@ -102,8 +125,9 @@ def save_checkpoint(t: Trainer) -> Path | None:
         return None
     check_finite(t)
     s.last_checkpoint_step = s.step
-    path = t.checkpointer.save(s.step, t.saved, metadata(t.recipe, t.plan),
-                               summary={"global_batch": t.plan.global_batch})
+    path = t.checkpointer.save(
+        s.step, t.saved, metadata(t.recipe, t.plan), summary={"global_batch": t.plan.global_batch}
+    )
     if path is not None:
         log.info(f"checkpoint: {path}")
     return path
@@ -128,27 +152,36 @@ def check_compatible(payload: Mapping[str, Any], path: Path, recipe: Recipe, pla
     check_global_batch(saved["global_batch"], plan.global_batch, path)
     state = payload["train_state"]
     if state["step_in_epoch"] >= plan.steps_per_epoch:
-        raise RecipeError("data.train", f"{path} stopped at step {state['step_in_epoch']} of an epoch, but an epoch now "
-                                        f"has {plan.steps_per_epoch} steps ({plan.train_samples} samples, data.drop_last="
-                                        f"{str(plan.drop_last).lower()}); resume with the data it was trained on, {_START_OVER}")
+        raise RecipeError(
+            "data.train",
+            f"{path} stopped at step {state['step_in_epoch']} of an epoch, but an epoch now "
+            f"has {plan.steps_per_epoch} steps ({plan.train_samples} samples, data.drop_last="
+            f"{str(plan.drop_last).lower()}); resume with the data it was trained on, {_START_OVER}",
+        )
     if saved["train_samples"] != plan.train_samples:
-        log.warning(f"{path} was trained on {saved['train_samples']} samples and resumes on {plan.train_samples}: "
-                    "the data order from here differs from the uninterrupted run's")
+        log.warning(
+            f"{path} was trained on {saved['train_samples']} samples and resumes on {plan.train_samples}: "
+            "the data order from here differs from the uninterrupted run's"
+        )
     old = payload.get("recipe", {})
     for key in ("optimizer", "scheduler"):
         before = (old.get(key) or {}).get("_component_")
         now = (getattr(recipe, key) or {}).get("_component_")
         if before != now and "recipe" in payload:
-            raise RecipeError(f"{key}._component_", f"{path} holds the state of {before}, not {now}; resume with "
-                                                    f"{key}._component_={before}, {_START_OVER}")
+            raise RecipeError(
+                f"{key}._component_",
+                f"{path} holds the state of {before}, not {now}; resume with {key}._component_={before}, {_START_OVER}",
+            )
 
 
 def check_global_batch(saved: int | None, now: int, path: Path) -> None:
     if saved is not None and saved != now:
-        raise RecipeError("train.global_batch_size",
-                          f"{path} was trained with a global batch of {saved}, this run's is {now}: the update would "
-                          f"change mid-run; set train.global_batch_size={saved} (any world size that divides it "
-                          f"continues exactly), {_START_OVER}")
+        raise RecipeError(
+            "train.global_batch_size",
+            f"{path} was trained with a global batch of {saved}, this run's is {now}: the update would "
+            f"change mid-run; set train.global_batch_size={saved} (any world size that divides it "
+            f"continues exactly), {_START_OVER}",
+        )
 
 
 def _plan_of_old_checkpoint(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,22 +191,35 @@ def _plan_of_old_checkpoint(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {"global_batch": batch, "train_samples": None, "steps_per_epoch": None}
 
 
-def restore(payload: Mapping[str, Any], path: Path, saved: Mapping[str, Stateful | None], recipe: Recipe,
-            plan: Plan, session: Session) -> None:
+def restore(
+    payload: Mapping[str, Any],
+    path: Path,
+    saved: Mapping[str, Stateful | None],
+    recipe: Recipe,
+    plan: Plan,
+    session: Session,
+) -> None:
     """Everything but the model (restored before wrapping, load_for_resume) and the RNG streams
     (restore_rng: last, as they are the streams the loop continues)."""
     try:
         checkpointer.restore(payload, {"optimizer": saved["optimizer"]})
     except (KeyError, ValueError, RuntimeError) as e:
-        raise RecipeError("optimizer", f"{path} holds optimizer state that does not fit this optimizer "
-                                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); resume with the "
-                                       f"optimizer settings it was saved with, {_START_OVER}") from None
+        raise RecipeError(
+            "optimizer",
+            f"{path} holds optimizer state that does not fit this optimizer "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); resume with the "
+            f"optimizer settings it was saved with, {_START_OVER}",
+        ) from None
     if (saved["scheduler"] is None) != (payload["scheduler"] is None):
         log.warning(f"resuming {path} with{'' if saved['scheduler'] else 'out'} a scheduler it was saved without/with")
-    checkpointer.restore(payload, {k: saved[k] for k in ("scheduler", "scaler", "train_state", "log_window", "loggers")})
+    checkpointer.restore(
+        payload, {k: saved[k] for k in ("scheduler", "scaler", "train_state", "log_window", "loggers")}
+    )
     if payload["world_size"] != plan.world_size:
-        log.warning(f"{path} was saved by {payload['world_size']} ranks and resumes on {plan.world_size}: "
-                    "the data order continues exactly; per-rank random streams (dropout) cannot")
+        log.warning(
+            f"{path} was saved by {payload['world_size']} ranks and resumes on {plan.world_size}: "
+            "the data order continues exactly; per-rank random streams (dropout) cannot"
+        )
     if session.is_main:
         state = payload["train_state"]
         changed = _changed_keys(payload["recipe"], recipe.to_dict())
@@ -182,9 +228,11 @@ def restore(payload: Mapping[str, Any], path: Path, saved: Mapping[str, Stateful
         # torch's load_state_dict puts the saved hyperparameters back: say so rather than seem to apply them
         ignored = [c.split(":")[0] for c in changed if c.startswith(("optimizer.", "scheduler."))]
         if ignored:
-            log.warning(f"{', '.join(ignored)} changed, but the optimizer and scheduler continue with the values "
-                        f"saved in {path} (torch restores them); to change them, start over with "
-                        "checkpoint.resume=none run.overwrite=true")
+            log.warning(
+                f"{', '.join(ignored)} changed, but the optimizer and scheduler continue with the values "
+                f"saved in {path} (torch restores them); to change them, start over with "
+                "checkpoint.resume=none run.overwrite=true"
+            )
 
 
 def restore_rng(payload: Mapping[str, Any], saved: Mapping[str, Stateful | None]) -> None:
@@ -202,13 +250,17 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
     return out
 
 
-def check_model_matches(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor],
-                        source: Path) -> None:
+def check_model_matches(
+    model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor], source: Path
+) -> None:
     """One clear error listing what differs, rather than load_state_dict's wall of text."""
     missing = [k for k in model_state if k not in ckpt_state]
     unexpected = [k for k in ckpt_state if k not in model_state]
-    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}" for k, v in model_state.items()
-              if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in model_state.items()
+        if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -217,8 +269,11 @@ def check_model_matches(model_state: Mapping[str, torch.Tensor], ckpt_state: Map
             parts.append(f"unexpected keys {_few(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches {_few(shapes)}")
-        raise RecipeError("checkpoint.resume", f"{source} was saved from a different model: {'; '.join(parts)}; "
-                                               "resume with the recipe that wrote it, or set checkpoint.resume=none")
+        raise RecipeError(
+            "checkpoint.resume",
+            f"{source} was saved from a different model: {'; '.join(parts)}; "
+            "resume with the recipe that wrote it, or set checkpoint.resume=none",
+        )
 
 
 def _few(items: list[str], n: int = 4) -> str:

@@ -8,6 +8,7 @@
 - augmentation: each sample's own stream, from (seed, epoch, index) (`data.SeededDataset`);
 - dropout and anything else in the step: `seed + rank`, set after the model is built.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     try:
         import numpy as np
+
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
@@ -44,8 +46,13 @@ def capture_rng_state() -> dict[str, Any]:
         import numpy as np
 
         s = np.random.get_state(legacy=False)
-        state["numpy"] = {"bit_generator": s["bit_generator"], "key": torch.from_numpy(s["state"]["key"].astype("int64")),
-                          "pos": int(s["state"]["pos"]), "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+        state["numpy"] = {
+            "bit_generator": s["bit_generator"],
+            "key": torch.from_numpy(s["state"]["key"].astype("int64")),
+            "pos": int(s["state"]["pos"]),
+            "has_gauss": int(s["has_gauss"]),
+            "gauss": float(s["gauss"]),
+        }
     except ImportError:
         pass
     return state
@@ -61,8 +68,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         import numpy as np
 
         n = state["numpy"]
-        np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"], "gauss": n["gauss"],
-                             "state": {"key": n["key"].numpy().astype("uint32"), "pos": n["pos"]}})
+        np.random.set_state(
+            {
+                "bit_generator": n["bit_generator"],
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+                "state": {"key": n["key"].numpy().astype("uint32"), "pos": n["pos"]},
+            }
+        )
 
 
 class RankStreams:

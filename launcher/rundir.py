@@ -13,6 +13,7 @@ Policies:
 - Every path the run will write is checked before the first step: a file where a directory must be,
   a directory that cannot be written, a disk too full for one checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,10 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from launcher import checkpoint
 from launcher.errors import RecipeError
@@ -73,7 +75,7 @@ class RunDir:
     def problems(self) -> list[tuple[RecipeError, bool]]:
         """What stops the run from writing where it must: (error, certain). Not certain: the
         directory cannot be written from here, which may differ on the machine that runs it."""
-        found = []
+        found: list[tuple[RecipeError, bool]] = []
         ckpt_key = "checkpoint.dir" if self.checkpoints.parent != self.root else "run.dir"
         for path, key in ((self.root, "run.dir"), (self.checkpoints, ckpt_key)):
             try:
@@ -97,8 +99,10 @@ class RunDir:
             return None
         if free >= bytes_needed:
             return None
-        return (f"{self.checkpoints} has {free / 2**20:,.1f} MiB free, less than the {bytes_needed / 2**20:,.1f} MiB "
-                "a checkpoint and the final weights need (weights and two optimizer moments per parameter)")
+        return (
+            f"{self.checkpoints} has {free / 2**20:,.1f} MiB free, less than the {bytes_needed / 2**20:,.1f} MiB "
+            "a checkpoint and the final weights need (weights and two optimizer moments per parameter)"
+        )
 
     # ------------------------------------------------------------ fresh starts
 
@@ -110,8 +114,12 @@ class RunDir:
         for entry in sorted(self.checkpoints.iterdir()):
             if _STEP_TMP.match(entry.name) and entry.is_dir():
                 continue
-            if _STEP_DIR.match(entry.name) and entry.is_dir() and not entry.is_symlink() \
-                    and {p.name for p in entry.iterdir()} <= CHECKPOINT_FILES:
+            if (
+                _STEP_DIR.match(entry.name)
+                and entry.is_dir()
+                and not entry.is_symlink()
+                and {p.name for p in entry.iterdir()} <= CHECKPOINT_FILES
+            ):
                 continue
             foreign.append(entry)
         return foreign
@@ -120,10 +128,13 @@ class RunDir:
         """run.overwrite: delete this launcher's checkpoints, and nothing else."""
         foreign = self.foreign_checkpoint_entries()
         if foreign:
-            raise RecipeError("checkpoint.dir", f"{self.checkpoints} also holds files the launcher did not write "
-                                                f"({', '.join(p.name for p in foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                                                "run.overwrite deletes only launcher checkpoints: point checkpoint.dir at a "
-                                                "directory of its own")
+            raise RecipeError(
+                "checkpoint.dir",
+                f"{self.checkpoints} also holds files the launcher did not write "
+                f"({', '.join(p.name for p in foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "run.overwrite deletes only launcher checkpoints: point checkpoint.dir at a "
+                "directory of its own",
+            )
         if not self.checkpoints.is_dir():
             return
         for entry in self.checkpoints.iterdir():
@@ -160,8 +171,11 @@ class RunDir:
         found = [str(p) for p in self.outputs if p.exists()] + [str(p) for p in checkpoints[:1]]
         if found and not overwrite:
             how = "resume it with checkpoint.resume=auto, " if resume == "none" and checkpoints else ""
-            raise RecipeError("run.dir", f"{self.root} already holds a run ({', '.join(found)}); {how}choose another "
-                                         f"run.dir=..., or start over with run.overwrite=true")
+            raise RecipeError(
+                "run.dir",
+                f"{self.root} already holds a run ({', '.join(found)}); {how}choose another "
+                f"run.dir=..., or start over with run.overwrite=true",
+            )
         if found and (act or self.foreign_checkpoint_entries()):
             # a fresh start must never resume an older run's state; every rank refuses a foreign directory alike
             self.clear_checkpoints()
@@ -196,8 +210,9 @@ def acquire_lock(path: Path) -> IO[str]:
         handle.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
             raise
-        raise RecipeError("run.dir", f"{path.parent} is in use by {holder}; wait for that run to end, or choose "
-                                     "another run.dir") from None
+        raise RecipeError(
+            "run.dir", f"{path.parent} is in use by {holder}; wait for that run to end, or choose another run.dir"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -218,7 +233,8 @@ def check_writable_dir(path: Path, key: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".launcher-write-probe.")
     except OSError as e:
-        raise _NotWritable(key, f"cannot write in {existing} ({e.strerror}); choose another {key}=... "
-                                "or fix its permissions") from None
+        raise _NotWritable(
+            key, f"cannot write in {existing} ({e.strerror}); choose another {key}=... or fix its permissions"
+        ) from None
     os.close(fd)
     os.unlink(probe)

@@ -6,6 +6,7 @@ they agree before acting: each step every rank contributes its flag to an asynch
 (MAX) on a CPU gloo group, and reads the result of the previous step's. All ranks therefore see the
 same decision at the same step, and the check costs no device synchronisation and no wait.
 """
+
 from __future__ import annotations
 
 import signal
@@ -38,7 +39,7 @@ class PreemptionFlag:
         self._interrupted_at: float | None = None
         self._previous: dict = {}
 
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002 - signal.signal's signature
         now = time.monotonic()
         if self._interrupted_at is not None and now - self._interrupted_at > self.SECOND_INTERRUPT_S:
             raise KeyboardInterrupt
@@ -47,12 +48,12 @@ class PreemptionFlag:
         if self.signum is None:
             self.signum = signum
 
-    def __enter__(self) -> "PreemptionFlag":
+    def __enter__(self) -> PreemptionFlag:
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
 
@@ -66,16 +67,16 @@ class Agreement:
     decision of the previous poll: the largest signal number any rank had received by then, or 0.
     (SIGTERM 15 > SIGUSR1 10 > SIGINT 2: a preemption outranks an interrupt when both arrive.)"""
 
-    def __init__(self, group=None):
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        self._work = None
+        self._work: dist.Work | None = None
         self._buf: torch.Tensor | None = None
 
     def poll(self, signum: int) -> int:
         if self.group is None:  # a single process agrees with itself, at once
             return signum
         decided = 0
-        if self._work is not None:
+        if self._work is not None and self._buf is not None:
             self._work.wait()
             decided = int(self._buf.item())  # a CPU tensor: no device sync
         self._buf = torch.tensor([signum], dtype=torch.int32)

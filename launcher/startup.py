@@ -1,4 +1,5 @@
 """Time from process start to the first optimizer step, and where it went (`startup.json`)."""
+
 from __future__ import annotations
 
 import os

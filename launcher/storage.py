@@ -1,5 +1,6 @@
 """Files that are either whole or absent: atomic writes, durable renames, modes that follow the
 umask, and one-line errors for a full disk. Everything the launcher writes goes through here."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import torch
 

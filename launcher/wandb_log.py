@@ -2,6 +2,7 @@
 training (a failed start is a warning), and keeps one run across resumes, restarts and requeues:
 the run id lives in <run.dir>/wandb_run_id and in every checkpoint, and is reused with resume="allow".
 """
+
 from __future__ import annotations
 
 import netrc
@@ -9,10 +10,13 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Literal, cast
 
 from launcher.errors import RecipeError
 from launcher.logs import log
 from launcher.recipe import Recipe, redact
+
+Mode = Literal["online", "offline", "disabled"]
 
 ID_FILE = "wandb_run_id"
 
@@ -53,20 +57,25 @@ def server_answers(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     return answered.is_set()
 
 
-def resolve_mode(mode: str) -> str:
+def resolve_mode(mode: str) -> Mode:
     if mode == "auto":
         if not has_api_key():
             return "offline"
         base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         if not server_answers(base_url):
-            log.warning(f"log.wandb: {base_url} did not answer within {PROBE_TIMEOUT_S:g} s; logging offline "
-                        "(sync later with `wandb sync`)")
+            log.warning(
+                f"log.wandb: {base_url} did not answer within {PROBE_TIMEOUT_S:g} s; logging offline "
+                "(sync later with `wandb sync`)"
+            )
             return "offline"
         return "online"
     if mode == "online" and not has_api_key():
-        raise RecipeError("log.wandb.mode", "online needs an API key (WANDB_API_KEY, or `wandb login`); "
-                                            "use offline (sync later with `wandb sync`) or auto")
-    return mode
+        raise RecipeError(
+            "log.wandb.mode",
+            "online needs an API key (WANDB_API_KEY, or `wandb login`); "
+            "use offline (sync later with `wandb sync`) or auto",
+        )
+    return cast(Mode, mode)  # the recipe's schema allows only these and auto
 
 
 def run_id(run_dir: Path, from_checkpoint: str | None, continuing: bool) -> str:
@@ -96,8 +105,9 @@ def redact_argv(argv: list[str]) -> list[str]:
 
 
 class WandbSink:
-    def __init__(self, recipe: Recipe, run_dir: Path, run_id_: str):
+    def __init__(self, recipe: Recipe, run_dir: Path, run_id_: str) -> None:
         cfg = recipe.log.wandb
+        assert cfg is not None  # built only when log.wandb is set
         mode = resolve_mode(cfg.mode)
         self.run = None
         if mode == "disabled":
@@ -105,15 +115,24 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            log.warning("log.wandb is set but wandb is not installed (pip install wandb); training continues without it")
+            log.warning(
+                "log.wandb is set but wandb is not installed (pip install wandb); training continues without it"
+            )
             return
         # wandb records the command line; overrides such as model.hf_token=... must not be in it
         sys.argv[:] = redact_argv(sys.argv)
         try:
             self.run = wandb.init(
-                id=run_id_, resume="allow", dir=str(run_dir), mode=mode,
-                project=cfg.project or recipe.name, entity=cfg.entity, name=cfg.name or recipe.name,
-                group=cfg.group, tags=list(cfg.tags) or None, config=recipe.to_dict(),
+                id=run_id_,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                project=cfg.project or recipe.name,
+                entity=cfg.entity,
+                name=cfg.name or recipe.name,
+                group=cfg.group,
+                tags=list(cfg.tags) or None,
+                config=recipe.to_dict(),
                 settings=wandb.Settings(silent=True, console="off", init_timeout=90, disable_git=True),
             )
         except Exception as e:  # noqa: BLE001 - wandb must never stop a training run

@@ -57,6 +57,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def tool(name: str) -> str | None:
     """A command-line tool, looked for next to this Python first: found in a venv that is not activated."""
     import shutil
+
     return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
@@ -72,11 +73,19 @@ def worker_env(**extra) -> dict:
 
 def launcher(*args, cwd=None, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:
     """`python -m launcher ARGS` in a real subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=cwd, env=env or worker_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", *map(str, args)],
+        cwd=cwd,
+        env=env or worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"launcher {' '.join(map(str, args))} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"launcher {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -96,4 +105,5 @@ def tmp_recipe(tmp_path):
     def make(name="recipe.yaml", **changes) -> Path:
         r = recipe_dict(**{"run.dir": str(tmp_path / "run"), **changes})
         return write_recipe(tmp_path / name, r)
+
     return make

@@ -2,6 +2,7 @@
 docs/architecture.md describes it): no import cycles in launcher/, and each module imports only its
 own layer or the layers below it. Lazy imports inside functions count; imports under
 `if TYPE_CHECKING:` (annotations only) do not."""
+
 from __future__ import annotations
 
 import ast
@@ -16,12 +17,38 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "commands": ("launcher.__main__", "launcher.cli", "launcher.commands"),
     "assembly": ("launcher.train", "launcher.local"),
     "loop": ("launcher.loop", "launcher.loop_state", "launcher.resume"),
-    "blocks": ("launcher.recipe", "launcher.components", "launcher.plan", "launcher.data", "launcher.builders",
-               "launcher.parallel", "launcher.memory", "launcher.optim", "launcher.losses", "launcher.rng",
-               "launcher.checkpoint", "launcher.checkpointer", "launcher.rundir", "launcher.metrics",
-               "launcher.wandb_log", "launcher.profiling", "launcher.cpu", "launcher.models", "launcher.datasets"),
-    "infra": ("launcher", "launcher.env", "launcher.nodelist", "launcher.distributed", "launcher.signals",
-              "launcher.logs", "launcher.errors", "launcher.storage", "launcher.startup"),
+    "blocks": (
+        "launcher.recipe",
+        "launcher.components",
+        "launcher.plan",
+        "launcher.data",
+        "launcher.builders",
+        "launcher.parallel",
+        "launcher.memory",
+        "launcher.optim",
+        "launcher.losses",
+        "launcher.rng",
+        "launcher.checkpoint",
+        "launcher.checkpointer",
+        "launcher.rundir",
+        "launcher.metrics",
+        "launcher.wandb_log",
+        "launcher.profiling",
+        "launcher.cpu",
+        "launcher.models",
+        "launcher.datasets",
+    ),
+    "infra": (
+        "launcher",
+        "launcher.env",
+        "launcher.nodelist",
+        "launcher.distributed",
+        "launcher.signals",
+        "launcher.logs",
+        "launcher.errors",
+        "launcher.storage",
+        "launcher.startup",
+    ),
 }
 
 
@@ -72,8 +99,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_imports_only_its_layer_or_below(graph):
-    wrong = [f"{m} ({list(LAYERS)[layer_of(m)]}) imports {d} ({list(LAYERS)[layer_of(d)]})"
-             for m, deps in sorted(graph.items()) for d in sorted(deps) if layer_of(d) < layer_of(m)]
+    wrong = [
+        f"{m} ({list(LAYERS)[layer_of(m)]}) imports {d} ({list(LAYERS)[layer_of(d)]})"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if layer_of(d) < layer_of(m)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -85,7 +116,7 @@ def test_no_import_cycles(graph):
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]))
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, path + [dep])
         state[module] = 2

@@ -1,4 +1,5 @@
 """The benchmark runs anywhere: CI runs its smoke version on CPU (figures come from a GPU, docs/performance.md)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,23 @@ from conftest import ROOT, worker_env
 
 
 def test_bench_smoke_on_cpu_covers_every_implementation():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--device", "cpu", "--smoke", "--workloads", "gpt",
-                           "--impls", "raw,launcher,accelerate,fabric"], capture_output=True, text=True, timeout=600,
-                          env=worker_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--workloads",
+            "gpt",
+            "--impls",
+            "raw,launcher,accelerate,fabric",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=worker_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
     assert len(table) == 8  # 4 implementations x checkpointing off/on
@@ -27,9 +42,31 @@ def test_bench_smoke_on_cpu_covers_every_implementation():
 
 def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--device", "cpu", "--smoke", "--workloads", "gpt",
-                           "--impls", "raw,launcher", "--ckpt", "off", "--repeat", "2", "--profile", str(tmp_path / "prof"),
-                           "--json", str(out)], capture_output=True, text=True, timeout=600, env=worker_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--workloads",
+            "gpt",
+            "--impls",
+            "raw,launcher",
+            "--ckpt",
+            "off",
+            "--repeat",
+            "2",
+            "--profile",
+            str(tmp_path / "prof"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=worker_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [(r["round"], r["impl"]) for r in runs] == [(0, "raw"), (0, "launcher"), (1, "launcher"), (1, "raw")]
@@ -40,15 +77,30 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
         assert "Self CPU" in summary and "AdamW.step" in summary
         assert (tmp_path / "prof" / f"gpt-nockpt-{impl}.trace.json").stat().st_size > 0
     # the two traces compared: operators per step and peak memory (both traced with memory)
-    diff = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_diff.py"), str(tmp_path / "prof" / "gpt-nockpt-raw.trace.json"),
-                           str(tmp_path / "prof" / "gpt-nockpt-launcher.trace.json")], capture_output=True, text=True,
-                          timeout=120, env=worker_env(), check=True).stdout
+    diff = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "trace_diff.py"),
+            str(tmp_path / "prof" / "gpt-nockpt-raw.trace.json"),
+            str(tmp_path / "prof" / "gpt-nockpt-launcher.trace.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=worker_env(),
+        check=True,
+    ).stdout
     assert "(5 steps)" in diff and "aten::add_" in diff, diff  # the launcher's loss sum, one add per step
     assert re.search(r"peak allocated on cpu: A [\d.]+ MiB, B [\d.]+ MiB", diff), diff
 
 
 def test_overhead_script_runs():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "400"], capture_output=True,
-                          text=True, timeout=300, env=worker_env())
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "400"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=worker_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"the launcher adds -?\d+ us per step", proc.stdout)

@@ -1,4 +1,5 @@
 """Real multi-process runs on gloo: communication counts, failures, interrupts and teardown."""
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,15 @@ from runs import processes_with
 def test_gradients_are_all_reduced_only_on_the_last_micro_step(tmp_path, accumulation):
     counts = tmp_path / "counts"
     counts.mkdir()
-    r = recipe_dict(**{
-        "run.dir": str(tmp_path / "run"), "data.val": None, "train.epochs": 1,
-        "train.global_batch_size": 4 * 2 * accumulation,
-        "dist.ddp.comm_hook": {"_component_": "testkit.counting_allreduce_hook"},
-    })
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "data.val": None,
+            "train.epochs": 1,
+            "train.global_batch_size": 4 * 2 * accumulation,
+            "dist.ddp.comm_hook": {"_component_": "testkit.counting_allreduce_hook"},
+        }
+    )
     proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env(COUNT_DIR=counts))
     assert proc.returncode == 0, proc.stderr
     steps = -(-37 // (8 * accumulation))  # optimizer steps in one epoch
@@ -33,10 +38,16 @@ def test_gradients_are_all_reduced_only_on_the_last_micro_step(tmp_path, accumul
 
 def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
-    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.epochs": 50,
-                       "model": {"_component_": "testkit.FailOnRank", "rank": 1, "at_call": 3}})
-    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env(**{marker: "1"}),
-                    timeout=120)
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "train.epochs": 50,
+            "model": {"_component_": "testkit.FailOnRank", "rank": 1, "at_call": 3},
+        }
+    )
+    proc = launcher(
+        "run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env(**{marker: "1"}), timeout=120
+    )
     assert proc.returncode == 1
     summary = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert summary == ["error: rank 1 failed (exit code 1): ValueError: injected failure on rank 1"], proc.stderr
@@ -58,17 +69,29 @@ def test_successful_run_leaves_no_process_and_no_warning(tmp_path):
 def test_ctrl_c_stops_all_workers(tmp_path):
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
     gate = tmp_path / "never"
-    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.epochs": 50,
-                       "model": {"_component_": "testkit.WaitOnRank", "rank": 1, "at_call": 3, "until": str(gate)}})
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "train.epochs": 50,
+            "model": {"_component_": "testkit.WaitOnRank", "rank": 1, "at_call": 3, "until": str(gate)},
+        }
+    )
     path = write_recipe(tmp_path / "r.yaml", r)
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
-                            env=worker_env(**{marker: "1"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
+        env=worker_env(**{marker: "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     # wait until training is under way (rank 0 logged a step), then press Ctrl-C on the whole group
     for line in proc.stdout:
         if line.startswith("step "):
             break
-    os.killpg(proc.pid, signal.SIGINT)  # the first asks for a checkpoint at the end of the step, which rank 1 never ends
+    os.killpg(
+        proc.pid, signal.SIGINT
+    )  # the first asks for a checkpoint at the end of the step, which rank 1 never ends
     time.sleep(1.0)  # a second press, not the same one passed on by the launcher
     os.killpg(proc.pid, signal.SIGINT)  # the second stops at once
     out, err = proc.communicate(timeout=120)

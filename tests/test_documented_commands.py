@@ -4,6 +4,7 @@ Commands that need a GPU, a cluster or a container are `check`ed at the world si
 (`--nproc`, `--nproc-per-node` x `--nnodes`, `--nodes` x `--gpus-per-node`); `launcher slurm` renders
 its script (without `--submit`); `launcher check` and `launcher run` on CPU recipes run as written
 elsewhere in the suite (test_recipes.py, the README quickstart)."""
+
 from __future__ import annotations
 
 import re
@@ -35,13 +36,13 @@ def as_check(command: str) -> tuple[list[str], str]:
             words = shlex.split(part)
     if words[0] == "torchrun":
         nproc = int(_option(words, "--nproc-per-node", "1")) * int(_option(words, "--nnodes", "1"))
-        rest = words[words.index("-m") + 2:]
+        rest = words[words.index("-m") + 2 :]
         assert rest[0] == "run", command
         return ["check", *rest[1:], "--nproc", str(nproc)], f"torchrun at world size {nproc}"
     if words[0] == "docker":
         if words[1] == "build":
             return [], "builds the image (tests/test_docker.py lints the Dockerfile)"
-        rest = words[words.index("launcher", words.index("run") + 1) + 1:]
+        rest = words[words.index("launcher", words.index("run") + 1) + 1 :]
         return _launcher(rest, command)
     assert words[0] == "launcher", command
     return _launcher(words[1:], command)

@@ -1,4 +1,5 @@
 """Environment detection: what started this process, and who it is in the job."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,16 @@ from launcher.distributed import pick_backend
 from launcher.env import ClusterEnv
 from launcher.errors import LaunchError
 
-TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-            "MASTER_ADDR": "node0", "MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "2"}
+TORCHRUN = {
+    "RANK": "3",
+    "WORLD_SIZE": "8",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "MASTER_ADDR": "node0",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_RESTART_COUNT": "2",
+}
 
 
 def test_single_process_when_nothing_is_set():
@@ -22,13 +31,16 @@ def test_torchrun_variables():
     assert (env.master_addr, env.master_port, env.source, env.restart_count) == ("node0", 29500, "torchrun", 2)
 
 
-@pytest.mark.parametrize("changes,key", [
-    ({"RANK": "x"}, "RANK"),
-    ({"RANK": "8"}, "RANK"),
-    ({"LOCAL_RANK": "2"}, "LOCAL_RANK"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
-    ({"MASTER_PORT": ""}, "MASTER_PORT"),
-])
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"RANK": "x"}, "RANK"),
+        ({"RANK": "8"}, "RANK"),
+        ({"LOCAL_RANK": "2"}, "LOCAL_RANK"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+        ({"MASTER_PORT": ""}, "MASTER_PORT"),
+    ],
+)
 def test_bad_torchrun_variables_name_the_variable(changes, key):
     with pytest.raises(LaunchError) as e:
         ClusterEnv.detect({**TORCHRUN, **changes})

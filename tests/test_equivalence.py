@@ -2,6 +2,7 @@
 
 37 training samples, micro-batch 4, global batch 16: each epoch has two full windows and a partial
 one of 5 samples, and DistributedSampler pads rank 1's shard. Shuffling is on; 2 epochs."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import sys
 
 import pytest
 
+from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher import train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
-from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
 
 
 def rows(run_dir, key):
@@ -32,8 +33,19 @@ def multi(tmp_path, name, use_torchrun=False, **changes):
     path = write_recipe(tmp_path / f"{name}.yaml", recipe_dict(**{"run.dir": str(run_dir), **changes}))
     if use_torchrun:
         import subprocess
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "launcher", "run", str(path)]
+
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "launcher",
+            "run",
+            str(path),
+        ]
         proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     else:
         proc = launcher("run", "--nproc", "2", path)

@@ -1,6 +1,7 @@
 """What a new user hits in the first hour: their own module in the current directory, errors in
 their own code, threads, a slow precision on CPU, schedules that restart, plots of odd runs, sbatch
 errors, a long step that looks like a hang."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
 from runs import gate, wait_for
 
 
 def own_recipe(tmp_path: Path, **changes) -> Path:
-    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "data.val": None, "train.epochs": 1,
-                       "model": {"_component_": "m.Net", "in_features": 8, "out_features": 1}, **changes})
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "data.val": None,
+            "train.epochs": 1,
+            "model": {"_component_": "m.Net", "in_features": 8, "out_features": 1},
+            **changes,
+        }
+    )
     return write_recipe(tmp_path / "r.yaml", r)
 
 
@@ -25,8 +32,9 @@ def console_script(*args, cwd: Path, env=None) -> subprocess.CompletedProcess:
     """The installed `launcher` command, as a user types it (not `python -m launcher`)."""
     exe = tool("launcher")
     assert exe is not None, "the launcher console script is not installed next to this Python"
-    return subprocess.run([exe, *map(str, args)], cwd=cwd, env=env or worker_env(), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [exe, *map(str, args)], cwd=cwd, env=env or worker_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_module_in_the_working_directory_is_importable_everywhere(tmp_path):
@@ -46,15 +54,21 @@ def test_an_error_in_the_users_module_names_its_file_and_line(tmp_path):
     path = own_recipe(tmp_path)
     proc = console_script("check", path.name, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"importing m failed at {tmp_path / 'm.py'}:4: NameError: name 'undefined_name' is not defined" in proc.stderr
+    assert (
+        f"importing m failed at {tmp_path / 'm.py'}:4: NameError: name 'undefined_name' is not defined" in proc.stderr
+    )
     proc = console_script("check", path.name, cwd=tmp_path, env=worker_env(LAUNCHER_DEBUG="1"))
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "undefined_name" in proc.stderr
 
-    (tmp_path / "m.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
-                                   "    def __init__(self, in_features, out_features):\n"
-                                   "        super().__init__()\n        raise ValueError('bad width')\n")
+    (tmp_path / "m.py").write_text(
+        "import torch.nn as nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, in_features, out_features):\n"
+        "        super().__init__()\n        raise ValueError('bad width')\n"
+    )
     proc = console_script("run", path.name, cwd=tmp_path)
-    assert proc.returncode == 2 and f"failed at {tmp_path / 'm.py'}:7: ValueError: bad width" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"failed at {tmp_path / 'm.py'}:7: ValueError: bad width" in proc.stderr, (
+        proc.stderr
+    )
     proc = console_script("run", path.name, cwd=tmp_path, env=worker_env(LAUNCHER_DEBUG="1"))
     assert "Traceback" in proc.stderr and "bad width" in proc.stderr
 
@@ -75,14 +89,22 @@ def test_threads_follow_the_cores_each_rank_has(tmp_path):
     assert re.search(rf"threads per rank +{cores} \({cores} cores? for 1 local rank\)", proc.stdout), proc.stdout
     proc = launcher("run", "--nproc", "2", path, "run.overwrite=true", "checkpoint.resume=none", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(rf"threads per rank +{max(1, cores // 2)} \({cores} cores? for 2 local ranks\)", proc.stdout), proc.stdout
+    assert re.search(rf"threads per rank +{max(1, cores // 2)} \({cores} cores? for 2 local ranks\)", proc.stdout), (
+        proc.stdout
+    )
 
 
 def test_bf16_on_a_cpu_without_it_and_a_cosine_that_restarts_are_warned_about(tmp_path):
     from launcher.cpu import has_native_bf16
 
-    r = recipe_dict(**{"train.precision": "bf16", "train.max_steps": 50, "train.epochs": DELETE,
-                       "scheduler": {"_component_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 20}})
+    r = recipe_dict(
+        **{
+            "train.precision": "bf16",
+            "train.max_steps": 50,
+            "train.epochs": DELETE,
+            "scheduler": {"_component_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 20},
+        }
+    )
     proc = launcher("check", write_recipe(tmp_path / "r.yaml", r))
     assert proc.returncode == 0, proc.stderr
     slow = "warning: train.precision=bf16 on a CPU without native bf16"
@@ -97,10 +119,16 @@ def test_bf16_on_a_cpu_without_it_and_a_cosine_that_restarts_are_warned_about(tm
 
 def test_a_long_step_shows_life_within_seconds(tmp_path):
     until, waiting, model = gate(tmp_path, rank=0, at_call=2)
-    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), **model,
-                                                             "train.max_steps": 2}))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = write_recipe(
+        tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), **model, "train.max_steps": 2})
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, proc)
     for line in proc.stdout:  # no step ends while the gate is shut: only the heartbeat can speak
         if "still running" in line:
@@ -124,14 +152,18 @@ def test_plot_says_when_there_is_nothing_to_plot(tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("")
     proc = launcher("plot", run_dir)
-    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {run_dir}: metrics.jsonl has no rows yet"), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {run_dir}: metrics.jsonl has no rows yet"), (
+        proc.stderr
+    )
     assert not (run_dir / "metrics.png").exists()
 
 
 def test_short_rows_are_drawn_off_the_line():
     from launcher.commands.plot import split_short_rows
 
-    rows = [{"step": s, "loss": 1.0, "samples": n} for s, n in ((20, 1280), (23, 192), (43, 1280), (46, 192), (66, 1280))]
+    rows = [
+        {"step": s, "loss": 1.0, "samples": n} for s, n in ((20, 1280), (23, 192), (43, 1280), (46, 192), (66, 1280))
+    ]
     full, short = split_short_rows(rows)
     assert [r["step"] for r in full] == [20, 43, 66] and [r["step"] for r in short] == [23, 46]
     assert split_short_rows([{"step": 1, "loss": 1.0}]) == ([{"step": 1, "loss": 1.0}], [])

@@ -1,4 +1,5 @@
 """`launcher doctor`, and jobs started by other launchers (accelerate launch)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,7 +16,15 @@ def test_doctor_with_two_gloo_ranks():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "world size 2" in out and "all checks passed" in out
-    for check in ("backend", "backends built in", "versions", "master address", "master port", "process group", "all_reduce"):
+    for check in (
+        "backend",
+        "backends built in",
+        "versions",
+        "master address",
+        "master port",
+        "process group",
+        "all_reduce",
+    ):
         assert f"ok   {check}" in out, out
     assert out.count(" cpu ") >= 2  # one row per rank
 
@@ -25,10 +34,16 @@ def test_doctor_under_plain_torchrun_uses_the_agents_store(tmp_path):
     # whether torchrun's agent shares its store with the workers depends on the torch version (2.4: no)
     probe = tmp_path / "probe.py"
     # one write (torchrun runs workers unbuffered, and two ranks' print() pieces can interleave)
-    probe.write_text("import os, sys\nsys.stdout.write('SHARED %s\\n' % os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n")
-    shared = "SHARED True" in subprocess.run([*torchrun, str(probe)], env=worker_env(), capture_output=True, text=True,
-                                             timeout=120).stdout
-    proc = subprocess.run([*torchrun, "-m", "launcher", "doctor"], env=worker_env(), capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        "import os, sys\nsys.stdout.write('SHARED %s\\n' % os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n"
+    )
+    shared = (
+        "SHARED True"
+        in subprocess.run([*torchrun, str(probe)], env=worker_env(), capture_output=True, text=True, timeout=120).stdout
+    )
+    proc = subprocess.run(
+        [*torchrun, "-m", "launcher", "doctor"], env=worker_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ("(served by torchrun's agent)" if shared else "(rank 0 serves the store)") in proc.stdout
     assert "all checks passed" in proc.stdout
@@ -36,9 +51,18 @@ def test_doctor_under_plain_torchrun_uses_the_agents_store(tmp_path):
 
 def test_doctor_names_the_rank_that_never_joined():
     """Rank 0 of a 2-task SLURM job starts; rank 1's node never does."""
-    env = worker_env(SLURM_JOB_ID="7", SLURM_JOB_NAME="train", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2",
-                     SLURM_NNODES="2", SLURM_NODEID="0", SLURM_TASKS_PER_NODE="1(x2)", SLURM_JOB_NODELIST="localhost",
-                     MASTER_PORT=free_port())
+    env = worker_env(
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NAME="train",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NTASKS="2",
+        SLURM_NNODES="2",
+        SLURM_NODEID="0",
+        SLURM_TASKS_PER_NODE="1(x2)",
+        SLURM_JOB_NODELIST="localhost",
+        MASTER_PORT=free_port(),
+    )
     proc = launcher("doctor", "--timeout-s", "3", env=env, timeout=120)
     assert proc.returncode == 1
     assert "FAIL ranks joined" in proc.stdout and "rank(s) 1 did not join within 3s" in proc.stdout, proc.stdout
@@ -49,9 +73,31 @@ def test_accelerate_launch_starts_a_two_rank_run(tmp_path):
     run_dir = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir)}))
     # on a machine without GPUs accelerate starts several processes only with --multi_gpu (through torchrun)
-    proc = subprocess.run([tool("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                           "-m", "launcher", "run", str(path)], env=worker_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            tool("accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "launcher",
+            "run",
+            str(path),
+        ],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "world size             2" in proc.stdout and "done: completed after 6 steps" in proc.stdout
 
@@ -67,9 +113,19 @@ def test_the_job_summary_names_the_rank_that_recorded_an_error_not_one_that_was_
 
     stopped = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "none.json"))
     error_file = tmp_path / "error.json"
-    error_file.write_text(json.dumps({"message": {"message": "ValueError: injected failure on rank 1",
-                                                  "extraInfo": {"py_callstack": "...", "timestamp": str(stopped.timestamp)}}}))
+    error_file.write_text(
+        json.dumps(
+            {
+                "message": {
+                    "message": "ValueError: injected failure on rank 1",
+                    "extraInfo": {"py_callstack": "...", "timestamp": str(stopped.timestamp)},
+                }
+            }
+        )
+    )
     failed = ProcessFailure(local_rank=1, pid=101, exitcode=1, error_file=str(error_file))
     assert failed.timestamp == stopped.timestamp  # the tie
     assert _summarize(ChildFailedError("launcher", {0: stopped, 1: failed})) == 1
-    assert capsys.readouterr().err.strip() == "error: rank 1 failed (exit code 1): ValueError: injected failure on rank 1"
+    assert (
+        capsys.readouterr().err.strip() == "error: rank 1 failed (exit code 1): ValueError: injected failure on rank 1"
+    )

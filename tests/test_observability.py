@@ -1,4 +1,5 @@
 """What a run shows: wandb (offline, read back), metrics, TensorBoard, progress, plots, and debugging."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import checkpoint
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
+from launcher import checkpoint
 from runs import recipe
 from wandb_files import config as wandb_config
 from wandb_files import history, run_id
@@ -29,7 +30,9 @@ def wandb_files(run_dir: Path) -> list[Path]:
 
 def test_wandb_offline_one_run_for_two_ranks_matching_metrics_jsonl(tmp_path):
     run_dir = tmp_path / "run"
-    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), **WANDB})))
+    proc = launcher(
+        "run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), **WANDB}))
+    )
     assert proc.returncode == 0, proc.stderr
     files = wandb_files(run_dir)
     assert len(files) == 1  # rank 1 started no run
@@ -47,7 +50,12 @@ def test_wandb_offline_one_run_for_two_ranks_matching_metrics_jsonl(tmp_path):
 
 def test_wandb_run_continues_across_resume(tmp_path):
     run_dir = tmp_path / "run"
-    assert launcher("run", "--nproc", "2", write_recipe(tmp_path / "a.yaml", recipe(run_dir, **WANDB, **{"train.max_steps": 4}))).returncode == 0
+    assert (
+        launcher(
+            "run", "--nproc", "2", write_recipe(tmp_path / "a.yaml", recipe(run_dir, **WANDB, **{"train.max_steps": 4}))
+        ).returncode
+        == 0
+    )
     proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "b.yaml", recipe(run_dir, **WANDB)))
     assert proc.returncode == 0, proc.stderr
     ids = {run_id(f) for f in wandb_files(run_dir)}
@@ -60,8 +68,13 @@ def test_wandb_run_continues_across_resume(tmp_path):
 def test_no_secret_is_written_anywhere(tmp_path):
     run_dir = tmp_path / "run"
     key = "0123456789abcdef0123456789abcdef01234567"
-    r = recipe_dict(**{"run.dir": str(run_dir), **WANDB,
-                       "data.train": {"_component_": "testkit.PrivateRegression", "api_token": "TOPSECRET-123"}})
+    r = recipe_dict(
+        **{
+            "run.dir": str(run_dir),
+            **WANDB,
+            "data.train": {"_component_": "testkit.PrivateRegression", "api_token": "TOPSECRET-123"},
+        }
+    )
     proc = launcher("run", write_recipe(tmp_path / "r.yaml", r), env=worker_env(WANDB_API_KEY=key))
     assert proc.returncode == 0, proc.stderr
     check = launcher("check", tmp_path / "r.yaml")
@@ -78,7 +91,11 @@ def test_metrics_rows_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    launcher("run", write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), "log.tensorboard": True})), check=True)
+    launcher(
+        "run",
+        write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), "log.tensorboard": True})),
+        check=True,
+    )
     train = [r for r in rows(run_dir) if "loss" in r]
     for key in ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait", "max_rss_gib"):
         assert key in train[-1], key
@@ -90,10 +107,27 @@ def test_metrics_rows_and_tensorboard(tmp_path):
 
 def test_tokens_per_second_for_token_data(tmp_path):
     run_dir = tmp_path / "run"
-    r = recipe_dict(**{"run.dir": str(run_dir), "model": {"_component_": "launcher.models.GPT", "vocab_size": 32,
-                       "seq_len": 8, "d_model": 16, "n_layers": 1, "n_heads": 2},
-                       "data.train": {"_component_": "launcher.datasets.synthetic.Tokens", "size": 37, "seq_len": 8, "vocab_size": 32},
-                       "data.val": None, "loss": {"_component_": "launcher.losses.TokenCrossEntropy"}})
+    r = recipe_dict(
+        **{
+            "run.dir": str(run_dir),
+            "model": {
+                "_component_": "launcher.models.GPT",
+                "vocab_size": 32,
+                "seq_len": 8,
+                "d_model": 16,
+                "n_layers": 1,
+                "n_heads": 2,
+            },
+            "data.train": {
+                "_component_": "launcher.datasets.synthetic.Tokens",
+                "size": 37,
+                "seq_len": 8,
+                "vocab_size": 32,
+            },
+            "data.val": None,
+            "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
+        }
+    )
     launcher("run", write_recipe(tmp_path / "r.yaml", r), check=True)
     last = rows(run_dir)[-1]
     assert last["tokens_per_s"] == pytest.approx(8 * last["samples_per_s"])
@@ -102,8 +136,12 @@ def test_tokens_per_second_for_token_data(tmp_path):
 def test_progress_bar_on_a_terminal_and_quiet_other_ranks(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run")}))
     main, child = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)], env=worker_env(),
-                            stdout=child, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
+        env=worker_env(),
+        stdout=child,
+        stderr=subprocess.PIPE,
+    )
     os.close(child)
     out = b""
     while True:
@@ -126,7 +164,13 @@ def test_plot_writes_a_png_with_the_four_panels_for_several_runs(tmp_path):
     from PIL import Image
 
     for name in ("a", "b"):
-        launcher("run", write_recipe(tmp_path / f"{name}.yaml", recipe_dict(**{"run.dir": str(tmp_path / name), "seed": ord(name)})), check=True)
+        launcher(
+            "run",
+            write_recipe(
+                tmp_path / f"{name}.yaml", recipe_dict(**{"run.dir": str(tmp_path / name), "seed": ord(name)})
+            ),
+            check=True,
+        )
     out = tmp_path / "cmp.png"
     proc = launcher("plot", tmp_path / "a", tmp_path / "b", "-o", out)
     assert proc.returncode == 0 and proc.stdout.strip() == str(out)
@@ -142,10 +186,15 @@ def test_debug_runs_a_few_steps_with_timing_and_anomaly_detection(tmp_path):
     proc = launcher("debug", path, "--steps", "2", check=True)
     train = [r for r in rows(tmp_path / "run" / "debug") if "loss" in r]
     assert [r["step"] for r in train] == [1, 2] and all("step_time_s" in r and "max_rss_gib" in r for r in train)
-    bad = write_recipe(tmp_path / "nan.yaml", recipe_dict(**{"run.dir": str(tmp_path / "nan"), "model": {"_component_": "testkit.NaNInBackward"}}))
+    bad = write_recipe(
+        tmp_path / "nan.yaml",
+        recipe_dict(**{"run.dir": str(tmp_path / "nan"), "model": {"_component_": "testkit.NaNInBackward"}}),
+    )
     proc = launcher("debug", bad, "--steps", "2")
     # anomaly detection names the backward op that produced the NaN, and where its forward ran
-    assert proc.returncode == 1 and "Backward0' returned nan values" in proc.stderr and "Error detected in" in proc.stderr
+    assert (
+        proc.returncode == 1 and "Backward0' returned nan values" in proc.stderr and "Error detected in" in proc.stderr
+    )
 
 
 def test_debug_distributed_runs_two_ranks(tmp_path):
@@ -163,7 +212,9 @@ def test_simulated_world_size_reproduces_a_two_rank_run(tmp_path):
     proc = launcher("debug", path, "--simulate-world-size", "2", "--steps", "9", check=True)
     assert "simulating 2 ranks" in proc.stdout
     sim = tmp_path / "sim" / "debug"
-    assert [r["loss"] for r in rows(sim) if "loss" in r] == pytest.approx([r["loss"] for r in rows(real) if "loss" in r], rel=1e-6)
+    assert [r["loss"] for r in rows(sim) if "loss" in r] == pytest.approx(
+        [r["loss"] for r in rows(real) if "loss" in r], rel=1e-6
+    )
     assert_close_rel(load_weights(sim), load_weights(real), rtol=1e-6)
 
 
@@ -175,13 +226,32 @@ def profiler_steps(trace: Path) -> list[str]:
 def test_profile_traces_the_chosen_steps_on_each_listed_rank_and_changes_nothing(tmp_path):
     plain, profiled = tmp_path / "plain", tmp_path / "profiled"
     base = {"train.epochs": 4}  # 12 steps
-    launcher("run", "--nproc", "2", write_recipe(tmp_path / "a.yaml", recipe_dict(**{"run.dir": str(plain), **base})), check=True)
-    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "b.yaml", recipe_dict(**{
-        "run.dir": str(profiled), **base, "log.profile": {"start_step": 2, "steps": 3, "ranks": [0, 1]}})), check=True)
+    launcher(
+        "run",
+        "--nproc",
+        "2",
+        write_recipe(tmp_path / "a.yaml", recipe_dict(**{"run.dir": str(plain), **base})),
+        check=True,
+    )
+    proc = launcher(
+        "run",
+        "--nproc",
+        "2",
+        write_recipe(
+            tmp_path / "b.yaml",
+            recipe_dict(
+                **{"run.dir": str(profiled), **base, "log.profile": {"start_step": 2, "steps": 3, "ranks": [0, 1]}}
+            ),
+        ),
+        check=True,
+    )
     assert "log.profile: steps 4-6 traced" in proc.stderr + proc.stdout
     for rank in (0, 1):
-        assert profiler_steps(profiled / "profile" / f"rank{rank}.trace.json") == \
-            ["ProfilerStep#1", "ProfilerStep#2", "ProfilerStep#3"]  # after the one warm-up step
+        assert profiler_steps(profiled / "profile" / f"rank{rank}.trace.json") == [
+            "ProfilerStep#1",
+            "ProfilerStep#2",
+            "ProfilerStep#3",
+        ]  # after the one warm-up step
         summary = (profiled / "profile" / f"rank{rank}.txt").read_text()
         assert "Self CPU" in summary and "AdamW.step" in summary
     # the rows whose times include the profiler are marked: its warm-up step 3, then 4 to 6
@@ -191,14 +261,23 @@ def test_profile_traces_the_chosen_steps_on_each_listed_rank_and_changes_nothing
 
 def test_profile_cut_short_by_the_end_of_training_and_a_rank_that_does_not_exist(tmp_path):
     run_dir = tmp_path / "run"
-    proc = launcher("run", write_recipe(tmp_path / "a.yaml", recipe_dict(**{
-        "run.dir": str(run_dir), "log.profile": {"start_step": 3, "steps": 10}})), check=True)
+    proc = launcher(
+        "run",
+        write_recipe(
+            tmp_path / "a.yaml", recipe_dict(**{"run.dir": str(run_dir), "log.profile": {"start_step": 3, "steps": 10}})
+        ),
+        check=True,
+    )
     assert "ended after 2 of 10 profiled steps" in proc.stdout + proc.stderr
     # steps 5 and 6 (4 warms up), then the empty marker the profiler had opened for a next step
     assert profiler_steps(run_dir / "profile" / "rank0.trace.json")[:2] == ["ProfilerStep#1", "ProfilerStep#2"]
-    bad = write_recipe(tmp_path / "b.yaml", recipe_dict(**{"run.dir": str(tmp_path / "b"), "log.profile": {"ranks": [0, 2]}}))
+    bad = write_recipe(
+        tmp_path / "b.yaml", recipe_dict(**{"run.dir": str(tmp_path / "b"), "log.profile": {"ranks": [0, 2]}})
+    )
     for cmd in (("check", "--nproc", "2", bad), ("run", "--nproc", "2", bad)):
         proc = launcher(*cmd)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1] == \
-            "error: log.profile.ranks: rank 2 does not exist at world size 2; list ranks from 0 to 1"
+        assert (
+            proc.stderr.strip().splitlines()[-1]
+            == "error: log.profile.ranks: rank 2 does not exist at world size 2; list ranks from 0 to 1"
+        )

@@ -1,5 +1,6 @@
 """The batch arithmetic, checked against torch's real DistributedSampler: every optimizer step of any
 world size and accumulation trains on the same global batch, and padding is never counted."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,16 +8,24 @@ import itertools
 import pytest
 import torch
 
+from conftest import recipe_dict
 from launcher.data import SeededDataset, ShardSampler
 from launcher.errors import RecipeError
 from launcher.plan import build_plan
 from launcher.recipe import validate
-from conftest import recipe_dict
 
 
 def plan_for(n, b, W, A, drop_last=False, epochs=1):
-    r = validate(recipe_dict(**{"data.batch_size": b, "data.drop_last": drop_last,
-                                "train.global_batch_size": b * A * W, "train.epochs": epochs}))
+    r = validate(
+        recipe_dict(
+            **{
+                "data.batch_size": b,
+                "data.drop_last": drop_last,
+                "train.global_batch_size": b * A * W,
+                "train.epochs": epochs,
+            }
+        )
+    )
     return build_plan(r, W, n, None, "gloo", "cpu")
 
 
@@ -29,7 +38,7 @@ def windows(n, b, W, A, drop_last, epoch=0, seed=0):
         s = ShardSampler(ds, num_replicas=W, rank=r, shuffle=True, seed=seed, drop_last=drop_last, stop=plan.shard_stop)
         s.set_epoch(epoch)
         idx = list(s)
-        micro = [idx[i:i + b] for i in range(0, len(idx), b)]
+        micro = [idx[i : i + b] for i in range(0, len(idx), b)]
         assert len(micro) == plan.micro_batches_per_epoch
         shards.append(micro)
     steps = []
@@ -38,7 +47,7 @@ def windows(n, b, W, A, drop_last, epoch=0, seed=0):
         real = []
         for r in range(W):
             for i in range(first, first + plan.window_micro_batches(k)):
-                real += shards[r][i][:plan.real_in_micro_batch(i, r)]
+                real += shards[r][i][: plan.real_in_micro_batch(i, r)]
         assert len(real) == plan.window_samples(k)
         steps.append(sorted(real))
     return steps
@@ -55,7 +64,7 @@ def test_every_step_trains_on_the_same_global_batch_at_any_world_size(n, b, W, A
         return
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0 + 3)).tolist()  # epoch 3, seed 0
     got = windows(n, b, W, A, drop_last, epoch=3)
-    expected = [sorted(perm[k * G:(k + 1) * G]) for k in range(len(got))]
+    expected = [sorted(perm[k * G : (k + 1) * G]) for k in range(len(got))]
     assert got == expected
     covered = sum(len(w) for w in got)
     assert covered == (n // G * G if drop_last else n)  # every sample once; drop_last drops only the partial window

@@ -1,13 +1,14 @@
 """Bad recipes and overrides: exit code 2 and exactly one stderr line naming the key."""
+
 from __future__ import annotations
 
 import re
 
 import pytest
 
+from conftest import DELETE, launcher, recipe_dict, write_recipe
 from launcher import cli
 from launcher.recipe import apply_overrides, parse_value
-from conftest import DELETE, launcher, recipe_dict, write_recipe
 
 # (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
 BAD = [
@@ -22,22 +23,69 @@ BAD = [
     ("global batch does not divide", {}, ["train.global_batch_size=12"], "train.global_batch_size", "not a multiple"),
     ("missing _component_", {"loss._component_": DELETE, "loss.reduction": "mean"}, [], "loss._component_", "missing"),
     ("component not importable", {}, ["model._component_=nope.Model"], "model._component_", "cannot import"),
-    ("component attribute typo", {}, ["optimizer._component_=torch.optim.AdamX"], "optimizer._component_", "did you mean 'Adam'"),
+    (
+        "component attribute typo",
+        {},
+        ["optimizer._component_=torch.optim.AdamX"],
+        "optimizer._component_",
+        "did you mean 'Adam'",
+    ),
     ("component argument typo", {}, ["optimizer.betaz=[0.9,0.99]"], "optimizer.betaz", "did you mean 'betas'"),
-    ("launcher-supplied argument in the recipe", {"optimizer.params": []}, [], "optimizer.params", "passed by the launcher"),
+    (
+        "launcher-supplied argument in the recipe",
+        {"optimizer.params": []},
+        [],
+        "optimizer.params",
+        "passed by the launcher",
+    ),
     ("missing required section", {"loss": DELETE}, [], "loss", "required key is missing"),
-    ("checkpointing a non-Sequential model", {"model": {"_component_": "torch.nn.Linear", "in_features": 8, "out_features": 1}},
-     ["train.activation_checkpointing.segments=2"], "train.activation_checkpointing.segments", "nn.Sequential"),
-    ("more segments than modules", {}, ["train.activation_checkpointing.segments=9"], "train.activation_checkpointing.segments", "at most"),
+    (
+        "checkpointing a non-Sequential model",
+        {"model": {"_component_": "torch.nn.Linear", "in_features": 8, "out_features": 1}},
+        ["train.activation_checkpointing.segments=2"],
+        "train.activation_checkpointing.segments",
+        "nn.Sequential",
+    ),
+    (
+        "more segments than modules",
+        {},
+        ["train.activation_checkpointing.segments=9"],
+        "train.activation_checkpointing.segments",
+        "at most",
+    ),
     ("neither epochs nor max_steps", {"train.epochs": DELETE}, [], "train.epochs", "train.max_steps"),
-    ("two kinds of clipping", {"train.grad_clip_norm": 1.0, "train.grad_clip_value": 1.0}, [], "train.grad_clip_value", "not both"),
-    ("eval without val data", {"data.val": None, "train.eval_every_steps": 2}, [], "train.eval_every_steps", "data.val"),
-    ("unknown early-stopping metric", {"train.early_stopping": {"metric": "val_acc"}}, [], "train.early_stopping.metric", "val_accuracy"),
+    (
+        "two kinds of clipping",
+        {"train.grad_clip_norm": 1.0, "train.grad_clip_value": 1.0},
+        [],
+        "train.grad_clip_value",
+        "not both",
+    ),
+    (
+        "eval without val data",
+        {"data.val": None, "train.eval_every_steps": 2},
+        [],
+        "train.eval_every_steps",
+        "data.val",
+    ),
+    (
+        "unknown early-stopping metric",
+        {"train.early_stopping": {"metric": "val_acc"}},
+        [],
+        "train.early_stopping.metric",
+        "val_accuracy",
+    ),
     ("negative learning rate", {}, ["optimizer.lr=-1"], "optimizer.lr", "non-negative"),
     ("override into a scalar", {}, ["seed.x=1"], "seed.x", "not a section"),
     ("malformed override", {}, ["epochs"], "epochs", "key.path=value"),
     ("dataset argument rejected by the dataset", {"data.train.size": -3}, [], "data.train", "building"),
-    ("drop_last with less than one batch", {"data.drop_last": True, "data.train.size": 5}, [], "data.drop_last", "fewer than one global batch"),
+    (
+        "drop_last with less than one batch",
+        {"data.drop_last": True, "data.train.size": 5},
+        [],
+        "data.drop_last",
+        "fewer than one global batch",
+    ),
     ("bad run name", {"name": "a/b"}, [], "name", "letters, digits"),
     ("infinite learning rate", {}, ["optimizer.lr=.inf"], "optimizer.lr", "finite"),
     ("NaN learning rate", {}, ["optimizer.lr=.nan"], "optimizer.lr", "finite"),
@@ -49,8 +97,13 @@ BAD = [
     ("huge seed", {}, ["seed=100000000000000000000000"], "seed", "less than"),
     ("negative seed", {}, ["seed=-1"], "seed", "greater than or equal to 0"),
     ("huge count", {}, ["log.every_n_steps=10000000000000"], "log.every_n_steps", "less than or equal to"),
-    ("model that is not a module", {"model": {"_component_": "testkit.not_a_module"}}, [], "model._component_",
-     "not a torch.nn.Module"),
+    (
+        "model that is not a module",
+        {"model": {"_component_": "testkit.not_a_module"}},
+        [],
+        "model._component_",
+        "not a torch.nn.Module",
+    ),
 ]
 
 
@@ -87,10 +140,24 @@ def test_real_process_exit_code_and_single_stderr_line(tmp_path):
 
 
 def test_overrides_are_yaml_typed():
-    raw = apply_overrides({"optimizer": {"lr": 1.0}}, ["optimizer.lr=3e-4", "train.epochs=2", "scheduler=null",
-                                                      "optimizer.betas=[0.9, 0.95]", "run.dir=a=b", "name=x"])
-    assert raw == {"optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]}, "train": {"epochs": 2}, "scheduler": None,
-                   "run": {"dir": "a=b"}, "name": "x"}
+    raw = apply_overrides(
+        {"optimizer": {"lr": 1.0}},
+        [
+            "optimizer.lr=3e-4",
+            "train.epochs=2",
+            "scheduler=null",
+            "optimizer.betas=[0.9, 0.95]",
+            "run.dir=a=b",
+            "name=x",
+        ],
+    )
+    assert raw == {
+        "optimizer": {"lr": 3e-4, "betas": [0.9, 0.95]},
+        "train": {"epochs": 2},
+        "scheduler": None,
+        "run": {"dir": "a=b"},
+        "name": "x",
+    }
     assert isinstance(parse_value("1e-3"), float) and parse_value("1.5e3") == 1500.0
     assert parse_value("true") is True and parse_value("'3'") == "3"
 
@@ -100,14 +167,24 @@ def test_check_prints_resolved_config_and_plan(tmp_path, capsys):
     assert cli.main(["check", str(path), "--nproc", "2", "optimizer.lr=0.5"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.5" in out and "timeout_s: 600.0" in out  # overrides applied, defaults filled in
-    for row in ("world size", "micro-batch per rank", "accumulation steps", "global batch", "steps per epoch",
-                "total optimizer steps", "backend / device", "checkpoint segments"):
+    for row in (
+        "world size",
+        "micro-batch per rank",
+        "accumulation steps",
+        "global batch",
+        "steps per epoch",
+        "total optimizer steps",
+        "backend / device",
+        "checkpoint segments",
+    ):
         assert row in out
     assert re.search(r"accumulation steps +2\n", out)
 
 
 def test_check_tolerates_data_that_is_not_here(tmp_path, capsys):
-    r = recipe_dict(**{"data.train": {"_component_": "launcher.datasets.vision.image_folder", "root": str(tmp_path / "none")}})
+    r = recipe_dict(
+        **{"data.train": {"_component_": "launcher.datasets.vision.image_folder", "root": str(tmp_path / "none")}}
+    )
     path = write_recipe(tmp_path / "r.yaml", r)
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
@@ -119,8 +196,10 @@ def test_duplicate_keys_binary_files_and_alias_bombs_are_one_line_errors(tmp_pat
     dup.write_text("name: x\ntrain:\n  epochs: 1\n  global_batch_size: 8\ndata: {batch_size: 4}\ntrain:\n  epochs: 2\n")
     assert cli.main(["check", str(dup)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {dup}:6: duplicate key 'train' (first at line 2, again at line 6); a later one would " \
-                  "silently replace the earlier: keep one", err
+    assert (
+        err == f"error: {dup}:6: duplicate key 'train' (first at line 2, again at line 6); a later one would "
+        "silently replace the earlier: keep one"
+    ), err
     nested = tmp_path / "nested.yaml"
     nested.write_text("name: x\noptimizer:\n  lr: 1\n  lr: 2\n")
     assert cli.main(["check", str(nested)]) == 2
@@ -132,8 +211,9 @@ def test_duplicate_keys_binary_files_and_alias_bombs_are_one_line_errors(tmp_pat
     assert err.startswith(f"error: {binary}: is not a text file") and err.count("\n") == 1, err
     bomb = tmp_path / "bomb.yaml"
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]"
-              for i in range(1, 9)]  # 10**9 values from a few hundred bytes
+    lines += [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)
+    ]  # 10**9 values from a few hundred bytes
     bomb.write_text("\n".join(lines) + "\nname: x\n")
     assert cli.main(["check", str(bomb)]) == 2
     err = capsys.readouterr().err
@@ -147,8 +227,11 @@ def test_run_without_a_recipe_and_the_version(capsys):
     for command in ("run", "check", "debug", "slurm"):
         assert cli.main([command]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"error: launcher {command}: which recipe? e.g. launcher {command} recipes/quickstart.yaml " \
-                      "[key.path=value ...]", err
+        assert (
+            err == f"error: launcher {command}: which recipe? e.g. launcher {command} recipes/quickstart.yaml "
+            "[key.path=value ...]"
+        ), err
     proc = launcher("--version")
     from launcher import __version__
+
     assert proc.returncode == 0 and proc.stdout.strip() == f"launcher {__version__}"

@@ -1,4 +1,5 @@
 """Every shipped recipe validates; the quickstart trains to its promised accuracy; the others run."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,12 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def test_there_are_recipes():
-    assert {p.name for p in RECIPES} >= {"quickstart.yaml", "cifar10_resnet18.yaml", "imagefolder_resnet18.yaml", "gpt.yaml"}
+    assert {p.name for p in RECIPES} >= {
+        "quickstart.yaml",
+        "cifar10_resnet18.yaml",
+        "imagefolder_resnet18.yaml",
+        "gpt.yaml",
+    }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -29,9 +35,9 @@ def test_every_recipe_key_is_commented(recipe):
         text = line.strip()
         if not text or text.startswith("#") or " # " in text or text.startswith("_component_:"):
             continue
-        if ":" in text and text.split(":")[0] in ("model", "data", "loss", "optimizer", "scheduler", "train", "dist", "log", "run"):
-            if text.endswith(":") and not line.startswith(" "):
-                continue  # a top-level section header
+        sections = ("model", "data", "loss", "optimizer", "scheduler", "train", "dist", "log", "run")
+        if text.split(":")[0] in sections and text.endswith(":") and not line.startswith(" "):
+            continue  # a top-level section header
         uncommented.append(f"{recipe.name}:{n}: {text}")
     assert not uncommented, "\n".join(uncommented)
 
@@ -47,18 +53,36 @@ def test_quickstart_trains_on_two_ranks_to_90_percent(tmp_path):
 
 
 def test_gpt_recipe_trains_a_few_steps(tmp_path):
-    launcher("run", ROOT / "recipes" / "gpt.yaml", f"run.dir={tmp_path}", "train.max_steps=3", "train.precision=fp32",
-             "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "data.train.seq_len=16",
-             "data.val.seq_len=16", "data.train.max_bytes=20000", "data.val.max_bytes=20000", "data.batch_size=4",
-             "train.global_batch_size=8", "data.num_workers=0", "train.activation_checkpointing.segments=2",
-             "train.eval_every_steps=3", "scheduler.T_max=3", "train.warmup_steps=1", check=True)
+    launcher(
+        "run",
+        ROOT / "recipes" / "gpt.yaml",
+        f"run.dir={tmp_path}",
+        "train.max_steps=3",
+        "train.precision=fp32",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.seq_len=16",
+        "data.train.seq_len=16",
+        "data.val.seq_len=16",
+        "data.train.max_bytes=20000",
+        "data.val.max_bytes=20000",
+        "data.batch_size=4",
+        "train.global_batch_size=8",
+        "data.num_workers=0",
+        "train.activation_checkpointing.segments=2",
+        "train.eval_every_steps=3",
+        "scheduler.T_max=3",
+        "train.warmup_steps=1",
+        check=True,
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["val_loss"] < 6.0  # below uniform over 256 bytes (5.55 + noise)
 
 
 def test_imagefolder_recipe_trains_on_generated_images(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -67,9 +91,20 @@ def test_imagefolder_recipe_trains_on_generated_images(tmp_path):
             d.mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    launcher("run", ROOT / "recipes" / "imagefolder_resnet18.yaml", f"run.dir={tmp_path / 'run'}",
-             f"data.train.root={tmp_path / 'train'}", f"data.val.root={tmp_path / 'val'}", "data.train.image_size=32",
-             "data.val.image_size=32", "data.batch_size=2", "data.num_workers=1", "train.precision=fp32",
-             "train.epochs=1", "train.warmup_steps=0", check=True)
+    launcher(
+        "run",
+        ROOT / "recipes" / "imagefolder_resnet18.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train.root={tmp_path / 'train'}",
+        f"data.val.root={tmp_path / 'val'}",
+        "data.train.image_size=32",
+        "data.val.image_size=32",
+        "data.batch_size=2",
+        "data.num_workers=1",
+        "train.precision=fp32",
+        "train.epochs=1",
+        "train.warmup_steps=0",
+        check=True,
+    )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and "val_accuracy" in rows[-1]

@@ -1,6 +1,7 @@
 """Checkpoints and exact resume: an interrupted and resumed run ends with exactly (torch.equal) the
 weights of an uninterrupted one. Dropout and per-sample data randomness make every RNG matter;
 37 samples and global batch 16 make each epoch's last window partial (3 steps per epoch)."""
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launcher, load_weights, worker_env, write_recipe
 from launcher import checkpoint, train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
-from conftest import launcher, load_weights, worker_env, write_recipe
 from runs import assert_identical, gate, processes_with, recipe, wait_for
+
 
 def in_process(run_dir: Path, **changes):
     return train.run(validate(recipe(run_dir, **changes)), ClusterEnv())
@@ -34,11 +36,13 @@ def reference_w1(tmp_path_factory):
     return load_weights(run_dir)
 
 
-@pytest.mark.parametrize("stop_at,where", [(2, "just before the epoch's partial last window"),
-                                           (3, "at the end of an epoch"), (4, "mid-epoch")])
+@pytest.mark.parametrize(
+    "stop_at,where",
+    [(2, "just before the epoch's partial last window"), (3, "at the end of an epoch"), (4, "mid-epoch")],
+)
 def test_resume_is_exact_at_world_size_1(tmp_path, reference_w1, stop_at, where):
     run_dir = tmp_path / "run"
-    assert in_process(run_dir, **{"train.max_steps": stop_at}).step == stop_at
+    assert in_process(run_dir, **{"train.max_steps": stop_at}).step == stop_at, where
     state = in_process(run_dir)  # checkpoint.resume: auto
     assert state.step == 9
     assert_identical(load_weights(run_dir), reference_w1)
@@ -52,6 +56,7 @@ def test_resume_is_exact_with_data_loader_workers(tmp_path, reference_w1):
     in_process(run_dir, **{"data.num_workers": 1})
     assert_identical(load_weights(run_dir), reference_w1)
     import multiprocessing
+
     assert multiprocessing.active_children() == []  # no DataLoader worker outlives its run
 
 
@@ -94,8 +99,13 @@ def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exact
     run_dir, marker = tmp_path / "run", f"LAUNCHER_TEST_{uuid.uuid4().hex}"
     until, waiting, model = gate(tmp_path, rank=0, at_call=7)  # mid-way through step 4
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
-                            env=worker_env(**{marker: "1"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
+        env=worker_env(**{marker: "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
     until.touch()
@@ -116,8 +126,13 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
     at_call = 9  # a fixed micro-step mid-epoch (of 18 in all): the test exercises the same kill every run
     until, waiting, model = gate(tmp_path, rank=1, at_call=at_call, first_attempt_only=True)
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"checkpoint.every_n_steps": 2}))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
-                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
     out, err = proc.communicate(timeout=180)
@@ -132,8 +147,7 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
 def test_a_hung_rank_is_named_after_the_timeout(tmp_path):
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
     until, waiting, model = gate(tmp_path, rank=1, at_call=3)  # never released
-    proc = run2(tmp_path, "hang", tmp_path / "run", env=worker_env(**{marker: "1"}), **model,
-                **{"dist.timeout_s": 3})
+    proc = run2(tmp_path, "hang", tmp_path / "run", env=worker_env(**{marker: "1"}), **model, **{"dist.timeout_s": 3})
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "timed out" in errors[0] and "rank(s) 1 did not arrive" in errors[0], proc.stderr
@@ -142,12 +156,21 @@ def test_a_hung_rank_is_named_after_the_timeout(tmp_path):
 
 def test_nonfinite_loss_stops_naming_step_and_rank_and_saves_nothing_after(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run2(tmp_path, "nan", run_dir, **{"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1],
-                                                      "rank": 1, "at_call": 5}, "checkpoint.every_n_steps": 1})
+    proc = run2(
+        tmp_path,
+        "nan",
+        run_dir,
+        **{
+            "model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1], "rank": 1, "at_call": 5},
+            "checkpoint.every_n_steps": 1,
+        },
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: non-finite loss at step 3 on rank 1 (train.on_nonfinite=stop); nothing after it "
-                      "was saved and the last checkpoint (step 2) is intact"], proc.stderr
+    assert errors == [
+        "error: non-finite loss at step 3 on rank 1 (train.on_nonfinite=stop); nothing after it "
+        "was saved and the last checkpoint (step 2) is intact"
+    ], proc.stderr
     latest = checkpoint.find_latest(run_dir / "checkpoints")
     payload = checkpoint.load(latest)
     assert payload["train_state"]["step"] == 2
@@ -157,8 +180,15 @@ def test_nonfinite_loss_stops_naming_step_and_rank_and_saves_nothing_after(tmp_p
 
 def test_nonfinite_skip_skips_the_step_on_every_rank(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run2(tmp_path, "skip", run_dir, **{"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1],
-                                                       "rank": 1, "at_call": 5}, "train.on_nonfinite": "skip"})
+    proc = run2(
+        tmp_path,
+        "skip",
+        run_dir,
+        **{
+            "model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1], "rank": 1, "at_call": 5},
+            "train.on_nonfinite": "skip",
+        },
+    )
     assert proc.returncode == 0, proc.stderr
     assert "step 3: non-finite gradients, step skipped" in proc.stderr
     final = checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))
@@ -170,8 +200,14 @@ def test_sigterm_to_the_whole_process_group_checkpoints_a_single_process(tmp_pat
     run_dir = tmp_path / "run"
     until, waiting, model = gate(tmp_path, rank=0, at_call=5)
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"data.num_workers": 1}))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(waiting, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # DataLoader workers get it too, and must survive it
     until.touch()
@@ -189,8 +225,10 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
     there, every time, not wherever a race happens to land)."""
     ckpt_dir = tmp_path / "ckpts"
     checkpoint.write_checkpoint(ckpt_dir, 1, {"w": torch.ones(3)})
-    code = (f"import torch; from pathlib import Path; from launcher import checkpoint; "
-            f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(1000)}})")
+    code = (
+        f"import torch; from pathlib import Path; from launcher import checkpoint; "
+        f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(1000)}})"
+    )
     child = subprocess.run([sys.executable, "-c", code], env=worker_env(LAUNCHER_TEST_CRASH_AT="after-state"))
     assert child.returncode == -signal.SIGKILL
     partial = list(ckpt_dir.glob(".step_00000002.*.tmp"))
@@ -221,6 +259,7 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, ca
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))  # a flipped byte
     import logging
+
     logger = logging.getLogger("launcher")
     propagate, logger.propagate = logger.propagate, True  # caplog listens at the root logger
     try:
@@ -235,10 +274,15 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, ca
 def test_bad_resume_paths_and_other_models_are_one_line_errors(tmp_path):
     run_dir = tmp_path / "run"
     in_process(run_dir, **{"train.max_steps": 2})
-    for override, phrase in [(f"checkpoint.resume={tmp_path / 'nope'}", "does not exist"),
-                             (f"checkpoint.resume={tmp_path}", "not a checkpoint directory"),
-                             ("model.sizes=[8,32,1]", "was saved from a different model: unexpected keys [net.7.weight, net.7.bias]; "
-                                                      "shape mismatches [net.1.weight (16, 8) vs model (32, 8)")]:
+    for override, phrase in [
+        (f"checkpoint.resume={tmp_path / 'nope'}", "does not exist"),
+        (f"checkpoint.resume={tmp_path}", "not a checkpoint directory"),
+        (
+            "model.sizes=[8,32,1]",
+            "was saved from a different model: unexpected keys [net.7.weight, net.7.bias]; "
+            "shape mismatches [net.1.weight (16, 8) vs model (32, 8)",
+        ),
+    ]:
         proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe(run_dir)), override)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint.resume: "), proc.stderr
@@ -259,6 +303,7 @@ def test_a_format_1_checkpoint_resumes_to_the_weights_its_own_version_reached(tm
     round differently."""
     run_dir = tmp_path / "run"
     import shutil
+
     shutil.copytree(GOLDEN / "step_00000004", run_dir / "checkpoints" / "step_00000004")
     assert in_process(run_dir).step == 9  # checkpoint.resume: auto finds it
     expected = torch.load(GOLDEN / "model_step9.pt", weights_only=True)
@@ -268,10 +313,13 @@ def test_a_format_1_checkpoint_resumes_to_the_weights_its_own_version_reached(tm
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize("payload,phrase", [
-    ({"format": 99}, "is in checkpoint format 99, newer than this launcher reads (1 to 2)"),
-    ({"weights": 1}, "holds no launcher checkpoint (no format number)"),
-])
+@pytest.mark.parametrize(
+    "payload,phrase",
+    [
+        ({"format": 99}, "is in checkpoint format 99, newer than this launcher reads (1 to 2)"),
+        ({"weights": 1}, "holds no launcher checkpoint (no format number)"),
+    ],
+)
 def test_a_checkpoint_in_an_unknown_format_is_refused_in_one_line(tmp_path, payload, phrase):
     run_dir = tmp_path / "run"
     checkpoint.write_checkpoint(run_dir / "checkpoints", 3, payload)

@@ -1,6 +1,7 @@
 """Faults and mistakes that must not leave a mess: a resume that changes the maths, a shared checkpoint
 directory, a killed launcher, two runs in one directory, a torn metrics row, paths that cannot be
 written, a full disk, a diverging run, a changed optimizer, an unreachable wandb server."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import checkpoint
 from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
+from launcher import checkpoint
 from runs import gate, processes_with, wait_for
 
 
@@ -74,7 +75,9 @@ def test_resume_with_another_optimizer_is_one_error(tmp_path):
     assert run(tmp_path, **{"train.max_steps": 2}).returncode == 0
     proc = run(tmp_path, **{"train.max_steps": 3, "optimizer.lr": 0.5})  # the same class: resumes, and says
     assert proc.returncode == 0, proc.stderr
-    assert "warning: optimizer.lr changed, but the optimizer and scheduler continue with the values saved" in proc.stderr
+    assert (
+        "warning: optimizer.lr changed, but the optimizer and scheduler continue with the values saved" in proc.stderr
+    )
     line = one_error(run(tmp_path, **{"optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}}))
     assert line.startswith("error: optimizer._component_: ") and "torch.optim.AdamW" in line
 
@@ -112,8 +115,12 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
     until, waiting, model = gate(tmp_path, rank=1, at_call=3)  # never released: the run is parked mid-step
     r = recipe_dict(**{"run.dir": str(tmp_path / "run"), **model})
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(write_recipe(tmp_path / "r.yaml", r))],
-                            env=worker_env(**{marker: "1"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(write_recipe(tmp_path / "r.yaml", r))],
+        env=worker_env(**{marker: "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(waiting, proc)
     workers = _children(proc.pid)
     assert len(workers) == 2
@@ -129,8 +136,13 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
     until, waiting, model = gate(tmp_path, rank=0, at_call=3)
     r = recipe_dict(**{"run.dir": str(tmp_path / "run"), **model})
     path = write_recipe(tmp_path / "r.yaml", r)
-    first = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, first)
     for args in (["run", path], ["run", "--nproc", "2", path]):
         line = one_error(launcher(*args))
@@ -144,12 +156,25 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
 
 def test_sigterm_before_any_checkpoint_does_not_claim_one(tmp_path):
     until, waiting = tmp_path / "release", tmp_path / "waiting"
-    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "data.val": None,
-                       "data.train": {"_component_": "testkit.UnprotectedGate", "until": str(until),
-                                      "waiting": str(waiting)}})
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", str(write_recipe(tmp_path / "r.yaml", r))],
-                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(waiting, proc)
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "data.val": None,
+            "data.train": {"_component_": "testkit.UnprotectedGate", "until": str(until), "waiting": str(waiting)},
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(write_recipe(tmp_path / "r.yaml", r))],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # both ranks in the gate: a rank still starting would take the signal as a preemption to honour
+    deadline = time.monotonic() + 120
+    while len(list(waiting.glob("*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the ranks never reached the gate"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # the workers die of it: they checkpoint nothing
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -210,12 +235,16 @@ def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
 def test_every_file_the_run_writes_follows_the_umask(tmp_path, umask):
     code = f"import os, sys; os.umask({umask}); from launcher.cli import main; sys.exit(main(sys.argv[1:]))"
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.max_steps": 2}))
-    proc = subprocess.run([sys.executable, "-c", code, "run", str(path)], env=worker_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "run", str(path)], env=worker_env(), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "run"
     step = checkpoint.find_latest(run_dir / "checkpoints")
-    files = [run_dir / n for n in ("model.pt", "config.yaml", "metrics.jsonl", "startup.json")] + \
-            [step / "state.pt", step / "COMPLETE"]
+    files = [run_dir / n for n in ("model.pt", "config.yaml", "metrics.jsonl", "startup.json")] + [
+        step / "state.pt",
+        step / "COMPLETE",
+    ]
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
     assert oct(stat.S_IMODE(step.stat().st_mode)) == oct(0o777 & ~umask)
@@ -226,14 +255,25 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_checkpoint_sur
         pytest.skip("needs root and unshare to mount a small filesystem")
     mount = tmp_path / "small"
     mount.mkdir()
-    recipe = recipe_dict(**{"run.dir": str(tmp_path / "run"), "checkpoint.dir": str(mount / "ckpt"),
-                            "checkpoint.every_n_steps": 1, "checkpoint.keep_last": 5, "train.epochs": 3,
-                            "model.sizes": [8, 256, 1]})  # ~27 KB a checkpoint: the 3rd does not fit in 96 KB
+    recipe = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "checkpoint.dir": str(mount / "ckpt"),
+            "checkpoint.every_n_steps": 1,
+            "checkpoint.keep_last": 5,
+            "train.epochs": 3,
+            "model.sizes": [8, 256, 1],
+        }
+    )  # ~27 KB a checkpoint: the 3rd does not fit in 96 KB
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    script = (f"mount -t tmpfs -o size=96k tmpfs {mount} || exit 99; "
-              f"{sys.executable} -m launcher run {path}; code=$?; ls {mount}/ckpt > {tmp_path}/left.txt; "
-              f"cp -r {mount}/ckpt {tmp_path}/copy; exit $code")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=worker_env(), capture_output=True, text=True, timeout=180)
+    script = (
+        f"mount -t tmpfs -o size=96k tmpfs {mount} || exit 99; "
+        f"{sys.executable} -m launcher run {path}; code=$?; ls {mount}/ckpt > {tmp_path}/left.txt; "
+        f"cp -r {mount}/ckpt {tmp_path}/copy; exit $code"
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=worker_env(), capture_output=True, text=True, timeout=180
+    )
     if proc.returncode == 99:
         pytest.skip("cannot mount a tmpfs here")
     line = one_error(proc, code=1)
@@ -248,8 +288,15 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_checkpoint_sur
 
 
 def test_skipping_non_finite_steps_stops_after_too_many_in_a_row(tmp_path):
-    proc = run(tmp_path, **{"model": {"_component_": "testkit.NaNInBackward"}, "train.on_nonfinite": "skip",
-                            "train.max_consecutive_skips": 3, "data.val": None})
+    proc = run(
+        tmp_path,
+        **{
+            "model": {"_component_": "testkit.NaNInBackward"},
+            "train.on_nonfinite": "skip",
+            "train.max_consecutive_skips": 3,
+            "data.val": None,
+        },
+    )
     line = one_error(proc, code=1)
     assert "non-finite gradients in 3 steps in a row, up to step 3" in line and "train.max_consecutive_skips=3" in line
     assert not (tmp_path / "run" / "model.pt").exists()
@@ -257,9 +304,23 @@ def test_skipping_non_finite_steps_stops_after_too_many_in_a_row(tmp_path):
 
 def test_an_elastic_restart_says_which_rank_died_and_how(tmp_path):
     until, waiting, model = gate(tmp_path, rank=1, at_call=4, first_attempt_only=True)
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1",
-                             str(write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), **model})))],
-                            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "run",
+            "--nproc",
+            "2",
+            "--max-restarts",
+            "1",
+            str(write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), **model}))),
+        ],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
@@ -319,8 +380,14 @@ def test_wandb_auto_with_a_key_and_no_answering_server_logs_offline_at_once(tmp_
 
 
 def test_a_secret_given_as_an_override_is_not_in_wandb_files(tmp_path):
-    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.max_steps": 2, "log.wandb": {"mode": "offline"},
-                       "data.train": {"_component_": "testkit.PrivateRegression", "api_token": "placeholder"}})
+    r = recipe_dict(
+        **{
+            "run.dir": str(tmp_path / "run"),
+            "train.max_steps": 2,
+            "log.wandb": {"mode": "offline"},
+            "data.train": {"_component_": "testkit.PrivateRegression", "api_token": "placeholder"},
+        }
+    )
     proc = launcher("run", write_recipe(tmp_path / "r.yaml", r), "data.train.api_token=OVERRIDE-SECRET-42")
     assert proc.returncode == 0, proc.stderr
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
@@ -345,8 +412,7 @@ def test_initial_weights_do_not_depend_on_the_datasets(tmp_path):
     random_val = {"_component_": "testkit.RandomlyBuiltRegression", "size": 11, "seed": 1}
     random_train = {"_component_": "testkit.RandomlyBuiltRegression", "size": 37, "draws": 77}
     base = _initial_weights(tmp_path, "a")
-    for changes in ({"data.val": None}, {"data.val": random_val}, {"data.train": random_train},
-                    {"data.seed": 123}):
+    for changes in ({"data.val": None}, {"data.val": random_val}, {"data.train": random_train}, {"data.seed": 123}):
         other = _initial_weights(tmp_path, "b", **changes)
         assert all(torch.equal(base[k], other[k]) for k in base), changes
     assert not torch.equal(base["1.weight"], _initial_weights(tmp_path, "c", seed=1)["1.weight"])
@@ -362,10 +428,18 @@ def test_adding_a_validation_set_that_draws_random_numbers_changes_no_weight(tmp
 
 def test_data_seed_changes_the_order_but_not_the_init(tmp_path):
     assert run(tmp_path, name="a.yaml", **{"run.dir": str(tmp_path / "a"), "train.max_steps": 1}).returncode == 0
-    assert run(tmp_path, name="b.yaml", **{"run.dir": str(tmp_path / "b"), "train.max_steps": 1,
-                                           "data.seed": 7}).returncode == 0
-    assert run(tmp_path, name="c.yaml", **{"run.dir": str(tmp_path / "c"), "train.max_steps": 1,
-                                           "data.seed": 0}).returncode == 0
+    assert (
+        run(
+            tmp_path, name="b.yaml", **{"run.dir": str(tmp_path / "b"), "train.max_steps": 1, "data.seed": 7}
+        ).returncode
+        == 0
+    )
+    assert (
+        run(
+            tmp_path, name="c.yaml", **{"run.dir": str(tmp_path / "c"), "train.max_steps": 1, "data.seed": 0}
+        ).returncode
+        == 0
+    )
     a, b, c = (load_weights(tmp_path / n) for n in "abc")
     assert not torch.equal(a["1.weight"], b["1.weight"])  # other samples in step 1
     assert all(torch.equal(a[k], c[k]) for k in a)  # data.seed 0 == the recipe's seed 0
@@ -393,8 +467,14 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
     # inside step 5 (one process stops right after it); inside step 6 (two ranks agree one step later)
     until, waiting, model = gate(tmp_path, rank=0, at_call=16 if nproc is None else 10)
     path = write_recipe(tmp_path / "r.yaml", resumable(run_dir, **model, **every))
-    first = subprocess.Popen([sys.executable, "-m", "launcher", "run", *extra, str(path)], env=worker_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", *extra, str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(waiting, first)
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole foreground group
     until.touch()
@@ -425,8 +505,13 @@ def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_r
     run_dir = tmp_path / "run"
     until, waiting, model = gate(tmp_path, rank=0, at_call=3, in_eval=True)  # the first evaluation, at step 2
     path = write_recipe(tmp_path / "r.yaml", resumable(run_dir, **model, **changes))
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=worker_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGTERM)
     until.touch()
@@ -441,7 +526,9 @@ def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_r
     got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]  # noqa: E731
     assert evals(got) == evals(want) and evals(want)[0][0] == 2
-    assert all(torch.equal(a, b) for a, b in zip(load_weights(ref).values(), load_weights(run_dir).values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(load_weights(ref).values(), load_weights(run_dir).values(), strict=True)
+    )
 
 
 def test_debug_leaves_a_checkpoint_dir_of_the_recipes_own_alone(tmp_path):

@@ -1,5 +1,6 @@
 """SLURM: rendered scripts (golden files, bash -n), training under srun's environment, a multi-node
 rehearsal on one machine, and jobs on a real SLURM cluster (tests marked `slurm`)."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher import cli
 from launcher.commands import slurm
 from launcher.recipe import load
-from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from runs import assert_identical, free_port, gate, recipe
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -29,8 +30,17 @@ CASES = {  # name: (mode, nodes, gpus_per_node, nproc_per_node, extra)
 def rendered(name: str) -> str:
     mode, nodes, gpus, nproc, extra = CASES[name]
     r = load(ROOT / "recipes" / "quickstart.yaml", ["run.dir=/scratch/runs/quickstart"])
-    text = slurm.render(r, str(ROOT / "recipes" / "quickstart.yaml"), ["optimizer.lr=1e-3"], mode=mode, nodes=nodes,
-                        gpus_per_node=gpus, nproc_per_node=nproc, python="/opt/venv/bin/python", **extra)
+    text = slurm.render(
+        r,
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        ["optimizer.lr=1e-3"],
+        mode=mode,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        nproc_per_node=nproc,
+        python="/opt/venv/bin/python",
+        **extra,
+    )
     return text.replace(str(ROOT), "<repo>")
 
 
@@ -42,8 +52,11 @@ def test_rendered_scripts_match_golden_files(name):
     assert rendered(name) == golden.read_text(), f"rerun with UPDATE_GOLDEN=1 if the change to {name} is intended"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "slurm").glob("*.sbatch")) + sorted(GOLDEN.glob("*.sbatch")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "slurm").glob("*.sbatch")) + sorted(GOLDEN.glob("*.sbatch")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_templates_are_valid_bash(path):
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -68,13 +81,35 @@ def test_per_gpu_mode_under_the_environment_srun_gives(tmp_path):
     port = free_port()
     procs = []
     for rank in (0, 1):
-        env = worker_env(SLURM_JOB_ID="5", SLURM_JOBID="5", SLURM_JOB_NAME="train", SLURM_JOB_NODELIST="localhost",
-                         SLURM_NODELIST="localhost", SLURM_STEP_NODELIST="localhost", SLURM_JOB_NUM_NODES="1",
-                         SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NPROCS="2", SLURM_NTASKS="2",
-                         SLURM_NTASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2", SLURM_STEP_TASKS_PER_NODE="2",
-                         SLURM_STEP_ID="0", SLURM_PROCID=rank, SLURM_LOCALID=rank, MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "run", str(path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = worker_env(
+            SLURM_JOB_ID="5",
+            SLURM_JOBID="5",
+            SLURM_JOB_NAME="train",
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_NODELIST="localhost",
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_JOB_NUM_NODES="1",
+            SLURM_NNODES="1",
+            SLURM_NODEID="0",
+            SLURM_NPROCS="2",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="2",
+            SLURM_TASKS_PER_NODE="2",
+            SLURM_STEP_TASKS_PER_NODE="2",
+            SLURM_STEP_ID="0",
+            SLURM_PROCID=rank,
+            SLURM_LOCALID=rank,
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "launcher", "run", str(path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "launched by            slurm" in outs[0][0] and "world size             2" in outs[0][0]
@@ -86,17 +121,43 @@ def test_multi_node_rehearsal_two_torchruns_make_world_size_4(tmp_path):
     """What docs/slurm.md recommends before spending an allocation: two "nodes" on one machine."""
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "w4")}))  # micro 4 x 4 ranks = 16
     endpoint = f"localhost:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                               "--rdzv-id", "rehearsal", "-m", "launcher", "run", str(path)],
-                              env=worker_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(n),
+                "--nproc-per-node",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "rehearsal",
+                "-m",
+                "launcher",
+                "run",
+                str(path),
+            ],
+            env=worker_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world size             4" in outs[0][0] + outs[1][0]
     from launcher import train
     from launcher.env import ClusterEnv
     from launcher.recipe import validate
+
     train.run(validate(recipe_dict(**{"run.dir": str(tmp_path / "w1"), "data.batch_size": 16})), ClusterEnv())
     assert_close_rel(load_weights(tmp_path / "w4"), load_weights(tmp_path / "w1"))
 
@@ -140,7 +201,8 @@ def submit(tmp_path, recipe_dict_, *args) -> tuple[str, Path]:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("mode", ["per-gpu", "torchrun"])
-def test_real_slurm_job_trains(cluster, tmp_path, mode):
+@pytest.mark.usefixtures("cluster")
+def test_real_slurm_job_trains(tmp_path, mode):
     job, log = submit(tmp_path, recipe_dict(**{"run.dir": str(tmp_path / "run")}), "--mode", mode)
     assert wait_job(job) == "COMPLETED", log.read_text()
     text = log.read_text()
@@ -149,7 +211,8 @@ def test_real_slurm_job_trains(cluster, tmp_path, mode):
 
 
 @pytest.mark.slurm
-def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
+@pytest.mark.usefixtures("cluster")
+def test_real_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
     ref = tmp_path / "ref"
     assert launcher("run", "--nproc", "2", write_recipe(tmp_path / "ref.yaml", recipe(ref))).returncode == 0
     until, waiting, model = gate(tmp_path, rank=0, at_call=7)
@@ -157,7 +220,9 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
     job, log = submit(tmp_path, recipe(tmp_path / "run", **model, **wandb), "--mode", "per-gpu")
     deadline = time.monotonic() + 120
     while not waiting.exists():
-        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text() if log.exists() else job_state(job)
+        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
+            log.read_text() if log.exists() else job_state(job)
+        )
         assert time.monotonic() < deadline
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # the time-limit warning
@@ -171,5 +236,6 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(cluster, tmp_path):
     assert "launched by            slurm (restart 1)" in text and "resuming from" in text
     assert_identical(load_weights(tmp_path / "run"), load_weights(ref))
     from wandb_files import run_id
+
     sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(sessions) == 2 and len({run_id(f) for f in sessions}) == 1  # one wandb run across the requeue

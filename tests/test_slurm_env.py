@@ -1,4 +1,5 @@
 """SLURM detection: nodelists, rank mapping, precedence, and the layouts that would hang."""
+
 from __future__ import annotations
 
 import shutil
@@ -54,20 +55,38 @@ def test_tasks_per_node():
 
 
 def slurm(**changes) -> dict:
-    e = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-         "SLURM_NTASKS": "8", "SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_TASKS_PER_NODE": "2(x4)",
-         "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "gpu[01-04]"}
+    e = {
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_TASKS_PER_NODE": "2(x4)",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "gpu[01-04]",
+    }
     e.update(changes)
     return {k: v for k, v in e.items() if v is not None}
 
 
-needs_no_gpu = pytest.mark.skipif(torch.cuda.device_count() > 0, reason="these describe a CPU node; on a GPU machine its layout checks apply")
+needs_no_gpu = pytest.mark.skipif(
+    torch.cuda.device_count() > 0, reason="these describe a CPU node; on a GPU machine its layout checks apply"
+)
 
 
 @needs_no_gpu
 def test_slurm_variables_map_to_ranks():
     env = ClusterEnv.detect(slurm())
-    assert (env.source, env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == ("slurm", 5, 1, 8, 2, 2)
+    assert (env.source, env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (
+        "slurm",
+        5,
+        1,
+        8,
+        2,
+        2,
+    )
     assert env.master_addr == "gpu01"  # the first host, not this one: every node agrees on rank 0's address
     assert env.master_port == 15000 + 123456 % 20000
     assert ClusterEnv.detect(slurm(MASTER_PORT="29500", MASTER_ADDR="10.0.0.1")).master_port == 29500
@@ -81,21 +100,31 @@ def test_torchrun_inside_srun_wins():
 
 @needs_no_gpu
 def test_interactive_salloc_shell_is_not_a_job_but_srun_inside_it_is():
-    shell = slurm(SLURM_JOB_NAME="interactive", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_TASKS_PER_NODE="1",
-                  SLURM_NTASKS_PER_NODE=None, SLURM_NNODES="1", SLURM_NODEID="0")
+    shell = slurm(
+        SLURM_JOB_NAME="interactive",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_TASKS_PER_NODE="1",
+        SLURM_NTASKS_PER_NODE=None,
+        SLURM_NNODES="1",
+        SLURM_NODEID="0",
+    )
     assert ClusterEnv.detect(shell).source == "single"
     assert ClusterEnv.detect({**shell, "SLURM_JOB_NAME": "bash"}).source == "single"
     two = {**shell, "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2"}
     assert ClusterEnv.detect(two).source == "slurm"
 
 
-@pytest.mark.parametrize("changes,key,phrase", [
-    ({"SLURM_NTASKS": "6"}, "SLURM_NTASKS", "adds up to 8"),
-    ({"SLURM_NTASKS": "6", "SLURM_TASKS_PER_NODE": "2(x3)"}, "SLURM_NTASKS", "--ntasks-per-node=2 = 8"),
-    ({"SLURM_PROCID": "9"}, "RANK", "outside"),
-    ({"SLURM_JOB_NODELIST": "gpu[01-"}, "SLURM_JOB_NODELIST", "MASTER_ADDR"),
-    ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST", "MASTER_ADDR"),
-])
+@pytest.mark.parametrize(
+    "changes,key,phrase",
+    [
+        ({"SLURM_NTASKS": "6"}, "SLURM_NTASKS", "adds up to 8"),
+        ({"SLURM_NTASKS": "6", "SLURM_TASKS_PER_NODE": "2(x3)"}, "SLURM_NTASKS", "--ntasks-per-node=2 = 8"),
+        ({"SLURM_PROCID": "9"}, "RANK", "outside"),
+        ({"SLURM_JOB_NODELIST": "gpu[01-"}, "SLURM_JOB_NODELIST", "MASTER_ADDR"),
+        ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST", "MASTER_ADDR"),
+    ],
+)
 def test_slurm_mismatches_are_errors_with_a_hint(changes, key, phrase):
     with pytest.raises(LaunchError) as e:
         ClusterEnv.detect(slurm(**changes))

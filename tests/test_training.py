@@ -1,4 +1,5 @@
 """Single-process behaviour of the loop: schedules, evaluation, early stopping, clipping, precision."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import math
 import pytest
 import torch
 
+from conftest import assert_close_rel, load_weights, recipe_dict
 from launcher import train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
-from conftest import assert_close_rel, load_weights, recipe_dict
 
 
 def run(tmp_path, name="run", **changes):
@@ -21,8 +22,15 @@ def run(tmp_path, name="run", **changes):
 
 
 def test_warmup_then_scheduler_per_optimizer_step(tmp_path):
-    _, rows, _ = run(tmp_path, **{"train.warmup_steps": 2, "train.epochs": 2, "optimizer.lr": 1.0,
-                                  "scheduler": {"_component_": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5}})
+    _, rows, _ = run(
+        tmp_path,
+        **{
+            "train.warmup_steps": 2,
+            "train.epochs": 2,
+            "optimizer.lr": 1.0,
+            "scheduler": {"_component_": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "gamma": 0.5},
+        },
+    )
     lrs = [r["lr"] for r in rows if "lr" in r]  # the lr after each of the 6 steps (= the next step's lr)
     assert lrs == pytest.approx([2 / 3, 1.0, 0.5, 0.25, 0.125, 0.0625])
 
@@ -33,8 +41,14 @@ def test_eval_every_n_steps_and_final_eval(tmp_path):
 
 
 def test_early_stopping_stops_after_patience(tmp_path):
-    state, rows, _ = run(tmp_path, **{"train.epochs": 20, "train.eval_every_steps": 1,
-                                      "train.early_stopping": {"metric": "val_loss", "patience": 2, "min_delta": 1e9}})
+    state, rows, _ = run(
+        tmp_path,
+        **{
+            "train.epochs": 20,
+            "train.eval_every_steps": 1,
+            "train.early_stopping": {"metric": "val_loss", "patience": 2, "min_delta": 1e9},
+        },
+    )
     assert state.stop_reason.startswith("early stopping") and state.step == 3
     assert [r["step"] for r in rows if "val_loss" in r] == [1, 2, 3]
 
@@ -81,7 +95,7 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
 def test_same_seed_same_run_whatever_the_worker_count(tmp_path):
     a = run(tmp_path, "a")[2]
     b = run(tmp_path, "b", **{"data.num_workers": 2})[2]
-    assert all(torch.equal(x, y) for x, y in zip(load_weights(a).values(), load_weights(b).values()))
+    assert all(torch.equal(x, y) for x, y in zip(load_weights(a).values(), load_weights(b).values(), strict=True))
 
 
 def test_drop_last_drops_the_partial_window(tmp_path):

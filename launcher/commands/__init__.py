@@ -2,6 +2,7 @@
 `main(args) -> exit code` (validate the arguments, call the layers below). `launcher.cli` builds the
 parser from them and turns errors into exit codes; heavy imports stay inside `main`, so that
 `launcher --help` and a typo answer at once."""
+
 from __future__ import annotations
 
 from launcher.errors import LaunchError

@@ -1,4 +1,5 @@
 """`launcher check`: everything that can be validated without a process group or a GPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,10 @@ import torch
 
 from launcher import components, parallel
 from launcher.builders import build_datasets, checked_model
-from launcher.cpu import step_time_estimate
-from launcher.memory import state_checkpoint_bytes
 from launcher.commands import positive
+from launcher.cpu import step_time_estimate
 from launcher.errors import EXIT_OK, BuildError, LaunchError
+from launcher.memory import state_checkpoint_bytes
 from launcher.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
 
@@ -53,14 +54,16 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     if space:
         notes.append(f"checkpoint.dir: {space}")
     try:
-        backend, device = pick_backend(recipe.dist.backend, 0, world_size)
-        backend, device = (backend if world_size > 1 else "none (world size 1)"), str(device)
+        backend, torch_device = pick_backend(recipe.dist.backend, 0, world_size)
+        backend, device = (backend if world_size > 1 else "none (world size 1)"), str(torch_device)
     except LaunchError as e:
         backend, device = recipe.dist.backend, "unavailable here"
         notes.append(f"{e.key}: {e.message}")
     try:
         train_set, val_set = build_datasets(recipe)
-        plan = build_plan(recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device)
+        plan = build_plan(
+            recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device
+        )
         rows = plan.describe()
         notes += plan_warnings(recipe, plan, device.split(":")[0])
         flops = getattr(model, "flops_per_sample", None)
@@ -71,9 +74,14 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
             raise
         shape = batch_shape(recipe, world_size)
-        rows = [("world size", str(world_size)), ("backend / device", f"{backend} / {device}"),
-                ("micro-batch per rank", str(shape.micro_batch)), ("accumulation steps", str(shape.accumulation)),
-                ("global batch", str(shape.global_batch)), ("steps per epoch", "unknown: data not available here")]
+        rows = [
+            ("world size", str(world_size)),
+            ("backend / device", f"{backend} / {device}"),
+            ("micro-batch per rank", str(shape.micro_batch)),
+            ("accumulation steps", str(shape.accumulation)),
+            ("global batch", str(shape.global_batch)),
+            ("steps per epoch", "unknown: data not available here"),
+        ]
         notes.append(f"{e.key}: {e.message}")
     rows.append(("parameters", f"{n_params:,}"))
     width = max(len(k) for k, _ in rows)
@@ -83,17 +91,20 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     return "\n".join(out)
 
 
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    check = sub.add_parser("check", help="validate a recipe and print the resolved config and plan",
-                           description="Validate RECIPE and print the resolved config and the plan. "
-                                       "Creates no process group and touches no GPU, but imports the recipe's "
-                                       "components and builds its model (on the meta device) and datasets: "
-                                       "a recipe is code; check only recipes you trust.")
+    check = sub.add_parser(
+        "check",
+        help="validate a recipe and print the resolved config and plan",
+        description="Validate RECIPE and print the resolved config and the plan. "
+        "Creates no process group and touches no GPU, but imports the recipe's "
+        "components and builds its model (on the meta device) and datasets: "
+        "a recipe is code; check only recipes you trust.",
+    )
     check.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     check.add_argument("overrides", nargs="*", metavar="key.path=value")
-    check.add_argument("--nproc", type=int, default=None, metavar="N",
-                       help="plan for N ranks (default: WORLD_SIZE if set, else 1)")
+    check.add_argument(
+        "--nproc", type=int, default=None, metavar="N", help="plan for N ranks (default: WORLD_SIZE if set, else 1)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

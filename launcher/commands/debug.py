@@ -1,6 +1,7 @@
 """`launcher debug RECIPE`: a few steps in one process with anomaly detection and per-step timing,
 into RUN_DIR/debug; `--distributed`: 2 local ranks with torch's distributed debug logging;
 `--simulate-world-size N`: one process computes exactly what N ranks would."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,23 +40,32 @@ def distributed_debug_level() -> str:
             ok = False
     if not ok:
         import torch
+
         log.warning(f"TORCH_DISTRIBUTED_DEBUG=DETAIL crashes DDP with torch {torch.__version__} here; using INFO")
     return "DETAIL" if ok else "INFO"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    dbg = sub.add_parser("debug", help="a few steps in one process, with anomaly detection and per-step timing",
-                         description="Run a few steps of RECIPE in one process (one GPU or the CPU) with autograd anomaly "
-                                     "detection, num_workers=0, and timing and memory for every step, into RUN_DIR/debug. "
-                                     "--distributed: 2 ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL. --simulate-world-size N: "
-                                     "one process reproduces the arithmetic of an N-rank run exactly.")
+    dbg = sub.add_parser(
+        "debug",
+        help="a few steps in one process, with anomaly detection and per-step timing",
+        description="Run a few steps of RECIPE in one process (one GPU or the CPU) with autograd anomaly "
+        "detection, num_workers=0, and timing and memory for every step, into RUN_DIR/debug. "
+        "--distributed: 2 ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL. --simulate-world-size N: "
+        "one process reproduces the arithmetic of an N-rank run exactly.",
+    )
     dbg.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     dbg.add_argument("overrides", nargs="*", metavar="key.path=value")
     dbg.add_argument("--steps", type=int, default=5, help="optimizer steps to run (default 5)")
     mode = dbg.add_mutually_exclusive_group()
     mode.add_argument("--distributed", action="store_true", help="2 local ranks, with distributed debug logging")
-    mode.add_argument("--simulate-world-size", type=int, default=None, metavar="N",
-                      help="one process computes exactly what N ranks would")
+    mode.add_argument(
+        "--simulate-world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one process computes exactly what N ranks would",
+    )
     dbg.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)  # a worker of --distributed
 
 
@@ -81,9 +91,18 @@ def main(args: argparse.Namespace) -> int:
 
     # everything it writes goes under RUN_DIR/debug: a checkpoint.dir of the recipe's own is left alone
     debug_dir = recipe.run_dir / "debug"
-    debug = [f"train.max_steps={args.steps}", "data.num_workers=0", "log.every_n_steps=1", f"run.dir={debug_dir}",
-             f"checkpoint.dir={debug_dir / 'checkpoints'}", "run.overwrite=true", "checkpoint.resume=none",
-             "checkpoint.every_n_steps=null", "log.wandb=null", f"train.eval_max_batches={DEBUG_EVAL_BATCHES}"]
+    debug = [
+        f"train.max_steps={args.steps}",
+        "data.num_workers=0",
+        "log.every_n_steps=1",
+        f"run.dir={debug_dir}",
+        f"checkpoint.dir={debug_dir / 'checkpoints'}",
+        "run.overwrite=true",
+        "checkpoint.resume=none",
+        "checkpoint.every_n_steps=null",
+        "log.wandb=null",
+        f"train.eval_max_batches={DEBUG_EVAL_BATCHES}",
+    ]
     recipe = recipes.load(args.recipe, [*args.overrides, *debug])
     if args.simulate_world_size:
         check_static(recipe, args.simulate_world_size)

@@ -4,6 +4,7 @@ started (torchrun, srun, `launcher doctor --nproc N`); rank 0 prints one table; 
 Every rank first checks in on a TCPStore under its own key, so when the group cannot form, rank 0
 can name the ranks that never arrived; the process group then forms on the same store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,13 +13,14 @@ import os
 import socket
 import time
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from launcher.commands import positive
 from launcher.distributed import pick_backend
 from launcher.env import ClusterEnv
-from launcher.commands import positive
 from launcher.errors import LaunchError
 
 
@@ -39,9 +41,12 @@ def _agent_serves_store(env: ClusterEnv) -> bool:
 
 
 def _store(env: ClusterEnv, timeout: timedelta) -> dist.Store:
-    host_it = env.rank == 0 and not _agent_serves_store(env)
-    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_it,
-                         timeout=timeout, wait_for_workers=False)
+    host_it = env.is_main and not _agent_serves_store(env)
+    if env.master_port is None:
+        raise LaunchError("MASTER_PORT", "is not set; start doctor under torchrun or srun, or with --nproc N")
+    return dist.TCPStore(
+        env.master_addr, env.master_port, env.world_size, is_master=host_it, timeout=timeout, wait_for_workers=False
+    )
 
 
 def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0) -> int:
@@ -53,10 +58,22 @@ def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0)
         backend, device = "gloo", torch.device("cpu")
         checks.append(("backend", False, e.message))
     available = {name: getattr(dist, f"is_{name}_available")() for name in ("nccl", "gloo", "mpi")}
-    checks.append(("backends built in", available["gloo"], ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in available.items())))
+    checks.append(
+        (
+            "backends built in",
+            available["gloo"],
+            ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in available.items()),
+        )
+    )
     checks.append(("versions", True, _versions()))
-    me = {"rank": env.rank, "host": socket.gethostname(), "pid": os.getpid(), "local_rank": env.local_rank,
-          "device": str(device), "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    me: dict[str, Any] = {
+        "rank": env.rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "local_rank": env.local_rank,
+        "device": str(device),
+        "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
     if not env.is_distributed and env.source == "single":
         checks.append(("process group", True, "none needed: one process (start the doctor as your job starts)"))
         return _report(env, [me], checks)
@@ -74,29 +91,50 @@ def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0)
         what = "is in use by another process" if "address already in use" in str(e).lower() else "cannot be reached"
         checks.append(("master port", False, f"{env.master_addr}:{env.master_port} {what}: {str(e).splitlines()[0]}"))
         return _report(env, [me], checks)
-    checks.append(("master port", True, f"{env.master_port} " + ("(served by torchrun's agent)" if _agent_serves_store(env) else "(rank 0 serves the store)")))
+    checks.append(
+        (
+            "master port",
+            True,
+            f"{env.master_port} "
+            + ("(served by torchrun's agent)" if _agent_serves_store(env) else "(rank 0 serves the store)"),
+        )
+    )
     store.set(f"doctor/{env.rank}", me["host"])
     try:
         store.wait([f"doctor/{r}" for r in range(env.world_size)], timeout)
     except RuntimeError:
         missing = [r for r in range(env.world_size) if not store.check([f"doctor/{r}"])]
-        checks.append(("ranks joined", False, f"rank(s) {', '.join(map(str, missing))} did not join within {timeout_s:g}s "
-                                              "(not started, or cannot reach the master address)"))
+        checks.append(
+            (
+                "ranks joined",
+                False,
+                f"rank(s) {', '.join(map(str, missing))} did not join within {timeout_s:g}s "
+                "(not started, or cannot reach the master address)",
+            )
+        )
         return _report(env, [me], checks)
-    dist.init_process_group(backend, store=dist.PrefixStore("launcher-doctor", store), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout,
-                            device_id=device if backend == "nccl" else None)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore("launcher-doctor", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        device_id=device if backend == "nccl" else None,
+    )
     # Tensors given to gloo stay referenced here until the group is gone. torch < 2.8 destroys a
     # process group holding the GIL and joins gloo's threads; a thread that then drops the last
     # reference to a tensor needs the GIL to free it: a deadlock (pytorch/pytorch#154976).
     keep: list[torch.Tensor] = []
     try:
         control = dist.new_group(backend="gloo")  # made now: after a failure it could not be
-        checks.append(("process group", True, f"{backend}, {env.world_size} ranks, formed in {time.perf_counter() - t0:.2f} s"))
+        assert isinstance(control, dist.ProcessGroup)  # this rank is in it
+        checks.append(
+            ("process group", True, f"{backend}, {env.world_size} ranks, formed in {time.perf_counter() - t0:.2f} s")
+        )
         checks.append(_timed_all_reduce(env, device, control, timeout_s, keep))
         # the table's rows go through the store, not a collective: no tensor is left with gloo's threads
         store.set(f"doctor/row/{env.rank}", json.dumps(me))
-        if env.rank != 0:
+        if not env.is_main:
             return _report(env, [me], checks)
         store.wait([f"doctor/row/{r}" for r in range(env.world_size)], timeout)
         return _report(env, [json.loads(store.get(f"doctor/row/{r}")) for r in range(env.world_size)], checks)
@@ -105,8 +143,9 @@ def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0)
         keep.clear()
 
 
-def _timed_all_reduce(env: ClusterEnv, device: torch.device, control, timeout_s: float,
-                      keep: list[torch.Tensor]) -> tuple[str, bool, str]:
+def _timed_all_reduce(
+    env: ClusterEnv, device: torch.device, control: dist.ProcessGroup, timeout_s: float, keep: list[torch.Tensor]
+) -> tuple[str, bool, str]:
     numel = (64 if device.type == "cuda" else 4) * 2**20 // 4
     warm, x = torch.ones(1, device=device), torch.ones(numel, device=device)
     keep += [warm, x]
@@ -119,20 +158,28 @@ def _timed_all_reduce(env: ClusterEnv, device: torch.device, control, timeout_s:
         dt = time.perf_counter() - t0
     except RuntimeError as e:
         from launcher.distributed import missing_ranks
+
         return ("all_reduce", False, f"failed: {str(e).splitlines()[0]}; {missing_ranks(control, env.rank, timeout_s)}")
     ok = bool((x == env.world_size).all())
     mib = numel * 4 / 2**20
-    return ("all_reduce", ok, f"{mib:.0f} MiB in {dt * 1e3:.1f} ms ({mib / 1024 / dt:.2f} GiB/s)" + ("" if ok else ", WRONG RESULT"))
+    return (
+        "all_reduce",
+        ok,
+        f"{mib:.0f} MiB in {dt * 1e3:.1f} ms ({mib / 1024 / dt:.2f} GiB/s)" + ("" if ok else ", WRONG RESULT"),
+    )
 
 
 def _report(env: ClusterEnv, rows: list[dict], checks: list[tuple[str, bool, str]]) -> int:
     failed = [c for c in checks if not c[1]]
-    if env.rank != 0:
+    if not env.is_main:
         return 1 if failed else 0
     lines = [f"launcher doctor: world size {env.world_size}, started by {env.source}"]
     lines.append(f"  {'rank':<5} {'host':<20} {'pid':<8} {'local':<6} {'device':<8} gpus visible")
     for r in rows:
-        lines.append(f"  {r['rank']:<5} {r['host'][:20]:<20} {r['pid']:<8} {r['local_rank']:<6} {r['device']:<8} {r['gpus_visible']}")
+        lines.append(
+            f"  {r['rank']:<5} {r['host'][:20]:<20} {r['pid']:<8} {r['local_rank']:<6} {r['device']:<8} "
+            f"{r['gpus_visible']}"
+        )
     width = max(len(name) for name, _, _ in checks)
     for name, ok, detail in checks:
         lines.append(f"  {'ok  ' if ok else 'FAIL'} {name:<{width}}  {detail}")
@@ -142,9 +189,12 @@ def _report(env: ClusterEnv, rows: list[dict], checks: list[tuple[str, bool, str
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    doc = sub.add_parser("doctor", help="check backends, devices, addresses and an all_reduce across the job",
-                         description="Start it the way the job is started (torchrun, srun, or --nproc N); "
-                                     "rank 0 prints a table. Exits 1 if any check fails.")
+    doc = sub.add_parser(
+        "doctor",
+        help="check backends, devices, addresses and an all_reduce across the job",
+        description="Start it the way the job is started (torchrun, srun, or --nproc N); "
+        "rank 0 prints a table. Exits 1 if any check fails.",
+    )
     doc.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local ranks")
     doc.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     doc.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for every rank (default 30)")
@@ -154,5 +204,6 @@ def main(args: argparse.Namespace) -> int:
     positive(args.nproc, "--nproc")
     if args.nproc is not None:
         from launcher.local import elastic
+
         return elastic(["doctor", "--backend", args.backend, "--timeout-s", str(args.timeout_s)], args.nproc)
     return run(ClusterEnv.detect(), args.backend, args.timeout_s)

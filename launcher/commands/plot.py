@@ -2,6 +2,7 @@
 
 Several runs are overlaid, one colour each. The PNG's metadata names its panels ("Description").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,48 +19,73 @@ def read_rows(run_dir: Path) -> list[dict]:
         raise LaunchError(str(run_dir), "has no metrics.jsonl; pass a run directory (e.g. runs/quickstart)")
     from launcher.metrics import read_metrics
 
-    return read_metrics(path)[0]  # a row torn by a crash mid-write is skipped
+    rows = read_metrics(path)[0]  # a row torn by a crash mid-write is skipped
+    if not rows:
+        raise LaunchError(
+            str(run_dir),
+            "metrics.jsonl has no rows yet: nothing to plot (rows are written every log.every_n_steps steps)",
+        )
+    return rows
 
 
 def plot(run_dirs: list[Path], out: Path) -> list[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         raise LaunchError("plot", "needs matplotlib: pip install 'launcher[plot]'") from None
     runs = [(d, read_rows(d)) for d in run_dirs]
-    for run_dir, rows in runs:
-        if not rows:
-            raise LaunchError(str(run_dir), "metrics.jsonl has no rows yet: nothing to plot (rows are written every "
-                                            "log.every_n_steps steps)")
     names = [d.name for d in run_dirs]
     if len(set(names)) < len(names):
         names = [str(d) for d in run_dirs]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), constrained_layout=True)
     ax_loss, ax_eval, ax_lr, ax_tput = axes.flat
     ax_acc = None  # accuracy on its own scale, right: on val_loss's axis its changes look flat
-    for (run_dir, rows), name, color in zip(runs, names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for (_, rows), name, color in zip(runs, names, colors[: len(runs)], strict=True):
         train = [r for r in rows if "loss" in r]
         evals = [r for r in rows if any(k.startswith("val_") for k in r)]
         full, short = split_short_rows(train)
         ax_loss.plot([r["step"] for r in full], [r["loss"] for r in full], color=color, label=f"{name} train")
         if short:  # an epoch's last row averages over few samples: noisy, shown as points off the line
-            ax_loss.plot([r["step"] for r in short], [r["loss"] for r in short], ".", ms=4, alpha=0.5, color=color,
-                         label=f"{name} train (short rows)")
+            ax_loss.plot(
+                [r["step"] for r in short],
+                [r["loss"] for r in short],
+                ".",
+                ms=4,
+                alpha=0.5,
+                color=color,
+                label=f"{name} train (short rows)",
+            )
         if evals and "val_loss" in evals[0]:
-            ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "--", color=color, label=f"{name} val")
-            ax_eval.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], ":o", ms=3, color=color,
-                         label=f"{name} val_loss")
+            ax_loss.plot(
+                [r["step"] for r in evals], [r["val_loss"] for r in evals], "--", color=color, label=f"{name} val"
+            )
+            ax_eval.plot(
+                [r["step"] for r in evals],
+                [r["val_loss"] for r in evals],
+                ":o",
+                ms=3,
+                color=color,
+                label=f"{name} val_loss",
+            )
         if evals and "val_accuracy" in evals[0]:
             if ax_acc is None:
                 ax_acc = ax_eval.twinx()
-            ax_acc.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "-s", ms=3, color=color,
-                        label=f"{name} val_accuracy")
+            ax_acc.plot(
+                [r["step"] for r in evals],
+                [r["val_accuracy"] for r in evals],
+                "-s",
+                ms=3,
+                color=color,
+                label=f"{name} val_accuracy",
+            )
         ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color=color, label=name)
         key = "tokens_per_s" if train and "tokens_per_s" in train[0] else "samples_per_s"
         ax_tput.plot([r["step"] for r in train], [r.get(key) for r in train], color=color, label=f"{name} ({key})")
-    for ax, title in zip(axes.flat, PANELS):
+    for ax, title in zip(axes.flat, PANELS, strict=True):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -92,11 +118,16 @@ def split_short_rows(train: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    pl = sub.add_parser("plot", help="plot loss, evaluation, lr and throughput of one or more runs",
-                        description="Write a PNG of loss, evaluation metrics, lr and throughput against step; "
-                                    "several run directories are overlaid.")
+    pl = sub.add_parser(
+        "plot",
+        help="plot loss, evaluation, lr and throughput of one or more runs",
+        description="Write a PNG of loss, evaluation metrics, lr and throughput against step; "
+        "several run directories are overlaid.",
+    )
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    pl.add_argument("-o", "--output", help="the PNG to write (default: RUN_DIR/metrics.png, or ./runs.png for several runs)")
+    pl.add_argument(
+        "-o", "--output", help="the PNG to write (default: RUN_DIR/metrics.png, or ./runs.png for several runs)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

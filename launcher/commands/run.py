@@ -1,6 +1,7 @@
 """`launcher run RECIPE [key=value ...] [--nproc N]`: train. Started plainly it is one process;
 under torchrun or srun it is one rank of their job; with --nproc N it validates the recipe once
 here, then starts N local workers (each `launcher run RECIPE`) under torch's elastic agent."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,26 @@ from launcher.recipe import Recipe
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="train a recipe", description=(
-        "Train RECIPE. Started plainly it runs one process; under torchrun it joins the job torchrun set up; "
-        "with --nproc N it starts N local workers through torch's elastic launcher."))
+    run = sub.add_parser(
+        "run",
+        help="train a recipe",
+        description=(
+            "Train RECIPE. Started plainly it runs one process; under torchrun it joins the job torchrun set up; "
+            "with --nproc N it starts N local workers through torch's elastic launcher."
+        ),
+    )
     run.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. optimizer.lr=3e-4")
+    run.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. optimizer.lr=3e-4"
+    )
     run.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local worker processes")
-    run.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                     help="with --nproc: restart the workers up to K times after a failure")
+    run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --nproc: restart the workers up to K times after a failure",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,8 +56,11 @@ def main(args: argparse.Namespace) -> int:
         if env.is_distributed and distributed.is_peer_failure(e):
             # the root cause is another rank's error, which it reports; no traceback, no error file here
             if not os.environ.get(CHILD_ENV):
-                print(f"[rank {env.rank}] stopped: another rank failed or left ({str(e).splitlines()[0][:200]})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[rank {env.rank}] stopped: another rank failed or left ({str(e).splitlines()[0][:200]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return EXIT_FAILED
         raise
     return EXIT_OK
@@ -64,8 +80,14 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     # validate only; the workers' main process acts on it
     resume_from = recipe.layout.prepare(recipe.checkpoint.resume, recipe.run.overwrite, act=False)
     if resume_from is not None:  # a resume that changes the global batch: one line here, not one per rank
-        check_global_batch(read_marker(resume_from).get("global_batch"), batch_shape(recipe, args.nproc).global_batch,
-                           resume_from)
-    return elastic(["run", args.recipe, *args.overrides], args.nproc, args.max_restarts,
-                   preempt=recipe.checkpoint.preempt_signal, requeue_exit_code=recipe.checkpoint.requeue_exit_code,
-                   checkpoint_dir=recipe.checkpoint_dir)
+        check_global_batch(
+            read_marker(resume_from).get("global_batch"), batch_shape(recipe, args.nproc).global_batch, resume_from
+        )
+    return elastic(
+        ["run", args.recipe, *args.overrides],
+        args.nproc,
+        args.max_restarts,
+        preempt=recipe.checkpoint.preempt_signal,
+        requeue_exit_code=recipe.checkpoint.requeue_exit_code,
+        checkpoint_dir=recipe.checkpoint_dir,
+    )

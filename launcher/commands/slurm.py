@@ -5,6 +5,7 @@ Templates (launcher/templates, also at slurm/ in the repository):
   multi_node.sbatch   --mode torchrun --nodes N: srun starts one torchrun per node (c10d rendezvous)
   per_gpu.sbatch      --mode per-gpu: srun starts one task per GPU, each `launcher run` (SLURM detection)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,23 @@ def template_name(mode: str, nodes: int) -> str:
     return "single_node.sbatch" if nodes == 1 else "multi_node.sbatch"
 
 
-def render(recipe: Recipe, recipe_path: str, overrides: list[str], *, mode: str, nodes: int, gpus_per_node: int,
-           nproc_per_node: int, partition: str | None = None, time: str | None = None, account: str | None = None,
-           job_name: str | None = None, cpus_per_task: int | None = None, grace_s: int = 120,
-           python: str | None = None) -> str:
+def render(
+    recipe: Recipe,
+    recipe_path: str,
+    overrides: list[str],
+    *,
+    mode: str,
+    nodes: int,
+    gpus_per_node: int,
+    nproc_per_node: int,
+    partition: str | None = None,
+    time: str | None = None,
+    account: str | None = None,
+    job_name: str | None = None,
+    cpus_per_task: int | None = None,
+    grace_s: int = 120,
+    python: str | None = None,
+) -> str:
     run_dir = recipe.run_dir.resolve()
     resources = []
     if gpus_per_node:
@@ -72,7 +86,9 @@ def write_and_submit(text: str, path: Path, submit: bool) -> str | None:
         return None
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise LaunchError("--submit", f"sbatch is not on PATH here; copy {path} to a SLURM login node and run `sbatch {path}`")
+        raise LaunchError(
+            "--submit", f"sbatch is not on PATH here; copy {path} to a SLURM login node and run `sbatch {path}`"
+        )
     out = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}").splitlines()[-1]
@@ -83,13 +99,20 @@ def write_and_submit(text: str, path: Path, submit: bool) -> str | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    sl = sub.add_parser("slurm", help="write an sbatch script for a recipe (and submit it)",
-                        description="Render the sbatch script for RECIPE into its run directory and print its path; "
-                                    "with --submit, submit it with sbatch.")
+    sl = sub.add_parser(
+        "slurm",
+        help="write an sbatch script for a recipe (and submit it)",
+        description="Render the sbatch script for RECIPE into its run directory and print its path; "
+        "with --submit, submit it with sbatch.",
+    )
     sl.add_argument("recipe", nargs="?", help="path to the recipe YAML")
     sl.add_argument("overrides", nargs="*", metavar="key.path=value")
-    sl.add_argument("--mode", choices=["torchrun", "per-gpu"], default="torchrun",
-                    help="torchrun: one torchrun per node starts the workers (default); per-gpu: one SLURM task per GPU")
+    sl.add_argument(
+        "--mode",
+        choices=["torchrun", "per-gpu"],
+        default="torchrun",
+        help="torchrun: one torchrun per node starts the workers (default); per-gpu: one SLURM task per GPU",
+    )
     sl.add_argument("--nodes", type=int, default=1)
     sl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node; 0 for CPU-only nodes")
     sl.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: --gpus-per-node)")
@@ -98,7 +121,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sl.add_argument("--account")
     sl.add_argument("--job-name", help="default: the recipe's name")
     sl.add_argument("--cpus-per-task", type=int, default=None)
-    sl.add_argument("--grace-s", type=int, default=120, help="seconds between the preemption warning and the time limit")
+    sl.add_argument(
+        "--grace-s", type=int, default=120, help="seconds between the preemption warning and the time limit"
+    )
     sl.add_argument("--python", help="the Python with launcher installed, as the nodes see it (default: this one)")
     sl.add_argument("--submit", action="store_true", help="submit the script with sbatch")
 
@@ -113,13 +138,27 @@ def main(args: argparse.Namespace) -> int:
     if args.gpus_per_node < 0:
         raise LaunchError("--gpus-per-node", f"must be 0 or more, got {args.gpus_per_node}")
     if args.gpus_per_node and nproc > args.gpus_per_node:
-        raise LaunchError("--nproc-per-node", f"{nproc} ranks per node for {args.gpus_per_node} GPUs; use at most one rank per GPU")
+        raise LaunchError(
+            "--nproc-per-node", f"{nproc} ranks per node for {args.gpus_per_node} GPUs; use at most one rank per GPU"
+        )
     recipe = recipes.load(args.recipe, args.overrides)
     check_static(recipe, args.nodes * nproc)
-    text = render(recipe, args.recipe, args.overrides, mode=args.mode, nodes=args.nodes,
-                  gpus_per_node=args.gpus_per_node, nproc_per_node=nproc, partition=args.partition,
-                  time=args.time, account=args.account, job_name=args.job_name,
-                  cpus_per_task=args.cpus_per_task, grace_s=args.grace_s, python=args.python)
+    text = render(
+        recipe,
+        args.recipe,
+        args.overrides,
+        mode=args.mode,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=nproc,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        job_name=args.job_name,
+        cpus_per_task=args.cpus_per_task,
+        grace_s=args.grace_s,
+        python=args.python,
+    )
     path = recipe.run_dir / template_name(args.mode, args.nodes)
     job = write_and_submit(text, path, args.submit)
     print(path)

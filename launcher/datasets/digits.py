@@ -1,13 +1,15 @@
 """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes): real data, no download."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 
-def _load():
+def _load() -> Any:  # a numpy array
     """The 1797 x 65 table (64 pixels, then the label) scikit-learn ships, read without importing
     scikit-learn itself (a second of start-up); through load_digits if the file has moved."""
     import importlib.util
@@ -47,5 +49,5 @@ class Digits(Dataset):
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]

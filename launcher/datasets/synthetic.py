@@ -1,4 +1,5 @@
 """Generated datasets: deterministic from a seed, any size, no files. For tests and benchmarks."""
+
 from __future__ import annotations
 
 import torch
@@ -7,11 +8,13 @@ from torch.utils.data import Dataset
 
 class _Tensors(Dataset):
     deterministic = True  # no randomness in __getitem__: no per-sample seeding needed
+    x: torch.Tensor
+    y: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
 
 
@@ -41,8 +44,9 @@ class Images(Dataset):
 
     deterministic = True
 
-    def __init__(self, size: int = 1024, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, seed: int = 0,
-                 pool: int = 2048):
+    def __init__(
+        self, size: int = 1024, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10, seed: int = 0, pool: int = 2048
+    ):
         g = torch.Generator().manual_seed(seed)
         self.size = size
         self.x = torch.randn(min(size, pool), *shape, generator=g)
@@ -51,7 +55,7 @@ class Images(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i % len(self.x)], self.y[i % len(self.y)]
 
 
@@ -67,7 +71,7 @@ class Tokens(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         seq = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
         return seq[:-1], seq[1:]

@@ -1,5 +1,6 @@
 """Byte-level language-modelling text: any UTF-8 file, or by default Python's own standard library
 source, which ships with every Python (no download)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ class ByteText(Dataset):
 
     deterministic = True  # no randomness in __getitem__: no per-sample seeding needed
 
-    def __init__(self, path: str | None = None, split: str = "train", seq_len: int = 256,
-                 val_fraction: float = 0.1, max_bytes: int = 4_000_000):
+    def __init__(
+        self,
+        path: str | None = None,
+        split: str = "train",
+        seq_len: int = 256,
+        val_fraction: float = 0.1,
+        max_bytes: int = 4_000_000,
+    ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if path is None:
@@ -53,6 +60,6 @@ class ByteText(Dataset):
     def __len__(self) -> int:
         return max(0, (len(self.data) - 1) // self.seq_len)
 
-    def __getitem__(self, i: int):
-        chunk = self.data[i * self.seq_len: (i + 1) * self.seq_len + 1]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.data[i * self.seq_len : (i + 1) * self.seq_len + 1]
         return chunk[:-1], chunk[1:]

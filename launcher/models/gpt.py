@@ -3,6 +3,7 @@
 Attention is torch's fused scaled_dot_product_attention (causal). Being a Sequential, the model
 works with checkpoint_sequential as it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,22 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-def GPT(vocab_size: int = 256, seq_len: int = 256, d_model: int = 384, n_layers: int = 6, n_heads: int = 6,
-        dropout: float = 0.0) -> nn.Sequential:
-    model = nn.Sequential(
+class GPTModel(nn.Sequential):
+    """The Sequential, with the figures the metrics read (tokens/s, MFU)."""
+
+    flops_per_sample: float  # forward + backward
+    tokens_per_sample: int
+
+
+def GPT(
+    vocab_size: int = 256,
+    seq_len: int = 256,
+    d_model: int = 384,
+    n_layers: int = 6,
+    n_heads: int = 6,
+    dropout: float = 0.0,
+) -> GPTModel:
+    model = GPTModel(
         Embedding(vocab_size, seq_len, d_model, dropout),
         *[Block(d_model, n_heads, dropout) for _ in range(n_layers)],
         nn.LayerNorm(d_model),
@@ -61,7 +75,7 @@ def GPT(vocab_size: int = 256, seq_len: int = 256, d_model: int = 384, n_layers:
         elif name.endswith("bias"):
             nn.init.zeros_(p)
     # forward + backward FLOPs per token (6 per parameter-token + attention), for MFU
-    n_params = sum(p.numel() for p in model.parameters()) - model[0].pos.weight.numel()
+    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("0.pos."))
     model.flops_per_sample = (6 * n_params + 12 * n_layers * d_model * seq_len) * seq_len
     model.tokens_per_sample = seq_len
     return model

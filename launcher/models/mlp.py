@@ -8,7 +8,7 @@ def MLP(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
     layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())

@@ -3,6 +3,7 @@ tests/test_step_path.py: python hand_written_step.py OUT_DIR PRECISION CLIP
 
 The same model, data, optimizer and loss as the test's recipe, in the plainest loop there is.
 """
+
 from __future__ import annotations
 
 import sys

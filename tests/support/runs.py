@@ -1,5 +1,6 @@
 """Helpers the test modules share (so that no test module imports another): processes by marker,
 free ports, a resumable recipe whose model can be parked mid-run, and exact weight comparison."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,20 @@ def gate(tmp_path: Path, rank: int, at_call: int, **extra) -> tuple[Path, Path, 
     """(until, waiting, changes): the model parks `rank` at forward call `at_call`, creating
     `waiting` (holding its pid), until the file `until` exists."""
     until, waiting = tmp_path / "release", tmp_path / "waiting"
-    return until, waiting, {"model": {**RESUMABLE["model"], "rank": rank, "at_call": at_call,
-                                      "until": str(until), "waiting": str(waiting), **extra}}
+    return (
+        until,
+        waiting,
+        {
+            "model": {
+                **RESUMABLE["model"],
+                "rank": rank,
+                "at_call": at_call,
+                "until": str(until),
+                "waiting": str(waiting),
+                **extra,
+            }
+        },
+    )
 
 
 def wait_for(path: Path, proc, limit_s: float = 120) -> None:

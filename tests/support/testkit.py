@@ -1,4 +1,5 @@
 """Components the tests name in recipes (importable by worker processes: tests/support is on PYTHONPATH)."""
+
 from __future__ import annotations
 
 import os
@@ -48,6 +49,7 @@ class WaitOnRank(nn.Module):
             self.calls += 1
             if int(os.environ.get("RANK", 0)) == self.rank and self.calls == self.at_call:
                 import time
+
                 while not (self.until and Path(self.until).exists()):
                     time.sleep(0.05)
         return self.lin(x)
@@ -59,8 +61,17 @@ class GatedMLP(nn.Module):
     `first_attempt_only`: do not block in workers restarted by torchrun; `in_eval`: evaluation
     forwards instead. Same weights as an MLP."""
 
-    def __init__(self, sizes: list[int], rank: int = 0, at_call: int = 0, until: str = "", waiting: str = "",
-                 first_attempt_only: bool = False, dropout: float = 0.0, in_eval: bool = False):
+    def __init__(
+        self,
+        sizes: list[int],
+        rank: int = 0,
+        at_call: int = 0,
+        until: str = "",
+        waiting: str = "",
+        first_attempt_only: bool = False,
+        dropout: float = 0.0,
+        in_eval: bool = False,
+    ):
         super().__init__()
         from launcher.models import MLP
 
@@ -74,9 +85,14 @@ class GatedMLP(nn.Module):
         if self.training != self.in_eval:
             self.calls += 1
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-            if (self.calls == self.at_call and int(os.environ.get("RANK", 0)) == self.rank and self.until
-                    and not (self.first_attempt_only and restarted)):
+            if (
+                self.calls == self.at_call
+                and int(os.environ.get("RANK", 0)) == self.rank
+                and self.until
+                and not (self.first_attempt_only and restarted)
+            ):
                 import time
+
                 if self.waiting:
                     Path(self.waiting).write_text(str(os.getpid()))
                 while not Path(self.until).exists():
@@ -165,7 +181,8 @@ class RandomlyBuiltRegression(torch.utils.data.Dataset):
 
 class UnprotectedGate(torch.utils.data.Dataset):
     """A dataset whose constructor puts SIGTERM back to its default (dying), as a worker still
-    starting up would be, then blocks until the file `until` exists, having created `waiting`."""
+    starting up would be, then blocks until the file `until` exists, having created the file
+    `waiting`/<its pid> (one per rank: a test can wait until every rank is there)."""
 
     def __init__(self, until: str, waiting: str, size: int = 37):
         import signal
@@ -174,7 +191,8 @@ class UnprotectedGate(torch.utils.data.Dataset):
         from launcher.datasets.synthetic import Regression
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        Path(waiting).write_text(str(os.getpid()))
+        Path(waiting).mkdir(exist_ok=True)
+        (Path(waiting) / str(os.getpid())).touch()
         while not Path(until).exists():
             time.sleep(0.02)
         self.base = Regression(size=size)

@@ -3,6 +3,7 @@
 The file is LevelDB's log format: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB
 blocks of records, each with a 7-byte header (crc32c, length, type: 1 full, 2 first, 3 middle,
 4 last); each reassembled record is a protobuf `Record` from wandb's own definitions."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,11 @@ def records(path: Path):
         if room < HEADER:  # the block's tail is padding
             pos += room
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:
             pos += room
             continue
-        payload = data[pos + HEADER:pos + HEADER + length]
+        payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         pending += payload
         if kind in (1, 4):  # full, or last piece
