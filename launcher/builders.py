@@ -1,15 +1,21 @@
-"""The recipe's model and datasets, each built from its own random stream (rng.py) and checked to be
-what the launcher needs, for `launcher run` and `launcher check` alike."""
+"""The recipe's model, datasets and data loaders: the model and datasets each built from its own
+random stream (rng.py) and checked to be what the launcher needs, for `launcher run` and `launcher
+check` alike; the loaders sharded by the plan."""
 
 from __future__ import annotations
 
+import functools
+import signal
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from launcher import rng
 from launcher.components import instantiate
+from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.errors import RecipeError
+from launcher.plan import Plan
 from launcher.recipe import Recipe
 
 
@@ -44,3 +50,50 @@ def checked_model(model: Any, recipe: Recipe) -> torch.nn.Module:
             "not a torch.nn.Module; name a module class or a function that returns one",
         )
     return model
+
+
+def build_loaders(
+    recipe: Recipe,
+    plan: Plan,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    *,
+    ranks: list[int],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    signals: list[signal.Signals],
+) -> tuple[list[tuple[int, ShardSampler, DataLoader]], DataLoader | None]:
+    """One training shard (rank, sampler, loader) per rank this process trains: its own, or each
+    simulated rank's (`ranks`); and this process's (`rank` of `world_size`) validation shard."""
+    d = recipe.data
+    pin = d.pin_memory if d.pin_memory is not None else device.type == "cuda"
+    loader = functools.partial(
+        build_loader,
+        batch_size=plan.micro_batch,
+        num_workers=d.num_workers,
+        pin_memory=pin,
+        prefetch_factor=d.prefetch_factor,
+        ignore_signals=tuple(signals),
+    )
+    seeded = SeededDataset(train_set, recipe.seed)
+    shards = []
+    for r in ranks:
+        sampler = ShardSampler(
+            train_set,
+            num_replicas=plan.world_size,
+            rank=r,
+            shuffle=d.shuffle,
+            seed=recipe.seed if d.seed is None else d.seed,
+            drop_last=d.drop_last,
+            stop=plan.shard_stop,
+            with_epoch=True,
+        )
+        shards.append((r, sampler, loader(seeded, sampler, seed=recipe.seed + r)))
+    val_loader = None
+    if val_set is not None:  # evaluation sums over samples: a simulated run evaluates unsharded
+        val_sampler = ShardSampler(
+            val_set, num_replicas=world_size, rank=rank, shuffle=False, seed=recipe.seed, drop_last=False
+        )
+        val_loader = loader(val_set, val_sampler, seed=recipe.seed + rank)
+    return shards, val_loader

@@ -13,117 +13,20 @@ update, for any W and accumulation, including an epoch's last, partial window.
 from __future__ import annotations
 
 import contextlib
-import math
 import resource
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from launcher import distributed, resume, startup
-from launcher.data import Batch, ShardSampler, batch_size_of, slice_batch, to_device
-from launcher.distributed import Session
+from launcher.data import Batch, batch_size_of, slice_batch, to_device
 from launcher.errors import TrainingError
+from launcher.evaluation import evaluate
 from launcher.logs import log
-from launcher.loop_state import LogWindow, TrainState
-from launcher.plan import Plan
-from launcher.recipe import Recipe
+from launcher.loop_state import Trainer, TrainState
 from launcher.rng import capture_rng_state, restore_rng_state
-
-if TYPE_CHECKING:  # annotations only
-    from torch.optim.lr_scheduler import LRScheduler
-
-    from launcher.checkpointer import Checkpointer, Stateful
-    from launcher.metrics import Metrics
-    from launcher.profiling import StepProfiler
-    from launcher.signals import Agreement, PreemptionFlag
-
-
-@dataclass
-class Trainer:
-    """What the loop works on, built complete by `launcher.train`; no logic beyond the loop's own."""
-
-    recipe: Recipe
-    plan: Plan
-    session: Session
-    model: nn.Module  # the user's model, unwrapped: eval and saving use it
-    train_model: nn.Module  # activation checkpointing and DDP wrappers around `model`
-    loss_fn: Callable[..., torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler | None
-    scaler: torch.amp.GradScaler | None
-    # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
-    shards: list[tuple[int, ShardSampler, torch.utils.data.DataLoader]]
-    val_loader: torch.utils.data.DataLoader | None
-    log: Metrics  # rank 0 writes, the others have no sinks
-    state: TrainState  # where the run is (restored from a checkpoint, or fresh)
-    window: LogWindow  # what accumulates between two log rows
-    checkpointer: Checkpointer
-    saved: Mapping[str, Stateful | None]  # what a checkpoint holds, by name (resume.saved_objects)
-    preempt: PreemptionFlag | None = None
-    agreement: Agreement | None = None
-    profiler: StepProfiler | None = None  # when log.profile is on for this rank
-    heartbeat: Heartbeat | None = None  # the main process: says it is alive when a step or an evaluation takes long
-    tokens_per_sample: float | None = None  # for tokens/s
-    flops_per_sample: float | None = None  # for MFU (forward + backward)
-    peak_flops: float | None = None  # per device, for MFU
-    rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
-    # set by the loop itself
-    stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
-    startup_logged: bool = False  # the first log row carries the start-up time, once
-    params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
-
-    def __post_init__(self) -> None:
-        # once: no per-step Python work that grows with the model
-        self.params = list(self.model.parameters())
-
-    @property
-    def device(self) -> torch.device:
-        return self.session.device
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return autocast(self.recipe.train.precision, self.device)
-
-
-class Heartbeat:
-    """A thread that says the run is alive when a step or an evaluation takes long (a first step on a
-    slow CPU, a long evaluation): after FIRST_S without progress, then every EVERY_S. It reads two
-    attributes the loop sets at each step; it never touches the device."""
-
-    FIRST_S, EVERY_S = 10.0, 60.0
-
-    def __init__(self) -> None:
-        self.what, self.since, self.next_s = "starting", time.monotonic(), self.FIRST_S
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="launcher-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def mark(self, what: str) -> None:
-        self.what, self.since, self.next_s = what, time.monotonic(), self.FIRST_S
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            elapsed = time.monotonic() - self.since
-            if elapsed >= self.next_s:
-                log.info(f"{self.what}: still running after {elapsed:.0f} s")
-                self.next_s += self.EVERY_S
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision for the forward pass: bf16 or fp16 autocast; nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def fit(t: Trainer) -> TrainState:
@@ -358,55 +261,21 @@ def log_train(t: Trainer) -> None:
     w.reset()
 
 
-@torch.no_grad()
-def evaluate(t: Trainer) -> dict[str, float] | None:
-    """Sharded evaluation; DistributedSampler's padding is dropped so each sample counts once.
-    A stop signal (preemption, Ctrl-C) is honoured between batches, so that a long evaluation does
-    not eat the grace period: the ranks agree on it batch by batch, and None is returned."""
-    assert t.val_loader is not None and isinstance(t.val_loader.sampler, ShardSampler)
-    assert t.plan.val_samples is not None  # a plan with a val set counts it
-    model, sampler = t.model, t.val_loader.sampler
-    real_end = math.ceil((t.plan.val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
-    was_training = model.training
-    model.eval()
-    # loss x samples, samples, correct predictions, predictions
-    totals = torch.zeros(4, dtype=torch.float64, device=t.device)
-    position = 0
-    limit = t.recipe.train.eval_max_batches
-    for index, batch in enumerate(t.val_loader):
-        if limit is not None and index >= limit:
-            break  # every rank stops at the same batch: its shard has as many batches as the others'
-        if stop_agreed(t):
-            model.train(was_training)
-            return None
-        n = batch_size_of(batch)
-        n_real = max(0, min(position + n, real_end) - position)
-        position += n
-        if n_real == 0:
-            continue
-        inputs, targets = to_device(slice_batch(batch, n_real), t.device)
-        with t.autocast():
-            out = model(inputs)
-            loss = t.loss_fn(out, targets)
-        totals[0] += loss.double() * n_real
-        totals[1] += n_real
-        if isinstance(out, torch.Tensor) and not targets.is_floating_point() and out.shape[:-1] == targets.shape:
-            totals[2] += (out.argmax(-1) == targets).sum()
-            totals[3] += targets.numel()
-    model.train(was_training)
-    distributed.all_reduce(totals)
-    loss_sum, count, correct, predictions = totals.tolist()
-    metrics = {"val_loss": loss_sum / count, "val_samples": int(count)}
-    if predictions:
-        metrics["val_accuracy"] = correct / predictions
-    return metrics
-
-
 def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     s = t.state
     if t.heartbeat is not None:
         t.heartbeat.mark(f"evaluation at step {s.step}")
-    metrics = evaluate(t)
+    assert t.val_loader is not None and t.plan.val_samples is not None
+    metrics = evaluate(
+        t.model,
+        t.val_loader,
+        t.loss_fn,
+        t.plan.val_samples,
+        t.device,
+        t.autocast,
+        t.recipe.train.eval_max_batches,
+        should_stop=lambda: stop_agreed(t),
+    )
     s.pending_eval = metrics is None
     if metrics is None:
         return None

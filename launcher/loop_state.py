@@ -1,13 +1,32 @@
-"""The training loop's state, typed: where the run is (TrainState, saved in checkpoints) and what
-accumulates between two log rows (LogWindow)."""
+"""The training loop's state, typed: where the run is (TrainState, saved in checkpoints), what
+accumulates between two log rows (LogWindow), and everything the loop works on (Trainer)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from launcher.data import ShardSampler
+from launcher.distributed import Session
+from launcher.plan import Plan
+from launcher.precision import autocast
+from launcher.recipe import Recipe
+
+if TYPE_CHECKING:  # annotations only
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from launcher.checkpointer import Checkpointer, Stateful
+    from launcher.heartbeat import Heartbeat
+    from launcher.metrics import Metrics
+    from launcher.profiling import StepProfiler
+    from launcher.signals import Agreement, PreemptionFlag
 
 
 @dataclass
@@ -75,3 +94,49 @@ class LogWindow:
     def for_run(cls, every_n_steps: int, total_steps: int, device: torch.device) -> LogWindow:
         """A window never spans more than every_n_steps steps (a log row ends each)."""
         return cls(torch.zeros(min(every_n_steps, total_steps), device=device))
+
+
+@dataclass
+class Trainer:
+    """What the loop works on, built complete by `launcher.train`; no logic beyond the loop's own."""
+
+    recipe: Recipe
+    plan: Plan
+    session: Session
+    model: nn.Module  # the user's model, unwrapped: eval and saving use it
+    train_model: nn.Module  # activation checkpointing and DDP wrappers around `model`
+    loss_fn: Callable[..., torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
+    shards: list[tuple[int, ShardSampler, DataLoader]]
+    val_loader: DataLoader | None
+    log: Metrics  # rank 0 writes, the others have no sinks
+    state: TrainState  # where the run is (restored from a checkpoint, or fresh)
+    window: LogWindow  # what accumulates between two log rows
+    checkpointer: Checkpointer
+    saved: Mapping[str, Stateful | None]  # what a checkpoint holds, by name (resume.saved_objects)
+    preempt: PreemptionFlag | None = None
+    agreement: Agreement | None = None
+    profiler: StepProfiler | None = None  # when log.profile is on for this rank
+    heartbeat: Heartbeat | None = None  # the main process: says it is alive when a step or an evaluation takes long
+    tokens_per_sample: float | None = None  # for tokens/s
+    flops_per_sample: float | None = None  # for MFU (forward + backward)
+    peak_flops: float | None = None  # per device, for MFU
+    rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
+    # set by the loop itself
+    stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
+    startup_logged: bool = False  # the first log row carries the start-up time, once
+    params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
+
+    def __post_init__(self) -> None:
+        # once: no per-step Python work that grows with the model
+        self.params = list(self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return autocast(self.recipe.train.precision, self.device)

@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from launcher import distributed
+from launcher.data import to_device
 from launcher.logs import log
 from launcher.parallel import TrainModule
+from launcher.recipe import ActivationCheckpointing
 from launcher.rng import capture_rng_state, restore_rng_state
 
 HEAD_CHUNKS = 8
@@ -125,3 +128,21 @@ def state_checkpoint_bytes(model: torch.nn.Module) -> int:
     per parameter (AdamW's), plus model.pt."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return 4 * weights
+
+
+def resolve_segments(
+    ac: ActivationCheckpointing,
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    loader: DataLoader,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> tuple[int, int]:
+    """Activation checkpointing's (segments, head_chunks): from the recipe, or probed (segments: auto)."""
+    if ac.segments != "auto":
+        return ac.segments, ac.head_chunks
+    # Adam-like optimizers will hold two tensors per parameter once they step
+    state_gib = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    batch = to_device(next(iter(loader)), device)
+    segments, chunks, _ = choose(model, loss_fn, batch, device, autocast, ac.max_memory_gib, state_gib)
+    return segments, chunks

@@ -12,11 +12,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from launcher.logs import LevelFormatter, log
+from launcher.storage import atomic_write
+
+if TYPE_CHECKING:
+    from launcher.plan import Plan
+    from launcher.recipe import Recipe
 
 
 class JsonlSink:
@@ -207,3 +212,37 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
                 return half
             return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
     return None
+
+
+def build_sinks(
+    recipe: Recipe, plan: Plan, step: int, logger_ids: LoggerIds, resumed: bool, continuing: bool
+) -> Metrics:
+    """The main process's sinks. `resumed`: from a checkpoint (at `step`); `continuing`: the same run
+    (resumed or restarted)."""
+    layout = recipe.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write(layout.config, lambda f: f.write(recipe.to_yaml().encode()))
+    path = layout.metrics
+    if resumed and path.exists():
+        # continue the history: rows past the checkpoint were trained again and are logged again;
+        # a row torn by a crash mid-write is dropped (and rewritten when its step is trained again)
+        rows, torn = read_metrics(path)
+        if torn:
+            log.warning(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
+        kept = [json.dumps(r, allow_nan=True) for r in rows if r.get("step", 0) <= step]
+        atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept).encode()))
+    sinks: list[Any] = [JsonlSink(path, append=resumed)]
+    progress = recipe.log.progress
+    if progress == "bar" or (progress == "auto" and sys.stdout.isatty()):
+        sinks.append(ProgressSink(plan.total_steps, step))
+    else:
+        sinks.append(ConsoleSink(plan.total_steps))
+    if recipe.log.tensorboard:
+        sinks.append(TensorBoardSink(layout.root / "tensorboard", step))
+    if recipe.log.wandb is not None:
+        from launcher import wandb_log
+
+        run_id = wandb_log.run_id(layout.root, logger_ids.get("wandb"), continuing)
+        logger_ids["wandb"] = run_id
+        sinks.append(wandb_log.WandbSink(recipe, layout.root, run_id))
+    return Metrics(sinks)

@@ -22,7 +22,7 @@ from launcher.checkpointer import Stateful
 from launcher.distributed import Session
 from launcher.errors import RecipeError, TrainingError
 from launcher.logs import log
-from launcher.loop_state import LogWindow, TrainState
+from launcher.loop_state import LogWindow, Trainer, TrainState
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.rng import RankStreams
@@ -30,7 +30,6 @@ from launcher.rng import RankStreams
 if TYPE_CHECKING:  # annotations only: the loop calls into this module
     from torch.optim.lr_scheduler import LRScheduler
 
-    from launcher.loop import Trainer
     from launcher.metrics import LoggerIds
 
 

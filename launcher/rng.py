@@ -93,3 +93,13 @@ class RankStreams:
         ranks = state["ranks"]
         if self.rank < len(ranks):
             restore_rng_state(ranks[self.rank])
+
+
+def streams_of_ranks(seed: int, ranks: list[int]) -> dict[int, dict[str, Any]]:
+    """`launcher debug --simulate-world-size`: the streams each simulated rank starts with, as that
+    rank would (seed + rank); the loop swaps them in and out around each rank's micro-batches."""
+    streams = {}
+    for r in ranks:
+        seed_everything(seed + r)
+        streams[r] = capture_rng_state()
+    return streams

@@ -5,48 +5,40 @@ checkpoint's) -> Trainer -> loop -> final checkpoint and weights. Nothing here r
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import os
 import signal
-import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from launcher import distributed, loop, parallel, resume, rng, startup
-from launcher.builders import build_datasets, build_model
+from launcher import distributed, loop, memory, parallel, resume, rng, startup
+from launcher.builders import build_datasets, build_loaders, build_model
 from launcher.checkpointer import Checkpointer
 from launcher.components import instantiate, resolve_callable
 from launcher.cpu import step_time_estimate, threads_per_rank
-from launcher.data import SeededDataset, ShardSampler, build_loader
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
 from launcher.errors import Preempted, RecipeError, TrainingError
+from launcher.heartbeat import Heartbeat
 from launcher.logs import log, setup_logging
-from launcher.loop_state import LogWindow, TrainState
+from launcher.loop_state import LogWindow, Trainer, TrainState
 from launcher.memory import state_checkpoint_bytes
 from launcher.metrics import (
-    ConsoleSink,
-    JsonlSink,
     LoggerIds,
     Metrics,
-    ProgressSink,
-    TensorBoardSink,
+    build_sinks,
     peak_flops,
-    read_metrics,
 )
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan, plan_warnings
+from launcher.precision import autocast
 from launcher.recipe import Recipe
-from launcher.rng import capture_rng_state
 from launcher.signals import Agreement, PreemptionFlag, parse_signal
-from launcher.storage import atomic_write, save_torch
+from launcher.storage import save_torch
 
 if TYPE_CHECKING:
     from launcher.profiling import StepProfiler
@@ -140,8 +132,21 @@ def _train_locked(
     scheduler = build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
     ranks = list(range(simulate)) if simulate else [env.rank]
-    shards, val_loader = _loaders(recipe, plan, env, sess, train_set, val_set, preempt.signals, ranks)
-    segments, head_chunks = _activation_checkpointing(recipe, model, loss_fn, shards[0][2], sess.device)
+    shards, val_loader = build_loaders(
+        recipe,
+        plan,
+        train_set,
+        val_set,
+        ranks=ranks,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=sess.device,
+        signals=preempt.signals,
+    )
+    ac = recipe.train.activation_checkpointing
+    segments, head_chunks = memory.resolve_segments(
+        ac, model, loss_fn, shards[0][2], sess.device, lambda: autocast(recipe.train.precision, sess.device)
+    )
     comm_hook = None
     if recipe.dist.ddp.comm_hook is not None:
         comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
@@ -166,7 +171,7 @@ def _train_locked(
     saved = resume.saved_objects(model, optimizer, scheduler, scaler, state, window, sess, logger_ids)
     if payload is not None and resume_from is not None:
         resume.restore(payload, resume_from, saved, recipe, plan, sess)
-    rank_rng = _simulated_rank_streams(recipe.seed, ranks) if simulate else None
+    rank_rng = rng.streams_of_ranks(recipe.seed, ranks) if simulate else None
     flops_per_sample = _attr("flops_per_sample", model, train_set)
     extra = [("threads per rank", threads)]
     if env.is_main and sess.device.type == "cpu" and flops_per_sample:
@@ -179,7 +184,7 @@ def _train_locked(
             log.warning(warning)
     metrics = Metrics([])
     if env.is_main:
-        metrics = _metrics(
+        metrics = build_sinks(
             recipe,
             plan,
             state.step,
@@ -190,7 +195,7 @@ def _train_locked(
     if payload is not None:
         resume.restore_rng(payload, saved)  # last: these are the streams the loop continues
         del payload
-    t = loop.Trainer(
+    t = Trainer(
         recipe,
         plan,
         sess,
@@ -212,7 +217,7 @@ def _train_locked(
         preempt=preempt,
         agreement=Agreement(sess.control if env.world_size > 1 else None),
         profiler=_profiler(recipe, env, sess.device),
-        heartbeat=loop.Heartbeat() if env.is_main else None,
+        heartbeat=Heartbeat() if env.is_main else None,
         tokens_per_sample=_attr("tokens_per_sample", model, train_set),
         flops_per_sample=flops_per_sample,
         peak_flops=peak_flops(sess.device, recipe.train.precision),
@@ -221,7 +226,7 @@ def _train_locked(
     return _fit(t, env)
 
 
-def _fit(t: loop.Trainer, env: ClusterEnv) -> TrainState:
+def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
     """Train, save the final checkpoint and weights, and say how the run ended."""
     recipe = t.recipe
     ok = False
@@ -256,15 +261,6 @@ def _fit(t: loop.Trainer, env: ClusterEnv) -> TrainState:
     return state
 
 
-def _simulated_rank_streams(seed: int, ranks: list[int]) -> dict[int, dict[str, Any]]:
-    """Each simulated rank starts with the streams that rank would have."""
-    streams = {}
-    for r in ranks:
-        rng.seed_everything(seed + r)
-        streams[r] = capture_rng_state()
-    return streams
-
-
 def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device) -> StepProfiler | None:
     cfg = recipe.log.profile
     if cfg is None or env.rank not in cfg.ranks:
@@ -282,79 +278,6 @@ def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device) -> StepProf
     )
 
 
-def _loaders(
-    recipe: Recipe,
-    plan: Plan,
-    env: ClusterEnv,
-    sess: Session,
-    train_set: Dataset,
-    val_set: Dataset | None,
-    signals: list[signal.Signals],
-    ranks: list[int],
-) -> tuple[list[tuple[int, ShardSampler, DataLoader]], DataLoader | None]:
-    """One training shard per rank this process trains (its own, or each simulated rank's)."""
-    d = recipe.data
-    pin = d.pin_memory if d.pin_memory is not None else sess.device.type == "cuda"
-    loader = functools.partial(
-        build_loader,
-        batch_size=plan.micro_batch,
-        num_workers=d.num_workers,
-        pin_memory=pin,
-        prefetch_factor=d.prefetch_factor,
-        ignore_signals=tuple(signals),
-    )
-    seeded = SeededDataset(train_set, recipe.seed)
-    shards = []
-    for rank in ranks:
-        sampler = ShardSampler(
-            train_set,
-            num_replicas=plan.world_size,
-            rank=rank,
-            shuffle=d.shuffle,
-            seed=recipe.seed if d.seed is None else d.seed,
-            drop_last=d.drop_last,
-            stop=plan.shard_stop,
-            with_epoch=True,
-        )
-        shards.append((rank, sampler, loader(seeded, sampler, seed=recipe.seed + rank)))
-    val_loader = None
-    if val_set is not None:  # evaluation sums over samples: a simulated run evaluates unsharded
-        val_sampler = ShardSampler(
-            val_set, num_replicas=env.world_size, rank=env.rank, shuffle=False, seed=recipe.seed, drop_last=False
-        )
-        val_loader = loader(val_set, val_sampler, seed=recipe.seed + env.rank)
-    return shards, val_loader
-
-
-def _activation_checkpointing(
-    recipe: Recipe,
-    model: torch.nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
-    loader: DataLoader,
-    device: torch.device,
-) -> tuple[int, int]:
-    """Activation checkpointing's (segments, head_chunks): from the recipe, or probed (segments: auto)."""
-    ac = recipe.train.activation_checkpointing
-    if ac.segments != "auto":
-        return ac.segments, ac.head_chunks
-    from launcher import memory
-    from launcher.data import to_device
-
-    # Adam-like optimizers will hold two tensors per parameter once they step
-    state_gib = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    batch = to_device(next(iter(loader)), device)
-    segments, chunks, _ = memory.choose(
-        model,
-        loss_fn,
-        batch,
-        device,
-        lambda: loop.autocast(recipe.train.precision, device),
-        ac.max_memory_gib,
-        state_gib,
-    )
-    return segments, chunks
-
-
 def _write_startup(path: Path) -> None:
     report = startup.report()
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -364,38 +287,6 @@ def _write_startup(path: Path) -> None:
             f"{report['torch_s']:.2f} s, model {report['model_build_s']:.2f} s, optimizer "
             f"{report['optimizer_build_s']:.2f} s, the rest {report['launcher_s']:.2f} s"
         )
-
-
-def _metrics(recipe: Recipe, plan: Plan, step: int, logger_ids: LoggerIds, resumed: bool, continuing: bool) -> Metrics:
-    """The main process's sinks. `resumed`: from a checkpoint (at `step`); `continuing`: the same run
-    (resumed or restarted)."""
-    layout = recipe.layout
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write(layout.config, lambda f: f.write(recipe.to_yaml().encode()))
-    path = layout.metrics
-    if resumed and path.exists():
-        # continue the history: rows past the checkpoint were trained again and are logged again;
-        # a row torn by a crash mid-write is dropped (and rewritten when its step is trained again)
-        rows, torn = read_metrics(path)
-        if torn:
-            log.warning(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
-        kept = [json.dumps(r, allow_nan=True) for r in rows if r.get("step", 0) <= step]
-        atomic_write(path, lambda f: f.write("".join(r + "\n" for r in kept).encode()))
-    sinks: list[Any] = [JsonlSink(path, append=resumed)]
-    progress = recipe.log.progress
-    if progress == "bar" or (progress == "auto" and sys.stdout.isatty()):
-        sinks.append(ProgressSink(plan.total_steps, step))
-    else:
-        sinks.append(ConsoleSink(plan.total_steps))
-    if recipe.log.tensorboard:
-        sinks.append(TensorBoardSink(layout.root / "tensorboard", step))
-    if recipe.log.wandb is not None:
-        from launcher import wandb_log
-
-        run_id = wandb_log.run_id(layout.root, logger_ids.get("wandb"), continuing)
-        logger_ids["wandb"] = run_id
-        sinks.append(wandb_log.WandbSink(recipe, layout.root, run_id))
-    return Metrics(sinks)
 
 
 def _attr(name: str, *objects: object) -> float | None:

@@ -37,6 +37,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.cpu",
         "launcher.models",
         "launcher.datasets",
+        "launcher.evaluation",
+        "launcher.precision",
     ),
     "infra": (
         "launcher",
@@ -48,6 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.errors",
         "launcher.storage",
         "launcher.startup",
+        "launcher.heartbeat",
     ),
 }
 

@@ -4,8 +4,9 @@ Both run under torch.profiler (the launcher's `log.profile`); every aten operato
 steps is counted. The launcher may add only the one in-place add that keeps the step's loss on the
 device for the next log step: no `.item()` or other host-device sync, no per-parameter Python
 work, nothing that grows with the model. And its peak memory over those steps is no higher: no
-tensor is kept longer than by hand. Timing-free: counts, not seconds (speed is in bench/). This pins an implementation detail on
-purpose: a change that adds an operator to the step fails here, and must say why it is worth it.
+tensor is kept longer than by hand. Timing-free: counts, not seconds (speed is in bench/).
+This pins an implementation detail on purpose: a change that adds an operator to the step fails
+here, and must say why it is worth it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ parser from them and turns errors into exit codes; heavy imports stay inside `ma
 
 from __future__ import annotations
 
+import argparse
+
 from launcher.errors import LaunchError
 
 NAMES = ("run", "check", "doctor", "debug", "plot", "slurm")  # in `launcher --help` order
@@ -13,3 +15,11 @@ NAMES = ("run", "check", "doctor", "debug", "plot", "slurm")  # in `launcher --h
 def positive(value: int | None, option: str) -> None:
     if value is not None and value < 1:
         raise LaunchError(option, f"must be at least 1, got {value}")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """RECIPE and its overrides, as every command that reads a recipe takes them."""
+    parser.add_argument("recipe", nargs="?", help="path to the recipe YAML")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. optimizer.lr=3e-4"
+    )

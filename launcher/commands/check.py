@@ -9,7 +9,7 @@ import torch
 
 from launcher import components, parallel
 from launcher.builders import build_datasets, checked_model
-from launcher.commands import positive
+from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
 from launcher.errors import EXIT_OK, BuildError, LaunchError
 from launcher.memory import state_checkpoint_bytes
@@ -100,8 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "components and builds its model (on the meta device) and datasets: "
         "a recipe is code; check only recipes you trust.",
     )
-    check.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    check.add_argument("overrides", nargs="*", metavar="key.path=value")
+    add_recipe_arguments(check)
     check.add_argument(
         "--nproc", type=int, default=None, metavar="N", help="plan for N ranks (default: WORLD_SIZE if set, else 1)"
     )

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher.commands import positive
+from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_OK
 from launcher.logs import log
 
@@ -54,8 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--distributed: 2 ranks with TORCH_DISTRIBUTED_DEBUG=DETAIL. --simulate-world-size N: "
         "one process reproduces the arithmetic of an N-rank run exactly.",
     )
-    dbg.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    dbg.add_argument("overrides", nargs="*", metavar="key.path=value")
+    add_recipe_arguments(dbg)
     dbg.add_argument("--steps", type=int, default=5, help="optimizer steps to run (default 5)")
     mode = dbg.add_mutually_exclusive_group()
     mode.add_argument("--distributed", action="store_true", help="2 local ranks, with distributed debug logging")

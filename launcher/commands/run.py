@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from launcher.commands import positive
+from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_FAILED, EXIT_OK, LaunchError
 from launcher.local import CHILD_ENV, elastic
 from launcher.recipe import Recipe
@@ -23,10 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "with --nproc N it starts N local workers through torch's elastic launcher."
         ),
     )
-    run.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    run.add_argument(
-        "overrides", nargs="*", metavar="key.path=value", help="override recipe keys, e.g. optimizer.lr=3e-4"
-    )
+    add_recipe_arguments(run)
     run.add_argument("--nproc", type=int, default=None, metavar="N", help="start N local worker processes")
     run.add_argument(
         "--max-restarts",

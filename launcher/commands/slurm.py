@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.commands import positive
+from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_OK, LaunchError
 from launcher.recipe import Recipe
 
@@ -105,8 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Render the sbatch script for RECIPE into its run directory and print its path; "
         "with --submit, submit it with sbatch.",
     )
-    sl.add_argument("recipe", nargs="?", help="path to the recipe YAML")
-    sl.add_argument("overrides", nargs="*", metavar="key.path=value")
+    add_recipe_arguments(sl)
     sl.add_argument(
         "--mode",
         choices=["torchrun", "per-gpu"],

@@ -1,0 +1,67 @@
+"""Sharded evaluation: loss (and accuracy, for class targets) over every validation sample once."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from launcher import distributed
+from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: Callable[..., torch.Tensor],
+    val_samples: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    max_batches: int | None,
+    should_stop: Callable[[], bool],
+) -> dict[str, float] | None:
+    """Sharded evaluation over `loader` (a ShardSampler's shard of `val_samples` samples);
+    DistributedSampler's padding is dropped so each sample counts once. `should_stop` is asked
+    between batches (every rank at the same batch): a stop signal (preemption, Ctrl-C) then does
+    not wait for a long evaluation to end, and None is returned."""
+    sampler = loader.sampler
+    assert isinstance(sampler, ShardSampler)
+    real_end = math.ceil((val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
+    was_training = model.training
+    model.eval()
+    # loss x samples, samples, correct predictions, predictions
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    position = 0
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break  # every rank stops at the same batch: its shard has as many batches as the others'
+        if should_stop():
+            model.train(was_training)
+            return None
+        n = batch_size_of(batch)
+        n_real = max(0, min(position + n, real_end) - position)
+        position += n
+        if n_real == 0:
+            continue
+        inputs, targets = to_device(slice_batch(batch, n_real), device)
+        with autocast():
+            out = model(inputs)
+            loss = loss_fn(out, targets)
+        totals[0] += loss.double() * n_real
+        totals[1] += n_real
+        if isinstance(out, torch.Tensor) and not targets.is_floating_point() and out.shape[:-1] == targets.shape:
+            totals[2] += (out.argmax(-1) == targets).sum()
+            totals[3] += targets.numel()
+    model.train(was_training)
+    distributed.all_reduce(totals)
+    loss_sum, count, correct, predictions = totals.tolist()
+    metrics = {"val_loss": loss_sum / count, "val_samples": int(count)}
+    if predictions:
+        metrics["val_accuracy"] = correct / predictions
+    return metrics
