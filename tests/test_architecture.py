@@ -19,6 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "loop": ("launcher.loop", "launcher.loop_state", "launcher.resume"),
     "blocks": (
         "launcher.recipe",
+        "launcher.recipe_yaml",
         "launcher.components",
         "launcher.plan",
         "launcher.data",

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DELETE, launcher, recipe_dict, write_recipe
 from launcher import cli
-from launcher.recipe import apply_overrides, parse_value
+from launcher.recipe_yaml import apply_overrides, parse_value
 
 # (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
 BAD = [

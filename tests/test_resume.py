@@ -300,12 +300,16 @@ def test_a_format_1_checkpoint_resumes_to_the_weights_its_own_version_reached(tm
     resumable recipe stopped at step 4, model_step9.pt that version's uninterrupted 9-step run. The
     new code reads the old payload (upgrading it) and continues to the same weights. Compared to
     float tolerance, not bit for bit: the file was made on another machine, whose CPU kernels may
-    round differently."""
+    round differently (on the machine that made it, it matches bit for bit); and only on the torch
+    version that made it, as dropout's random draws differ between torch versions."""
     run_dir = tmp_path / "run"
     import shutil
 
     shutil.copytree(GOLDEN / "step_00000004", run_dir / "checkpoints" / "step_00000004")
-    assert in_process(run_dir).step == 9  # checkpoint.resume: auto finds it
+    assert in_process(run_dir).step == 9  # checkpoint.resume: auto finds it, on any torch
+    made_with = json.loads((GOLDEN / "made_with.json").read_text())["torch"]
+    if torch.__version__.split(".")[:2] != made_with.split(".")[:2]:
+        pytest.skip(f"the weights are compared on torch {made_with}: random draws differ between versions")
     expected = torch.load(GOLDEN / "model_step9.pt", weights_only=True)
     got = load_weights(run_dir)
     assert got.keys() == expected.keys()
