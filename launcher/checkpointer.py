@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from launcher import checkpoint, distributed
 from launcher.errors import RecipeError
@@ -25,7 +25,6 @@ from launcher.errors import RecipeError
 FORMAT = 2
 
 
-@runtime_checkable
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 

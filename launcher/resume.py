@@ -46,33 +46,41 @@ def gather_loss_sums(window: LogWindow, session: Session) -> torch.Tensor:
 
 
 def check_finite(t: Trainer) -> torch.Tensor:
-    """`gather_loss_sums`; with on_nonfinite=stop, raise if any is non-finite, naming the first such
-    step and its rank(s). Called at log steps, before every save, and at the end, so nothing corrupt
-    is written."""
+    """`gather_loss_sums`, checked (`raise_if_nonfinite`): at log steps. Saving checks too, in
+    LogWindowState, so that nothing corrupt is written."""
     per_rank = gather_loss_sums(t.window, t.session)
-    if t.recipe.train.on_nonfinite == "stop" and not torch.isfinite(per_rank).all():
+    raise_if_nonfinite(per_rank, t.window, t.state, t.recipe.train.on_nonfinite)
+    return per_rank
+
+
+def raise_if_nonfinite(per_rank: torch.Tensor, window: LogWindow, state: TrainState, on_nonfinite: str) -> None:
+    """With on_nonfinite=stop, raise if any of the window's loss sums is non-finite, naming the
+    first such step and its rank(s)."""
+    if on_nonfinite == "stop" and not torch.isfinite(per_rank).all():
         bad = ~torch.isfinite(per_rank)
         first = int(bad.any(dim=0).nonzero()[0])
-        step = t.state.step - t.window.steps + first + 1
+        step = state.step - window.steps + first + 1
         ranks = ", ".join(str(r) for r in bad[:, first].nonzero().flatten().tolist())
-        last = t.state.last_checkpoint_step
+        last = state.last_checkpoint_step
         kept = f"the last checkpoint (step {last}) is intact" if last >= 0 else "no checkpoint was written"
         raise TrainingError(
             f"non-finite loss at step {step} on rank {ranks} (train.on_nonfinite=stop); "
             f"nothing after it was saved and {kept}"
         )
-    return per_rank
 
 
 class LogWindowState:
     """The log steps since the last log row, summed over ranks (Stateful): a resumed run's first row
-    then averages over the same steps as the uninterrupted run's. Saving is a collective."""
+    then averages over the same steps as the uninterrupted run's. Saving is a collective, and checks
+    the sums it gathers (`raise_if_nonfinite`) before anything is written."""
 
-    def __init__(self, window: LogWindow, session: Session) -> None:
-        self.window, self.session = window, session
+    def __init__(self, window: LogWindow, session: Session, state: TrainState, on_nonfinite: str) -> None:
+        self.window, self.session, self.state, self.on_nonfinite = window, session, state, on_nonfinite
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sums": gather_loss_sums(self.window, self.session).sum(0), "samples": self.window.samples}
+        per_rank = gather_loss_sums(self.window, self.session)
+        raise_if_nonfinite(per_rank, self.window, self.state, self.on_nonfinite)
+        return {"loss_sums": per_rank.sum(0), "samples": self.window.samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         steps = len(state_dict["loss_sums"])
@@ -90,6 +98,7 @@ def saved_objects(
     window: LogWindow,
     session: Session,
     logger_ids: LoggerIds,
+    on_nonfinite: str,
 ) -> dict[str, Stateful | None]:
     """What a checkpoint holds, by name. The model is the user's, unwrapped."""
     return {
@@ -98,7 +107,7 @@ def saved_objects(
         "scheduler": scheduler,
         "scaler": scaler,
         "train_state": state,
-        "log_window": LogWindowState(window, session),
+        "log_window": LogWindowState(window, session, state, on_nonfinite),
         "rng": RankStreams(session.rank, session.control),
         "loggers": logger_ids,
     }
@@ -122,11 +131,12 @@ def save_checkpoint(t: Trainer) -> Path | None:
     s = t.state
     if s.last_checkpoint_step == s.step:
         return None
-    check_finite(t)
-    s.last_checkpoint_step = s.step
     path = t.checkpointer.save(
         s.step, t.saved, metadata(t.recipe, t.plan), summary={"global_batch": t.plan.global_batch}
     )
+    # after: a non-finite loss found while saving names the previous checkpoint as the intact one
+    # (the saved TrainState's own last_checkpoint_step is set to its step when it is loaded)
+    s.last_checkpoint_step = s.step
     if path is not None:
         log.info(f"checkpoint: {path}")
     return path

@@ -168,7 +168,9 @@ def _train_locked(
         LogWindow.for_run(recipe.log.every_n_steps, plan.total_steps, sess.device),
         LoggerIds(),
     )
-    saved = resume.saved_objects(model, optimizer, scheduler, scaler, state, window, sess, logger_ids)
+    saved = resume.saved_objects(
+        model, optimizer, scheduler, scaler, state, window, sess, logger_ids, recipe.train.on_nonfinite
+    )
     if payload is not None and resume_from is not None:
         resume.restore(payload, resume_from, saved, recipe, plan, sess)
     rank_rng = rng.streams_of_ranks(recipe.seed, ranks) if simulate else None
@@ -234,8 +236,7 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
         state = loop.fit(t)
         if env.is_main and "first_step" in startup.marks:
             _write_startup(recipe.layout.startup)
-        resume.check_finite(t)
-        # final (or preemption) checkpoint: the run can be resumed or extended
+        # final (or preemption) checkpoint, checked before it is written: the run can be resumed or extended
         resume.save_checkpoint(t)
         ok = True
     finally:
