@@ -85,10 +85,10 @@ def _traceback_if_debugging() -> None:
 def report(exc: Exception | None, line: str, code: int) -> int:
     """Print a one-line outcome once per job, and leave it in torchelastic's error file, from which
     torchrun (or our own parent) reports the root cause of a multi-process failure."""
-    if exc is not None and os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    if exc is not None:
+        from launcher import causes
 
-        ErrorHandler().record_exception(exc)
+        causes.record(exc, code)
     if _rank() == 0 and not os.environ.get(CHILD_ENV):  # the main process of the job
         print(line, file=sys.stderr, flush=True)
     return code

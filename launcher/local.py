@@ -7,12 +7,16 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from launcher import causes
 
 if TYPE_CHECKING:  # torch's elastic modules are imported where used: they are slow to import
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -35,7 +39,7 @@ def elastic(
     """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent.
     `checkpoint_dir`: where the workers checkpoint when stopped by a signal; the requeue exit code
     is returned only if a checkpoint was written there since the launch."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -67,6 +71,8 @@ def elastic(
     extra: dict[str, Any] = {}
     if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters:  # torch >= 2.10
         extra["shutdown_timeout"] = SHUTDOWN_GRACE_S  # time the workers get to checkpoint when stopped
+    # our own log directory: the failure summary reads every rank's recorded cause from it
+    log_dir = Path(tempfile.mkdtemp(prefix="launcher-workers-"))
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -76,12 +82,13 @@ def elastic(
         rdzv_endpoint="localhost:0",  # port 0: the agent picks a free one
         max_restarts=max_restarts,
         monitor_interval=0.1,
+        logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)),
         **extra,
     )
     try:
         elastic_launch(config, sys.executable)("-m", "launcher", *worker_args)
     except ChildFailedError as e:
-        return _summarize(e)
+        return _summarize(e, causes.last_attempt(log_dir))
     except SignalException as e:  # the agent stopped the workers, passing them the signal
         saved = _checkpoint_since(checkpoint_dir, launched_at) if checkpoint_dir is not None else None
         if saved is None:
@@ -102,6 +109,8 @@ def elastic(
             flush=True,
         )
         return 128 + int(e.sigval)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
     return 0
 
 
@@ -163,19 +172,21 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _summarize(e: ChildFailedError) -> int:
-    """One line for the whole job: the root cause, naming the rank."""
+def _summarize(e: ChildFailedError, recorded: dict[int, causes.Cause]) -> int:
+    """One line for the whole job: the root cause, naming the rank. `e.failures` holds the ranks that
+    had exited when the agent stopped the rest; `recorded` every rank's recorded cause, including
+    ranks stopped before they could exit on their own."""
     failures = e.failures
-    user = sorted(r for r, f in failures.items() if f.exitcode == 2)
+    user = sorted(
+        {r for r, f in failures.items() if f.exitcode == 2} | {r for r, c in recorded.items() if c.exit_code == 2}
+    )
     if user:
         rank = user[0]
         prefix = f"[rank {rank}] " if rank != 0 else ""
-        print(f"error: {prefix}{_message(failures[rank]).partition(': ')[2]}", file=sys.stderr, flush=True)
+        message = recorded[rank].message if rank in recorded else _message(failures[rank])
+        print(f"error: {prefix}{message.partition(': ')[2]}", file=sys.stderr, flush=True)
         return 2
-    # the earliest failure that recorded an error; ranks that merely lost their peer record none
-    # (torch fills error_file_data with {"message": "<NONE>"} and the time of parsing when there is no file)
-    recorded = {r: f for r, f in failures.items() if f.error_file_data.get("message") not in (None, "", "<NONE>")}
-    if not recorded:
+    if not recorded:  # ranks that merely lost their peer record nothing
         codes = {f.exitcode for f in failures.values()}
         if len(codes) == 1 and next(iter(codes)) > 0:
             return next(iter(codes))  # every rank chose this exit code (preemption, doctor): pass it on
@@ -186,14 +197,14 @@ def _summarize(e: ChildFailedError) -> int:
         )
         print(f"error: rank {rank} {how}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
-    rank = min(recorded, key=lambda r: (recorded[r].timestamp, r))
-    failure = recorded[rank]
-    message = _message(failure)
-    if message.startswith("TrainingError: "):  # already a sentence meant for the user
-        print(f"error: {message.partition(': ')[2]}", file=sys.stderr, flush=True)
+    rank = min(recorded, key=lambda r: (recorded[r].timestamp_s, r))
+    cause = recorded[rank]
+    code = cause.exit_code or 1
+    if cause.message.startswith("TrainingError: "):  # already a sentence meant for the user
+        print(f"error: {cause.message.partition(': ')[2]}", file=sys.stderr, flush=True)
     else:
-        print(f"error: rank {rank} failed (exit code {failure.exitcode}): {message}", file=sys.stderr, flush=True)
-    return failure.exitcode if failure.exitcode > 0 else 1
+        print(f"error: rank {rank} failed (exit code {code}): {cause.message}", file=sys.stderr, flush=True)
+    return code
 
 
 def _message(failure: ProcessFailure) -> str:

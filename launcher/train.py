@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from launcher import distributed, loop, memory, parallel, resume, rng, startup
+from launcher import causes, distributed, loop, memory, parallel, resume, rng, startup
 from launcher.builders import build_datasets, build_loaders, build_model
 from launcher.checkpointer import Checkpointer
 from launcher.components import instantiate, resolve_callable
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
-from launcher.errors import Preempted, RecipeError, TrainingError
+from launcher.errors import EXIT_FAILED, EXIT_USAGE, Preempted, RecipeError, TrainingError, UserError
 from launcher.heartbeat import Heartbeat
 from launcher.logs import log, setup_logging
 from launcher.loop_state import LogWindow, Trainer, TrainState
@@ -71,9 +71,15 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> TrainSt
             traceback.clear_frames(e.__traceback__)
             if env.world_size > 1 and distributed.is_timeout(e):
                 who = distributed.missing_ranks(sess.control, env.rank, min(recipe.dist.timeout_s, 30.0))
-                raise TrainingError(
+                timeout = TrainingError(
                     f"[rank {env.rank}] a collective timed out after dist.timeout_s={recipe.dist.timeout_s:g}s: {who}"
-                ) from None
+                )
+                causes.record(timeout, EXIT_FAILED)
+                raise timeout from None
+            if isinstance(e, Exception) and not isinstance(e, Preempted) and not distributed.is_peer_failure(e):
+                # now, while the peers still wait on this rank: once the process group goes, they
+                # stop too, and the agent may report them before this rank's exception is recorded
+                causes.record(e, EXIT_USAGE if isinstance(e, UserError) else EXIT_FAILED)
             raise
         finally:
             # DDP's reducer (and any Python comm hook it holds) must be destroyed before the

@@ -49,6 +49,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.signals",
         "launcher.logs",
         "launcher.errors",
+        "launcher.causes",
         "launcher.storage",
         "launcher.startup",
         "launcher.heartbeat",

@@ -55,6 +55,22 @@ def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
     assert processes_with(marker) == []
 
 
+def test_the_failing_rank_is_named_even_when_its_peer_exits_first(tmp_path):
+    """The failing rank takes 5 s to describe its error (SlowToDescribe): its peer, stopped once the
+    process group goes, exits long before, and the agent stops the failing rank before torch's
+    `record` would write the error. The launcher records it before the process group goes."""
+    marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
+    model = {"_component_": "testkit.FailOnRank", "rank": 1, "at_call": 3, "describe_s": 5}
+    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.epochs": 50, "model": model})
+    proc = launcher(
+        "run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env(**{marker: "1"}), timeout=120
+    )
+    assert proc.returncode == 1
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert summary == ["error: rank 1 failed (exit code 1): SlowToDescribe: injected failure on rank 1"], proc.stderr
+    assert processes_with(marker) == []
+
+
 def test_successful_run_leaves_no_process_and_no_warning(tmp_path):
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run")}))

@@ -102,30 +102,32 @@ def test_accelerate_launch_starts_a_two_rank_run(tmp_path):
     assert "world size             2" in proc.stdout and "done: completed after 6 steps" in proc.stdout
 
 
-def test_the_job_summary_names_the_rank_that_recorded_an_error_not_one_that_was_stopped(tmp_path, capsys):
-    """torch gives a rank without an error file a placeholder message and the time of parsing; a rank
-    stopped because its peer failed must not win a tie of timestamps (seconds) against the real error."""
+def test_the_job_summary_names_the_rank_that_recorded_an_error_even_if_the_agent_stopped_it_first(tmp_path, capsys):
+    """torch's agent reports only the ranks that had exited when it noticed the first failure: a
+    rank stopped because its peer failed can exit before the rank whose error stopped it. The
+    summary reads every rank's error file from the newest attempt, not only the exited ranks'."""
     import json
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+    from launcher import causes
     from launcher.local import _summarize
 
+    def error_file(attempt: int, rank: int, message: str) -> None:
+        path = tmp_path / "log" / "run-id_x1" / f"attempt_{attempt}" / str(rank) / "error.json"
+        path.parent.mkdir(parents=True)
+        extra = {"py_callstack": "...", "timestamp": "1700000000"}
+        path.write_text(json.dumps({"message": {"message": message, "extraInfo": extra}}))
+
+    error_file(0, 0, "ValueError: the first attempt's failure, already restarted from")
+    error_file(1, 1, "ValueError: injected failure on rank 1")
+    (tmp_path / "log" / "run-id_x1" / "attempt_1" / "0").mkdir()
     stopped = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "none.json"))
-    error_file = tmp_path / "error.json"
-    error_file.write_text(
-        json.dumps(
-            {
-                "message": {
-                    "message": "ValueError: injected failure on rank 1",
-                    "extraInfo": {"py_callstack": "...", "timestamp": str(stopped.timestamp)},
-                }
-            }
-        )
-    )
-    failed = ProcessFailure(local_rank=1, pid=101, exitcode=1, error_file=str(error_file))
-    assert failed.timestamp == stopped.timestamp  # the tie
-    assert _summarize(ChildFailedError("launcher", {0: stopped, 1: failed})) == 1
+    recorded = causes.last_attempt(tmp_path / "log")
+    assert list(recorded) == [1]
+    assert _summarize(ChildFailedError("launcher", {0: stopped}), recorded) == 1
     assert (
         capsys.readouterr().err.strip() == "error: rank 1 failed (exit code 1): ValueError: injected failure on rank 1"
     )
+    assert _summarize(ChildFailedError("launcher", {0: stopped}), {}) == 1  # nothing recorded: the code passes on
+    assert capsys.readouterr().err == ""

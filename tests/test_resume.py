@@ -97,7 +97,8 @@ def test_resume_is_exact_at_world_size_2(tmp_path, reference_w2):
 
 def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exactly(tmp_path, reference_w2):
     run_dir, marker = tmp_path / "run", f"LAUNCHER_TEST_{uuid.uuid4().hex}"
-    until, waiting, model = gate(tmp_path, rank=0, at_call=7)  # mid-way through step 4
+    # mid-way through step 4; the gate opens when the signal, relayed by the agent, reaches rank 0
+    _, waiting, model = gate(tmp_path, rank=0, at_call=7, release_on=["SIGUSR1"])
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model))
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", "run", "--nproc", "2", str(path)],
@@ -108,7 +109,6 @@ def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exact
     )
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
-    until.touch()
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, err
     assert "preempted (SIGUSR1)" in err

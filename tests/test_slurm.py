@@ -215,7 +215,8 @@ def test_real_slurm_job_trains(tmp_path, mode):
 def test_real_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
     ref = tmp_path / "ref"
     assert launcher("run", "--nproc", "2", write_recipe(tmp_path / "ref.yaml", recipe(ref))).returncode == 0
-    until, waiting, model = gate(tmp_path, rank=0, at_call=7)
+    # the gate opens when the signal, relayed by SLURM and the batch script, reaches rank 0
+    _, waiting, model = gate(tmp_path, rank=0, at_call=7, release_on=["SIGUSR1", "SIGTERM"])
     wandb = {"log.wandb": {"mode": "offline"}}
     job, log = submit(tmp_path, recipe(tmp_path / "run", **model, **wandb), "--mode", "per-gpu")
     deadline = time.monotonic() + 120
@@ -226,7 +227,6 @@ def test_real_slurm_preemption_requeues_and_resumes_exactly(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # the time-limit warning
-    until.touch()
     # requeued by the script; SLURM holds it for cred_expire (10 s on the test cluster, see
     # scripts/slurm-cluster), then starts it again. Releasing it sooner gets it killed on the node
     # ("Job credential revoked"), so the test leaves the timing to SLURM.

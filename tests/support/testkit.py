@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -20,19 +21,38 @@ def counting_allreduce_hook(process_group, bucket):
     return allreduce_hook(process_group, bucket)
 
 
-class FailOnRank(nn.Module):
-    """A Linear that raises on `rank` at its `at_call`-th forward (training only)."""
+class SlowToDescribe(ValueError):
+    """An error whose first str() takes `delay_s`: it holds its rank between raising and recording
+    the error, where a slow unwinding (freeing a big model, stopping DataLoader workers) would."""
 
-    def __init__(self, in_dim: int = 8, out_dim: int = 1, rank: int = 1, at_call: int = 3):
+    def __init__(self, message: str, delay_s: float):
+        super().__init__(message)
+        self.delay_s = delay_s
+
+    def __str__(self) -> str:
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+            self.delay_s = 0
+        return super().__str__()
+
+
+class FailOnRank(nn.Module):
+    """A Linear that raises on `rank` at its `at_call`-th forward (training only). `describe_s`:
+    the error takes that long to describe the first time (SlowToDescribe)."""
+
+    def __init__(self, in_dim: int = 8, out_dim: int = 1, rank: int = 1, at_call: int = 3, describe_s: float = 0):
         super().__init__()
         self.lin = nn.Linear(in_dim, out_dim)
-        self.rank, self.at_call, self.calls = rank, at_call, 0
+        self.rank, self.at_call, self.calls, self.describe_s = rank, at_call, 0, describe_s
 
     def forward(self, x):
         if self.training:
             self.calls += 1
             if int(os.environ.get("RANK", 0)) == self.rank and self.calls == self.at_call:
-                raise ValueError(f"injected failure on rank {self.rank}")
+                message = f"injected failure on rank {self.rank}"
+                raise SlowToDescribe(message, self.describe_s) if self.describe_s else ValueError(message)
         return self.lin(x)
 
 
@@ -59,7 +79,9 @@ class GatedMLP(nn.Module):
     """launcher.models.MLP whose training forward blocks, on `rank` at call `at_call`, until the file
     `until` exists; it first creates `waiting`, so a test knows the rank is parked mid-run.
     `first_attempt_only`: do not block in workers restarted by torchrun; `in_eval`: evaluation
-    forwards instead. Same weights as an MLP."""
+    forwards instead. `release_on`: signal names that also open the gate (creating `until`), once the
+    launcher's own handler has taken them: a test that signals a run and then opens the gate races a
+    signal relayed by an agent or by SLURM. Same weights as an MLP."""
 
     def __init__(
         self,
@@ -71,6 +93,7 @@ class GatedMLP(nn.Module):
         first_attempt_only: bool = False,
         dropout: float = 0.0,
         in_eval: bool = False,
+        release_on: list[str] | None = None,
     ):
         super().__init__()
         from launcher.models import MLP
@@ -79,6 +102,7 @@ class GatedMLP(nn.Module):
         self.rank, self.at_call, self.until, self.waiting = rank, at_call, until, waiting
         self.first_attempt_only = first_attempt_only
         self.in_eval = in_eval  # count (and block at) evaluation forwards instead of training ones
+        self.release_on = release_on or []
         self.calls = 0
 
     def forward(self, x):
@@ -93,11 +117,27 @@ class GatedMLP(nn.Module):
             ):
                 import time
 
+                handlers = {}
+                for name in self.release_on:
+                    handlers[name] = self._release_on(signal.Signals[name])
                 if self.waiting:
                     Path(self.waiting).write_text(str(os.getpid()))
                 while not Path(self.until).exists():
                     time.sleep(0.02)
+                for name, previous in handlers.items():
+                    signal.signal(signal.Signals[name], previous)
         return self.net(x)
+
+    def _release_on(self, sig: signal.Signals):
+        previous = signal.getsignal(sig)
+
+        def release(signum, frame):
+            if callable(previous):
+                previous(signum, frame)  # the launcher's PreemptionFlag takes it first
+            Path(self.until).touch()
+
+        signal.signal(sig, release)
+        return previous
 
 
 class NaNOnRank(nn.Module):
