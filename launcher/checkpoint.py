@@ -1,7 +1,8 @@
 """State checkpoint directories on disk: written atomically, verified, found, pruned, loaded.
 (What goes into one is the checkpointer's business, launcher/checkpointer.py.)
 
-Layout: <dir>/step_00000120/state.pt plus <dir>/step_00000120/COMPLETE. A checkpoint is written
+Layout: <dir>/step_00000120/state.pt plus <dir>/step_00000120/COMPLETE, and under FSDP the
+model and optimizer shards in <dir>/step_00000120/shards/ (every rank writes its own). A checkpoint is written
 into a hidden temporary directory (file fsynced), the COMPLETE marker (size and sha256 of
 state.pt) is written last, and only then is the directory renamed into place. A crash at any moment
 therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
@@ -26,21 +27,41 @@ from launcher.logs import log
 from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
 
 STATE, MARKER = "state.pt", "COMPLETE"
+SHARDS = "shards"  # a sharded run's model and optimizer state (DCP: one file per rank, and .metadata)
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
 
 # ---------------------------------------------------------------- checkpoint directories
 
 
+def shared_temporary(directory: Path, step: int, create: bool) -> Path:
+    """The temporary step directory every rank writes its shards into (one name all ranks know);
+    the writer (`create`) makes it, empty, before the others are let in."""
+    tmp = directory / f".step_{step:08d}.shared.tmp"
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that was killed (e.g. before a restart)
+            shutil.rmtree(tmp)
+        tmp.mkdir(mode=DIR_MODE)
+    return tmp
+
+
 def write_checkpoint(
-    directory: Path, step: int, payload: dict[str, Any], summary: dict[str, Any] | None = None
+    directory: Path,
+    step: int,
+    payload: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
     removes the partial directory and raises one line naming the path and the free space.
-    `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt."""
+    `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt.
+    `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
+    files' sizes, and counts them in."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
     try:
         os.chmod(tmp, DIR_MODE)
         state_path = tmp / STATE
@@ -48,11 +69,12 @@ def write_checkpoint(
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        _crash_point("after-state")
+        crash_point("after-state")
         marker = {
             "step": step,
             "bytes": state_path.stat().st_size,
             "sha256": sha256_of(state_path),
+            "shards": _shard_sizes(tmp),
             "time": time.time(),
             **(summary or {}),
         }
@@ -69,11 +91,19 @@ def write_checkpoint(
     return final
 
 
-def _crash_point(name: str) -> None:
+def crash_point(name: str) -> None:
     """Tests kill the process at a chosen point of a checkpoint write (deterministically, not by a
     race): LAUNCHER_TEST_CRASH_AT=after-state dies between state.pt and the COMPLETE marker."""
     if os.environ.get("LAUNCHER_TEST_CRASH_AT") == name:
         os.kill(os.getpid(), 9)
+
+
+def _shard_sizes(step_dir: Path) -> dict[str, int]:
+    """The shard files under <step_dir>/shards/ (DCP's), by relative path: their sizes."""
+    shards = step_dir / SHARDS
+    if not shards.is_dir():
+        return {}
+    return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(shards.rglob("*")) if p.is_file()}
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -96,6 +126,12 @@ def verify(path: Path) -> str | None:
         return f"{STATE} has {state_path.stat().st_size} bytes, the marker says {marker.get('bytes')}"
     if sha256_of(state_path) != marker.get("sha256"):
         return f"{STATE} is corrupt (sha256 differs from the marker's)"
+    for name, size in (marker.get("shards") or {}).items():  # sizes only: hashing every shard would cost a read
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size != size:
+            return f"shard {name} has {shard.stat().st_size} bytes, the marker says {size}"
     return None
 
 

@@ -8,7 +8,8 @@ collective), has the writing rank store the result as one step directory (launch
 atomic, verified), and gives each object back its part on restore. What to save, when, and which
 recipe may continue a checkpoint is the run's policy (launcher/resume.py).
 
-Format 2 (this one): {"format": 2, <metadata>, <name>: <that object's state_dict> or None}.
+Format 2 (this one): {"format": 2, <metadata>, <name>: <that object's state_dict> or None,
+"sharded": [<names kept in the step directory's shards/ instead>]} (no "sharded": none are).
 Format 1 (launcher 0.x before the checkpointer) is read and upgraded; a newer format is refused.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from launcher import checkpoint, distributed
+from launcher import checkpoint, distributed, sharded_state
 from launcher.errors import RecipeError
 
 FORMAT = 2
@@ -37,6 +38,8 @@ class Checkpointer:
     keep_last: int
     is_writer: bool  # the one process that writes a (replicated) checkpoint: rank 0
     group: Any = None  # the process group every rank waits on until the checkpoint is on disk
+    # objects every rank writes its own shards of, through DCP (launcher/sharded_state.py)
+    sharded: frozenset[str] = frozenset()
 
     def save(
         self,
@@ -50,11 +53,19 @@ class Checkpointer:
         overlap = set(objects) & set(metadata)
         if overlap:
             raise ValueError(f"checkpoint names used twice: {sorted(overlap)}")
-        states = {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
+        states = {
+            name: None if obj is None else obj.state_dict() for name, obj in objects.items() if name not in self.sharded
+        }
+        tmp = None
+        if self.sharded:
+            tmp = checkpoint.shared_temporary(self.directory, step, create=self.is_writer)
+            distributed.barrier(self.group)  # the directory exists, empty, before any rank writes
+            sharded_state.save(tmp / checkpoint.SHARDS, {name: objects[name] for name in sorted(self.sharded)})
+            distributed.barrier(self.group)  # every rank's shards are on disk before the marker says so
         path = None
         if self.is_writer:
-            payload = {"format": FORMAT, **metadata, **states}
-            path = checkpoint.write_checkpoint(self.directory, step, payload, summary=dict(summary or {}))
+            payload = {"format": FORMAT, **metadata, **states, "sharded": sorted(self.sharded)}
+            path = checkpoint.write_checkpoint(self.directory, step, payload, summary=dict(summary or {}), tmp=tmp)
             checkpoint.prune(self.directory, self.keep_last)
         # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
         distributed.barrier(self.group)
@@ -72,6 +83,13 @@ def restore(payload: Mapping[str, Any], objects: Mapping[str, Stateful | None]) 
     for name, obj in objects.items():
         if obj is not None and payload.get(name) is not None:
             obj.load_state_dict(payload[name])
+
+
+def restore_sharded(path: Path, payload: Mapping[str, Any], objects: Mapping[str, Stateful]) -> None:
+    """Every rank: load the objects a sharded checkpoint keeps in its shards (at any world size)."""
+    names = [name for name in payload.get("sharded", []) if name in objects]
+    if names:
+        sharded_state.load(path / checkpoint.SHARDS, {name: objects[name] for name in names})
 
 
 def upgrade(payload: dict[str, Any], path: Path) -> dict[str, Any]:

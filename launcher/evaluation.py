@@ -25,11 +25,13 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[Any]],
     max_batches: int | None,
     should_stop: Callable[[], bool],
+    every_rank_forwards: bool = False,
 ) -> dict[str, float] | None:
     """Sharded evaluation over `loader` (a ShardSampler's shard of `val_samples` samples);
     DistributedSampler's padding is dropped so each sample counts once. `should_stop` is asked
     between batches (every rank at the same batch): a stop signal (preemption, Ctrl-C) then does
-    not wait for a long evaluation to end, and None is returned."""
+    not wait for a long evaluation to end, and None is returned. `every_rank_forwards`: a rank whose
+    batch is all padding still runs the model (on one sample, not counted), as FSDP's gathers need."""
     sampler = loader.sampler
     assert isinstance(sampler, ShardSampler)
     real_end = math.ceil((val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
@@ -47,12 +49,14 @@ def evaluate(
         n = batch_size_of(batch)
         n_real = max(0, min(position + n, real_end) - position)
         position += n
-        if n_real == 0:
+        if n_real == 0 and not every_rank_forwards:
             continue
-        inputs, targets = to_device(slice_batch(batch, n_real), device)
+        inputs, targets = to_device(slice_batch(batch, max(n_real, 1)), device)
         with autocast():
             out = model(inputs)
             loss = loss_fn(out, targets)
+        if n_real == 0:
+            continue
         totals[0] += loss.double() * n_real
         totals[1] += n_real
         if isinstance(out, torch.Tensor) and not targets.is_floating_point() and out.shape[:-1] == targets.shape:

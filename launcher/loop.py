@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher import distributed, resume, startup
+from launcher import distributed, parallel, resume, startup
 from launcher.data import Batch, batch_size_of, slice_batch, to_device
 from launcher.errors import TrainingError
 from launcher.evaluation import evaluate
@@ -149,11 +149,10 @@ def micro_step(t: Trainer, batch: Batch, n_real: int, n_window: int, sync: bool)
     inputs, targets = to_device(batch, t.device)
     if t.recipe.train.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    no_sync = getattr(t.train_model, "no_sync", None)
-    with no_sync() if no_sync is not None and not sync else contextlib.nullcontext():
+    with parallel.gradient_sync(t.train_model, sync):
         with t.autocast():
             loss = t.train_model(inputs, targets)  # the model and the loss, in one module
-        # x the number of ranks DDP averages over: the real ones (1 when ranks are only simulated)
+        # x the number of ranks DDP or FSDP averages over: the real ones (1 when ranks are only simulated)
         scale = n_real * t.session.world_size / n_window
         weighted = loss if scale == 1.0 else loss * scale  # 1.0 in every full window without accumulation
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
@@ -169,7 +168,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     params = t.params
     norm = None
     if cfg.grad_clip_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        norm = _whole(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm))
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
@@ -218,7 +217,13 @@ def grad_norm(params: list) -> torch.Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is None:
         return torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    return get_total_norm([p.grad for p in params if p.grad is not None])
+    return _whole(get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """FSDP's gradients are shards (DTensors), and so is their norm: the norm over all shards."""
+    full_tensor = getattr(norm, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else norm
 
 
 def log_train(t: Trainer) -> None:
@@ -267,7 +272,7 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
         t.heartbeat.mark(f"evaluation at step {s.step}")
     assert t.val_loader is not None and t.plan.val_samples is not None
     metrics = evaluate(
-        t.model,
+        t.eval_model or t.model,
         t.val_loader,
         t.loss_fn,
         t.plan.val_samples,
@@ -275,6 +280,7 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
         t.autocast,
         t.recipe.train.eval_max_batches,
         should_stop=lambda: stop_agreed(t),
+        every_rank_forwards=t.eval_model is not None,
     )
     s.pending_eval = metrics is None
     if metrics is None:

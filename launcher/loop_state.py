@@ -125,6 +125,7 @@ class Trainer:
     flops_per_sample: float | None = None  # for MFU (forward + backward)
     peak_flops: float | None = None  # per device, for MFU
     rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
+    eval_model: nn.Module | None = None  # what evaluation calls, if not `model` (FSDP: the root's outputs)
     # set by the loop itself
     stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     startup_logged: bool = False  # the first log row carries the start-up time, once

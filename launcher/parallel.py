@@ -12,6 +12,7 @@ with `find_unused_parameters` and `static_graph`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,10 @@ class TrainModule(nn.Module):
         self.loss_fn = loss_fn
         self.segments = segments
         self.head_chunks = head_chunks
+
+    def outputs(self, inputs: Any) -> Any:
+        """The model's outputs (evaluation). Under FSDP a registered forward method: it gathers too."""
+        return self.model(inputs)
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         assert isinstance(self.model, nn.Sequential)  # head_chunks > 0 is checked to need one
@@ -89,6 +94,17 @@ def check_segments(model: nn.Module, segments: int, head_chunks: int = 0) -> Non
         )
 
 
+class Outputs(nn.Module):
+    """Evaluation's model under FSDP: the root's `outputs`, so that the root gathers its parameters."""
+
+    def __init__(self, root: TrainModule) -> None:
+        super().__init__()
+        self.root = root
+
+    def forward(self, inputs: Any) -> Any:
+        return self.root.outputs(inputs)
+
+
 def wrap(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -100,11 +116,15 @@ def wrap(
     ddp_cfg: DDP,
     comm_hook: Callable[..., Any] | None = None,
     compile_: bool = False,
+    shard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
-    """The module the training step calls. `model` itself stays the unwrapped one for saving/eval."""
+    """The module the training step calls. `model` itself stays the unwrapped one for saving/eval.
+    `shard`: FSDP instead of DDP (launcher/sharding.py), applied to the TrainModule, at any world size."""
     check_segments(model, segments, head_chunks)
     wrapped: nn.Module = TrainModule(model, loss_fn, segments, head_chunks)
-    if world_size > 1:
+    if shard is not None:
+        wrapped = shard(wrapped)
+    elif world_size > 1:
         kwargs: dict[str, Any] = dict(
             find_unused_parameters=ddp_cfg.find_unused_parameters,
             static_graph=ddp_cfg.static_graph,
@@ -120,3 +140,24 @@ def wrap(
     if compile_:
         return torch.compile(wrapped)  # type: ignore[return-value]  # an OptimizedModule, an nn.Module at run time
     return wrapped
+
+
+def eval_model(model: nn.Module, train_model: nn.Module) -> nn.Module:
+    """What evaluation calls: the model itself, or under FSDP the root's `outputs`."""
+    root = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    return Outputs(root) if isinstance(root, TrainModule) and _is_fsdp(root) else model
+
+
+def gradient_sync(train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Turn off the gradient reduction for all but a window's last micro-batch: DDP's no_sync, or
+    FSDP's set_requires_gradient_sync (gradients then accumulate unsharded until the last)."""
+    root = getattr(train_model, "_orig_mod", train_model)
+    if isinstance(root, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else root.no_sync()
+    if _is_fsdp(root):
+        root.set_requires_gradient_sync(enabled)  # type: ignore[operator]  # an FSDPModule's method
+    return contextlib.nullcontext()
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    return hasattr(module, "set_requires_gradient_sync")

@@ -93,10 +93,24 @@ class DDP(_Section):
     comm_hook: Component | None = None
 
 
+class FSDP(_Section):
+    """dist.strategy fsdp/hsdp (FSDP2, torch >= 2.6). docs/sharding.md says when to pick which."""
+
+    units: Literal["auto"] | list[str] = (
+        "auto"  # sharding units: class names, or auto (Sequential children, repeated blocks)
+    )
+    reshard_after_forward: bool = True  # true: ZeRO-3 memory; false: keep gathered weights until backward (ZeRO-2-like)
+    cpu_offload: bool = False  # parameters, gradients and optimizer state live in host memory
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # gradients are reduced in this dtype
+    shard_group_size: PosInt | None = None  # hsdp: ranks per shard group (replicated across groups); None: per node
+
+
 class Dist(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: typing.Annotated[float, Field(gt=0, le=TIMEOUT_MAX_S)] = 600.0
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     ddp: DDP = DDP()
+    fsdp: FSDP = FSDP()
 
 
 class Checkpoint(_Section):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launcher import checkpointer, distributed
+from launcher import checkpoint, checkpointer, distributed, sharded_state
 from launcher.checkpointer import Stateful
 from launcher.distributed import Session
 from launcher.errors import RecipeError, TrainingError
@@ -26,6 +26,7 @@ from launcher.loop_state import LogWindow, Trainer, TrainState
 from launcher.plan import Plan
 from launcher.recipe import Recipe
 from launcher.rng import RankStreams
+from launcher.sharded_state import ModelState, OptimizerState
 
 if TYPE_CHECKING:  # annotations only: the loop calls into this module
     from torch.optim.lr_scheduler import LRScheduler
@@ -99,11 +100,13 @@ def saved_objects(
     session: Session,
     logger_ids: LoggerIds,
     on_nonfinite: str,
+    sharded: bool = False,
 ) -> dict[str, Stateful | None]:
-    """What a checkpoint holds, by name. The model is the user's, unwrapped."""
+    """What a checkpoint holds, by name. The model is the user's, unwrapped. `sharded` (FSDP): the
+    model and optimizer by parameter name, as DCP saves them (each rank its shards)."""
     return {
-        "model": model,
-        "optimizer": optimizer,
+        "model": ModelState(model) if sharded else model,
+        "optimizer": OptimizerState(model, optimizer) if sharded else optimizer,
         "scheduler": scheduler,
         "scaler": scaler,
         "train_state": state,
@@ -147,6 +150,12 @@ def load_for_resume(path: Path, model: torch.nn.Module, recipe: Recipe, plan: Pl
     `model` (before wrapping)."""
     payload = checkpointer.read(path)
     check_compatible(payload, path, recipe, plan)
+    if "model" in payload.get("sharded", []):  # loaded into the shards once they exist (restore)
+        saved_shapes = sharded_state.saved_shapes(path / checkpoint.SHARDS, "model")
+        check_model_matches(
+            model.state_dict(), {k: torch.empty(v, device="meta") for k, v in saved_shapes.items()}, path
+        )
+        return payload
     check_model_matches(model.state_dict(), payload["model"], path)
     checkpointer.restore(payload, {"model": model})
     return payload
@@ -208,9 +217,12 @@ def restore(
     plan: Plan,
     session: Session,
 ) -> None:
-    """Everything but the model (restored before wrapping, load_for_resume) and the RNG streams
-    (restore_rng: last, as they are the streams the loop continues)."""
+    """Everything but the RNG streams (restore_rng: last, as they are the streams the loop
+    continues), and but a whole model (restored before wrapping, load_for_resume). A sharded
+    checkpoint's model and optimizer load here, into this run's shards or whole tensors."""
     try:
+        if payload.get("sharded"):
+            checkpointer.restore_sharded(path, payload, _by_name(saved))
         checkpointer.restore(payload, {"optimizer": saved["optimizer"]})
     except (KeyError, ValueError, RuntimeError) as e:
         raise RecipeError(
@@ -242,6 +254,15 @@ def restore(
                 f"saved in {path} (torch restores them); to change them, start over with "
                 "checkpoint.resume=none run.overwrite=true"
             )
+
+
+def _by_name(saved: Mapping[str, Stateful | None]) -> dict[str, Stateful]:
+    """The model and optimizer as DCP reads them, whichever strategy this run uses."""
+    model, optimizer = saved["model"], saved["optimizer"]
+    if isinstance(model, ModelState) and isinstance(optimizer, OptimizerState):
+        return {"model": model, "optimizer": optimizer}
+    assert isinstance(model, torch.nn.Module) and isinstance(optimizer, torch.optim.Optimizer)
+    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
 
 
 def restore_rng(payload: Mapping[str, Any], saved: Mapping[str, Stateful | None]) -> None:

@@ -10,12 +10,13 @@ import json
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from launcher import causes, distributed, loop, memory, parallel, resume, rng, startup
+from launcher import causes, distributed, loop, memory, parallel, resume, rng, sharded_state, sharding, startup
 from launcher.builders import build_datasets, build_loaders, build_model
 from launcher.checkpointer import Checkpointer
 from launcher.components import instantiate, resolve_callable
@@ -112,6 +113,9 @@ def _train_locked(
         sess.backend,
         str(sess.device),
     )
+    sharding.check(recipe, env.world_size, env.local_world_size)
+    # FSDP needs a process group; a single process (or simulated ranks) trains the model whole
+    sharded = recipe.dist.strategy != "ddp" and env.world_size > 1 and not simulate
     startup.mark("model_start")
     model = build_model(recipe)
     startup.mark("model")
@@ -132,11 +136,6 @@ def _train_locked(
             f"{recipe.loss['_component_']} built a {type(loss_fn).__name__}, which "
             "cannot be called; name a loss module or function",
         )
-    startup.mark("optimizer_start")
-    optimizer = build_optimizer(recipe, model)
-    startup.mark("optimizer")
-    scheduler = build_scheduler(recipe, optimizer)
-    scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
     ranks = list(range(simulate)) if simulate else [env.rank]
     shards, val_loader = build_loaders(
         recipe,
@@ -166,7 +165,14 @@ def _train_locked(
         ddp_cfg=recipe.dist.ddp,
         comm_hook=comm_hook,
         compile_=recipe.train.compile,
+        shard=_sharder(recipe, env, sess, model, head_chunks) if sharded else None,
     )
+    # after sharding: FSDP replaces the parameters with their shards, which the optimizer then holds
+    startup.mark("optimizer_start")
+    optimizer = build_optimizer(recipe, model)
+    startup.mark("optimizer")
+    scheduler = build_scheduler(recipe, optimizer)
+    scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
 
     # the loop's state: fresh, or restored from the checkpoint
     state, window, logger_ids = (
@@ -175,7 +181,7 @@ def _train_locked(
         LoggerIds(),
     )
     saved = resume.saved_objects(
-        model, optimizer, scheduler, scaler, state, window, sess, logger_ids, recipe.train.on_nonfinite
+        model, optimizer, scheduler, scaler, state, window, sess, logger_ids, recipe.train.on_nonfinite, sharded
     )
     if payload is not None and resume_from is not None:
         resume.restore(payload, resume_from, saved, recipe, plan, sess)
@@ -220,7 +226,11 @@ def _train_locked(
         window=window,
         saved=saved,
         checkpointer=Checkpointer(
-            recipe.checkpoint_dir, recipe.checkpoint.keep_last, is_writer=env.is_main, group=sess.control
+            recipe.checkpoint_dir,
+            recipe.checkpoint.keep_last,
+            is_writer=env.is_main,
+            group=sess.control,
+            sharded=frozenset({"model", "optimizer"}) if sharded else frozenset(),
         ),
         preempt=preempt,
         agreement=Agreement(sess.control if env.world_size > 1 else None),
@@ -230,8 +240,18 @@ def _train_locked(
         flops_per_sample=flops_per_sample,
         peak_flops=peak_flops(sess.device, recipe.train.precision),
         rank_rng=rank_rng,
+        eval_model=parallel.eval_model(model, train_model) if sharded else None,
     )
     return _fit(t, env)
+
+
+def _sharder(
+    recipe: Recipe, env: ClusterEnv, sess: Session, model: torch.nn.Module, head_chunks: int
+) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """dist.strategy fsdp/hsdp: how parallel.wrap shards the TrainModule around `model`."""
+    cfg = recipe.dist.fsdp
+    mesh = sharding.build_mesh(recipe.dist.strategy, cfg, env.world_size, env.local_world_size, sess.device)
+    return lambda root: sharding.shard(root, model, cfg, mesh, recipe.train.precision, head_chunks)
 
 
 def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
@@ -261,9 +281,10 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
         raise Preempted(
             f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code
         )
+    # CPU tensors: loadable on any machine without map_location (sharded: every rank gathers)
+    weights = sharded_state.full_model_state(t.model, sharded=t.eval_model is not None)
     if env.is_main:
-        # CPU tensors: loadable on any machine without map_location
-        save_torch({k: v.detach().cpu() for k, v in t.model.state_dict().items()}, recipe.layout.weights)
+        save_torch(weights, recipe.layout.weights)
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.layout.weights}")
     return state
 

@@ -31,6 +31,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.rng",
         "launcher.checkpoint",
         "launcher.checkpointer",
+        "launcher.sharded_state",
+        "launcher.sharding",
         "launcher.rundir",
         "launcher.metrics",
         "launcher.wandb_log",

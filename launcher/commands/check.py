@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from launcher import components, parallel
+from launcher import components, parallel, sharding
 from launcher.builders import build_datasets, checked_model
 from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
@@ -25,6 +25,7 @@ def check_static(recipe: Recipe, world_size: int) -> None:
             components.check(spec, key, n_runtime)
     batch_shape(recipe, world_size)
     check_ranks(recipe, world_size)
+    sharding.check(recipe, world_size)
 
 
 def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:

@@ -1,0 +1,135 @@
+"""Model and optimizer state as torch.distributed.checkpoint (DCP) keeps it: keyed by parameter
+name, sharded under FSDP (each rank holds and writes its own shards), whole under DDP.
+
+Keyed by name rather than by position, a checkpoint written by N ranks loads at any other world
+size, and under either strategy: DCP reads, for each rank, the pieces of each tensor that rank now
+holds (resharding), and into whole tensors for a DDP run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher import checkpoint
+
+
+class ModelState:
+    """Stateful over DCP's get/set_model_state_dict."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState:
+    """Stateful over DCP's get/set_optimizer_state_dict. Also loads a DDP checkpoint's optimizer
+    state (torch's own format, keyed by position) into a sharded optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = None
+        if any(isinstance(k, int) for k in state_dict.get("state", {})) or _positional_groups(state_dict):
+            state_dict, options = self._by_name(state_dict), StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=options)
+
+    def _by_name(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """torch's optimizer format numbers parameters in the order of the param groups; this
+        optimizer was built the same way over the same model, so position i is the same parameter."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        order = [names[p] for group in self.optimizer.param_groups for p in group["params"]]
+        return {
+            "state": {order[i]: v for i, v in state_dict["state"].items()},
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state_dict["param_groups"]],
+        }
+
+
+def _positional_groups(state_dict: Mapping[str, Any]) -> bool:
+    groups = state_dict.get("param_groups") or []
+    return bool(groups) and any(isinstance(p, int) for g in groups for p in g.get("params", []))
+
+
+class _Writer:
+    """DCP's FileSystemWriter; tests kill a rank once its shards are written, inside the save."""
+
+    @staticmethod
+    def make(directory: Path) -> Any:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        class Writer(FileSystemWriter):
+            def write_data(self, plan: Any, planner: Any) -> Any:
+                written = super().write_data(plan, planner)
+                written.wait()
+                checkpoint.crash_point("inside-shards")
+                return written
+
+        return Writer(str(directory))
+
+
+def save(directory: Path, objects: Mapping[str, Any]) -> None:
+    """Every rank: write its shards of each object's state into `directory` (DCP's layout:
+    one file per rank, plus .metadata from the coordinator)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({name: obj.state_dict() for name, obj in objects.items()}, storage_writer=_Writer.make(directory))
+
+
+def load(directory: Path, objects: Mapping[str, Any]) -> None:
+    """Every rank: read into each object's current state (its shapes and shards say what to read)."""
+    import torch.distributed.checkpoint as dcp
+
+    from launcher import distributed
+
+    states = {name: obj.state_dict() for name, obj in objects.items()}
+    # one process (a sharded checkpoint resumed without a process group) reads everything itself
+    dcp.load(states, checkpoint_id=str(directory), no_dist=not distributed.is_initialized())
+    for name, obj in objects.items():
+        obj.load_state_dict(states[name])
+
+
+def saved_shapes(directory: Path, name: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor saved under `name` (e.g. the model's), from DCP's metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    prefix = f"{name}."
+    return {
+        key[len(prefix) :]: tuple(meta.size)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def full_model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU, for model.pt. Sharded: every rank calls it; torch
+    gathers one parameter at a time into rank 0's host memory (the others get {}), so no rank
+    ever holds more than one full copy."""
+    if not sharded:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}

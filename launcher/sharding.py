@@ -1,0 +1,126 @@
+"""dist.strategy fsdp and hsdp: FSDP2 (`fully_shard`, torch >= 2.6) on an explicit device mesh.
+
+Each sharding unit (a block) is `fully_shard`ed, then the root: the TrainModule, which runs the
+model and the loss in one forward (launcher/parallel.py). The root being the module the step calls
+means its forward gathers whatever parameters no unit holds, before activation checkpointing runs
+the units one by one; evaluation calls the root too (`outputs`, registered as a forward method), so
+every gathering goes through FSDP's hooks, on every rank alike.
+
+The maths is DDP's: FSDP's reduce-scatter averages gradients over all data-parallel ranks (shard
+group x replicas under hsdp), as DDP's all-reduce does, so the loop's loss scaling is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from launcher.errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from launcher.recipe import FSDP, Recipe
+
+MIN_TORCH = (2, 6)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARAM_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check(recipe: Recipe, world_size: int, local_world_size: int | None = None) -> None:
+    """What can be refused before any process group exists: the torch version, the hsdp shape."""
+    strategy = recipe.dist.strategy
+    if strategy == "ddp":
+        return
+    if torch_version() < MIN_TORCH:
+        raise RecipeError(
+            "dist.strategy",
+            f"{strategy} needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer (FSDP2's fully_shard); this is torch "
+            f"{torch.__version__}: upgrade torch, or use dist.strategy=ddp",
+        )
+    if strategy == "hsdp":
+        group = shard_group_size(recipe.dist.fsdp, world_size, local_world_size)
+        if world_size % group:
+            raise RecipeError(
+                "dist.fsdp.shard_group_size",
+                f"{group} does not divide the world size {world_size}; hsdp needs whole shard groups "
+                "(replicas x shard_group_size ranks)",
+            )
+
+
+def shard_group_size(cfg: FSDP, world_size: int, local_world_size: int | None) -> int:
+    """hsdp: ranks that shard one replica; the recipe's, else one node's ranks."""
+    return cfg.shard_group_size or local_world_size or world_size
+
+
+def build_mesh(strategy: str, cfg: FSDP, world_size: int, local_world_size: int, device: torch.device) -> DeviceMesh:
+    """A 1-D mesh (fsdp) or replicate x shard (hsdp), always with an explicit device type: left to
+    guess on a machine with GPUs, a gloo run moved parameters to CUDA (pytorch #132471)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    if strategy == "hsdp":
+        group = shard_group_size(cfg, world_size, local_world_size)
+        return init_device_mesh(kind, (world_size // group, group), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(kind, (world_size,), mesh_dim_names=("shard",))
+
+
+def units(model: nn.Module, spec: str | list[str], keep_last_in_root: bool = False) -> list[nn.Module]:
+    """The submodules sharded on their own. auto: an nn.Sequential's children (but the last, with
+    `keep_last_in_root`: head_chunks calls it once per slice), else the children of every
+    nn.ModuleList (a transformer's repeated blocks). Class names: every module of those classes."""
+    if spec == "auto":
+        if isinstance(model, nn.Sequential):
+            children = list(model.children())
+            found = children[:-1] if keep_last_in_root else children
+        else:
+            found = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()]
+        return [m for m in found if any(True for _ in m.parameters())]
+    names = set(spec)
+    present = {type(m).__name__ for m in model.modules()}
+    unknown = sorted(names - present)
+    if unknown:
+        from launcher.recipe import suggest
+
+        raise RecipeError(
+            "dist.fsdp.units",
+            f"no module of class {unknown[0]}{suggest(unknown[0], present)} in the model; name classes it has "
+            f"({', '.join(sorted(present)[:8])}{', ...' if len(present) > 8 else ''}) or use auto",
+        )
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+
+
+def shard(
+    root: nn.Module, model: nn.Module, cfg: FSDP, mesh: DeviceMesh, precision: str, head_chunks: int
+) -> nn.Module:
+    """fully_shard the units of `model`, then `root` (which holds `model`); returns `root`."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPE[precision], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    # pinned host memory needs a GPU
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    kwargs: dict[str, Any] = dict(mesh=mesh, mp_policy=policy, offload_policy=offload)
+    for unit in units(model, cfg.units, keep_last_in_root=head_chunks > 0):
+        fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    fully_shard(root, **kwargs)
+    register_fsdp_forward_method(root, "outputs")
+    return root
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)

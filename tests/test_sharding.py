@@ -1,0 +1,221 @@
+"""dist.strategy fsdp/hsdp (FSDP2): the same maths as ddp and as one process, sharded checkpoints
+that resume at any world size and under either strategy, and one-line errors.
+
+The recipe is test_equivalence's: 37 samples, micro-batch 4, global batch 16, so windows are
+accumulated, the last one of each epoch is partial, and DistributedSampler pads a shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
+from launcher import checkpoint, train
+from launcher.env import ClusterEnv
+from launcher.recipe import validate
+from launcher.sharding import MIN_TORCH, torch_version
+from runs import assert_identical, gate, recipe, wait_for
+
+needs_fsdp = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6 (tested: the error)")
+
+
+def rows(run_dir, key):
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def single(tmp_path, name, **changes):
+    run_dir = tmp_path / name
+    train.run(validate(recipe_dict(**{"run.dir": str(run_dir), **changes})), ClusterEnv())
+    return run_dir
+
+
+def ranks(tmp_path, name, nproc=2, **changes):
+    run_dir = tmp_path / name
+    path = write_recipe(tmp_path / f"{name}.yaml", recipe_dict(**{"run.dir": str(run_dir), **changes}))
+    proc = launcher("run", "--nproc", str(nproc), path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def assert_same_run(run_dir, reference, rtol=1e-6):
+    assert_close_rel(load_weights(run_dir), load_weights(reference), rtol=rtol)
+    for key in ("loss", "val_loss"):
+        got, want = rows(run_dir, key), rows(reference, key)
+        assert len(got) == len(want) > 0
+        assert got == pytest.approx(want, rel=rtol), key
+
+
+CLIP = {"train.grad_clip_norm": 0.05}  # small enough that every step clips
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, micro-batch 16: the plain big-batch run, with clipping by the total norm."""
+    return single(tmp_path_factory.mktemp("ref"), "big", **{"data.batch_size": 16, **CLIP})
+
+
+@needs_fsdp
+def test_fsdp_at_world_2_equals_ddp_and_one_process(tmp_path, reference):
+    """2 ranks x micro 4 x accumulation 2, a partial last window, clipping across shards."""
+    fsdp = ranks(tmp_path, "fsdp", **{"dist.strategy": "fsdp", **CLIP})
+    assert_same_run(fsdp, reference)
+    assert_same_run(ranks(tmp_path, "ddp", **CLIP), reference)
+    assert (fsdp / "checkpoints").is_dir() and list((fsdp / "checkpoints").glob("step_*/shards/*.distcp"))
+
+
+@needs_fsdp
+def test_hsdp_2x2_equals_one_process(tmp_path, reference):
+    run = ranks(tmp_path, "hsdp", nproc=4, **{"dist.strategy": "hsdp", "dist.fsdp.shard_group_size": 2, **CLIP})
+    assert_same_run(run, reference)
+
+
+@needs_fsdp
+def test_fsdp_with_checkpoint_sequential_and_unsharded_weights_after_forward(tmp_path, reference):
+    run = ranks(
+        tmp_path,
+        "fsdp_ac",
+        **{
+            "dist.strategy": "fsdp",
+            "dist.fsdp.reshard_after_forward": False,
+            "train.activation_checkpointing.segments": 2,
+            **CLIP,
+        },
+    )
+    assert_same_run(run, reference)
+
+
+def test_fsdp_on_torch_older_than_2_6_is_one_line(tmp_path):
+    if torch_version() >= MIN_TORCH:
+        pytest.skip("this torch has FSDP2; the CI's torch 2.4.1 suite runs this test")
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), "dist.strategy": "fsdp"}))
+    proc = launcher("run", "--nproc", "2", path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: dist.strategy: fsdp needs torch 2.6 or newer (FSDP2's fully_shard); this is torch "
+        f"{torch.__version__}: upgrade torch, or use dist.strategy=ddp"
+    ]
+
+
+@needs_fsdp
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"dist.fsdp.units": ["Blok"]}, "error: dist.fsdp.units: no module of class Blok"),
+        (
+            {"dist.strategy": "hsdp", "dist.fsdp.shard_group_size": 3},
+            "error: dist.fsdp.shard_group_size: 3 does not divide the world size 2",
+        ),
+    ],
+)
+def test_sharding_mistakes_are_one_line(tmp_path, changes, expected):
+    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "dist.strategy": "fsdp", **changes})
+    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env())
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+
+
+# resuming: micro-batch 2 and global batch 24 divide at world sizes 1, 2, 3 and 4 alike; 3 epochs
+# of 2 steps (24 samples, then a partial 13), a checkpoint every 2 steps
+RESUMABLE = {
+    "data.batch_size": 2,
+    "train.global_batch_size": 24,
+    "train.epochs": 3,
+    "checkpoint.every_n_steps": 2,
+    "checkpoint.keep_last": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """fsdp at world 2, start to end: its step-2 checkpoint is what the resumes continue."""
+    return ranks(tmp_path_factory.mktemp("fsdp"), "whole", **{"dist.strategy": "fsdp", **RESUMABLE})
+
+
+def resumed(tmp_path, source, name, nproc, strategy):
+    """A fresh run directory continuing `source`'s step-2 checkpoint, at `nproc` ranks."""
+    step = source / "checkpoints" / "step_00000002"
+    assert step.is_dir(), sorted(p.name for p in (source / "checkpoints").iterdir())
+    changes = {"dist.strategy": strategy, **RESUMABLE, "checkpoint.resume": str(step)}
+    if nproc == 1:
+        return single(tmp_path, name, **changes)
+    return ranks(tmp_path, name, nproc=nproc, **changes)
+
+
+@needs_fsdp
+def test_a_sharded_checkpoint_resumes_bit_for_bit_at_the_same_world_size(tmp_path, uninterrupted):
+    run = resumed(tmp_path, uninterrupted, "again", 2, "fsdp")
+    again, whole = load_weights(run), load_weights(uninterrupted)
+    assert all(torch.equal(again[k], whole[k]) for k in whole)
+    assert rows(run, "loss") == rows(uninterrupted, "loss")[-len(rows(run, "loss")) :]
+
+
+@needs_fsdp
+@pytest.mark.parametrize(("nproc", "strategy"), [(3, "fsdp"), (1, "fsdp"), (4, "ddp")])
+def test_a_sharded_checkpoint_resumes_at_another_world_size_and_strategy(tmp_path, uninterrupted, nproc, strategy):
+    assert_close_rel(
+        load_weights(resumed(tmp_path, uninterrupted, "on", nproc, strategy)), load_weights(uninterrupted), rtol=1e-5
+    )
+
+
+@needs_fsdp
+def test_a_ddp_checkpoint_resumes_under_fsdp(tmp_path, uninterrupted):
+    ddp = ranks(tmp_path, "ddp", **RESUMABLE)
+    assert_close_rel(load_weights(ddp), load_weights(uninterrupted), rtol=1e-5)  # the same maths
+    assert_close_rel(load_weights(resumed(tmp_path, ddp, "on", 3, "fsdp")), load_weights(ddp), rtol=1e-5)
+
+
+# faults: the resumable recipe of test_resume (dropout, noisy data, a schedule), sharded
+@pytest.fixture(scope="module")
+def gated_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gated")
+    path = write_recipe(tmp / "ref.yaml", recipe(tmp / "ref", **{"dist.strategy": "fsdp"}))
+    proc = launcher("run", "--nproc", "2", path)
+    assert proc.returncode == 0, proc.stderr
+    return load_weights(tmp / "ref")
+
+
+@needs_fsdp
+def test_an_elastic_restart_after_sigkill_resumes_fsdp_bit_for_bit(tmp_path, gated_reference):
+    _, waiting, model = gate(tmp_path, rank=1, at_call=9, first_attempt_only=True)
+    changes = {**model, "dist.strategy": "fsdp", "checkpoint.every_n_steps": 2}
+    path = write_recipe(tmp_path / "r.yaml", recipe(tmp_path / "run", **changes))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(waiting, proc)
+    os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "restart 1" in out
+    assert_identical(load_weights(tmp_path / "run"), gated_reference)
+
+
+@needs_fsdp
+def test_ranks_killed_inside_a_sharded_save_leave_the_previous_checkpoint(tmp_path, gated_reference):
+    """LAUNCHER_TEST_CRASH_AT=inside-shards: each rank dies once its shards of step 6 are written,
+    inside DCP's save (before its metadata and our marker): exactly there, every time."""
+    run_dir = tmp_path / "run"
+    changes = {"dist.strategy": "fsdp", "checkpoint.every_n_steps": 2}
+    first = write_recipe(tmp_path / "a.yaml", recipe(run_dir, **changes, **{"train.max_steps": 4}))
+    assert launcher("run", "--nproc", "2", first).returncode == 0
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **changes))
+    proc = launcher("run", "--nproc", "2", path, env=worker_env(LAUNCHER_TEST_CRASH_AT="inside-shards"))
+    assert proc.returncode != 0
+    assert "was killed by SIGKILL" in proc.stderr, proc.stderr
+    assert list((run_dir / "checkpoints").glob(".step_00000006.*.tmp/shards/*.distcp"))  # it died writing step 6
+    assert checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000004"
+    proc = launcher("run", "--nproc", "2", path)
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(load_weights(run_dir), gated_reference)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
