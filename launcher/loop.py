@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher import distributed, parallel, resume, startup
+from launcher import distributed, memory, parallel, resume, startup
 from launcher.data import Batch, batch_size_of, slice_batch, to_device
 from launcher.errors import TrainingError
 from launcher.evaluation import evaluate
@@ -261,6 +261,8 @@ def log_train(t: Trainer) -> None:
         row["profiled"] = True  # the profiler's overhead is in this row's times
     if "first_step" in startup.marks and not t.startup_logged:
         row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
+        # once the optimizer holds its state: what this rank keeps between steps (its shards under FSDP)
+        row["state_mib"] = memory.local_state_bytes(t.params, t.optimizer) / 2**20
         t.startup_logged = True
     t.log(row)
     w.reset()

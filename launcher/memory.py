@@ -130,6 +130,19 @@ def state_checkpoint_bytes(model: torch.nn.Module) -> int:
     return 4 * weights
 
 
+def local_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters and optimizer state this rank holds: its shards under FSDP (a DTensor's
+    local part), everything under DDP. Measured, not estimated."""
+
+    def local(t: torch.Tensor) -> int:
+        part = t.to_local() if hasattr(t, "to_local") else t
+        return part.numel() * part.element_size()
+
+    weights = sum(local(p) for p in params)
+    states = sum(local(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return weights + states
+
+
 def resolve_segments(
     ac: ActivationCheckpointing,
     model: nn.Module,
@@ -146,3 +159,37 @@ def resolve_segments(
     batch = to_device(next(iter(loader)), device)
     segments, chunks, _ = choose(model, loss_fn, batch, device, autocast, ac.max_memory_gib, state_gib)
     return segments, chunks
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """What one rank keeps between steps (no activations): parameters, gradients, optimizer state."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def optimizer_moments(optimizer: dict[str, Any]) -> int:
+    """State tensors per parameter the recipe's optimizer keeps: Adam's family 2, SGD with momentum
+    1, plain SGD 0; anything else is counted as 2 (the common case)."""
+    name = str(optimizer.get("_component_", "")).rsplit(".", 1)[-1]
+    if name == "SGD":
+        return 1 if optimizer.get("momentum") else 0
+    return 2
+
+
+def state_plan(model: nn.Module, moments: int, ranks_per_shard: int) -> StateBytes:
+    """Per rank, from the parameters' shapes alone (a meta-device model will do). FSDP shards each
+    tensor along its first dimension over `ranks_per_shard` ranks (padding it to a multiple of it);
+    1: every rank holds everything (ddp)."""
+    params = 0
+    for p in model.parameters():
+        rows = p.shape[0] if p.dim() else 1
+        per_row = p.numel() // max(rows, 1)
+        params += -(-rows // ranks_per_shard) * per_row * p.element_size()
+    return StateBytes(params, params, moments * params)

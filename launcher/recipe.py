@@ -103,6 +103,8 @@ class FSDP(_Section):
     cpu_offload: bool = False  # parameters, gradients and optimizer state live in host memory
     reduce_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # gradients are reduced in this dtype
     shard_group_size: PosInt | None = None  # hsdp: ranks per shard group (replicated across groups); None: per node
+    # build on the meta device, shard, then initialise (or load) each rank's shards: no rank holds the whole model
+    meta_init: bool = False
 
 
 class Dist(_Section):

@@ -145,9 +145,11 @@ def save_checkpoint(t: Trainer) -> Path | None:
     return path
 
 
-def load_for_resume(path: Path, model: torch.nn.Module, recipe: Recipe, plan: Plan) -> dict[str, Any]:
+def load_for_resume(
+    path: Path, model: torch.nn.Module, recipe: Recipe, plan: Plan, load_weights: bool = True
+) -> dict[str, Any]:
     """Read a checkpoint, check that this recipe can continue it exactly, and put its weights in
-    `model` (before wrapping)."""
+    `model` (before wrapping; not `load_weights`: a meta-device model gets them once sharded)."""
     payload = checkpointer.read(path)
     check_compatible(payload, path, recipe, plan)
     if "model" in payload.get("sharded", []):  # loaded into the shards once they exist (restore)
@@ -157,7 +159,8 @@ def load_for_resume(path: Path, model: torch.nn.Module, recipe: Recipe, plan: Pl
         )
         return payload
     check_model_matches(model.state_dict(), payload["model"], path)
-    checkpointer.restore(payload, {"model": model})
+    if load_weights:
+        checkpointer.restore(payload, {"model": model})
     return payload
 
 

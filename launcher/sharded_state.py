@@ -133,3 +133,23 @@ def full_model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}
+
+
+def read_whole(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    """One object's state from a sharded checkpoint, every tensor whole, in this one process (the
+    conversion to a single file; DCP's format_utils reads the same way)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    planner = _EmptyStateDictLoadPlanner(keys={name})  # builds the tensors from the metadata
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)), planner=planner, no_dist=True)
+    return {k: v for k, v in state[name].items() if isinstance(v, torch.Tensor)}
+
+
+def load_whole_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Whole tensors (a ddp checkpoint's) into a sharded model: each rank keeps its own pieces."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))

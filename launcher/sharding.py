@@ -124,3 +124,32 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(getattr(module, "_orig_mod", module), FSDPModule)
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """dist.fsdp.meta_init: give a sharded meta-device model real shards on `device`, initialised
+    per shard: the model's own `init_weights()` if it has one, else each module's
+    `reset_parameters()`. The caller seeds each rank differently (shards are different rows)."""
+    init_weights = getattr(model, "init_weights", None)
+    if not callable(init_weights):
+        buffers = [name for name, _ in model.named_buffers()]
+        bare = [type(m).__name__ for m in model.modules() if _own_params(m) and not hasattr(m, "reset_parameters")]
+        if buffers or bare:
+            what = f"buffer {buffers[0]}" if buffers else f"{bare[0]} has parameters but no reset_parameters()"
+            raise RecipeError(
+                "dist.fsdp.meta_init",
+                f"{what}: a meta-device build cannot initialise it (give the model an init_weights() method, "
+                "as torchtitan's models have) ; set dist.fsdp.meta_init=false",
+            )
+    model.to_empty(device=device)
+    with torch.no_grad():
+        if callable(init_weights):
+            init_weights()
+            return
+        for m in model.modules():
+            if _own_params(m):
+                m.reset_parameters()  # type: ignore[operator]  # checked above
+
+
+def _own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))

@@ -6,6 +6,7 @@ import os
 import time
 
 marks: dict[str, float] = {}
+peak_rss_mib: dict[str, float] = {}  # the process's peak resident memory by each mark
 
 
 def process_start() -> float:
@@ -24,7 +25,10 @@ _IMPORTED = time.time()
 
 
 def mark(name: str) -> None:
+    import resource
+
     marks.setdefault(name, time.time())
+    peak_rss_mib.setdefault(name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 def report() -> dict[str, float]:
@@ -40,4 +44,7 @@ def report() -> dict[str, float]:
         out["model_build_s"] = round(model_build, 4)
         out["optimizer_build_s"] = round(optimizer_build, 4)
         out["launcher_s"] = round(marks["first_step"] - marks["torch"] - model_build - optimizer_build, 4)
+    if {"model_start", "optimizer_start"} <= peak_rss_mib.keys():
+        # what building, loading and sharding the model added to this process's peak memory
+        out["model_peak_rss_growth_mib"] = round(peak_rss_mib["optimizer_start"] - peak_rss_mib["model_start"], 1)
     return out

@@ -10,16 +10,15 @@ import json
 import os
 import signal
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from launcher import causes, distributed, loop, memory, parallel, resume, rng, sharded_state, sharding, startup
-from launcher.builders import build_datasets, build_loaders, build_model
+from launcher import causes, distributed, loop, parallel, resume, rng, setup, sharded_state, sharding, startup
+from launcher.builders import build_datasets, build_loaders
 from launcher.checkpointer import Checkpointer
-from launcher.components import instantiate, resolve_callable
+from launcher.components import instantiate
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
@@ -27,7 +26,6 @@ from launcher.errors import EXIT_FAILED, EXIT_USAGE, Preempted, RecipeError, Tra
 from launcher.heartbeat import Heartbeat
 from launcher.logs import log, setup_logging
 from launcher.loop_state import LogWindow, Trainer, TrainState
-from launcher.memory import state_checkpoint_bytes
 from launcher.metrics import (
     LoggerIds,
     Metrics,
@@ -36,7 +34,6 @@ from launcher.metrics import (
 )
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan, plan_warnings
-from launcher.precision import autocast
 from launcher.recipe import Recipe
 from launcher.signals import Agreement, PreemptionFlag, parse_signal
 from launcher.storage import save_torch
@@ -116,19 +113,7 @@ def _train_locked(
     sharding.check(recipe, env.world_size, env.local_world_size)
     # FSDP needs a process group; a single process (or simulated ranks) trains the model whole
     sharded = recipe.dist.strategy != "ddp" and env.world_size > 1 and not simulate
-    startup.mark("model_start")
-    model = build_model(recipe)
-    startup.mark("model")
-    if env.is_main and (space := layout.space_warning(state_checkpoint_bytes(model))):
-        log.warning(space)
-    ac = recipe.train.activation_checkpointing
-    parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
-    payload = resume.load_for_resume(resume_from, model, recipe, plan) if resume_from else None
-    model.to(sess.device)
-    if recipe.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    # same initial weights on every rank (above); per-rank streams for dropout and the like (below)
-    rng.seed_everything(recipe.seed + env.rank)
+    model, payload = setup.model(recipe, env, sess, plan, resume_from, on_meta=sharded and recipe.dist.fsdp.meta_init)
     loss_fn = instantiate(recipe.loss, "loss")
     if not callable(loss_fn):
         raise RecipeError(
@@ -148,25 +133,9 @@ def _train_locked(
         device=sess.device,
         signals=preempt.signals,
     )
-    ac = recipe.train.activation_checkpointing
-    segments, head_chunks = memory.resolve_segments(
-        ac, model, loss_fn, shards[0][2], sess.device, lambda: autocast(recipe.train.precision, sess.device)
-    )
-    comm_hook = None
-    if recipe.dist.ddp.comm_hook is not None:
-        comm_hook = resolve_callable(recipe.dist.ddp.comm_hook, "dist.ddp.comm_hook")
-    train_model = parallel.wrap(
-        model,
-        loss_fn,
-        segments=segments,
-        head_chunks=head_chunks,
-        world_size=env.world_size,
-        device=sess.device,
-        ddp_cfg=recipe.dist.ddp,
-        comm_hook=comm_hook,
-        compile_=recipe.train.compile,
-        shard=_sharder(recipe, env, sess, model, head_chunks) if sharded else None,
-    )
+    train_model = setup.train_module(recipe, env, sess, model, loss_fn, shards[0][2], sharded)
+    if sharded and recipe.dist.fsdp.meta_init:
+        setup.materialize(recipe, env, sess, model, payload)
     # after sharding: FSDP replaces the parameters with their shards, which the optimizer then holds
     startup.mark("optimizer_start")
     optimizer = build_optimizer(recipe, model)
@@ -243,15 +212,6 @@ def _train_locked(
         eval_model=parallel.eval_model(model, train_model) if sharded else None,
     )
     return _fit(t, env)
-
-
-def _sharder(
-    recipe: Recipe, env: ClusterEnv, sess: Session, model: torch.nn.Module, head_chunks: int
-) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """dist.strategy fsdp/hsdp: how parallel.wrap shards the TrainModule around `model`."""
-    cfg = recipe.dist.fsdp
-    mesh = sharding.build_mesh(recipe.dist.strategy, cfg, env.world_size, env.local_world_size, sess.device)
-    return lambda root: sharding.shard(root, model, cfg, mesh, recipe.train.precision, head_chunks)
 
 
 def _fit(t: Trainer, env: ClusterEnv) -> TrainState:

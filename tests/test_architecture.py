@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "launcher"
 # top to bottom; a module not listed here fails the test (a new module needs a layer)
 LAYERS: dict[str, tuple[str, ...]] = {
     "commands": ("launcher.__main__", "launcher.cli", "launcher.commands"),
-    "assembly": ("launcher.train", "launcher.local"),
+    "assembly": ("launcher.train", "launcher.setup", "launcher.local"),
     "loop": ("launcher.loop", "launcher.loop_state", "launcher.resume"),
     "blocks": (
         "launcher.recipe",

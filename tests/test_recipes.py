@@ -108,3 +108,38 @@ def test_imagefolder_recipe_trains_on_generated_images(tmp_path):
     )
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and "val_accuracy" in rows[-1]
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in __import__("torch").__version__.split(".")[:2]) < (2, 6), reason="FSDP2 needs torch >= 2.6"
+)
+def test_gpt_fsdp_recipe_trains_a_few_steps_on_two_ranks_in_bf16(tmp_path):
+    launcher(
+        "run",
+        "--nproc",
+        "2",
+        ROOT / "recipes" / "gpt_fsdp.yaml",
+        f"run.dir={tmp_path}",
+        "train.max_steps=3",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.seq_len=16",
+        "data.train.seq_len=16",
+        "data.val.seq_len=16",
+        "data.train.max_bytes=20000",
+        "data.val.max_bytes=20000",
+        "data.batch_size=4",
+        "train.global_batch_size=16",
+        "data.num_workers=0",
+        "train.activation_checkpointing.segments=2",
+        "train.eval_every_steps=3",
+        "scheduler.T_max=3",
+        "train.warmup_steps=1",
+        "log.wandb.mode=offline",
+        check=True,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["val_loss"] < 6.0
+    assert list((tmp_path / "checkpoints" / "step_00000003" / "shards").glob("*.distcp"))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -65,8 +65,15 @@ def test_fsdp_at_world_2_equals_ddp_and_one_process(tmp_path, reference):
     """2 ranks x micro 4 x accumulation 2, a partial last window, clipping across shards."""
     fsdp = ranks(tmp_path, "fsdp", **{"dist.strategy": "fsdp", **CLIP})
     assert_same_run(fsdp, reference)
-    assert_same_run(ranks(tmp_path, "ddp", **CLIP), reference)
+    ddp = ranks(tmp_path, "ddp", **CLIP)
+    assert_same_run(ddp, reference)
     assert (fsdp / "checkpoints").is_dir() and list((fsdp / "checkpoints").glob("step_*/shards/*.distcp"))
+    # what rank 0 holds between steps, measured on its local shards: about half. Rows are split
+    # over 2 ranks; the head's one row (16 weights, 1 bias) stays whole on rank 0: 225 of 433
+    held = {run: rows(run, "state_mib")[0] * 2**20 for run in (fsdp, ddp)}
+    adam_steps = 6 * 4  # AdamW's step count, a scalar tensor per parameter tensor, on every rank
+    assert held[ddp] == 3 * 4 * 433 + adam_steps  # fp32 weights and AdamW's two moments
+    assert held[fsdp] == 3 * 4 * 225 + adam_steps
 
 
 @needs_fsdp
@@ -88,6 +95,19 @@ def test_fsdp_with_checkpoint_sequential_and_unsharded_weights_after_forward(tmp
         },
     )
     assert_same_run(run, reference)
+
+
+@needs_fsdp
+@pytest.mark.parametrize(
+    ("changes", "rtol"),
+    [
+        ({"dist.fsdp.cpu_offload": True}, 1e-6),
+        ({"train.compile": True}, 1e-5),  # inductor may fuse and reorder float operations
+    ],
+    ids=["cpu_offload", "compile"],
+)
+def test_fsdp_with_cpu_offload_or_torch_compile_equals_one_process(tmp_path, reference, changes, rtol):
+    assert_same_run(ranks(tmp_path, "run", **{"dist.strategy": "fsdp", **CLIP, **changes}), reference, rtol=rtol)
 
 
 def test_fsdp_on_torch_older_than_2_6_is_one_line(tmp_path):
@@ -115,7 +135,8 @@ def test_fsdp_on_torch_older_than_2_6_is_one_line(tmp_path):
 )
 def test_sharding_mistakes_are_one_line(tmp_path, changes, expected):
     r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "dist.strategy": "fsdp", **changes})
-    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "r.yaml", r), env=worker_env())
+    nproc = ["--nproc", "2"] if "dist.fsdp.shard_group_size" in changes else []  # units: checked at any world size
+    proc = launcher("run", *nproc, write_recipe(tmp_path / "r.yaml", r), env=worker_env())
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
@@ -219,3 +240,57 @@ def test_ranks_killed_inside_a_sharded_save_leave_the_previous_checkpoint(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert_identical(load_weights(run_dir), gated_reference)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+@needs_fsdp
+def test_convert_joins_a_sharded_checkpoint_into_the_gathered_model_pt(tmp_path, uninterrupted):
+    out = tmp_path / "joined.pt"
+    proc = launcher("convert", str(uninterrupted / "checkpoints"), "-o", str(out))  # its newest: the last step
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(torch.load(out, weights_only=True), load_weights(uninterrupted))
+    again = launcher("convert", str(uninterrupted / "checkpoints"), "-o", str(out))
+    assert again.returncode == 2
+    assert (
+        again.stderr.strip() == f"error: --output: {out} exists; pass --overwrite to replace it, or name another file"
+    )
+
+
+def test_convert_copies_a_ddp_checkpoints_weights(tmp_path):
+    run = ranks(tmp_path, "ddp", **{"train.max_steps": 2})
+    out = tmp_path / "model.pt"
+    proc = launcher("convert", str(run / "checkpoints" / "step_00000002"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(torch.load(out, weights_only=True), load_weights(run))
+
+
+def test_check_prints_each_ranks_memory_under_ddp_and_fsdp_and_warns_when_ddp_cannot_fit(tmp_path):
+    """Computed from a meta-device build: a 10-billion-parameter MLP costs nothing to check."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run")}))
+    out = launcher("check", "--nproc", "4", path)
+    assert out.returncode == 0, out.stderr
+    params = 8 * 16 + 16 + 16 * 16 + 16 + 16 + 1  # fp32: 4 bytes each; AdamW: two moments
+    assert (
+        f"per rank, ddp          {4 * params * 4 / 1024:.3g} KiB (parameters {4 * params / 1024:.3g} KiB" in out.stdout
+    )
+    assert "per rank, fsdp over 4" in out.stdout
+    assert "warning: dist.strategy" not in out.stdout
+    huge = launcher("check", "--nproc", "2", path, "model.sizes=[8,100000,100000,1]")
+    assert huge.returncode == 0, huge.stderr
+    assert (
+        "per rank, ddp          149 GiB (parameters 37.3 GiB + gradients 37.3 GiB + optimizer state 74.5 GiB)"
+        in huge.stdout
+    )
+    assert "per rank, fsdp over 2  74.5 GiB" in huge.stdout
+    assert "warning: dist.strategy: under ddp each rank keeps 149 GiB" in huge.stdout
+
+
+@needs_fsdp
+def test_meta_init_never_holds_the_whole_model_on_a_rank(tmp_path):
+    """A 268 MB model over 4 ranks: with meta_init, building, sharding and initialising it adds
+    about a quarter of that to rank 0's peak memory (measured: 70 MiB; built whole: 326 MiB)."""
+    wide = {"model.sizes": [8, 8192, 8192, 1], "train.max_steps": 1, "data.val": None, "train.global_batch_size": 16}
+    run = ranks(tmp_path, "run", nproc=4, **{"dist.strategy": "fsdp", "dist.fsdp.meta_init": True, **wide})
+    model_mib = (8 * 8192 + 8192 + 8192 * 8192 + 8192 + 8192 + 1) * 4 / 2**20
+    growth = json.loads((run / "startup.json").read_text())["model_peak_rss_growth_mib"]
+    assert growth < 0.5 * model_mib, f"rank 0's peak grew {growth:.0f} MiB for a {model_mib:.0f} MiB model"
+    assert rows(run, "loss") and torch.isfinite(torch.tensor(rows(run, "loss"))).all()

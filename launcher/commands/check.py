@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from launcher import components, parallel, sharding
+from launcher import components, memory, parallel, sharding
 from launcher.builders import build_datasets, checked_model
 from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
@@ -85,11 +85,62 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         ]
         notes.append(f"{e.key}: {e.message}")
     rows.append(("parameters", f"{n_params:,}"))
+    memory_rows, memory_note = _memory_plan(recipe, model, world_size, device)
+    rows += memory_rows
+    notes += memory_note
     width = max(len(k) for k, _ in rows)
     out = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# plan"]
     out += [f"{k:<{width}}  {v}" for k, v in rows]
     out += [f"warning: {n}" for n in notes]
     return "\n".join(out)
+
+
+def _memory_plan(
+    recipe: Recipe, model: torch.nn.Module, world_size: int, device: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Bytes per rank kept between steps under ddp and under fsdp (hsdp: over its shard group), and
+    a warning when ddp's would not fit this device (activations come on top)."""
+    moments = memory.optimizer_moments(recipe.optimizer)
+    group = world_size
+    if recipe.dist.strategy == "hsdp":
+        group = sharding.shard_group_size(recipe.dist.fsdp, world_size, None)
+    plans = {
+        "ddp": memory.state_plan(model, moments, 1),
+        f"fsdp over {group}": memory.state_plan(model, moments, group),
+    }
+    rows = [
+        (
+            f"per rank, {name}",
+            f"{_size(p.total)} (parameters {_size(p.params)} + gradients {_size(p.grads)} "
+            f"+ optimizer state {_size(p.optimizer)})",
+        )
+        for name, p in plans.items()
+    ]
+    capacity = _device_bytes(device, world_size)
+    notes = []
+    if capacity is not None and plans["ddp"].total > capacity:
+        notes.append(
+            f"dist.strategy: under ddp each rank keeps {_size(plans['ddp'].total)} of weights, gradients and "
+            f"optimizer state, more than this {device.split(':')[0]} has per rank ({_size(capacity)}); use "
+            "dist.strategy=fsdp (see per rank, fsdp above)"
+        )
+    return rows, notes
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _device_bytes(device: str, world_size: int) -> int | None:
+    """A GPU's memory, or on the CPU the host's memory shared by the ranks of one machine."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(world_size, 1)
+    return None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -53,6 +53,19 @@ class GPTModel(nn.Sequential):
     flops_per_sample: float  # forward + backward
     tokens_per_sample: int
 
+    def init_weights(self) -> None:
+        """GPT-2 init; residual projections scaled down by depth. Also what dist.fsdp.meta_init
+        calls on each rank's shards."""
+        n_layers = sum(isinstance(m, Block) for m in self)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith("weight"):  # LayerNorm's: fresh modules start at one; materialised ones must too
+                nn.init.ones_(p)
+
 
 def GPT(
     vocab_size: int = 256,
@@ -68,12 +81,7 @@ def GPT(
         nn.LayerNorm(d_model),
         nn.Linear(d_model, vocab_size, bias=False),
     )
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:  # GPT-2 init; residual projections scaled down by depth
-            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
-            nn.init.normal_(p, mean=0.0, std=std)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
+    model.init_weights()
     # forward + backward FLOPs per token (6 per parameter-token + attention), for MFU
     n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("0.pos."))
     model.flops_per_sample = (6 * n_params + 12 * n_layers * d_model * seq_len) * seq_len

@@ -1,0 +1,49 @@
+"""`launcher convert CHECKPOINT [-o model.pt]`: one checkpoint's model weights as a single file.
+
+A sharded (fsdp/hsdp) checkpoint's shards are read and joined in this one process; a ddp one's
+weights are copied out. Either way the file is what a finished run leaves as model.pt: the
+model's full state dict, on the CPU, which `torch.load(path, weights_only=True)` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from launcher.errors import EXIT_OK, LaunchError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a checkpoint's model weights (sharded or not) as one model.pt",
+        description="Join a checkpoint's model weights into one file that torch.load(weights_only=True) reads.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a step_N directory, or a directory of them (its newest)")
+    p.add_argument("-o", "--output", default="model.pt", help="the file to write (default: ./model.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    from launcher import checkpoint, checkpointer, sharded_state
+    from launcher.errors import RecipeError
+    from launcher.storage import save_torch
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise LaunchError("--output", f"{out} exists; pass --overwrite to replace it, or name another file")
+    if not out.parent.is_dir():
+        raise LaunchError("--output", f"{out.parent} is not a directory")
+    try:
+        path = checkpoint.resolve_resume(args.checkpoint, Path(args.checkpoint), warn=True)
+    except RecipeError as e:
+        raise LaunchError("CHECKPOINT", e.message) from None
+    assert path is not None  # neither auto nor none: a path
+    payload = checkpointer.read(path)
+    if "model" in payload.get("sharded", []):
+        weights = sharded_state.read_whole(path / checkpoint.SHARDS, "model")
+    else:
+        weights = {k: v.cpu() for k, v in payload["model"].items()}
+    save_torch(weights, out)
+    print(f"{out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} parameters from {path}")
+    return EXIT_OK
