@@ -111,8 +111,9 @@ def _train_locked(
         str(sess.device),
     )
     sharding.check(recipe, env.world_size, env.local_world_size)
-    # FSDP needs a process group; a single process (or simulated ranks) trains the model whole
-    sharded = recipe.dist.strategy != "ddp" and env.world_size > 1 and not simulate
+    # FSDP needs a process group (torchrun starts one even for one rank); a plain single process, or
+    # simulated ranks, trains the model whole
+    sharded = recipe.dist.strategy != "ddp" and distributed.is_initialized() and not simulate
     model, payload = setup.model(recipe, env, sess, plan, resume_from, on_meta=sharded and recipe.dist.fsdp.meta_init)
     loss_fn = instantiate(recipe.loss, "loss")
     if not callable(loss_fn):

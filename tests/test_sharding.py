@@ -294,3 +294,17 @@ def test_meta_init_never_holds_the_whole_model_on_a_rank(tmp_path):
     growth = json.loads((run / "startup.json").read_text())["model_peak_rss_growth_mib"]
     assert growth < 0.5 * model_mib, f"rank 0's peak grew {growth:.0f} MiB for a {model_mib:.0f} MiB model"
     assert rows(run, "loss") and torch.isfinite(torch.tensor(rows(run, "loss"))).all()
+
+
+@needs_fsdp
+def test_resuming_a_sharded_checkpoint_with_another_model_shape_is_one_line(tmp_path, uninterrupted):
+    step = uninterrupted / "checkpoints" / "step_00000002"
+    r = recipe_dict(
+        **{"run.dir": str(tmp_path / "run"), **RESUMABLE, "checkpoint.resume": str(step), "model.sizes": [8, 32, 16, 1]}
+    )
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", r))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint.resume: {step} was saved from a different model: shape mismatches")
+    assert "(16, 8) vs model (32, 8)" in lines[0]
