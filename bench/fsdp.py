@@ -170,7 +170,8 @@ def main() -> None:
         r = result[name]
         print(f"{name:14}{r['steps_per_s']:>10.2f}{r['peak_bytes'] / 2**20:>12.1f}")
     print(
-        f"launcher / hand-written: throughput {result['throughput_ratio']:.3f}x, peak memory {result['peak_memory_ratio']:.3f}x"
+        f"launcher / hand-written: throughput {result['throughput_ratio']:.3f}x, "
+        f"peak memory {result['peak_memory_ratio']:.3f}x"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
