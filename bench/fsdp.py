@@ -3,6 +3,7 @@
 
     python bench/fsdp.py                       # CPU: 2 ranks under gloo, a small GPT, fp32
     python bench/fsdp.py --device cuda         # every GPU of this machine (torchrun), GPT-2 small, bf16
+    python bench/fsdp.py --repeat 3            # three interleaved rounds, medians
 
 Both shard each transformer block, then the root; AdamW; a fresh process group per run. Reports
 steps per second (median over windows of 5 steps, data loading included, after a warm-up; the
@@ -146,6 +147,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: 2 on CPU, every GPU on CUDA)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=WINDOW, help="untimed steps first (a multiple of 5)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds, interleaved; medians are reported")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -154,7 +156,12 @@ def main() -> None:
     import torch
 
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
-    hand, ours = run_hand_written(args, nproc), run_launcher(args, nproc)
+    runs: dict[str, list[dict]] = {"hand_written": [], "launcher": []}
+    for r in range(args.repeat):  # interleaved, each one first in turn: drift on the machine hits both
+        order = [("hand_written", run_hand_written), ("launcher", run_launcher)]
+        for name, run in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(run(args, nproc))
+    hand, ours = ({k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]} for name in runs)
     result = {
         "device": args.device,
         "nproc": nproc,
@@ -162,6 +169,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "hand_written": hand,
         "launcher": ours,
+        "rounds": runs,
         "throughput_ratio": ours["steps_per_s"] / hand["steps_per_s"],
         "peak_memory_ratio": ours["peak_bytes"] / hand["peak_bytes"],
     }

@@ -126,6 +126,9 @@ class Trainer:
     peak_flops: float | None = None  # per device, for MFU
     rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
     eval_model: nn.Module | None = None  # what evaluation calls, if not `model` (FSDP: the root's outputs)
+    # FSDP: parameters are sharded (saving gathers them), and its MixedPrecisionPolicy, not autocast,
+    # sets the compute dtype: the parameters are cast once per gather, not every operator's inputs
+    sharded: bool = False
     # set by the loop itself
     stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     startup_logged: bool = False  # the first log row carries the start-up time, once
@@ -140,4 +143,4 @@ class Trainer:
         return self.session.device
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return autocast(self.recipe.train.precision, self.device)
+        return contextlib.nullcontext() if self.sharded else autocast(self.recipe.train.precision, self.device)

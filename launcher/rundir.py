@@ -35,7 +35,7 @@ from launcher.storage import free_bytes, nearest_existing
 
 LOCK = ".lock"
 # what a launcher checkpoint directory holds
-CHECKPOINT_FILES = frozenset({checkpoint.STATE, checkpoint.MARKER})
+CHECKPOINT_FILES = frozenset({checkpoint.STATE, checkpoint.MARKER, checkpoint.SHARDS})  # shards/: a sharded run's
 _STEP_DIR = re.compile(r"step_\d+$")
 _STEP_TMP = re.compile(r"\.step_\d+\..*\.tmp$")
 

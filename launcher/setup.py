@@ -5,6 +5,7 @@ meta-device model its shards."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ def model(
     """The model, with a checkpoint's weights (and that checkpoint, checked, for the rest). `on_meta`
     (dist.fsdp.meta_init): no weights until each rank's shards exist (sharding.materialize)."""
     if recipe.dist.strategy != "ddp":
-        import torch._dynamo  # noqa: F401  # FSDP imports it (~100 MB) on first use: not the model's memory
+        # FSDP imports it (~100 MB) on first use: imported before the mark, it is not counted as the model's
+        # memory (importlib: an `import torch._dynamo` here would make `torch` a local name of this function)
+        importlib.import_module("torch._dynamo")
     startup.mark("model_start")
     with torch.device("meta") if on_meta else contextlib.nullcontext():
         model = build_model(recipe)

@@ -45,6 +45,11 @@ def check(recipe: Recipe, world_size: int, local_world_size: int | None = None) 
             f"{strategy} needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer (FSDP2's fully_shard); this is torch "
             f"{torch.__version__}: upgrade torch, or use dist.strategy=ddp",
         )
+    if recipe.train.activation_checkpointing.segments == "auto":
+        raise RecipeError(
+            "train.activation_checkpointing.segments",
+            f"auto probes the whole model on one device, which {strategy} exists to avoid; set a number of segments",
+        )
     if strategy == "hsdp":
         group = shard_group_size(recipe.dist.fsdp, world_size, local_world_size)
         if world_size % group:

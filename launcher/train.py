@@ -211,6 +211,7 @@ def _train_locked(
         peak_flops=peak_flops(sess.device, recipe.train.precision),
         rank_rng=rank_rng,
         eval_model=parallel.eval_model(model, train_model) if sharded else None,
+        sharded=sharded,
     )
     return _fit(t, env)
 
@@ -243,7 +244,7 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
             f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code
         )
     # CPU tensors: loadable on any machine without map_location (sharded: every rank gathers)
-    weights = sharded_state.full_model_state(t.model, sharded=t.eval_model is not None)
+    weights = sharded_state.full_model_state(t.model, sharded=t.sharded)
     if env.is_main:
         save_torch(weights, recipe.layout.weights)
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.layout.weights}")

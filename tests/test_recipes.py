@@ -102,6 +102,7 @@ def test_imagefolder_recipe_trains_on_generated_images(tmp_path):
         "data.batch_size=2",
         "data.num_workers=1",
         "train.precision=fp32",
+        "train.channels_last=true",  # NCHW in, channels-last weights and activations
         "train.epochs=1",
         "train.warmup_steps=0",
         check=True,

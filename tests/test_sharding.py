@@ -19,6 +19,7 @@ from conftest import assert_close_rel, launcher, load_weights, recipe_dict, work
 from launcher import checkpoint, train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
+from launcher.rundir import RunDir
 from launcher.sharding import MIN_TORCH, torch_version
 from runs import assert_identical, gate, recipe, wait_for
 
@@ -248,6 +249,8 @@ def test_convert_joins_a_sharded_checkpoint_into_the_gathered_model_pt(tmp_path,
     proc = launcher("convert", str(uninterrupted / "checkpoints"), "-o", str(out))  # its newest: the last step
     assert proc.returncode == 0, proc.stderr
     assert_identical(torch.load(out, weights_only=True), load_weights(uninterrupted))
+    # and a sharded step directory is the launcher's own: run.overwrite may delete it
+    assert RunDir(uninterrupted, uninterrupted / "checkpoints").foreign_checkpoint_entries() == []
     again = launcher("convert", str(uninterrupted / "checkpoints"), "-o", str(out))
     assert again.returncode == 2
     assert (
