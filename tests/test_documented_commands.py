@@ -66,6 +66,8 @@ def _launcher(args: list[str], command: str) -> tuple[list[str], str]:
         return [], "needs the job it checks (tests/test_launchers.py runs the doctor)"
     if sub == "plot":
         return [], "needs finished runs (tests/test_observability.py plots them)"
+    if sub == "convert":
+        return [], "needs a checkpoint (tests/test_sharding.py converts them)"
     raise AssertionError(f"a documented command this test does not know how to check: {command}")
 
 
