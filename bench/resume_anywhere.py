@@ -19,14 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "support")]
 
 from conftest import launcher, load_weights, recipe_dict, write_recipe  # noqa: E402
-
-RESUMABLE = {
-    "data.batch_size": 2,
-    "train.global_batch_size": 24,
-    "train.epochs": 3,
-    "checkpoint.every_n_steps": 2,
-    "checkpoint.keep_last": 3,
-}
+from test_sharding import RESUMABLE  # noqa: E402  # the tests' recipe, exactly
 
 
 def run(tmp: Path, name: str, nproc: int, **changes) -> dict:

@@ -52,6 +52,25 @@ def test_quickstart_trains_on_two_ranks_to_90_percent(tmp_path):
     assert "done: completed after 230 steps" in proc.stdout
 
 
+# the GPT recipes, shrunk to train 3 steps on a CPU in seconds
+TINY_GPT = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=16",
+    "data.train.seq_len=16",
+    "data.val.seq_len=16",
+    "data.train.max_bytes=20000",
+    "data.val.max_bytes=20000",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.activation_checkpointing.segments=2",
+    "train.eval_every_steps=3",
+    "scheduler.T_max=3",
+    "train.warmup_steps=1",
+]
+
+
 def test_gpt_recipe_trains_a_few_steps(tmp_path):
     launcher(
         "run",
@@ -59,21 +78,8 @@ def test_gpt_recipe_trains_a_few_steps(tmp_path):
         f"run.dir={tmp_path}",
         "train.max_steps=3",
         "train.precision=fp32",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.seq_len=16",
-        "data.train.seq_len=16",
-        "data.val.seq_len=16",
-        "data.train.max_bytes=20000",
-        "data.val.max_bytes=20000",
-        "data.batch_size=4",
         "train.global_batch_size=8",
-        "data.num_workers=0",
-        "train.activation_checkpointing.segments=2",
-        "train.eval_every_steps=3",
-        "scheduler.T_max=3",
-        "train.warmup_steps=1",
+        *TINY_GPT,
         check=True,
     )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -122,21 +128,8 @@ def test_gpt_fsdp_recipe_trains_a_few_steps_on_two_ranks_in_bf16(tmp_path):
         ROOT / "recipes" / "gpt_fsdp.yaml",
         f"run.dir={tmp_path}",
         "train.max_steps=3",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=2",
-        "model.seq_len=16",
-        "data.train.seq_len=16",
-        "data.val.seq_len=16",
-        "data.train.max_bytes=20000",
-        "data.val.max_bytes=20000",
-        "data.batch_size=4",
         "train.global_batch_size=16",
-        "data.num_workers=0",
-        "train.activation_checkpointing.segments=2",
-        "train.eval_every_steps=3",
-        "scheduler.T_max=3",
-        "train.warmup_steps=1",
+        *TINY_GPT,
         "log.wandb.mode=offline",
         check=True,
     )

@@ -19,7 +19,7 @@ from conftest import launcher, load_weights, worker_env, write_recipe
 from launcher import checkpoint, train
 from launcher.env import ClusterEnv
 from launcher.recipe import validate
-from runs import assert_identical, gate, processes_with, recipe, wait_for
+from runs import assert_identical, gate, processes_with, recipe, start, wait_for
 
 
 def in_process(run_dir: Path, **changes):
@@ -126,13 +126,7 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
     at_call = 9  # a fixed micro-step mid-epoch (of 18 in all): the test exercises the same kill every run
     until, waiting, model = gate(tmp_path, rank=1, at_call=at_call, first_attempt_only=True)
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{"checkpoint.every_n_steps": 2}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start("run", "--nproc", "2", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
     out, err = proc.communicate(timeout=180)

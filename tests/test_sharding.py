@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from launcher.env import ClusterEnv
 from launcher.recipe import validate
 from launcher.rundir import RunDir
 from launcher.sharding import MIN_TORCH, torch_version
-from runs import assert_identical, gate, recipe, wait_for
+from runs import assert_identical, gate, recipe, start, wait_for
 
 needs_fsdp = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6 (tested: the error)")
 
@@ -208,13 +206,7 @@ def test_an_elastic_restart_after_sigkill_resumes_fsdp_bit_for_bit(tmp_path, gat
     _, waiting, model = gate(tmp_path, rank=1, at_call=9, first_attempt_only=True)
     changes = {**model, "dist.strategy": "fsdp", "checkpoint.every_n_steps": 2}
     path = write_recipe(tmp_path / "r.yaml", recipe(tmp_path / "run", **changes))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", "--nproc", "2", "--max-restarts", "1", str(path)],
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start("run", "--nproc", "2", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
     out, err = proc.communicate(timeout=300)
@@ -311,3 +303,30 @@ def test_resuming_a_sharded_checkpoint_with_another_model_shape_is_one_line(tmp_
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: checkpoint.resume: {step} was saved from a different model: shape mismatches")
     assert "(16, 8) vs model (32, 8)" in lines[0]
+
+
+@needs_fsdp
+def test_a_preemption_signal_checkpoints_fsdp_shards_and_the_requeued_run_resumes_bit_for_bit(
+    tmp_path, gated_reference
+):
+    _, waiting, model = gate(tmp_path, rank=0, at_call=7, release_on=["SIGUSR1"])  # mid-way through step 4
+    path = write_recipe(tmp_path / "r.yaml", recipe(tmp_path / "run", **model, **{"dist.strategy": "fsdp"}))
+    proc = start("run", "--nproc", "2", path)
+    wait_for(waiting, proc)
+    proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    saved = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+    assert saved is not None and list((saved / "shards").glob("*.distcp"))
+    requeued = launcher("run", "--nproc", "2", path)
+    assert requeued.returncode == 0, requeued.stderr
+    assert_identical(load_weights(tmp_path / "run"), gated_reference)
+
+
+@needs_fsdp
+def test_a_non_finite_step_is_skipped_on_every_rank_under_fsdp_as_under_ddp(tmp_path):
+    """rank 1's loss is NaN at its 5th forward: the norm over all shards is NaN on both ranks."""
+    nan = {"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1], "rank": 1, "at_call": 5}}
+    runs = {s: ranks(tmp_path, s, **{**nan, "dist.strategy": s, "train.on_nonfinite": "skip"}) for s in ("fsdp", "ddp")}
+    assert rows(runs["fsdp"], "skipped_steps")[-1] == rows(runs["ddp"], "skipped_steps")[-1] == 1
+    assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from conftest import recipe_dict
+from conftest import recipe_dict, worker_env
 
 # dropout and per-sample noise make every RNG stream matter; 37 samples and global batch 16 make
 # each epoch's last window partial (3 steps per epoch, 9 in all)
@@ -45,6 +47,17 @@ def gate(tmp_path: Path, rank: int, at_call: int, **extra) -> tuple[Path, Path, 
                 **extra,
             }
         },
+    )
+
+
+def start(*args, env: dict | None = None) -> subprocess.Popen:
+    """`python -m launcher ARGS`, running (stdout and stderr piped, as text): for tests that act on it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", *map(str, args)],
+        env=env or worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
