@@ -62,8 +62,15 @@ def reference(tmp_path_factory):
 @needs_fsdp
 def test_fsdp_at_world_2_equals_ddp_and_one_process(tmp_path, reference):
     """2 ranks x micro 4 x accumulation 2, a partial last window, clipping across shards."""
-    fsdp = ranks(tmp_path, "fsdp", **{"dist.strategy": "fsdp", **CLIP})
+    # traced: steps 3 (an epoch's partial last window, one micro-batch) and 4 (two micro-batches)
+    profile = {"log.profile": {"start_step": 1, "steps": 2}}
+    fsdp = ranks(tmp_path, "fsdp", **{"dist.strategy": "fsdp", **CLIP, **profile})
     assert_same_run(fsdp, reference)
+    # gradients are reduced once per optimizer step, after the window's last micro-batch: each unit's
+    # reduce-scatter (FSDP's own profiler label) shows up once per traced step, not once per backward
+    events = json.loads((fsdp / "profile" / "rank0.trace.json").read_text())["traceEvents"]
+    reduces = [e["name"] for e in events if e.get("name", "").startswith("FSDP::post_backward_reduce")]
+    assert reduces and all(reduces.count(name) == 2 for name in reduces), sorted(reduces)
     ddp = ranks(tmp_path, "ddp", **CLIP)
     assert_same_run(ddp, reference)
     assert (fsdp / "checkpoints").is_dir() and list((fsdp / "checkpoints").glob("step_*/shards/*.distcp"))
