@@ -337,3 +337,17 @@ def test_a_non_finite_step_is_skipped_on_every_rank_under_fsdp_as_under_ddp(tmp_
     runs = {s: ranks(tmp_path, s, **{**nan, "dist.strategy": s, "train.on_nonfinite": "skip"}) for s in ("fsdp", "ddp")}
     assert rows(runs["fsdp"], "skipped_steps")[-1] == rows(runs["ddp"], "skipped_steps")[-1] == 1
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
+
+
+@needs_fsdp
+def test_fp16_under_fsdp_scales_and_skips_as_under_ddp(tmp_path):
+    """fp16 with a GradScaler over sharded gradients: the same overflow skips and final scale as
+    ddp's (65536 backs off to 8192 in the first steps here), and the same weights to fp16's
+    tolerance (FSDP casts the weights, ddp's autocast casts each operator's inputs)."""
+    fp16 = {"train.precision": "fp16"}
+    runs = {s: ranks(tmp_path, s, **{**fp16, "dist.strategy": s}) for s in ("fsdp", "ddp")}
+    scales = {
+        s: checkpoint.load(checkpoint.find_latest(run / "checkpoints"))["scaler"]["scale"] for s, run in runs.items()
+    }
+    assert scales["fsdp"] == scales["ddp"] < 65536.0
+    assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-4)
