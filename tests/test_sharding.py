@@ -351,3 +351,19 @@ def test_fp16_under_fsdp_scales_and_skips_as_under_ddp(tmp_path):
     }
     assert scales["fsdp"] == scales["ddp"] < 65536.0
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-4)
+
+
+@needs_fsdp
+def test_a_run_continued_on_4_then_3_then_1_ranks_reaches_the_uninterrupted_weights(tmp_path, uninterrupted):
+    """As after losing nodes: step 2 of the 2-rank run continues on 4 ranks to step 4, that one on 3
+    ranks to step 5, that one in one process to the end (6), each from the previous one's checkpoint."""
+    run = tmp_path / "run"
+    start_from = uninterrupted / "checkpoints" / "step_00000002"
+    for nproc, until in ((4, 4), (3, 5), (1, 6)):
+        changes = {"dist.strategy": "fsdp", **RESUMABLE, "checkpoint.resume": str(start_from), "train.max_steps": until}
+        path = write_recipe(tmp_path / f"w{nproc}.yaml", recipe_dict(**{"run.dir": str(run), **changes}))
+        proc = launcher("run", *(["--nproc", str(nproc)] if nproc > 1 else []), path, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        start_from = checkpoint.find_latest(run / "checkpoints")
+        assert start_from.name == f"step_{until:08d}"
+    assert_close_rel(load_weights(run), load_weights(uninterrupted), rtol=1e-5)
