@@ -125,12 +125,6 @@ def shard(
     return root
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(getattr(module, "_orig_mod", module), FSDPModule)
-
-
 def materialize(model: nn.Module, device: torch.device) -> None:
     """dist.fsdp.meta_init: give a sharded meta-device model real shards on `device`, initialised
     per shard: the model's own `init_weights()` if it has one, else each module's

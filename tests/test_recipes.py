@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT, launcher
+from launcher.sharding import MIN_TORCH, torch_version
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -117,9 +118,7 @@ def test_imagefolder_recipe_trains_on_generated_images(tmp_path):
     assert rows[-1]["step"] == 3 and "val_accuracy" in rows[-1]
 
 
-@pytest.mark.skipif(
-    tuple(int(x) for x in __import__("torch").__version__.split(".")[:2]) < (2, 6), reason="FSDP2 needs torch >= 2.6"
-)
+@pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6")
 def test_gpt_fsdp_recipe_trains_a_few_steps_on_two_ranks_in_bf16(tmp_path):
     launcher(
         "run",
