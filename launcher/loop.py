@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher import distributed, memory, parallel, resume, startup
+from launcher import distributed, gradients, memory, parallel, resume, startup
 from launcher.data import Batch, batch_size_of, slice_batch, to_device
 from launcher.errors import TrainingError
 from launcher.evaluation import evaluate
@@ -168,11 +168,11 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     params = t.params
     norm = None
     if cfg.grad_clip_norm is not None:
-        norm = _whole(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm))
+        norm = gradients.whole(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm))
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
-        norm = grad_norm(params)  # before value clipping
+        norm = gradients.grad_norm(params)  # before value clipping
     t.window.grad_norm = norm
     # after the all-reduce every rank holds the same gradients, so all decide alike; this is
     # the one mode that syncs with the device every step
@@ -209,21 +209,6 @@ def _skip_step(t: Trainer) -> None:
     if t.scheduler is not None:
         t.scheduler.step()  # the schedule follows the step count
     t.optimizer.zero_grad(set_to_none=True)
-
-
-def grad_norm(params: list) -> torch.Tensor:
-    """The gradients' total 2-norm, on the device. torch >= 2.6 measures it without touching the
-    gradients; before that, clipping at infinity measures it and multiplies every gradient by 1.0."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is None:
-        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    return _whole(get_total_norm([p.grad for p in params if p.grad is not None]))
-
-
-def _whole(norm: torch.Tensor) -> torch.Tensor:
-    """FSDP's gradients are shards (DTensors), and so is their norm: the norm over all shards."""
-    full_tensor = getattr(norm, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else norm
 
 
 def log_train(t: Trainer) -> None:

@@ -41,6 +41,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.models",
         "launcher.datasets",
         "launcher.evaluation",
+        "launcher.gradients",
         "launcher.precision",
     ),
     "infra": (
