@@ -44,7 +44,7 @@ def ranks(tmp_path, name, nproc=2, **changes):
 
 def assert_same_run(run_dir, reference, rtol=1e-6):
     assert_close_rel(load_weights(run_dir), load_weights(reference), rtol=rtol)
-    for key in ("loss", "val_loss"):
+    for key in ("loss", "val_loss", "grad_norm"):  # grad_norm: the norm over every shard
         got, want = rows(run_dir, key), rows(reference, key)
         assert len(got) == len(want) > 0
         assert got == pytest.approx(want, rel=rtol), key
@@ -336,6 +336,9 @@ def test_a_non_finite_step_is_skipped_on_every_rank_under_fsdp_as_under_ddp(tmp_
     nan = {"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1], "rank": 1, "at_call": 5}}
     runs = {s: ranks(tmp_path, s, **{**nan, "dist.strategy": s, "train.on_nonfinite": "skip"}) for s in ("fsdp", "ddp")}
     assert rows(runs["fsdp"], "skipped_steps")[-1] == rows(runs["ddp"], "skipped_steps")[-1] == 1
+    # without clipping, the logged norm is launcher.gradients' (local shards, one all-reduce per mesh)
+    got, want = rows(runs["fsdp"], "grad_norm"), rows(runs["ddp"], "grad_norm")
+    assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-6, nan_ok=True)
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
 
 
@@ -367,3 +370,19 @@ def test_a_run_continued_on_4_then_3_then_1_ranks_reaches_the_uninterrupted_weig
         start_from = checkpoint.find_latest(run / "checkpoints")
         assert start_from.name == f"step_{until:08d}"
     assert_close_rel(load_weights(run), load_weights(uninterrupted), rtol=1e-5)
+
+
+@needs_fsdp
+def test_early_stopping_under_fsdp_stops_both_ranks_where_ddp_stops(tmp_path):
+    """Every rank evaluates (the sharded model needs all of them) and all stop at the same step."""
+    es = {"train.epochs": 20, "train.eval_every_steps": 1}
+    es["train.early_stopping"] = {"metric": "val_loss", "patience": 2, "min_delta": 1e9}
+    runs = {s: ranks(tmp_path, s, **{**es, "dist.strategy": s}) for s in ("fsdp", "ddp")}
+    for run in runs.values():
+        assert [
+            r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+        ] == [1, 2, 3]
+        state = checkpoint.load(checkpoint.find_latest(run / "checkpoints"))["train_state"]
+        assert state["step"] == 3 and state["stop_reason"].startswith("early stopping"), state
+    assert rows(runs["fsdp"], "val_loss") == pytest.approx(rows(runs["ddp"], "val_loss"), rel=1e-6)
+    assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
