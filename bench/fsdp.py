@@ -1,16 +1,20 @@
 """FSDP2: the launcher's `dist.strategy: fsdp` against the same training written by hand with
-`fully_shard`, one invocation, same model, data, optimizer and precision.
+`fully_shard`, with Lightning Fabric (ModelParallelStrategy, its FSDP2) and with Accelerate
+(`fsdp_version: 2`): one invocation, same model, data, optimizer, sharding units and precision.
 
     python bench/fsdp.py                       # CPU: 2 ranks under gloo, a small GPT, fp32
     python bench/fsdp.py --device cuda         # every GPU of this machine (torchrun), GPT-2 small, bf16
     python bench/fsdp.py --repeat 3            # three interleaved rounds, medians
 
-Both shard each transformer block, then the root; AdamW; a fresh process group per run. Reports
+Each shards every transformer block, then the root; AdamW; a fresh process group per run. Reports
 steps per second (median over windows of 5 steps, data loading included, after a warm-up; the
-launcher's from its metrics rows, one per window) and rank 0's peak memory (CUDA:
-max_memory_allocated; CPU: peak resident set), and the launcher's ratio to the hand-written loop.
-Targets (issue #13): throughput >= 0.98x, peak memory <= 1.01x. Accelerate's and Lightning
-Fabric's FSDP are not in this bench yet.
+launcher's from its metrics rows, one per window) and rank 0's peak memory, and each one's ratio to
+the hand-written loop (the median over rounds of each round's ratio). Memory: on CUDA
+max_memory_allocated; on CPU the peak resident set, and ("train MiB", the ratio's basis) that peak
+less the peak before the model was built, which leaves out the libraries each implementation
+imports. Targets (issue #13): throughput >= 0.98x, memory <= 1.01x.
+Accelerate shards only on accelerators, so its row runs on CUDA only; rows whose package is not
+installed are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -36,45 +40,76 @@ SHAPES = {  # model and batch per device kind
 }
 
 
-def hand_written(args: argparse.Namespace) -> None:
-    """One rank of the hand-written loop (started by torchrun); rank 0 prints its result as JSON."""
+IMPLS = ("hand_written", "fabric", "accelerate")  # each runs as torchrun workers of this file
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a non-launcher implementation (started by torchrun); rank 0 prints its result as JSON."""
     import torch
+    import torch._dynamo  # noqa: F401  (building any optimizer imports it: before the memory baseline, as the launcher does)
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.utils.data import DataLoader, DistributedSampler
 
     from launcher.datasets.synthetic import Tokens
     from launcher.losses import TokenCrossEntropy
     from launcher.models import GPT
-    from launcher.models.gpt import Block
 
     cuda = args.device == "cuda"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
     s = SHAPES[args.device]
-    torch.manual_seed(0)
-    model = GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"]).to(device)
-    mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
-    for block in model:
-        if isinstance(block, Block):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     data = Tokens(
         size=s["batch"] * world * (args.steps + args.warmup), seq_len=s["seq_len"], vocab_size=s["vocab_size"]
     )
     loader = DataLoader(data, batch_size=s["batch"], sampler=DistributedSampler(data, world, rank, seed=0))
     loss_fn = TokenCrossEntropy()
+    torch.manual_seed(0)
+    if args.worker == "hand_written":
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rss_before_model = _peak_rss()
+        model = _shard(GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"]).to(device), cuda)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        backward = torch.Tensor.backward
+    elif args.worker == "fabric":  # Fabric's FSDP2 is ModelParallelStrategy (its FSDPStrategy is FSDP1)
+        import lightning as L
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(
+            parallelize_fn=lambda m, mesh: _shard(m, cuda, mesh["data_parallel"]),
+            data_parallel_size=world,
+            tensor_parallel_size=1,
+        )
+        fabric = L.Fabric(accelerator=device.type, devices=world, strategy=strategy, precision="32-true")
+        fabric.launch()  # torchrun started the processes: this only sets up the process group
+        rss_before_model = _peak_rss()
+        model = GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"])
+        model = fabric.setup_module(model)
+        opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda))
+        backward = fabric.backward
+    else:  # Accelerate, FSDP2: the same units and policy; it shards only on accelerators (on CPU it is DDP)
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["Block"],
+            reshard_after_forward=True,
+            mixed_precision_policy=MixedPrecisionPolicy(param_dtype=_param_dtype(cuda), reduce_dtype=torch.float32),
+        )
+        acc = Accelerator(fsdp_plugin=plugin, mixed_precision="no")
+        rss_before_model = _peak_rss()
+        model = GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"]).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        model, opt = acc.prepare(model, opt)  # the loader stays ours: the same DistributedSampler shards
+        backward = acc.backward
     times, t0 = [], time.perf_counter()
     for i, (x, y) in enumerate(loader, 1):  # timed as the launcher's rows are: windows of WINDOW steps, data included
         x, y = x.to(device), y.to(device)
         loss = loss_fn(model(x), y)
-        loss.backward()
+        backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i % WINDOW == 0:
@@ -82,17 +117,46 @@ def hand_written(args: argparse.Namespace) -> None:
             if i > args.warmup:
                 times.append((time.perf_counter() - t0) / WINDOW)
             t0 = time.perf_counter()
-    peak = (
-        torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
     if rank == 0:
-        print(json.dumps({"steps_per_s": 1 / statistics.median(times), "peak_bytes": peak}), flush=True)
+        result = {"steps_per_s": 1 / statistics.median(times), "peak_bytes": peak}
+        if not cuda:  # the process's own libraries left out: what training added
+            result["train_bytes"] = peak - rss_before_model
+        print(json.dumps(result), flush=True)
     dist.destroy_process_group()
 
 
-def run_hand_written(args: argparse.Namespace, nproc: int) -> dict:
+def _param_dtype(cuda: bool):  # noqa: ANN202 (torch is imported lazily)
+    import torch
+
+    return torch.bfloat16 if cuda else None
+
+
+def _shard(model, cuda: bool, mesh=None):  # noqa: ANN001, ANN202
+    """Each transformer block, then the root, as the launcher's `units: [Block]` does."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from launcher.models.gpt import Block
+
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (int(os.environ["WORLD_SIZE"]),))
+    policy = MixedPrecisionPolicy(param_dtype=_param_dtype(cuda), reduce_dtype=torch.float32)
+    for block in model:
+        if isinstance(block, Block):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_worker(name: str, args: argparse.Namespace, nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [__file__, "--worker", "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += [__file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
@@ -131,9 +195,13 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> dict:
             env=_env(),
         )
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        startup = json.loads((Path(tmp) / "startup.json").read_text())
     timed = [r for r in rows if "step_time_s" in r and r["step"] > args.warmup]
     peak = max(r["peak_mem_gib"] if cuda else r["max_rss_gib"] for r in timed) * 2**30
-    return {"steps_per_s": 1 / statistics.median(r["step_time_s"] for r in timed), "peak_bytes": peak}
+    result = {"steps_per_s": 1 / statistics.median(r["step_time_s"] for r in timed), "peak_bytes": peak}
+    if not cuda:
+        result["train_bytes"] = peak - startup["peak_rss_before_model_mib"] * 2**20
+    return result
 
 
 def _env() -> dict:
@@ -148,41 +216,59 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=WINDOW, help="untimed steps first (a multiple of 5)")
     p.add_argument("--repeat", type=int, default=1, help="rounds, interleaved; medians are reported")
+    p.add_argument("--impls", default="hand_written,launcher,fabric,accelerate", help="comma-separated")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return hand_written(args)
+        return worker(args)
     import torch
 
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
-    runs: dict[str, list[dict]] = {"hand_written": [], "launcher": []}
-    for r in range(args.repeat):  # interleaved, each one first in turn: drift on the machine hits both
-        order = [("hand_written", run_hand_written), ("launcher", run_launcher)]
-        for name, run in order if r % 2 == 0 else order[::-1]:
-            runs[name].append(run(args, nproc))
-    hand, ours = ({k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]} for name in runs)
-    result = {
+    impls = [name for name in args.impls.split(",") if name]
+    skipped = {name: why for name in impls if (why := _skip_reason(name, args.device))}
+    order = [name for name in impls if name not in skipped]
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    for r in range(args.repeat):  # interleaved, in turn reversed: drift on the machine hits every one alike
+        for name in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(run_launcher(args, nproc) if name == "launcher" else run_worker(name, args, nproc))
+    result: dict = {
         "device": args.device,
         "nproc": nproc,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "hand_written": hand,
-        "launcher": ours,
+        **{name: {k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]} for name in runs},
+        "skipped": skipped,
         "rounds": runs,
-        "throughput_ratio": ours["steps_per_s"] / hand["steps_per_s"],
-        "peak_memory_ratio": ours["peak_bytes"] / hand["peak_bytes"],
     }
-    print(f"{'':14}{'steps/s':>10}{'peak MiB':>12}")
-    for name in ("hand_written", "launcher"):
+    base = result.get("hand_written")
+    memory = "train_bytes" if args.device == "cpu" else "peak_bytes"
+    print(f"{'':14}{'steps/s':>10}{'peak MiB':>12}{'train MiB':>11}{'throughput':>12}{'memory':>9}")
+    for name in runs:
         r = result[name]
-        print(f"{name:14}{r['steps_per_s']:>10.2f}{r['peak_bytes'] / 2**20:>12.1f}")
-    print(
-        f"launcher / hand-written: throughput {result['throughput_ratio']:.3f}x, "
-        f"peak memory {result['peak_memory_ratio']:.3f}x"
-    )
+        if base is not None:  # each round's ratio to that round's hand-written run, then their median:
+            # drift on a shared machine moves a round's runs together, so pairs cancel most of it
+            pairs = list(zip(runs[name], runs["hand_written"], strict=True))
+            r["throughput_ratio"] = statistics.median(a["steps_per_s"] / b["steps_per_s"] for a, b in pairs)
+            r["memory_ratio"] = statistics.median(a[memory] / b[memory] for a, b in pairs)
+        train = f"{r['train_bytes'] / 2**20:>11.1f}" if "train_bytes" in r else f"{'':>11}"
+        ratios = f"{r['throughput_ratio']:>11.3f}x{r['memory_ratio']:>8.3f}x" if base is not None else ""
+        print(f"{name:14}{r['steps_per_s']:>10.2f}{r['peak_bytes'] / 2**20:>12.1f}{train}{ratios}")
+    for name, why in skipped.items():
+        print(f"{name:14}skipped: {why}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _skip_reason(name: str, device: str) -> str | None:
+    import importlib.util
+
+    module = {"fabric": "lightning", "accelerate": "accelerate"}.get(name)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (pip install {module})"
+    if name == "accelerate" and device == "cpu":
+        return "Accelerate shards only on accelerators: on CPU its FSDP plugin is ignored and it runs DDP"
+    return None
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def report() -> dict[str, float]:
         out["model_build_s"] = round(model_build, 4)
         out["optimizer_build_s"] = round(optimizer_build, 4)
         out["launcher_s"] = round(marks["first_step"] - marks["torch"] - model_build - optimizer_build, 4)
+    if "model_start" in peak_rss_mib:  # python, torch, the launcher and the process group: before any weights
+        out["peak_rss_before_model_mib"] = round(peak_rss_mib["model_start"], 1)
     if {"model_start", "optimizer_start"} <= peak_rss_mib.keys():
         # what building, loading and sharding the model added to this process's peak memory
         out["model_peak_rss_growth_mib"] = round(peak_rss_mib["optimizer_start"] - peak_rss_mib["model_start"], 1)
