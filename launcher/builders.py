@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import signal
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +34,26 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
                 f"{key}._component_",
                 f"built a {type(ds).__name__}, which has no __getitem__; name a map-style torch Dataset",
             )
+    if recipe.loss is None and len(train_set) > 0 and not isinstance(train_set[0], Mapping):
+        raise RecipeError(
+            "loss",
+            f"the recipe names no loss, so the model must compute its own from a mapping batch with "
+            f"'labels', but data.train yields {type(train_set[0]).__name__}s; add a loss component",
+        )
     return train_set, val_set
+
+
+def build_collate(recipe: Recipe) -> Callable[[list[Any]], Any] | None:
+    """data.collate: what turns a list of samples into a batch (padding); None: torch's default."""
+    if recipe.data.collate is None:
+        return None
+    collate = instantiate(recipe.data.collate, "data.collate")
+    if not callable(collate):
+        raise RecipeError(
+            "data.collate._component_",
+            f"built a {type(collate).__name__}, which cannot be called; name a function of a list of samples",
+        )
+    return collate
 
 
 def build_model(recipe: Recipe) -> torch.nn.Module:
@@ -75,6 +95,7 @@ def build_loaders(
         pin_memory=pin,
         prefetch_factor=d.prefetch_factor,
         ignore_signals=tuple(signals),
+        collate_fn=build_collate(recipe),
     )
     seeded = SeededDataset(train_set, recipe.seed)
     shards = []

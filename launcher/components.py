@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from launcher.errors import BuildError, RecipeError
+from launcher.errors import ArgumentError, BuildError, RecipeError
 from launcher.recipe import suggest
 
 TARGET = "_component_"
@@ -33,7 +33,11 @@ def resolve(target: str, key: str) -> Callable:
             # only "this prefix does not exist" means try a shorter one; a missing dependency is the answer
             if e.name is None or not ".".join(parts[:cut]).startswith(e.name):
                 raise RecipeError(
-                    f"{key}.{TARGET}", f"importing {target} failed: {e}; install the missing package"
+                    f"{key}.{TARGET}", f"importing {target} failed: {e}; {install_hint(e.name)}"
+                ) from None
+            if cut == 1 and e.name in EXTRAS:  # a known optional dependency that is not installed
+                raise RecipeError(
+                    f"{key}.{TARGET}", f"{target} needs {e.name}, which is not installed; {install_hint(e.name)}"
                 ) from None
             error = e
         except Exception as e:  # the module exists but fails to import: report, do not hide it
@@ -62,6 +66,30 @@ def resolve(target: str, key: str) -> Callable:
     if not callable(obj):
         raise RecipeError(f"{key}.{TARGET}", f"{target} is not a class or function")
     return obj
+
+
+# optional dependencies, by the extra that installs them (pyproject.toml)
+EXTRAS = {name: "hf" for name in ("transformers", "datasets", "tokenizers", "torchdata", "safetensors")}
+
+
+def install_hint(module: str | None) -> str:
+    extra = EXTRAS.get((module or "").split(".")[0])
+    if extra is not None:
+        return f"install the [{extra}] extra: pip install 'launcher[{extra}]'"
+    return "install the missing package"
+
+
+def require(module: str, needed_by: str) -> Any:
+    """Import an optional dependency inside a component; if absent, one line (for the component's
+    key, through `instantiate`) naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+            raise
+        raise ArgumentError(
+            TARGET, f"{needed_by} needs {module}, which is not installed; {install_hint(module)}"
+        ) from None
 
 
 def _signature(fn: Callable) -> inspect.Signature | None:
@@ -114,6 +142,10 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
         kwargs[name] = instantiate(value, f"{key}.{name}") if isinstance(value, dict) and TARGET in value else value
     try:
         return target(*args, **kwargs, **runtime)
+    except RecipeError:  # already names its key (a nested component, a missing extra)
+        raise
+    except ArgumentError as e:  # a built-in component's complaint about one of its arguments
+        raise BuildError(f"{key}.{e.argument}" if e.argument else key, str(e), e) from None
     except Exception as e:
         if debugging():
             raise

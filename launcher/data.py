@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -118,6 +118,7 @@ def build_loader(
     prefetch_factor: int | None,
     seed: int,
     ignore_signals: tuple[int, ...] = (),
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     extra: dict[str, Any] = {}
     if num_workers > 0:
@@ -136,11 +137,14 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=False,
         generator=g,
+        collate_fn=collate_fn,
         **extra,
     )
 
 
 def batch_size_of(batch: Batch) -> int:
+    if isinstance(batch, Mapping):
+        return batch_size_of(next(iter(batch.values())))
     first = batch[0] if isinstance(batch, (list, tuple)) else batch
     return len(first)
 
@@ -149,7 +153,7 @@ def slice_batch(batch: Batch, n: int) -> Batch:
     """The first `n` samples of a collated batch (tensors in a tuple/list/dict, or a tensor)."""
     if isinstance(batch, torch.Tensor):
         return batch[:n]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a transformers BatchEncoding
         return {k: slice_batch(v, n) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(slice_batch(v, n) for v in batch)
@@ -159,7 +163,7 @@ def slice_batch(batch: Batch, n: int) -> Batch:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)

@@ -107,6 +107,23 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | None = None) 
     return tensor
 
 
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Local rank 0 of each node runs the body first (filling a cache on that node's disk); the
+    other ranks wait for every node's, then run it (reading the cache). One barrier on every rank."""
+    if not is_initialized():
+        yield
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if first:  # also when the body failed: the others then fail alike, each in one line
+            dist.barrier()
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank (so that all ranks stop or continue together)."""
     if not is_initialized():

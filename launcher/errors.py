@@ -18,6 +18,20 @@ class LaunchError(UserError):
     """The environment the launcher was started in is wrong: `key` names the variable or option."""
 
 
+class ArgumentError(Exception):
+    """Raised by a built-in component about one of its own arguments; `instantiate` reports it as a
+    RecipeError for the argument's recipe key (the component does not know where the recipe put it)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+class MissingFile(ArgumentError, FileNotFoundError):
+    """A component's input file does not exist: `launcher check` accepts that for data that lives
+    only where the run will run; `launcher run` stops on it."""
+
+
 class BuildError(RecipeError):
     """A component's constructor raised; `cause` is what it raised."""
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from launcher import distributed
+from launcher import batches, distributed
+from launcher.batches import Counting, LossFn
 from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 
 
@@ -19,7 +20,8 @@ from launcher.data import ShardSampler, batch_size_of, slice_batch, to_device
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: LossFn | None,
+    counting: Counting,
     val_samples: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[Any]],
@@ -28,7 +30,8 @@ def evaluate(
     every_rank_forwards: bool = False,
 ) -> dict[str, float] | None:
     """Sharded evaluation over `loader` (a ShardSampler's shard of `val_samples` samples);
-    DistributedSampler's padding is dropped so each sample counts once. `should_stop` is asked
+    DistributedSampler's padding is dropped so each sample counts once. `val_loss` is the mean
+    over samples, or over valid tokens (`counting`), as training's is. `should_stop` is asked
     between batches (every rank at the same batch): a stop signal (preemption, Ctrl-C) then does
     not wait for a long evaluation to end, and None is returned. `every_rank_forwards`: a rank whose
     batch is all padding still runs the model (on one sample, not counted), as FSDP's gathers need."""
@@ -37,8 +40,8 @@ def evaluate(
     real_end = math.ceil((val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
     was_training = model.training
     model.eval()
-    # loss x samples, samples, correct predictions, predictions
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    # loss x its count, samples, correct predictions, predictions, the loss's count (samples or tokens)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     position = 0
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
@@ -51,21 +54,31 @@ def evaluate(
         position += n
         if n_real == 0 and not every_rank_forwards:
             continue
-        inputs, targets = to_device(slice_batch(batch, max(n_real, 1)), device)
+        batch = slice_batch(batch, max(n_real, 1))
+        count = batches.valid_tokens(batch, counting.shift) if counting.tokens else n_real
+        features, targets = batches.features_and_targets(to_device(batch, device), loss_fn is None)
         with autocast():
-            out = model(inputs)
-            loss = loss_fn(out, targets)
+            out = batches.call(model, features)
+            loss = batches.loss_of(out, targets, loss_fn)
         if n_real == 0:
             continue
-        totals[0] += loss.double() * n_real
+        totals[0] += loss.double() * count
         totals[1] += n_real
-        if isinstance(out, torch.Tensor) and not targets.is_floating_point() and out.shape[:-1] == targets.shape:
-            totals[2] += (out.argmax(-1) == targets).sum()
-            totals[3] += targets.numel()
+        totals[4] += count
+        logits = batches.logits_of(out)
+        if (
+            loss_fn is not None
+            and isinstance(logits, torch.Tensor)
+            and not targets.is_floating_point()
+            and logits.shape[:-1] == targets.shape
+        ):
+            valid = targets != batches.IGNORE_INDEX
+            totals[2] += ((logits.argmax(-1) == targets) & valid).sum()
+            totals[3] += valid.sum()
     model.train(was_training)
     distributed.all_reduce(totals)
-    loss_sum, count, correct, predictions = totals.tolist()
-    metrics = {"val_loss": loss_sum / count, "val_samples": int(count)}
+    loss_sum, count, correct, predictions, weight = totals.tolist()
+    metrics = {"val_loss": loss_sum / max(weight, 1), "val_samples": int(count)}
     if predictions:
         metrics["val_accuracy"] = correct / predictions
     return metrics

@@ -4,10 +4,11 @@ Reads top to bottom: `fit` runs epochs, `train_epoch` runs windows, `micro_step`
 forward/backward, `optimizer_step` clips and steps. Nothing here calls `.item()` or otherwise waits
 for the device except at log, eval and end steps.
 
-Loss scaling: micro-batch i of a window holds n_i real samples (out of n_window over all ranks).
-Its mean loss is multiplied by n_i * W / n_window; DDP averages gradients over the W ranks, so the
-summed gradient is exactly that of the mean loss over the window's real samples: the big-batch
-update, for any W and accumulation, including an epoch's last, partial window.
+Loss scaling (launcher/window.py): micro-batch i of a window holds n_i of the window's n_window
+real samples (or valid tokens) over all ranks. Its mean loss is multiplied by n_i * W / n_window;
+DDP and FSDP average gradients over the W ranks, so the summed gradient is exactly that of the mean
+loss over the window's samples (tokens): the big-batch update, for any W and accumulation,
+including an epoch's last, partial window.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher import distributed, gradients, memory, parallel, resume, startup
-from launcher.data import Batch, batch_size_of, slice_batch, to_device
+from launcher import distributed, gradients, memory, parallel, resume, startup, window
+from launcher.data import Batch, to_device
 from launcher.errors import TrainingError
 from launcher.evaluation import evaluate
 from launcher.logs import log
@@ -61,7 +62,7 @@ def train_epoch(t: Trainer) -> None:
     if s.step_in_epoch >= p.steps_per_epoch:  # resume.check_compatible refuses such a checkpoint
         raise RuntimeError(f"step {s.step_in_epoch} of an epoch of {p.steps_per_epoch} steps")
     micro_index = s.step_in_epoch * p.accumulation
-    shards = []
+    shards: list[tuple[int, Iterator[Batch]]] = []
     for rank, sampler, loader in t.shards:
         sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
         sampler.set_start(micro_index * p.micro_batch)
@@ -72,14 +73,10 @@ def train_epoch(t: Trainer) -> None:
         # one window: n_micro micro-batches on every rank, gradients all-reduced on the last
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
-        for m in range(n_micro):
-            for rank, batches in shards:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                t.window.data_wait_s += time.perf_counter() - t0
-                with _rng_of(t, rank):
-                    micro_step(t, batch, p.real_in_micro_batch(micro_index, rank), n_window, sync=m == n_micro - 1)
-            micro_index += 1
+        for m, rank, batch, weight, log_weight in window.micro_batches(t, shards, n_micro, micro_index, n_window):
+            with _rng_of(t, rank):
+                micro_step(t, batch, weight, log_weight, sync=m == n_micro - 1)
+        micro_index += n_micro
         end_of_epoch = s.step_in_epoch + 1 == p.steps_per_epoch
         log_now = (s.step + 1) % t.recipe.log.every_n_steps == 0 or s.step + 1 == p.total_steps or end_of_epoch
         optimizer_step(t, want_norm=log_now)
@@ -140,24 +137,26 @@ def _rng_of(t: Trainer, rank: int) -> Iterator[None]:
         t.rank_rng[rank] = capture_rng_state()
 
 
-def micro_step(t: Trainer, batch: Batch, n_real: int, n_window: int, sync: bool) -> None:
-    """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
-    if n_real < batch_size_of(batch):
-        # DistributedSampler padding: drop it, keeping one sample when nothing is real so that
-        # this rank still joins the window's all-reduce (with zero weight)
-        batch = slice_batch(batch, max(n_real, 1))
-    inputs, targets = to_device(batch, t.device)
-    if t.recipe.train.channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+def micro_step(
+    t: Trainer, batch: Batch, weight: float | torch.Tensor, log_weight: float | torch.Tensor, sync: bool
+) -> None:
+    """Forward and backward of one micro-batch: its mean loss x `weight` (which includes the number
+    of ranks DDP or FSDP averages over: 1 when ranks are only simulated); gradients are reduced
+    only when `sync`. The log adds the loss x `log_weight`: the window's mean x its samples, over all."""
+    batch = to_device(batch, t.device)
+    if t.recipe.train.channels_last and isinstance(batch, (tuple, list)) and getattr(batch[0], "ndim", 0) == 4:
+        batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
     with parallel.gradient_sync(t.train_model, sync):
         with t.autocast():
-            loss = t.train_model(inputs, targets)  # the model and the loss, in one module
-        # x the number of ranks DDP or FSDP averages over: the real ones (1 when ranks are only simulated)
-        scale = n_real * t.session.world_size / n_window
-        weighted = loss if scale == 1.0 else loss * scale  # 1.0 in every full window without accumulation
+            loss = t.train_model(batch)  # the model and the loss, in one module
+        # 1.0 in every full window of samples without accumulation: no extra operator
+        weighted = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
         (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
     # read at log steps and before saves, never here: a NaN is found there, with its step
-    t.window.loss_sums[t.window.steps].add_(loss.detach(), alpha=n_real)
+    if isinstance(log_weight, torch.Tensor):
+        t.window.loss_sums[t.window.steps].add_(loss.detach() * log_weight)
+    else:
+        t.window.loss_sums[t.window.steps].add_(loss.detach(), alpha=log_weight)
 
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
@@ -262,6 +261,7 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
         t.eval_model or t.model,
         t.val_loader,
         t.loss_fn,
+        t.counting,
         t.plan.val_samples,
         t.device,
         t.autocast,

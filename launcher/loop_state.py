@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from launcher.batches import Counting, LossFn
 from launcher.data import ShardSampler
 from launcher.distributed import Session
 from launcher.plan import Plan
@@ -105,7 +106,7 @@ class Trainer:
     session: Session
     model: nn.Module  # the user's model, unwrapped: eval and saving use it
     train_model: nn.Module  # activation checkpointing and DDP wrappers around `model`
-    loss_fn: Callable[..., torch.Tensor]
+    loss_fn: LossFn | None  # None: the model computes its own
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler | None
@@ -129,6 +130,7 @@ class Trainer:
     # FSDP: parameters are sharded (saving gathers them), and its MixedPrecisionPolicy, not autocast,
     # sets the compute dtype: the parameters are cast once per gather, not every operator's inputs
     sharded: bool = False
+    counting: Counting = Counting(tokens=False)  # what the loss's mean is over: samples or tokens
     # set by the loop itself
     stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     startup_logged: bool = False  # the first log row carries the start-up time, once

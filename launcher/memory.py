@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher import distributed
+from launcher.batches import LossFn
 from launcher.data import to_device
 from launcher.logs import log
 from launcher.parallel import TrainModule
@@ -48,7 +49,7 @@ def candidates(model: nn.Module) -> list[tuple[int, int]]:
 
 def choose(
     model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: LossFn | None,
     batch: tuple[Any, torch.Tensor],
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[Any]],
@@ -61,13 +62,12 @@ def choose(
         return 0, 0, []
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     budget = budget_gib if budget_gib is not None else 0.9 * total
-    inputs, targets = batch
     rng = capture_rng_state()
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     probes: list[Probe] = []
     chosen = None
     for segments, chunks in candidates(model):
-        probe = _measure(TrainModule(model, loss_fn, segments, chunks), inputs, targets, device, autocast)
+        probe = _measure(TrainModule(model, loss_fn, segments, chunks), batch, device, autocast)
         probe.segments, probe.head_chunks = segments, chunks
         probes.append(probe)
         if probe.peak_gib is not None and probe.peak_gib + optimizer_state_gib <= budget:
@@ -100,8 +100,7 @@ def choose(
 
 def _measure(
     module: TrainModule,
-    inputs: Any,
-    targets: torch.Tensor,
+    batch: Any,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[Any]],
 ) -> Probe:
@@ -111,7 +110,7 @@ def _measure(
         torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         with autocast():
-            loss = module(inputs, targets)
+            loss = module(batch)
         loss.backward()
         torch.cuda.synchronize(device)
         return Probe(0, 0, torch.cuda.max_memory_allocated(device) / 2**30, time.perf_counter() - t0)
@@ -146,7 +145,7 @@ def local_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimiz
 def resolve_segments(
     ac: ActivationCheckpointing,
     model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: LossFn | None,
     loader: DataLoader,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager[Any]],

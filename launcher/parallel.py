@@ -13,6 +13,7 @@ with `find_unused_parameters` and `static_graph`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
+from launcher import batches
+from launcher.batches import LossFn
 from launcher.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -30,43 +33,51 @@ KEY = "train.activation_checkpointing"
 
 
 class TrainModule(nn.Module):
-    """forward(inputs, targets) -> loss.
+    """forward(batch) -> loss: the model and the loss in one module (launcher/batches.py says how a
+    tuple or a mapping batch reaches them; `loss_fn` None: the model computes its own loss).
 
     segments > 0: the model runs through checkpoint_sequential(model, segments, x, use_reentrant=False).
     head_chunks > 0: the last module and the loss instead run apart from the rest, in `head_chunks`
     slices of the batch, each checkpointed, so their activations (a language model's logits) exist
     for one slice at a time; the rest goes through checkpoint_sequential (if segments > 0). The loss
-    is the mean of the slices' losses weighted by their sizes: the same mean over samples.
+    is the mean of the slices' losses weighted by their sizes: the same mean over samples. Both
+    need a tuple batch and an nn.Sequential model (`check_segments`).
     """
 
-    def __init__(
-        self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], segments: int = 0, head_chunks: int = 0
-    ) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, segments: int = 0, head_chunks: int = 0) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.segments = segments
         self.head_chunks = head_chunks
 
-    def outputs(self, inputs: Any) -> Any:
+    def outputs(self, features: Any) -> Any:
         """The model's outputs (evaluation). Under FSDP a registered forward method: it gathers too."""
-        return self.model(inputs)
+        return batches.call(self.model, features)
 
     def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        assert isinstance(self.model, nn.Sequential)  # head_chunks > 0 is checked to need one
+        assert isinstance(self.model, nn.Sequential) and self.loss_fn is not None  # check_segments
         return self.loss_fn(self.model[-1](hidden), targets)
 
-    def forward(self, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: Any) -> torch.Tensor:
+        features, targets = batches.features_and_targets(batch, self.loss_fn is None)
         if not (self.training and torch.is_grad_enabled()) or (self.segments == 0 and self.head_chunks == 0):
-            return self.loss_fn(self.model(inputs), targets)
+            return batches.loss_of(batches.call(self.model, features), targets, self.loss_fn)
+        if self.loss_fn is None or batches.is_mapping(features):
+            raise RecipeError(
+                KEY,
+                "segments and head_chunks need (inputs, targets) batches and a loss component; "
+                "checkpoint the model's blocks by class instead (activation_checkpointing.modules)",
+            )
         if self.head_chunks == 0:
-            return self.loss_fn(checkpoint_sequential(self.model, self.segments, inputs, use_reentrant=False), targets)
+            hidden = checkpoint_sequential(self.model, self.segments, features, use_reentrant=False)
+            return self.loss_fn(hidden, targets)
         assert isinstance(self.model, nn.Sequential)
         body = self.model[:-1]
         if self.segments:
-            hidden = checkpoint_sequential(body, self.segments, inputs, use_reentrant=False)
+            hidden = checkpoint_sequential(body, self.segments, features, use_reentrant=False)
         else:
-            hidden = body(inputs)
+            hidden = body(features)
         n = hidden.shape[0]
         loss: Any = 0  # a tensor from the first chunk on (starting from a tensor would add an operator)
         for h, t in zip(hidden.tensor_split(self.head_chunks), targets.tensor_split(self.head_chunks), strict=True):
@@ -101,13 +112,13 @@ class Outputs(nn.Module):
         super().__init__()
         self.root = root
 
-    def forward(self, inputs: Any) -> Any:
-        return self.root.outputs(inputs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.root.outputs(kwargs or args[0])  # batches.call passes a mapping's keys as keywords
 
 
 def wrap(
     model: nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: LossFn | None,
     *,
     segments: int,
     head_chunks: int,
@@ -140,6 +151,36 @@ def wrap(
     if compile_:
         return torch.compile(wrapped)  # type: ignore[return-value]  # an OptimizedModule, an nn.Module at run time
     return wrapped
+
+
+def checkpoint_modules(model: nn.Module, class_names: list[str]) -> int:
+    """Activation checkpointing per block, for any model: every module of these classes recomputes
+    its forward in the backward (non-reentrant). The forward is replaced in place, not wrapped in a
+    new module, so parameter names (checkpoints, sharding units) stay those of the model."""
+    found = modules_of_classes(model, class_names, KEY + ".modules", "or turn it off ([])")
+    for module in found:
+        module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+    config = getattr(model, "config", None)
+    if found and config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False  # transformers: a generation cache is useless in training and breaks recomputation
+    return len(found)
+
+
+def modules_of_classes(model: nn.Module, class_names: list[str], key: str, alternative: str) -> list[nn.Module]:
+    """Every submodule whose class is named; a name the model lacks is a RecipeError for `key`."""
+    names = set(class_names)
+    present = {type(m).__name__ for m in model.modules()}
+    unknown = sorted(names - present)
+    if unknown:
+        from launcher.recipe import suggest
+
+        listed = ", ".join(sorted(present)[:8]) + (", ..." if len(present) > 8 else "")
+        raise RecipeError(
+            key,
+            f"no module of class {unknown[0]}{suggest(unknown[0], present)} in the model; "
+            f"name classes it has ({listed}) {alternative}",
+        )
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
 
 
 def eval_model(model: nn.Module, train_model: nn.Module) -> nn.Module:

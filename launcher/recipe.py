@@ -52,11 +52,13 @@ class Data(_Section):
     drop_last: bool = False
     pin_memory: bool | None = None  # None: on when the device is CUDA
     prefetch_factor: PosInt | None = None  # None: torch's default (2) when num_workers > 0
+    collate: Component | None = None  # builds a batch from samples (padding, packing); None: torch's default
 
 
 class ActivationCheckpointing(_Section):
     segments: NonNegInt | Literal["auto"] = 0  # auto: the fewest that fit max_memory_gib, found by probing
     head_chunks: NonNegInt = 0  # > 0: the last module and the loss run apart, in this many checkpointed slices
+    modules: list[str] = []  # class names: every such module recomputes its forward in the backward (any model)
     max_memory_gib: PosFloat | None = None  # the budget for auto; None: 90% of the GPU
 
 
@@ -82,6 +84,9 @@ class Train(_Section):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: PosInt = 10  # with on_nonfinite=skip: this many non-finite steps in a row stop the run
     compile: bool = False  # torch.compile the model and the loss together
+    # what each optimizer step's loss is the mean over: auto is tokens when the model computes its
+    # own loss (no loss component), else samples. tokens: labels that are not -100, over the window
+    loss_mean_over: Literal["auto", "samples", "tokens"] = "auto"
     channels_last: bool = False  # NHWC memory format for image models (faster convolutions on GPUs)
 
 
@@ -159,7 +164,7 @@ class Recipe(_Section):
     seed: Seed = 0
     model: Component
     data: Data
-    loss: Component
+    loss: Component | None = None  # None: the model computes its own (transformers models given labels)
     optimizer: Component
     scheduler: Component | None = None
     train: Train
@@ -210,6 +215,7 @@ COMPONENT_KEYS: dict[str, int] = {
     "model": 0,
     "data.train": 0,
     "data.val": 0,
+    "data.collate": 0,
     "loss": 0,
     "optimizer": 1,
     "scheduler": 1,
@@ -257,6 +263,18 @@ def _check_train_rules(r: Recipe) -> None:
         raise RecipeError("train.epochs", "set train.epochs or train.max_steps (or both: whichever ends first)")
     if t.grad_clip_norm is not None and t.grad_clip_value is not None:
         raise RecipeError("train.grad_clip_value", "set either train.grad_clip_norm or train.grad_clip_value, not both")
+    ac = t.activation_checkpointing
+    if ac.modules and (ac.segments or ac.head_chunks):
+        raise RecipeError(
+            "train.activation_checkpointing.modules",
+            "checkpoint either by module class or by segments/head_chunks of an nn.Sequential, not both",
+        )
+    if r.loss is None and (ac.segments or ac.head_chunks):
+        raise RecipeError(
+            "train.activation_checkpointing.segments",
+            "segments and head_chunks need a loss component (the model computes its own loss here); "
+            "checkpoint blocks by class with activation_checkpointing.modules",
+        )
     if t.eval_every_steps is not None and r.data.val is None:
         raise RecipeError(
             "train.eval_every_steps", "evaluation needs data.val; add a validation dataset or remove this key"

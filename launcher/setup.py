@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from launcher import memory, parallel, resume, rng, sharded_state, sharding, startup
+from launcher.batches import LossFn
 from launcher.builders import build_model
-from launcher.components import resolve_callable
+from launcher.components import instantiate, resolve_callable
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
+from launcher.errors import RecipeError
 from launcher.logs import log
 from launcher.memory import state_checkpoint_bytes
 from launcher.plan import Plan
@@ -41,6 +43,8 @@ def model(
         log.warning(space)
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
+    if ac.modules:  # before sharding: FSDP's hooks then run around each recomputed block
+        parallel.checkpoint_modules(model, ac.modules)
     if recipe.dist.strategy != "ddp":
         sharding.units(model, recipe.dist.fsdp.units)  # a wrong class name fails at any world size
     payload = resume.load_for_resume(resume_from, model, recipe, plan, not on_meta) if resume_from else None
@@ -53,12 +57,26 @@ def model(
     return model, payload
 
 
+def loss(recipe: Recipe) -> LossFn | None:
+    """The loss component, or None: the model computes its own (launcher/batches.py)."""
+    if recipe.loss is None:
+        return None
+    loss_fn = instantiate(recipe.loss, "loss")
+    if not callable(loss_fn):
+        raise RecipeError(
+            "loss._component_",
+            f"{recipe.loss['_component_']} built a {type(loss_fn).__name__}, which "
+            "cannot be called; name a loss module or function",
+        )
+    return loss_fn
+
+
 def train_module(
     recipe: Recipe,
     env: ClusterEnv,
     sess: Session,
     model: torch.nn.Module,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: LossFn | None,
     loader: torch.utils.data.DataLoader,
     sharded: bool,
 ) -> torch.nn.Module:

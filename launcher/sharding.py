@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from launcher import parallel
 from launcher.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -88,18 +89,7 @@ def units(model: nn.Module, spec: str | list[str], keep_last_in_root: bool = Fal
         else:
             found = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()]
         return [m for m in found if any(True for _ in m.parameters())]
-    names = set(spec)
-    present = {type(m).__name__ for m in model.modules()}
-    unknown = sorted(names - present)
-    if unknown:
-        from launcher.recipe import suggest
-
-        raise RecipeError(
-            "dist.fsdp.units",
-            f"no module of class {unknown[0]}{suggest(unknown[0], present)} in the model; name classes it has "
-            f"({', '.join(sorted(present)[:8])}{', ...' if len(present) > 8 else ''}) or use auto",
-        )
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    return parallel.modules_of_classes(model, list(spec), "dist.fsdp.units", "or use auto")
 
 
 def shard(

@@ -13,6 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
 sys.path.insert(0, str(SUPPORT))
+# nothing is downloaded: tests make their own tokenizers, models and data (and every process inherits this)
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
 
 # A tiny regression recipe: 37 samples is odd on purpose (DistributedSampler pads, windows are partial).
 BASE = {
@@ -33,7 +35,12 @@ BASE = {
 
 def recipe_dict(**changes) -> dict:
     """BASE with dotted-key changes, e.g. recipe_dict(**{"train.epochs": 3})."""
-    r = copy.deepcopy(BASE)
+    return changed(BASE, **changes)
+
+
+def changed(recipe: dict, **changes) -> dict:
+    """A copy of `recipe` with dotted-key changes (DELETE removes a key)."""
+    r = copy.deepcopy(recipe)
     for dotted, value in changes.items():
         node = r
         *parents, last = dotted.split(".")

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "launcher"
 LAYERS: dict[str, tuple[str, ...]] = {
     "commands": ("launcher.__main__", "launcher.cli", "launcher.commands"),
     "assembly": ("launcher.train", "launcher.setup", "launcher.local"),
-    "loop": ("launcher.loop", "launcher.loop_state", "launcher.resume"),
+    "loop": ("launcher.loop", "launcher.loop_state", "launcher.resume", "launcher.window"),
     "blocks": (
         "launcher.recipe",
         "launcher.recipe_yaml",
@@ -42,6 +42,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.datasets",
         "launcher.evaluation",
         "launcher.gradients",
+        "launcher.batches",
+        "launcher.collate",
         "launcher.precision",
     ),
     "infra": (

@@ -38,7 +38,14 @@ BAD = [
         "optimizer.params",
         "passed by the launcher",
     ),
-    ("missing required section", {"loss": DELETE}, [], "loss", "required key is missing"),
+    ("missing required section", {"optimizer": DELETE}, [], "optimizer", "required key is missing"),
+    (
+        "no loss for a model that computes none",
+        {"loss": DELETE},
+        [],
+        "loss",
+        "the recipe names no loss, so the model must compute its own from a mapping batch",
+    ),
     (
         "checkpointing a non-Sequential model",
         {"model": {"_component_": "torch.nn.Linear", "in_features": 8, "out_features": 1}},
