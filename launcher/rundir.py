@@ -1,8 +1,9 @@
 """The run directory: its layout, the checks before a run writes anything, its lock, and what a
 fresh start may delete.
 
-Layout of <run.dir>: config.yaml, metrics.jsonl, model.pt, startup.json, wandb_run_id, .lock,
-checkpoints/ (unless checkpoint.dir points elsewhere), profile/, tensorboard/, wandb/.
+Layout of <run.dir>: config.yaml, metrics.jsonl, model.pt, hf/ (a transformers model's
+save_pretrained), startup.json, wandb_run_id, .lock, checkpoints/ (unless checkpoint.dir points
+elsewhere), profile/, tensorboard/, wandb/.
 
 Policies:
 - Nothing outside what the launcher itself writes is ever deleted. `run.overwrite` deletes only
@@ -56,6 +57,11 @@ class RunDir:
     @property
     def weights(self) -> Path:
         return self.root / "model.pt"
+
+    @property
+    def hf_model(self) -> Path:
+        """The final weights of a transformers model, as save_pretrained writes them."""
+        return self.root / "hf"
 
     @property
     def startup(self) -> Path:

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from launcher import causes, distributed, loop, parallel, resume, rng, setup, sharded_state, sharding, startup
+from launcher import batches, causes, distributed, loop, parallel, resume, rng, setup, sharded_state, sharding, startup
 from launcher.builders import build_datasets, build_loaders
 from launcher.checkpointer import Checkpointer
-from launcher.components import instantiate
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
-from launcher.errors import EXIT_FAILED, EXIT_USAGE, Preempted, RecipeError, TrainingError, UserError
+from launcher.errors import EXIT_FAILED, EXIT_USAGE, Preempted, TrainingError, UserError
 from launcher.heartbeat import Heartbeat
 from launcher.logs import log, setup_logging
 from launcher.loop_state import LogWindow, Trainer, TrainState
@@ -32,6 +31,7 @@ from launcher.metrics import (
     build_sinks,
     peak_flops,
 )
+from launcher.models import hf
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.plan import Plan, build_plan, plan_warnings
 from launcher.recipe import Recipe
@@ -115,13 +115,7 @@ def _train_locked(
     # simulated ranks, trains the model whole
     sharded = recipe.dist.strategy != "ddp" and distributed.is_initialized() and not simulate
     model, payload = setup.model(recipe, env, sess, plan, resume_from, on_meta=sharded and recipe.dist.fsdp.meta_init)
-    loss_fn = instantiate(recipe.loss, "loss")
-    if not callable(loss_fn):
-        raise RecipeError(
-            "loss._component_",
-            f"{recipe.loss['_component_']} built a {type(loss_fn).__name__}, which "
-            "cannot be called; name a loss module or function",
-        )
+    loss_fn = setup.loss(recipe)
     ranks = list(range(simulate)) if simulate else [env.rank]
     shards, val_loader = build_loaders(
         recipe,
@@ -157,7 +151,8 @@ def _train_locked(
         resume.restore(payload, resume_from, saved, recipe, plan, sess)
     rank_rng = rng.streams_of_ranks(recipe.seed, ranks) if simulate else None
     flops_per_sample = _attr("flops_per_sample", model, train_set)
-    extra = [("threads per rank", threads)]
+    counting = batches.Counting.of(recipe.train.loss_mean_over, model, loss_fn)
+    extra = [("threads per rank", threads), ("loss: the mean over", counting.describe())]
     if env.is_main and sess.device.type == "cpu" and flops_per_sample:
         extra.append(
             ("step time (estimate)", step_time_estimate(flops_per_sample, plan.global_batch, recipe.train.precision))
@@ -212,6 +207,7 @@ def _train_locked(
         rank_rng=rank_rng,
         eval_model=parallel.eval_model(model, train_model) if sharded else None,
         sharded=sharded,
+        counting=counting,
     )
     return _fit(t, env)
 
@@ -247,7 +243,11 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
     weights = sharded_state.full_model_state(t.model, sharded=t.sharded)
     if env.is_main:
         save_torch(weights, recipe.layout.weights)
-        log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {recipe.layout.weights}")
+        where = str(recipe.layout.weights)
+        if hf.is_pretrained(t.model):
+            hf.export(t.model, weights, recipe.layout.hf_model)
+            where += f" and {recipe.layout.hf_model} (from_pretrained)"
+        log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {where}")
     return state
 
 

@@ -1,0 +1,160 @@
+"""Local text files (JSON lines, Parquet, plain text) tokenized once with a local tokenizer, through
+Hugging Face `datasets` (the [hf] extra).
+
+    data:
+      train:
+        _component_: launcher.datasets.tokenized.TokenizedText
+        files: data/train.jsonl
+        tokenizer: data/tokenizer        # a directory (AutoTokenizer) or a tokenizer.json file
+        max_length: 512                  # longer documents are cut
+      collate: {_component_: launcher.collate.PadToLongest}
+
+or `pack: 512` to concatenate the documents (each followed by the tokenizer's end-of-text token, if
+it has one) and cut the stream into samples of exactly 512 tokens: no padding, every label counts.
+
+Tokenizing runs once: rank 0 (of each node) tokenizes into `datasets`' cache while the other ranks
+wait, then every rank opens the cached result. The cache key is the files' names, sizes and
+modification times, the tokenizer file's contents and the arguments, so changing any of them
+tokenizes again. `cache_dir` defaults to `datasets`' own (HF_DATASETS_CACHE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from launcher import distributed
+from launcher.components import require
+from launcher.errors import ArgumentError, MissingFile
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class TokenizedText(Dataset):
+    deterministic = True  # no randomness in __getitem__
+
+    def __init__(
+        self,
+        files: str | list[str],
+        tokenizer: str,
+        text_key: str = "text",
+        max_length: int | None = None,
+        pack: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        paths = [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
+        for path in paths:
+            if not path.is_file():
+                raise MissingFile("files", f"{path} does not exist; name local data files")
+        formats = {FORMATS.get(p.suffix) for p in paths}
+        if None in formats or len(formats) != 1:
+            raise ArgumentError(
+                "files", f"expected files all .jsonl/.json, .parquet or .txt; got {[p.name for p in paths]}"
+            )
+        self.format: str = formats.pop() or ""
+        self.paths, self.text_key, self.max_length, self.pack = paths, text_key, max_length, pack
+        tok = load_tokenizer(tokenizer)
+        key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
+        with distributed.local_main_first():
+            self.rows = self._tokenize(tok.encode, tok.eos, key, cache_dir)
+
+    def _tokenize(self, encode: Callable, eos: int | None, key: str, cache_dir: str | None) -> Any:
+        datasets = require("datasets", "launcher.datasets.tokenized.TokenizedText")
+        files = [str(p) for p in self.paths]
+        try:
+            raw = datasets.load_dataset(self.format, data_files=files, split="train", cache_dir=cache_dir)
+        except Exception as e:
+            raise _bad_file(self.paths, self.format, e) from None
+        if self.text_key not in raw.column_names:
+            raise ArgumentError("text_key", f"the files have no {self.text_key!r} field; they have {raw.column_names}")
+        max_length, pack, text_key = self.max_length, self.pack, self.text_key
+
+        def tokenize(rows: dict[str, list]) -> dict[str, list]:
+            ids = encode(rows[text_key])
+            if pack is None:
+                return {"input_ids": [x[:max_length] if max_length else x for x in ids]}
+            stream = [t for x in ids for t in (x + [eos] if eos is not None else x)]
+            return {"input_ids": [stream[i : i + pack] for i in range(0, len(stream) - pack + 1, pack)]}
+
+        # packing works on batches of documents: a batch's last partial sample is dropped
+        kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "new_fingerprint": key}
+        rows = raw.map(tokenize, remove_columns=raw.column_names, desc="tokenizing", **kwargs)
+        return rows.with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.rows[index]["input_ids"]}
+
+    @property
+    def tokens_per_sample(self) -> int | None:  # for tokens/s in the metrics (packed samples only)
+        return self.pack
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A local tokenizer, as this module and `launcher tokenize` use it."""
+
+    encode: Callable[[list[str]], list[list[int]]]  # texts -> token ids, no special tokens added
+    eos: int | None  # the end-of-text id put between packed documents, if the tokenizer has one
+    vocab_size: int
+    fingerprint: str  # sha256 of tokenizer.json: part of the tokenization cache's key
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A directory save_pretrained wrote (AutoTokenizer, local files only), or a tokenizer.json file."""
+    path = Path(spec).expanduser()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ArgumentError("tokenizer", f"{path} is neither a tokenizer.json file nor a directory with one")
+    fingerprint = hashlib.sha256(file.read_bytes()).hexdigest()
+    if path.is_dir():
+        transformers = require("transformers", "a tokenizer directory")
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return Tokenizer(
+            lambda texts: tok(texts, add_special_tokens=False)["input_ids"], tok.eos_token_id, len(tok), fingerprint
+        )
+    tokenizers = require("tokenizers", "a tokenizer.json file")
+    raw = tokenizers.Tokenizer.from_file(str(file))
+    eos = next((raw.token_to_id(t) for t in EOS_NAMES if raw.token_to_id(t) is not None), None)
+    return Tokenizer(
+        lambda texts: [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)],
+        eos,
+        raw.get_vocab_size(),
+        fingerprint,
+    )
+
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+def _cache_key(paths: list[Path], tokenizer: str, *args: Any) -> str:
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps([stats, tokenizer, *args]).encode()).hexdigest()[:32]
+
+
+def _bad_file(paths: list[Path], fmt: str, error: Exception) -> ArgumentError:
+    """datasets' parse errors name neither file nor line: find them, for JSON lines."""
+    if fmt == "json":
+        for path, line, message in _json_errors(paths):
+            return ArgumentError("files", f"{path}:{line}: not valid JSON lines ({message}); fix or remove that line")
+    return ArgumentError("files", f"cannot read {[str(p) for p in paths]} as {fmt}: {type(error).__name__}: {error}")
+
+
+def _json_errors(paths: list[Path]) -> Iterator[tuple[Path, int, str]]:
+    for path in paths:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield path, number, e.msg
