@@ -136,3 +136,39 @@ def test_gpt_fsdp_recipe_trains_a_few_steps_on_two_ranks_in_bf16(tmp_path):
     assert rows[-1]["step"] == 3 and rows[-1]["val_loss"] < 6.0
     assert list((tmp_path / "checkpoints" / "step_00000003" / "shards").glob("*.distcp"))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_hf_causal_lm_recipe_fine_tunes_on_two_ranks_and_exports(tmp_path):
+    from hfkit import documents, make_tokenizer, write_jsonl
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer")
+    train, val = (
+        write_jsonl(tmp_path / "train.jsonl", documents(64)),
+        write_jsonl(tmp_path / "val.jsonl", documents(16, 1)),
+    )
+    launcher(
+        "run",
+        "--nproc",
+        "2",
+        ROOT / "recipes" / "hf_causal_lm.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train.files={train}",
+        f"data.val.files={val}",
+        f"data.train.tokenizer={tokenizer}",
+        f"data.val.tokenizer={tokenizer}",
+        f"data.train.cache_dir={tmp_path / 'cache'}",
+        f"data.val.cache_dir={tmp_path / 'cache'}",
+        "model.config.vocab_size=64",
+        "model.config.n_embd=32",
+        "model.config.n_layer=2",
+        "model.config.n_head=2",
+        "model.config.bos_token_id=2",
+        "model.config.eos_token_id=2",
+        "train.epochs=2",
+        "train.eval_every_steps=2",
+        check=True,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val_losses) >= 2 and val_losses[-1] < val_losses[0]
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()

@@ -9,7 +9,7 @@ import argparse
 
 from launcher.errors import LaunchError
 
-NAMES = ("run", "check", "doctor", "debug", "plot", "convert", "slurm")  # in `launcher --help` order
+NAMES = ("run", "check", "doctor", "debug", "plot", "convert", "tokenize", "slurm")  # in `launcher --help` order
 
 
 def positive(value: int | None, option: str) -> None:
