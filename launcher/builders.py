@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import rng
+from launcher import rng, streaming
 from launcher.components import instantiate
-from launcher.data import SeededDataset, ShardSampler, build_loader
+from launcher.data import Positioned, SeededDataset, ShardSampler, build_loader
 from launcher.errors import RecipeError
-from launcher.plan import Plan
+from launcher.plan import Plan, batch_shape
 from launcher.recipe import Recipe
 
 
@@ -26,7 +26,13 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
     rng.seed_everything(rng.derive_seed(recipe.seed, "data"))
     train_set = instantiate(recipe.data.train, "data.train")
     val_set = instantiate(recipe.data.val, "data.val") if recipe.data.val is not None else None
+    if val_set is not None and streaming.is_stream(val_set):
+        raise RecipeError(
+            "data.val", "evaluation needs a map-style dataset (with len and indexing); a streamed one has no end"
+        )
     for key, ds in (("data.train", train_set), ("data.val", val_set)):
+        if key == "data.train" and streaming.is_stream(ds):
+            continue  # read in order: launcher/streaming.py
         if ds is not None and not hasattr(ds, "__len__"):
             raise RecipeError(key, f"{type(ds).__name__} has no len(); the launcher needs a map-style dataset")
         if ds is not None and not hasattr(ds, "__getitem__"):
@@ -34,13 +40,33 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
                 f"{key}._component_",
                 f"built a {type(ds).__name__}, which has no __getitem__; name a map-style torch Dataset",
             )
-    if recipe.loss is None and len(train_set) > 0 and not isinstance(train_set[0], Mapping):
+    first = _first_sample(train_set) if recipe.loss is None else None
+    if first is not None and not isinstance(first, Mapping):
         raise RecipeError(
             "loss",
             f"the recipe names no loss, so the model must compute its own from a mapping batch with "
-            f"'labels', but data.train yields {type(train_set[0]).__name__}s; add a loss component",
+            f"'labels', but data.train yields {type(first).__name__}s; add a loss component",
         )
     return train_set, val_set
+
+
+def _first_sample(dataset: Any) -> Any:
+    if streaming.is_stream(dataset):
+        return next(iter(dataset), None)
+    return dataset[0] if len(dataset) > 0 else None
+
+
+def train_samples(recipe: Recipe, train_set: Any, world_size: int) -> int:
+    """The training set's size; a stream has none: max_steps x the global batch, every step full."""
+    if not streaming.is_stream(train_set):
+        return len(train_set)
+    if recipe.train.max_steps is None or recipe.train.epochs is not None:
+        raise RecipeError(
+            "train.max_steps",
+            "a streamed dataset has no length, so epochs cannot be counted: set train.max_steps "
+            "(and leave train.epochs unset)",
+        )
+    return recipe.train.max_steps * batch_shape(recipe, world_size).global_batch
 
 
 def build_collate(recipe: Recipe) -> Callable[[list[Any]], Any] | None:
@@ -75,7 +101,7 @@ def checked_model(model: Any, recipe: Recipe) -> torch.nn.Module:
 def build_loaders(
     recipe: Recipe,
     plan: Plan,
-    train_set: Dataset,
+    train_set: Any,  # a map-style Dataset, or an iterable read in order (streaming.is_stream)
     val_set: Dataset | None,
     *,
     ranks: list[int],
@@ -83,7 +109,7 @@ def build_loaders(
     world_size: int,
     device: torch.device,
     signals: list[signal.Signals],
-) -> tuple[list[tuple[int, ShardSampler, DataLoader]], DataLoader | None]:
+) -> tuple[list[tuple[int, Positioned, DataLoader]], DataLoader | None]:
     """One training shard (rank, sampler, loader) per rank this process trains: its own, or each
     simulated rank's (`ranks`); and this process's (`rank` of `world_size`) validation shard."""
     d = recipe.data
@@ -97,8 +123,13 @@ def build_loaders(
         ignore_signals=tuple(signals),
         collate_fn=build_collate(recipe),
     )
+    shards: list[tuple[int, Positioned, DataLoader]] = []
+    if streaming.is_stream(train_set):  # read in order, each rank keeping its share (launcher/streaming.py)
+        for r in ranks:
+            stream = streaming.Stream(train_set, rank=r, world_size=plan.world_size, micro_batch=plan.micro_batch)
+            shards.append((r, stream, loader(stream, None, seed=recipe.seed + r)))
+        return shards, _val_loader(recipe, val_set, loader, rank, world_size)
     seeded = SeededDataset(train_set, recipe.seed)
-    shards = []
     for r in ranks:
         sampler = ShardSampler(
             train_set,
@@ -111,10 +142,16 @@ def build_loaders(
             with_epoch=True,
         )
         shards.append((r, sampler, loader(seeded, sampler, seed=recipe.seed + r)))
-    val_loader = None
-    if val_set is not None:  # evaluation sums over samples: a simulated run evaluates unsharded
-        val_sampler = ShardSampler(
-            val_set, num_replicas=world_size, rank=rank, shuffle=False, seed=recipe.seed, drop_last=False
-        )
-        val_loader = loader(val_set, val_sampler, seed=recipe.seed + rank)
-    return shards, val_loader
+    return shards, _val_loader(recipe, val_set, loader, rank, world_size)
+
+
+def _val_loader(
+    recipe: Recipe, val_set: Dataset | None, loader: Callable[..., DataLoader], rank: int, world_size: int
+) -> DataLoader | None:
+    if val_set is None:
+        return None
+    # evaluation sums over samples: a simulated run evaluates unsharded
+    val_sampler = ShardSampler(
+        val_set, num_replicas=world_size, rank=rank, shuffle=False, seed=recipe.seed, drop_last=False
+    )
+    return loader(val_set, val_sampler, seed=recipe.seed + rank)

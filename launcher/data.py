@@ -18,7 +18,7 @@ import functools
 import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +26,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 # a collated batch: a tensor, or a tuple, list or dict of them (nested)
 Batch = Any
+
+
+class Positioned(Protocol):
+    """What the loop tells a rank's sampler (ShardSampler) or stream (streaming.Stream) per epoch."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def set_start(self, start: int) -> None: ...
 
 
 class ShardSampler(DistributedSampler):
@@ -110,7 +118,7 @@ def _init_worker(worker_id: int, ignore_signals: tuple[int, ...] = ()) -> None: 
 
 def build_loader(
     dataset: Dataset,
-    sampler: ShardSampler,
+    sampler: ShardSampler | None,
     batch_size: int,
     *,
     num_workers: int,
@@ -120,10 +128,12 @@ def build_loader(
     ignore_signals: tuple[int, ...] = (),
     collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
+    """`sampler` None: `dataset` is a streaming.Stream, whose workers must start afresh for each
+    iterator (they read from the position the loop set), so they are not kept between iterators."""
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra.update(
-            persistent_workers=True,
+            persistent_workers=sampler is not None,
             prefetch_factor=prefetch_factor or 2,
             worker_init_fn=functools.partial(_init_worker, ignore_signals=ignore_signals),
         )

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from launcher.batches import Counting, LossFn
-from launcher.data import ShardSampler
+from launcher.data import Positioned
 from launcher.distributed import Session
 from launcher.plan import Plan
 from launcher.precision import autocast
@@ -111,7 +111,7 @@ class Trainer:
     scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler | None
     # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
-    shards: list[tuple[int, ShardSampler, DataLoader]]
+    shards: list[tuple[int, Positioned, DataLoader]]
     val_loader: DataLoader | None
     log: Metrics  # rank 0 writes, the others have no sinks
     state: TrainState  # where the run is (restored from a checkpoint, or fresh)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from launcher import batches, causes, distributed, loop, parallel, resume, rng, setup, sharded_state, sharding, startup
-from launcher.builders import build_datasets, build_loaders
+from launcher.builders import build_datasets, build_loaders, train_samples
 from launcher.checkpointer import Checkpointer
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
@@ -105,7 +105,7 @@ def _train_locked(
     plan = build_plan(
         recipe,
         simulate or env.world_size,
-        len(train_set),
+        train_samples(recipe, train_set, simulate or env.world_size),
         len(val_set) if val_set is not None else None,
         sess.backend,
         str(sess.device),

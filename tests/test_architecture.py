@@ -44,6 +44,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.gradients",
         "launcher.batches",
         "launcher.collate",
+        "launcher.streaming",
         "launcher.precision",
     ),
     "infra": (

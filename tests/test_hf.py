@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close_rel, changed, launcher, load_weights, write_recipe
+from conftest import DELETE, assert_close_rel, changed, launcher, load_weights, write_recipe
 from hfkit import lm_recipe
 from launcher.recipe import validate
 from launcher.sharding import MIN_TORCH, torch_version
@@ -133,3 +133,19 @@ def test_a_recipe_needing_a_missing_extra_names_it(material, tmp_path, monkeypat
     with pytest.raises(RecipeError, match=r"pip install 'launcher\[hf\]'") as e:
         build_model(recipe)
     assert e.value.key.startswith("model")
+
+
+def test_streamed_documents_on_2_ranks_with_workers_equal_one_process(material, tmp_path):
+    """The documents streamed (datasets' streaming mode, tokenized as read), 2 ranks x accumulation 2
+    with 2 DataLoader workers each, against one process with the whole batch: streaming and the
+    token-exact loss together."""
+    streamed = {
+        "data.train._component_": "launcher.datasets.tokenized.StreamedText",
+        "data.train.cache_dir": DELETE,
+        "train.epochs": None,
+        "train.max_steps": 5,  # 80 documents: the 37-document stream's 3rd pass ends inside step 5
+    }
+    big = run(material, tmp_path, "big", **{**streamed, "data.batch_size": 16})
+    ranks = run(material, tmp_path, "w2", nproc=2, **{**streamed, "data.num_workers": 2})
+    assert_close_rel(load_weights(ranks), load_weights(big), rtol=1e-6)
+    assert rows(ranks, "loss") == pytest.approx(rows(big, "loss"), rel=1e-6)

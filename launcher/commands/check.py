@@ -8,7 +8,7 @@ import os
 import torch
 
 from launcher import components, memory, parallel, sharding
-from launcher.builders import build_datasets, checked_model
+from launcher.builders import build_datasets, checked_model, train_samples
 from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
 from launcher.errors import EXIT_OK, BuildError, LaunchError
@@ -65,7 +65,12 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     try:
         train_set, val_set = build_datasets(recipe)
         plan = build_plan(
-            recipe, world_size, len(train_set), len(val_set) if val_set is not None else None, backend, device
+            recipe,
+            world_size,
+            train_samples(recipe, train_set, world_size),
+            len(val_set) if val_set is not None else None,
+            backend,
+            device,
         )
         rows = plan.describe()
         notes += plan_warnings(recipe, plan, device.split(":")[0])

@@ -49,16 +49,7 @@ class TokenizedText(Dataset):
         pack: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        paths = [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
-        for path in paths:
-            if not path.is_file():
-                raise MissingFile("files", f"{path} does not exist; name local data files")
-        formats = {FORMATS.get(p.suffix) for p in paths}
-        if None in formats or len(formats) != 1:
-            raise ArgumentError(
-                "files", f"expected files all .jsonl/.json, .parquet or .txt; got {[p.name for p in paths]}"
-            )
-        self.format: str = formats.pop() or ""
+        paths, self.format = _data_files(files)
         self.paths, self.text_key, self.max_length, self.pack = paths, text_key, max_length, pack
         tok = load_tokenizer(tokenizer)
         key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
@@ -99,6 +90,30 @@ class TokenizedText(Dataset):
         return self.pack
 
 
+class StreamedText:
+    """The same documents as TokenizedText, streamed (`datasets.load_dataset(..., streaming=True)`)
+    and tokenized as they are read, never cached: for corpora too big to tokenize ahead. A stream
+    (launcher/streaming.py): the run needs train.max_steps; every rank reads it all and keeps its share."""
+
+    def __init__(
+        self, files: str | list[str], tokenizer: str, text_key: str = "text", max_length: int | None = None
+    ) -> None:
+        self.paths, self.format = _data_files(files)
+        self.tokenizer, self.text_key, self.max_length = load_tokenizer(tokenizer), text_key, max_length
+        datasets = require("datasets", "launcher.datasets.tokenized.StreamedText")
+        self.rows = datasets.load_dataset(
+            self.format, data_files=[str(p) for p in self.paths], split="train", streaming=True
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows.set_epoch(epoch)  # a shuffling source reorders per pass; plain files read alike
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for rows in self.rows.iter(batch_size=256):  # a line broken further on fails here, as datasets reports it
+            for ids in self.tokenizer.encode(rows[self.text_key]):
+                yield {"input_ids": torch.tensor(ids[: self.max_length] if self.max_length else ids)}
+
+
 @dataclass(frozen=True)
 class Tokenizer:
     """A local tokenizer, as this module and `launcher tokenize` use it."""
@@ -134,6 +149,20 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+def _data_files(files: str | list[str]) -> tuple[list[Path], str]:
+    """The files, checked to exist and to share one format: (paths, datasets' builder name)."""
+    paths = [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
+    for path in paths:
+        if not path.is_file():
+            raise MissingFile("files", f"{path} does not exist; name local data files")
+    formats = {FORMATS.get(p.suffix) for p in paths}
+    if None in formats or len(formats) != 1:
+        raise ArgumentError(
+            "files", f"expected files all .jsonl/.json, .parquet or .txt; got {[p.name for p in paths]}"
+        )
+    return paths, formats.pop() or ""
 
 
 def _cache_key(paths: list[Path], tokenizer: str, *args: Any) -> str:

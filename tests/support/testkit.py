@@ -175,6 +175,36 @@ class NoisyRegression(torch.utils.data.Dataset):
         return x + 0.1 * torch.randn_like(x), y
 
 
+class StreamedRegression(torch.utils.data.IterableDataset):
+    """NoisyRegression as a stream: each pass a new order and fresh noise, drawn from (seed, pass)
+    alone, so every rank and worker reading it sees the same stream."""
+
+    def __init__(self, size: int = 37, in_dim: int = 8, seed: int = 0):
+        from launcher.datasets.synthetic import Regression
+
+        self.base, self.seed, self.epoch = Regression(size=size, in_dim=in_dim, seed=seed), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        for i in torch.randperm(len(self.base), generator=g).tolist():
+            x, y = self.base[i]
+            yield x + 0.1 * torch.randn(x.shape, generator=g), y
+
+
+class NumberedStream(torch.utils.data.IterableDataset):
+    """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)), pass after pass."""
+
+    def __init__(self, size: int = 24):
+        self.size = size
+
+    def __iter__(self):
+        for i in range(self.size):
+            yield torch.tensor([float(i)]), torch.tensor(i)
+
+
 class PrivateRegression(torch.utils.data.Dataset):
     """A dataset that needs a credential (like a gated hub dataset would): it must never be written out."""
 
