@@ -5,12 +5,13 @@ by the test with a tokenizer the test trains (hfkit). Real processes and gloo; n
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import DELETE, assert_close_rel, changed, launcher, load_weights, write_recipe
+from conftest import DELETE, assert_close_rel, changed, launcher, load_weights, worker_env, write_recipe
 from hfkit import lm_recipe
 from launcher.recipe import validate
 from launcher.sharding import MIN_TORCH, torch_version
@@ -149,3 +150,41 @@ def test_streamed_documents_on_2_ranks_with_workers_equal_one_process(material, 
     ranks = run(material, tmp_path, "w2", nproc=2, **{**streamed, "data.num_workers": 2})
     assert_close_rel(load_weights(ranks), load_weights(big), rtol=1e-6)
     assert rows(ranks, "loss") == pytest.approx(rows(big, "loss"), rel=1e-6)
+
+
+def test_text_formats_packing_and_the_tokenization_cache(material, tmp_path):
+    """.jsonl, .txt and .parquet give the same documents; `pack` concatenates them (end-of-text
+    between) into equal samples; a second build reads the cache, and other arguments tokenize anew."""
+    from transformers import AutoTokenizer
+
+    from datasets import Dataset as HFDataset
+    from launcher.datasets.tokenized import TokenizedText
+
+    docs = [json.loads(line)["text"] for line in (material / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "d.txt").write_text("\n".join(docs) + "\n")
+    HFDataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "d.parquet"))
+    cache = tmp_path / "cache"
+    tok = AutoTokenizer.from_pretrained(material / "tokenizer", local_files_only=True)
+    expected = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    for name in ("train.jsonl", "d.txt", "d.parquet"):
+        folder = material if name == "train.jsonl" else tmp_path
+        data = TokenizedText(str(folder / name), str(material / "tokenizer"), cache_dir=str(cache))
+        assert [data[i]["input_ids"].tolist() for i in range(len(data))] == expected, name
+    files = set(cache.rglob("*.arrow"))
+    TokenizedText(str(tmp_path / "d.txt"), str(material / "tokenizer"), cache_dir=str(cache))
+    assert set(cache.rglob("*.arrow")) == files  # read from the cache, not tokenized again
+    packed = TokenizedText(str(tmp_path / "d.txt"), str(material / "tokenizer"), pack=16, cache_dir=str(cache))
+    assert set(cache.rglob("*.arrow")) > files
+    stream = [t for ids in expected for t in [*ids, tok.eos_token_id]]
+    assert len(packed) == len(stream) // 16
+    assert [t for i in range(len(packed)) for t in packed[i]["input_ids"].tolist()] == stream[: len(packed) * 16]
+
+
+def test_a_missing_extra_is_one_line_and_exit_2_from_the_command_line(material, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", lm_recipe(material, tmp_path / "run"))
+    code = "import sys; sys.modules['transformers'] = None; from launcher import cli; "
+    code += "sys.exit(cli.main(['check', sys.argv[1]]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("install the [hf] extra: pip install 'launcher[hf]'")
+    assert "Traceback" not in proc.stderr
