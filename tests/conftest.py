@@ -33,6 +33,17 @@ BASE = {
 }
 
 
+# a GPT recipe's model and sequences shrunk to train a few steps on a CPU in seconds
+TINY_GPT_SHAPE = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.seq_len=16",
+    "data.train.seq_len=16",
+    "data.val.seq_len=16",
+]
+
+
 def recipe_dict(**changes) -> dict:
     """BASE with dotted-key changes, e.g. recipe_dict(**{"train.epochs": 3})."""
     return changed(BASE, **changes)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, launcher
+from conftest import ROOT, TINY_GPT_SHAPE, launcher
 from launcher.sharding import MIN_TORCH, torch_version
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -55,12 +55,7 @@ def test_quickstart_trains_on_two_ranks_to_90_percent(tmp_path):
 
 # the GPT recipes, shrunk to train 3 steps on a CPU in seconds
 TINY_GPT = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=16",
-    "data.train.seq_len=16",
-    "data.val.seq_len=16",
+    *TINY_GPT_SHAPE,
     "data.train.max_bytes=20000",
     "data.val.max_bytes=20000",
     "data.batch_size=4",

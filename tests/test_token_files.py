@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, launcher
+from conftest import ROOT, TINY_GPT_SHAPE, launcher
 from hfkit import documents, make_tokenizer, write_jsonl
 from launcher.datasets.token_file import TokenFile
 
@@ -88,12 +88,4 @@ def test_a_token_file_bigger_than_the_memory_budget_trains_without_reading_it_wh
     assert rows[-1]["step"] == 4 and rows[-1]["val_loss"] < 4.5  # below uniform over 64 tokens (4.16) + noise
 
 
-TINY = [
-    "model.vocab_size=64",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=2",
-    "model.seq_len=16",
-    "data.train.seq_len=16",
-    "data.val.seq_len=16",
-]
+TINY = ["model.vocab_size=64", *TINY_GPT_SHAPE]
