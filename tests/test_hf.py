@@ -188,3 +188,44 @@ def test_a_missing_extra_is_one_line_and_exit_2_from_the_command_line(material, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("install the [hf] extra: pip install 'launcher[hf]'")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_token_loss_component_over_padded_tuples_is_exact_with_tokens_not_samples(tmp_path):
+    """The built-in GPT and TokenCrossEntropy on (inputs, targets) tuples with -100 padding: with
+    `loss_mean_over: tokens` 2 ranks x accumulation 2 == one process; by samples they differ."""
+    from conftest import recipe_dict
+
+    gpt = {"_component_": "launcher.models.GPT", "vocab_size": 32, "seq_len": 16, "d_model": 16, "n_layers": 1}
+    base = {
+        "model": {**gpt, "n_heads": 2},
+        "data.train": {"_component_": "testkit.PaddedTokens"},
+        "data.val": {"_component_": "testkit.PaddedTokens", "size": 9, "seed": 1},
+        "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
+        "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9},
+    }
+
+    def go(name, nproc=None, **changes):
+        r = recipe_dict(**{**base, "run.dir": str(tmp_path / name), **changes})
+        proc = launcher("run", *(["--nproc", str(nproc)] if nproc else []), write_recipe(tmp_path / f"{name}.yaml", r))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return load_weights(tmp_path / name)
+
+    tokens = {"train.loss_mean_over": "tokens"}
+    one = go("one", **{**tokens, "data.batch_size": 16})
+    assert_close_rel(go("w2", nproc=2, **tokens), one, rtol=1e-6)
+    with pytest.raises(AssertionError, match="relative difference"):
+        assert_close_rel(go("samples", nproc=2), one, rtol=1e-6)
+
+
+def test_a_token_exact_run_resumed_from_its_checkpoint_ends_bit_identical(material, tmp_path):
+    """3 steps, then the same run directory continued to the end: as the uninterrupted run."""
+    whole = run(material, tmp_path, "whole")
+    part = tmp_path / "part"
+    recipe = lm_recipe(material, part)
+    write_recipe(tmp_path / "part3.yaml", changed(recipe, **{"train.max_steps": 3}))
+    assert launcher("run", tmp_path / "part3.yaml").returncode == 0
+    proc = launcher("run", write_recipe(tmp_path / "part.yaml", recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = load_weights(part), load_weights(whole)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert rows(part, "loss") == rows(whole, "loss")

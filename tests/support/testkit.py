@@ -194,6 +194,29 @@ class StreamedRegression(torch.utils.data.IterableDataset):
             yield x + 0.1 * torch.randn(x.shape, generator=g), y
 
 
+class PaddedTokens(torch.utils.data.Dataset):
+    """launcher's synthetic Tokens with a padded tail of 0 to seq_len - 1 positions per sample:
+    targets there are -100, which TokenCrossEntropy ignores (the inputs are 0)."""
+
+    deterministic = True
+
+    def __init__(self, size: int = 37, seq_len: int = 16, vocab_size: int = 32, seed: int = 0):
+        from launcher.datasets.synthetic import Tokens
+
+        self.base, self.seq_len = Tokens(size=size, seq_len=seq_len, vocab_size=vocab_size, seed=seed), seq_len
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        pad = (i * 7) % self.seq_len
+        if pad:
+            x, y = x.clone(), y.clone()
+            x[-pad:], y[-pad:] = 0, -100
+        return x, y
+
+
 class NumberedStream(torch.utils.data.IterableDataset):
     """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)), pass after pass."""
 
