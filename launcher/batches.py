@@ -87,9 +87,9 @@ class Counting:
     shift: bool = False
 
     @classmethod
-    def of(cls, loss_mean_over: str, model: nn.Module, loss_fn: LossFn | None) -> Counting:
-        tokens = loss_mean_over == "tokens" or (loss_mean_over == "auto" and loss_fn is None)
-        return cls(tokens, shift=tokens and loss_fn is None and _shifts_labels(model))
+    def of(cls, loss_mean_over: str, model: nn.Module, model_computes_loss: bool) -> Counting:
+        tokens = loss_mean_over == "tokens" or (loss_mean_over == "auto" and model_computes_loss)
+        return cls(tokens, shift=tokens and model_computes_loss and _shifts_labels(model))
 
     def describe(self) -> str:
         if not self.tokens:

@@ -151,7 +151,7 @@ def _train_locked(
         resume.restore(payload, resume_from, saved, recipe, plan, sess)
     rank_rng = rng.streams_of_ranks(recipe.seed, ranks) if simulate else None
     flops_per_sample = _attr("flops_per_sample", model, train_set)
-    counting = batches.Counting.of(recipe.train.loss_mean_over, model, loss_fn)
+    counting = batches.Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=loss_fn is None)
     extra = [("threads per rank", threads), ("loss: the mean over", counting.describe())]
     if env.is_main and sess.device.type == "cpu" and flops_per_sample:
         extra.append(

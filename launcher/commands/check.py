@@ -8,6 +8,7 @@ import os
 import torch
 
 from launcher import components, memory, parallel, sharding
+from launcher.batches import Counting
 from launcher.builders import build_datasets, checked_model, train_samples
 from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
@@ -91,6 +92,8 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
             ("steps per epoch", "unknown: data not available here"),
         ]
         notes.append(f"{e.key}: {e.message}")
+    counting = Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=recipe.loss is None)
+    rows.append(("loss: the mean over", counting.describe()))
     rows.append(("parameters", f"{n_params:,}"))
     memory_rows, memory_note = _memory_plan(recipe, model, world_size, device)
     rows += memory_rows
