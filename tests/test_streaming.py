@@ -101,3 +101,24 @@ def test_stream_mistakes_are_one_line(tmp_path, changes, expected):
     proc = launcher("run", path)
     assert proc.returncode == 2 and expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_2_rank_run_trains_on_every_sample_of_a_pass_exactly_once(tmp_path):
+    """32 numbered samples, global batch 16 (2 ranks x 4 x accumulation 2), 2 steps: one pass, and
+    the samples each rank's model saw are disjoint and together all of them."""
+    record = tmp_path / "seen"
+    run(
+        tmp_path,
+        "once",
+        nproc=2,
+        model={"_component_": "testkit.RecordingMLP", "sizes": [1, 4, 1], "record": str(record)},
+        **{
+            "data.train": {"_component_": "testkit.NumberedStream", "size": 32, "regression": True},
+            "data.val": None,
+            "data.num_workers": 2,
+            "train.max_steps": 2,
+        },
+    )
+    seen = {r: [int(v) for v in (tmp_path / f"seen.rank{r}").read_text().split()] for r in (0, 1)}
+    assert sorted(seen[0] + seen[1]) == list(range(32))
+    assert all(v % 2 == 0 for v in seen[0]) and all(v % 2 == 1 for v in seen[1])  # dealt round-robin

@@ -218,14 +218,31 @@ class PaddedTokens(torch.utils.data.Dataset):
 
 
 class NumberedStream(torch.utils.data.IterableDataset):
-    """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)), pass after pass."""
+    """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)) (`regression`: tensor([i.]) targets)."""
 
-    def __init__(self, size: int = 24):
-        self.size = size
+    def __init__(self, size: int = 24, regression: bool = False):
+        self.size, self.regression = size, regression
 
     def __iter__(self):
         for i in range(self.size):
-            yield torch.tensor([float(i)]), torch.tensor(i)
+            yield torch.tensor([float(i)]), torch.tensor([float(i)]) if self.regression else torch.tensor(i)
+
+
+class RecordingMLP(nn.Module):
+    """launcher.models.MLP that appends the first input feature of every sample it trains on to
+    `<record>.rank<RANK>`, one number per line: which samples each rank saw."""
+
+    def __init__(self, sizes: list[int], record: str):
+        super().__init__()
+        from launcher.models import MLP
+
+        self.net, self.record = MLP(sizes), record
+
+    def forward(self, x):
+        if self.training:
+            with open(f"{self.record}.rank{os.environ.get('RANK', '0')}", "a") as f:
+                f.writelines(f"{int(v)}\n" for v in x[:, 0].tolist())
+        return self.net(x)
 
 
 class PrivateRegression(torch.utils.data.Dataset):
