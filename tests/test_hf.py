@@ -229,3 +229,15 @@ def test_a_token_exact_run_resumed_from_its_checkpoint_ends_bit_identical(materi
     got, want = load_weights(part), load_weights(whole)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert rows(part, "loss") == rows(whole, "loss")
+
+
+@pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6")
+def test_meta_init_of_a_sharded_transformers_model_initialises_it_as_transformers_does(material, tmp_path):
+    """Built on the meta device, sharded per GPT2Block, then the model's own init_weights per shard:
+    GPT-2's N(0, 0.02) weights, the head still tied to the embedding, a first loss near ln(64)."""
+    changes = {"dist.strategy": "fsdp", "dist.fsdp.units": ["GPT2Block"], "dist.fsdp.meta_init": True}
+    run_dir = run(material, tmp_path, "meta", nproc=2, **{**changes, "train.epochs": 1})
+    w = load_weights(run_dir)
+    assert torch.equal(w["lm_head.weight"], w["transformer.wte.weight"])
+    assert 0.015 < float(w["transformer.h.0.mlp.c_fc.weight"].std()) < 0.03
+    assert abs(rows(run_dir, "loss")[0] - 4.159) < 0.1
