@@ -8,19 +8,18 @@ arguments are checked against the component's signature in `components.check`.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import signal
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from launcher.errors import RecipeError
+from launcher.recipe_errors import suggest, to_recipe_error
 from launcher.recipe_yaml import apply_overrides, read_yaml
 from launcher.rundir import RunDir
 
@@ -232,14 +231,9 @@ def validate(raw: dict[str, Any]) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise _to_recipe_error(e) from None
+        raise to_recipe_error(e, Recipe) from None
     _check_rules(recipe)
     return recipe
-
-
-def suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _check_rules(r: Recipe) -> None:
@@ -329,80 +323,3 @@ def get_key(recipe: Recipe, dotted: str) -> Any:
         if node is None:
             return None
     return node
-
-
-# ---------------------------------------------------------------- pydantic error -> one line
-
-
-def _leaf_loc(loc: tuple) -> tuple[list[str], type[BaseModel] | None, Any]:
-    """Walk `loc` through the schema; drop pydantic's union-member tags. Returns (path, parent model, field)."""
-    model: type[BaseModel] | None = Recipe
-    path: list[str] = []
-    parent, field = None, None
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            if model is not None and isinstance(part, str):
-                # an unknown key inside a section: keep it, it is what the user typed
-                path.append(part)
-                parent = model
-            break
-        path.append(part)
-        parent, field = model, model.model_fields[part]
-        model = _section_type(field.annotation)
-    return path, parent, field
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
-    return None
-
-
-_TYPE_WORDS = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "dict_type": "a mapping of key: value",
-    "model_type": "a section (a mapping of key: value)",
-    "list_type": "a list",
-    "finite_number": "a finite number",
-}
-
-
-def _to_recipe_error(exc: ValidationError) -> RecipeError:
-    errors = exc.errors()
-    first = errors[0]
-    path, parent, _ = _leaf_loc(first["loc"])
-    key = ".".join(path) or "recipe"
-    kind, value = first["type"], first.get("input")
-    if kind == "extra_forbidden":
-        valid = list(parent.model_fields) if parent else []
-        return RecipeError(key, f"unknown key{suggest(path[-1], valid)} (valid keys here: {', '.join(valid)})")
-    if kind == "missing":
-        return RecipeError(key, "required key is missing; add it to the recipe or pass it as an override")
-    # one field can fail several union members: name every type it would accept
-    same = [e for e in errors if _leaf_loc(e["loc"])[0] == path]
-    wanted: list[str] = []
-    for e in same:
-        if e["type"] == "literal_error":
-            wanted.append("one of " + e["ctx"]["expected"].replace(" or ", ", "))
-        elif e["type"] in _TYPE_WORDS:
-            wanted.append(_TYPE_WORDS[e["type"]])
-        elif e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            wanted.append(e["msg"].replace("Input should be ", "a value "))
-        elif e["type"] == "none_required":
-            wanted.append("null")
-        else:
-            wanted.append(e["msg"])
-    wanted = list(dict.fromkeys(wanted))
-    hint = ""
-    if kind == "literal_error" and isinstance(value, str):
-        options = re.findall(r"'([^']*)'", first["ctx"]["expected"])
-        hint = suggest(value, options)
-    return RecipeError(key, f"expected {' or '.join(wanted)}, got {value!r}{hint}")

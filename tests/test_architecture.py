@@ -20,6 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "blocks": (
         "launcher.recipe",
         "launcher.recipe_yaml",
+        "launcher.recipe_errors",
         "launcher.components",
         "launcher.plan",
         "launcher.data",
