@@ -10,7 +10,8 @@ Hugging Face `datasets` (the [hf] extra).
       collate: {_component_: launcher.collate.PadToLongest}
 
 or `pack: 512` to concatenate the documents (each followed by the tokenizer's end-of-text token, if
-it has one) and cut the stream into samples of exactly 512 tokens: no padding, every label counts.
+it has one) and cut the stream into samples of exactly 512 tokens: no padding, every label counts
+(1000 documents at a time; each thousand's last partial sample is dropped).
 
 Tokenizing runs once: rank 0 (of each node) tokenizes into `datasets`' cache while the other ranks
 wait, then every rank opens the cached result. The cache key is the files' names, sizes and
