@@ -241,3 +241,15 @@ def test_meta_init_of_a_sharded_transformers_model_initialises_it_as_transformer
     assert torch.equal(w["lm_head.weight"], w["transformer.wte.weight"])
     assert 0.015 < float(w["transformer.h.0.mlp.c_fc.weight"].std()) < 0.03
     assert abs(rows(run_dir, "loss")[0] - 4.159) < 0.1
+
+
+def test_streamed_text_checks_its_first_document_in_one_line(material, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1 w2"\n{"text": "w3"}\n')
+    base = {"data.train._component_": "launcher.datasets.tokenized.StreamedText", "data.train.cache_dir": DELETE}
+    base |= {"train.epochs": None, "train.max_steps": 2}
+    proc = run(material, tmp_path, "key", expect=2, **{**base, "data.train.text_key": "body"})
+    assert "data.train.text_key: the files have no 'body' field" in proc.stderr.strip().splitlines()[-1]
+    proc = run(material, tmp_path, "line", expect=2, **{**base, "data.train.files": str(bad)})
+    assert f"data.train.files: {bad}:1: not valid JSON lines" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr

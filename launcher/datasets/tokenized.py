@@ -105,6 +105,12 @@ class StreamedText:
         self.rows = datasets.load_dataset(
             self.format, data_files=[str(p) for p in self.paths], split="train", streaming=True
         )
+        try:  # the first document only: a stream is never read ahead
+            first = next(iter(self.rows.take(1)), {})
+        except Exception as e:
+            raise _bad_file(self.paths, self.format, e) from None
+        if text_key not in first:
+            raise ArgumentError("text_key", f"the files have no {text_key!r} field; they have {sorted(first)}")
 
     def set_epoch(self, epoch: int) -> None:
         self.rows.set_epoch(epoch)  # a shuffling source reorders per pass; plain files read alike
