@@ -106,7 +106,7 @@ class StreamedText:
             self.format, data_files=[str(p) for p in self.paths], split="train", streaming=True
         )
         try:  # the first document only: a stream is never read ahead
-            first = next(iter(self.rows.take(1)), {})
+            first: dict = next(iter(self.rows.take(1)), {})
         except Exception as e:
             raise _bad_file(self.paths, self.format, e) from None
         if text_key not in first:
