@@ -45,14 +45,19 @@ def features_and_targets(batch: Any, model_computes_loss: bool) -> tuple[Any, An
             raise RecipeError("data", f"a mapping batch needs a {LABELS!r} key for the loss; it has {sorted(batch)}")
         return {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
     if model_computes_loss:
-        raise RecipeError(
-            "loss",
-            f"the recipe names no loss, so the model must compute its own from a mapping batch with "
-            f"{LABELS!r}, but the data yields {type(batch).__name__}s; add a loss component",
-        )
+        raise no_loss_for(batch)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise RecipeError("data", f"a batch must be (inputs, targets) or a mapping; got {_describe(batch)}")
     return batch[0], batch[1]
+
+
+def no_loss_for(sample: Any) -> RecipeError:
+    """A recipe without a loss whose data is not a mapping: the model has no labels to compute one from."""
+    return RecipeError(
+        "loss",
+        f"the recipe names no loss, so the model must compute its own from a mapping batch with "
+        f"{LABELS!r}, but the data yields {type(sample).__name__}s; add a loss component",
+    )
 
 
 def call(model: nn.Module | Callable[..., Any], features: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import rng, streaming
+from launcher import batches, rng, streaming
 from launcher.components import instantiate
 from launcher.data import Positioned, SeededDataset, ShardSampler, build_loader
 from launcher.errors import RecipeError
@@ -42,11 +42,7 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
             )
     first = _first_sample(train_set) if recipe.loss is None else None
     if first is not None and not isinstance(first, Mapping):
-        raise RecipeError(
-            "loss",
-            f"the recipe names no loss, so the model must compute its own from a mapping batch with "
-            f"'labels', but data.train yields {type(first).__name__}s; add a loss component",
-        )
+        raise batches.no_loss_for(first)
     return train_set, val_set
 
 

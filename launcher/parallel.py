@@ -153,17 +153,21 @@ def wrap(
     return wrapped
 
 
-def checkpoint_modules(model: nn.Module, class_names: list[str]) -> int:
+def checkpointed_modules(model: nn.Module, class_names: list[str]) -> list[nn.Module]:
+    """The modules `activation_checkpointing.modules` names; a class the model lacks is a RecipeError."""
+    return modules_of_classes(model, class_names, KEY + ".modules", "or turn it off ([])")
+
+
+def checkpoint_modules(model: nn.Module, class_names: list[str]) -> None:
     """Activation checkpointing per block, for any model: every module of these classes recomputes
     its forward in the backward (non-reentrant). The forward is replaced in place, not wrapped in a
     new module, so parameter names (checkpoints, sharding units) stay those of the model."""
-    found = modules_of_classes(model, class_names, KEY + ".modules", "or turn it off ([])")
+    found = checkpointed_modules(model, class_names)
     for module in found:
         module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
     config = getattr(model, "config", None)
     if found and config is not None and getattr(config, "use_cache", False):
         config.use_cache = False  # transformers: a generation cache is useless in training and breaks recomputation
-    return len(found)
 
 
 def modules_of_classes(model: nn.Module, class_names: list[str], key: str, alternative: str) -> list[nn.Module]:

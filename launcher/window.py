@@ -74,9 +74,8 @@ def token_weighted(
     if t.device.type == "cuda":
         total = total.pin_memory().to(t.device, non_blocking=True)
     distributed.all_reduce(total)
-    total_f = (
-        total.clamp_(min=1).to(torch.float32).reshape(())
-    )  # a window of only padding labels: zero gradients, not NaN
+    # a window of only padding labels: zero gradients, not NaN
+    total_f = total.clamp_(min=1).to(torch.float32).reshape(())
     for m in range(len(fetched[0][1])):
         for per_rank in real:
             rank, batch, tokens = per_rank[m]

@@ -52,7 +52,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     ac = recipe.train.activation_checkpointing
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     if ac.modules:
-        parallel.modules_of_classes(model, ac.modules, f"{parallel.KEY}.modules", "or turn it off ([])")
+        parallel.checkpointed_modules(model, ac.modules)
     n_params = sum(p.numel() for p in model.parameters())
     space = recipe.layout.space_warning(state_checkpoint_bytes(model))
     if space:
