@@ -134,6 +134,15 @@ def valid_tokens(batch: Any, shift: bool) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+def without_ignored_labels(batch: Any) -> Any:
+    """The batch with every ignored label made a valid class (0), for a micro-batch that counts no
+    token: its loss is then finite, and the loop weights it by exactly 0."""
+    if is_mapping(batch):
+        key = SHIFTED_LABELS if SHIFTED_LABELS in batch else LABELS
+        return {**batch, key: batch[key].masked_fill(batch[key] == IGNORE_INDEX, 0)}
+    return type(batch)([batch[0], batch[1].masked_fill(batch[1] == IGNORE_INDEX, 0), *batch[2:]])
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"

@@ -62,8 +62,10 @@ def evaluate(
             loss = batches.loss_of(out, targets, loss_fn)
         if n_real == 0:
             continue
-        totals[0] += loss.double() * count
         totals[1] += n_real
+        if count == 0:
+            continue  # a mean over no token: NaN, which must not reach val_loss
+        totals[0] += loss.double() * count
         totals[4] += count
         logits = batches.logits_of(out)
         if (

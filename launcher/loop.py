@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher import distributed, gradients, memory, parallel, resume, startup, window
+from launcher import batches, distributed, gradients, memory, parallel, resume, startup, window
 from launcher.data import Batch, to_device
 from launcher.errors import TrainingError
 from launcher.evaluation import evaluate
@@ -215,6 +215,8 @@ def log_train(t: Trainer) -> None:
     s = t.state
     per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
     w = t.window
+    if w.label_counts and t.session.is_main:
+        _report_unlabelled(s.step, torch.cat(w.label_counts).tolist())
     loss_sum = float(per_rank.sum())  # the window sizes in w.samples are already global
     elapsed = max(time.perf_counter() - w.started_at, 1e-9)
     timed_samples, timed_steps = w.samples - w.restored_samples, w.steps - w.restored_steps
@@ -250,6 +252,17 @@ def log_train(t: Trainer) -> None:
         t.startup_logged = True
     t.log(row)
     w.reset()
+
+
+def _report_unlabelled(step: int, label_counts: list[int]) -> None:
+    """Steps whose window had no label to learn from (every one -100): their gradients were zero."""
+    empty = [step - len(label_counts) + 1 + i for i, k in enumerate(label_counts) if k == 0]
+    if empty:
+        steps = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        log.warning(
+            f"step {steps}: no valid label in the whole window (all {batches.IGNORE_INDEX}), so no gradient; "
+            "check the data's labels (a prompt mask or truncation that leaves nothing to predict?)"
+        )
 
 
 def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:

@@ -71,6 +71,9 @@ class LogWindow:
     started_at: float = field(default_factory=time.perf_counter)
     grad_norm: torch.Tensor | None = None  # of the last step, when it was measured
     profiled: bool = False  # the profiler ran during this window: its step times are inflated
+    # a token-weighted run's valid labels of each step since the last log row, over all ranks (on
+    # the device until the log step reads them, with the loss)
+    label_counts: list[torch.Tensor] = field(default_factory=list)
 
     def add_step(self, samples: int) -> None:
         self.steps += 1
@@ -89,6 +92,7 @@ class LogWindow:
         self.steps = self.samples = self.restored_steps = self.restored_samples = 0
         self.data_wait_s = 0.0
         self.profiled = False
+        self.label_counts.clear()
         self.started_at = time.perf_counter()
 
     @classmethod

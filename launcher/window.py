@@ -68,14 +68,21 @@ def token_weighted(
         for m, batch in enumerate(window):
             n_real = p.real_in_micro_batch(micro_index + m, rank)
             batch = _real(batch, n_real)
-            per_rank.append((rank, batch, batches.valid_tokens(batch, t.counting.shift) if n_real else 0))
+            tokens = batches.valid_tokens(batch, t.counting.shift) if n_real else 0
+            if tokens == 0:
+                # its mean loss would be 0/0 = NaN, and NaN x a weight of 0 is still NaN: give the
+                # forward finite labels to compute (the same operators, so the same collectives)
+                # and weight it by exactly 0, which adds exactly 0 to the gradients and the log
+                batch = batches.without_ignored_labels(batch)
+            per_rank.append((rank, batch, tokens))
         real.append(per_rank)
     total = torch.tensor([sum(k for per_rank in real for _, _, k in per_rank)], dtype=torch.int64)
     if t.device.type == "cuda":
         total = total.pin_memory().to(t.device, non_blocking=True)
     distributed.all_reduce(total)
-    # a window of only padding labels: zero gradients, not NaN
-    total_f = total.clamp_(min=1).to(torch.float32).reshape(())
+    t.window.label_counts.append(total)  # read at the log step: a window of no labels is reported there
+    # a window of only padding labels: every weight is 0, so zero gradients, not NaN
+    total_f = total.clamp(min=1).to(torch.float32).reshape(())
     for m in range(len(fetched[0][1])):
         for per_rank in real:
             rank, batch, tokens = per_rank[m]

@@ -217,6 +217,19 @@ class PaddedTokens(torch.utils.data.Dataset):
         return x, y
 
 
+class UnlabelledTokens(PaddedTokens):
+    """PaddedTokens whose samples at `empty` (a list of indices, or "all") have no label at all:
+    every target is -100, so a token loss's mean over such a micro-batch is 0/0."""
+
+    def __init__(self, empty: list[int] | str = "all", **kwargs):
+        super().__init__(**kwargs)
+        self.empty = set(range(len(self))) if empty == "all" else set(empty)
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x, torch.full_like(y, -100)) if i in self.empty else (x, y)
+
+
 class NumberedStream(torch.utils.data.IterableDataset):
     """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)) (`regression`: tensor([i.]) targets)."""
 
