@@ -41,7 +41,9 @@ def test_micro_batches_without_labels_add_nothing_at_2_and_3_ranks(tmp_path):
         assert_close_rel(load_weights(run_dir), load_weights(one), rtol=1e-5)
         for key in ("loss", "val_loss"):
             got, want = rows(run_dir, key), rows(one, key)
-            assert len(got) == len(want) > 0 and all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want)), key
+            assert len(got) == len(want) > 0 and all(
+                abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want, strict=True)
+            ), key
 
 
 def test_a_window_without_labels_gives_zero_gradients_and_is_reported(tmp_path):
