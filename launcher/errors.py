@@ -27,6 +27,15 @@ class ArgumentError(Exception):
         self.argument = argument
 
 
+def positive(argument: str, value: int | None, optional: bool = True) -> int | None:
+    """A length or count argument: a whole number of at least 1 (or None where `optional`)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArgumentError(argument, f"{value!r} is not a length: give a whole number of at least 1")
+    return value
+
+
 class MissingFile(ArgumentError, FileNotFoundError):
     """A component's input file does not exist: `launcher check` accepts that for data that lives
     only where the run will run; `launcher run` stops on it."""

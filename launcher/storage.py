@@ -93,7 +93,12 @@ def free_bytes(path: Path) -> int:
 
 
 def write_failed(path: Path, exc: BaseException) -> TrainingError:
-    """A failed write (disk full, quota, I/O error) as one line naming the path and the free space."""
+    """A failed checkpoint write (disk full, quota, I/O error): one line naming the path and the free space."""
+    return TrainingError(f"{why_write_failed(path, exc)}; the previous checkpoint is intact")
+
+
+def why_write_failed(path: Path, exc: BaseException) -> str:
+    """A failed write as a phrase naming the path, the reason and the free space there."""
     try:
         free: int | None = free_bytes(path)
     except OSError:
@@ -104,4 +109,4 @@ def write_failed(path: Path, exc: BaseException) -> TrainingError:
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         reason = "No space left on device" if free is not None and free < 2**20 else text
     room = f"{free / 2**20:,.1f} MiB free there" if free is not None else "free space unknown"
-    return TrainingError(f"writing {path} failed: {reason} ({room}); the previous checkpoint is intact")
+    return f"writing {path} failed: {reason} ({room})"

@@ -249,7 +249,7 @@ def test_streamed_text_checks_its_first_document_in_one_line(material, tmp_path)
     base = {"data.train._component_": "launcher.datasets.tokenized.StreamedText", "data.train.cache_dir": DELETE}
     base |= {"train.epochs": None, "train.max_steps": 2}
     proc = run(material, tmp_path, "key", expect=2, **{**base, "data.train.text_key": "body"})
-    assert "data.train.text_key: the files have no 'body' field" in proc.stderr.strip().splitlines()[-1]
+    assert "train.jsonl:1: no 'body' field" in proc.stderr.strip().splitlines()[-1]
     proc = run(material, tmp_path, "line", expect=2, **{**base, "data.train.files": str(bad)})
     assert f"data.train.files: {bad}:1: not valid JSON lines" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr

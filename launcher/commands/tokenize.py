@@ -2,21 +2,25 @@
 
 The file is what `launcher.datasets.token_file.TokenFile` reads: token ids back to back, uint16
 when the tokenizer's vocabulary fits (else uint32), no header, each document followed by the
-tokenizer's end-of-text token if it has one. Input is read a line at a time for .txt files (a
-document per line, or `--whole-files`: one per file) and a `text` field per line for .jsonl; the
-output is written as it goes, so neither has to fit in memory. Written to a temporary file and
-renamed at the end: an interrupted run leaves no partial output.
+tokenizer's end-of-text token if it has one. Input is read as TokenizedText reads it
+(launcher/datasets/documents.py: .txt a document per line, or `--whole-files` one per file; .jsonl
+and .json a `text` field per line; .parquet a `text` column), a row at a time, and the output is
+written as it goes, so neither has to fit in memory. Written to a temporary file of its own, its
+size checked, then renamed: an interrupted or concurrent run, or a full disk, leaves no partial
+output under the name.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from launcher.errors import EXIT_OK, LaunchError
+from launcher.storage import why_write_failed
 
 BATCH = 1000  # documents per tokenizer call
 
@@ -38,59 +42,70 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from launcher.datasets.documents import data_files, documents
     from launcher.datasets.tokenized import load_tokenizer
     from launcher.errors import ArgumentError
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise LaunchError("--output", f"{out} exists; pass --overwrite to replace it, or name another file")
-    inputs = [Path(p) for p in args.inputs]
-    for path in inputs:
-        if not path.is_file():
-            raise LaunchError("TEXT", f"{path} does not exist")
+    if not out.parent.is_dir():
+        raise LaunchError("--output", f"{out.parent} is not a directory")
     try:
+        paths, _ = data_files(args.inputs, key="TEXT", one_format=False)
         tokenizer = load_tokenizer(args.tokenizer)
     except ArgumentError as e:
-        raise LaunchError("--tokenizer", str(e)) from None
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    tmp = out.with_name(f".{out.name}.tmp")
+        raise LaunchError("TEXT" if e.argument == "TEXT" else "--tokenizer", str(e)) from None
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    _remove_dead_temporaries(out)
+    # a name of its own (with the writer's pid): two runs writing the same output never share one
+    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
+    tmp = Path(name)
     n_tokens = n_docs = 0
     try:
-        with tmp.open("wb") as f:
-            for docs in _batches(_documents(inputs, args.text_key, args.whole_files)):
+        with os.fdopen(fd, "wb") as f:
+            for docs in _batches(documents(paths, args.text_key, args.whole_files)):
                 for ids in tokenizer.encode(docs):
                     if tokenizer.eos is not None:
                         ids = [*ids, tokenizer.eos]
-                    np.asarray(ids, dtype=dtype).tofile(f)
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())  # raises on a full disk (tofile can lose writes)
                     n_tokens += len(ids)
                 n_docs += len(docs)
             f.flush()
             os.fsync(f.fileno())
+        written = tmp.stat().st_size
+        if written != n_tokens * dtype.itemsize:
+            raise OSError(errno.EIO, f"{written:,} bytes on disk of {n_tokens * dtype.itemsize:,}")
         os.replace(tmp, out)
+    except ArgumentError as e:
+        raise LaunchError("--text-key" if e.argument == "text_key" else "TEXT", str(e)) from None
+    except OSError as e:
+        raise LaunchError("--output", f"{why_write_failed(out, e)}; nothing was written under that name") from None
     finally:
         tmp.unlink(missing_ok=True)
     print(
-        f"{out}: {n_tokens:,} tokens from {n_docs:,} documents, {np.dtype(dtype).name} "
+        f"{out}: {n_tokens:,} tokens from {n_docs:,} documents, {dtype.name} "
         f"(vocabulary {tokenizer.vocab_size:,}: set the model's vocab_size to at least that)"
     )
     return EXIT_OK
 
 
-def _documents(inputs: list[Path], text_key: str, whole_files: bool) -> Iterator[str]:
-    for path in inputs:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)[text_key]
-                        except (json.JSONDecodeError, KeyError, TypeError) as e:
-                            raise LaunchError("TEXT", f"{path}:{number}: no {text_key!r} text ({e})") from None
-        elif whole_files:
-            yield path.read_text(encoding="utf-8")
-        else:
-            with path.open(encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+def _remove_dead_temporaries(out: Path) -> None:
+    """The temporary files of earlier runs to `out` that were killed (their pid is gone)."""
+    for leftover in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = leftover.name[len(out.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:

@@ -33,9 +33,8 @@ from torch.utils.data import Dataset
 
 from launcher import distributed
 from launcher.components import require
-from launcher.errors import ArgumentError, MissingFile
-
-FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+from launcher.datasets.documents import data_files, documents, first_bad_row
+from launcher.errors import ArgumentError, positive
 
 
 class TokenizedText(Dataset):
@@ -50,8 +49,11 @@ class TokenizedText(Dataset):
         pack: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        paths, self.format = _data_files(files)
-        self.paths, self.text_key, self.max_length, self.pack = paths, text_key, max_length, pack
+        paths, self.format = data_files(files)
+        self.max_length, self.pack = positive("max_length", max_length), positive("pack", pack)
+        if max_length is not None and pack is not None:
+            raise ArgumentError("pack", "give max_length (cut each document) or pack (join them), not both")
+        self.paths, self.text_key = paths, text_key
         tok = load_tokenizer(tokenizer)
         key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
         with distributed.local_main_first():
@@ -63,13 +65,16 @@ class TokenizedText(Dataset):
         try:
             raw = datasets.load_dataset(self.format, data_files=files, split="train", cache_dir=cache_dir)
         except Exception as e:
-            raise _bad_file(self.paths, self.format, e) from None
+            raise _bad_file(self.paths, self.format, self.text_key, e) from None
         if self.text_key not in raw.column_names:
             raise ArgumentError("text_key", f"the files have no {self.text_key!r} field; they have {raw.column_names}")
-        max_length, pack, text_key = self.max_length, self.pack, self.text_key
+        max_length, pack, text_key, fmt = self.max_length, self.pack, self.text_key, self.format
 
         def tokenize(rows: dict[str, list]) -> dict[str, list]:
-            ids = encode(rows[text_key])
+            texts = rows[text_key]
+            if not all(isinstance(x, str) for x in texts):
+                raise TypeError(f"a {text_key!r} that is not text")  # found again below, with its file and line
+            ids = encode([x for x in texts if x.strip()] if fmt == "text" else texts)  # blank lines: no documents
             if pack is None:
                 return {"input_ids": [x[:max_length] if max_length else x for x in ids]}
             stream = [t for x in ids for t in (x + [eos] if eos is not None else x)]
@@ -77,7 +82,13 @@ class TokenizedText(Dataset):
 
         # packing works on batches of documents: a batch's last partial sample is dropped
         kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "new_fingerprint": key}
-        rows = raw.map(tokenize, remove_columns=raw.column_names, desc="tokenizing", **kwargs)
+        try:
+            rows = raw.map(tokenize, remove_columns=raw.column_names, desc="tokenizing", **kwargs)
+        except Exception:  # a row that is not text, or not UTF-8: found again, with its file and line
+            bad = first_bad_row(self.paths, self.text_key)
+            if bad is None:
+                raise
+            raise bad from None
         return rows.with_format("torch")
 
     def __len__(self) -> int:
@@ -92,33 +103,34 @@ class TokenizedText(Dataset):
 
 
 class StreamedText:
-    """The same documents as TokenizedText, streamed (`datasets.load_dataset(..., streaming=True)`)
-    and tokenized as they are read, never cached: for corpora too big to tokenize ahead. A stream
-    (launcher/streaming.py): the run needs train.max_steps; every rank reads it all and keeps its share."""
+    """The same documents as TokenizedText, read line by line (launcher/datasets/documents.py) and
+    tokenized as they are read, never cached: for corpora too big to tokenize ahead. A stream
+    (launcher/streaming.py): the run needs train.max_steps; every rank reads it all and keeps its
+    share. A bad row further on stops the run with its file and line."""
 
     def __init__(
         self, files: str | list[str], tokenizer: str, text_key: str = "text", max_length: int | None = None
     ) -> None:
-        self.paths, self.format = _data_files(files)
-        self.tokenizer, self.text_key, self.max_length = load_tokenizer(tokenizer), text_key, max_length
-        datasets = require("datasets", "launcher.datasets.tokenized.StreamedText")
-        self.rows = datasets.load_dataset(
-            self.format, data_files=[str(p) for p in self.paths], split="train", streaming=True
-        )
-        try:  # the first document only: a stream is never read ahead
-            first: dict = next(iter(self.rows.take(1)), {})
-        except Exception as e:
-            raise _bad_file(self.paths, self.format, e) from None
-        if text_key not in first:
-            raise ArgumentError("text_key", f"the files have no {text_key!r} field; they have {sorted(first)}")
+        self.paths, self.format = data_files(files)
+        self.text_key, self.max_length = text_key, positive("max_length", max_length)
+        self.tokenizer = load_tokenizer(tokenizer)
+        next(documents(self.paths, text_key), None)  # the first document only: a stream is never read ahead
 
     def set_epoch(self, epoch: int) -> None:
-        self.rows.set_epoch(epoch)  # a shuffling source reorders per pass; plain files read alike
+        """Local files read alike on every pass."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for rows in self.rows.iter(batch_size=256):  # a line broken further on fails here, as datasets reports it
-            for ids in self.tokenizer.encode(rows[self.text_key]):
-                yield {"input_ids": torch.tensor(ids[: self.max_length] if self.max_length else ids)}
+        batch: list[str] = []
+        for text in documents(self.paths, self.text_key):
+            batch.append(text)
+            if len(batch) == 256:
+                yield from self._encoded(batch)
+                batch = []
+        yield from self._encoded(batch)
+
+    def _encoded(self, texts: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        for ids in self.tokenizer.encode(texts) if texts else []:
+            yield {"input_ids": torch.tensor(ids[: self.max_length] if self.max_length else ids)}
 
 
 @dataclass(frozen=True)
@@ -140,12 +152,20 @@ def load_tokenizer(spec: str) -> Tokenizer:
     fingerprint = hashlib.sha256(file.read_bytes()).hexdigest()
     if path.is_dir():
         transformers = require("transformers", "a tokenizer directory")
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # a damaged tokenizer.json or config: transformers' own errors vary
+            raise ArgumentError("tokenizer", f"cannot load the tokenizer in {path} ({str(e)[:120]})") from None
         return Tokenizer(
             lambda texts: tok(texts, add_special_tokens=False)["input_ids"], tok.eos_token_id, len(tok), fingerprint
         )
     tokenizers = require("tokenizers", "a tokenizer.json file")
-    raw = tokenizers.Tokenizer.from_file(str(file))
+    try:
+        raw = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for a file it cannot parse
+        raise ArgumentError(
+            "tokenizer", f"{file} is not a tokenizer.json ({str(e)[:120]}); name a tokenizer file"
+        ) from None
     eos = next((raw.token_to_id(t) for t in EOS_NAMES if raw.token_to_id(t) is not None), None)
     return Tokenizer(
         lambda texts: [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)],
@@ -158,39 +178,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
 
 
-def _data_files(files: str | list[str]) -> tuple[list[Path], str]:
-    """The files, checked to exist and to share one format: (paths, datasets' builder name)."""
-    paths = [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
-    for path in paths:
-        if not path.is_file():
-            raise MissingFile("files", f"{path} does not exist; name local data files")
-    formats = {FORMATS.get(p.suffix) for p in paths}
-    if None in formats or len(formats) != 1:
-        raise ArgumentError(
-            "files", f"expected files all .jsonl/.json, .parquet or .txt; got {[p.name for p in paths]}"
-        )
-    return paths, formats.pop() or ""
-
-
 def _cache_key(paths: list[Path], tokenizer: str, *args: Any) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return hashlib.sha256(json.dumps([stats, tokenizer, *args]).encode()).hexdigest()[:32]
 
 
-def _bad_file(paths: list[Path], fmt: str, error: Exception) -> ArgumentError:
-    """datasets' parse errors name neither file nor line: find them, for JSON lines."""
-    if fmt == "json":
-        for path, line, message in _json_errors(paths):
-            return ArgumentError("files", f"{path}:{line}: not valid JSON lines ({message}); fix or remove that line")
-    return ArgumentError("files", f"cannot read {[str(p) for p in paths]} as {fmt}: {type(error).__name__}: {error}")
-
-
-def _json_errors(paths: list[Path]) -> Iterator[tuple[Path, int, str]]:
-    for path in paths:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield path, number, e.msg
+def _bad_file(paths: list[Path], fmt: str, text_key: str, error: Exception) -> ArgumentError:
+    """datasets' parse errors name neither file nor line: find them by reading the files ourselves."""
+    return first_bad_row(paths, text_key) or ArgumentError(
+        "files", f"cannot read {[str(p) for p in paths]} as {fmt}: {type(error).__name__}: {error}"
+    )

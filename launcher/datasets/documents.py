@@ -1,0 +1,114 @@
+"""Local text documents, read one way everywhere: `launcher tokenize`, StreamedText, and the search
+for the bad row when `datasets` fails in TokenizedText.
+
+Formats go by suffix: .jsonl and .json are JSON lines (a `text_key` field per line), .parquet a
+`text_key` column, .txt a document per non-blank line (or, `whole_files`, one per file). A bad row
+is one line naming the file and the line (or Parquet row): broken JSON, a missing, null or non-text
+field, bytes that are not UTF-8. An empty file is named too. Blank lines are no documents, in every
+format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import ArgumentError, MissingFile
+
+# suffix -> the `datasets` builder that reads it
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+def data_files(files: str | list[str], key: str = "files", one_format: bool = True) -> tuple[list[Path], str]:
+    """The files, checked to exist, to be non-empty and (`one_format`: as `datasets` reads them in
+    one go) to share one format: (paths, builder name; "" for several)."""
+    paths = [Path(f).expanduser() for f in ([files] if isinstance(files, str) else files)]
+    for path in paths:
+        if not path.is_file():
+            raise MissingFile(key, f"{path} does not exist; name local data files")
+    formats = {FORMATS.get(p.suffix) for p in paths}
+    if None in formats or (one_format and len(formats) != 1):
+        what = "all .jsonl/.json, all .parquet or all .txt" if one_format else ".jsonl/.json, .parquet or .txt"
+        raise ArgumentError(key, f"expected files {what}; got {[p.name for p in paths]}")
+    for path in paths:
+        if path.stat().st_size == 0:
+            raise ArgumentError(key, f"{path} is empty: it holds no document; remove it from {key} or fill it")
+    return paths, (formats.pop() or "") if len(formats) == 1 else ""
+
+
+def documents(paths: list[Path], text_key: str, whole_files: bool = False) -> Iterator[str]:
+    """Every document's text, in file order, checked row by row (ArgumentError for `files` or
+    `text_key`, naming the file and line)."""
+    for path in paths:
+        fmt = FORMATS[path.suffix]
+        if fmt == "parquet":
+            yield from _parquet(path, text_key)
+        elif fmt == "text" and whole_files:
+            yield _decoded(path, path.read_bytes(), 0)
+        else:
+            for number, text in _lines(path):
+                yield _field(path, number, text, text_key) if fmt == "json" else text
+
+
+def first_bad_row(paths: list[Path], text_key: str) -> ArgumentError | None:
+    """The first row `documents` refuses, as its error (None: every row reads)."""
+    try:
+        for _ in documents(paths, text_key):
+            pass
+    except ArgumentError as e:
+        return e
+    return None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line, decoded as UTF-8."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            text = _decoded(path, raw, number).rstrip("\r\n")
+            if text.strip():
+                yield number, text
+
+
+def _decoded(path: Path, raw: bytes, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{number}" if number else str(path)
+        raise ArgumentError(
+            "files",
+            f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); re-encode the file as UTF-8",
+        ) from None
+
+
+def _field(path: Path, number: int, line: str, text_key: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ArgumentError(
+            "files", f"{path}:{number}: not valid JSON lines ({e.msg}); fix or remove that line"
+        ) from None
+    if not isinstance(row, dict) or text_key not in row:
+        have = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ArgumentError("text_key", f"{path}:{number}: no {text_key!r} field (the line has {have})")
+    return _text(path, f"{number}", row[text_key], text_key)
+
+
+def _text(path: Path, where: str, value: Any, text_key: str) -> str:
+    if not isinstance(value, str):
+        raise ArgumentError("files", f"{path}:{where}: {text_key!r} is {value!r}, not text; fix or remove that row")
+    return value
+
+
+def _parquet(path: Path, text_key: str) -> Iterator[str]:
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    table = pq.ParquetFile(path)
+    if text_key not in table.schema_arrow.names:
+        raise ArgumentError("text_key", f"{path} has no {text_key!r} column; it has {table.schema_arrow.names}")
+    row = 0
+    for batch in table.iter_batches(columns=[text_key]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield _text(path, f"row {row}", value, text_key)

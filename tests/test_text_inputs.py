@@ -1,0 +1,133 @@
+"""Text read by `launcher tokenize`, TokenizedText and StreamedText: one reader, so one format per
+suffix, and every bad row, empty file or full disk is one line naming the file (and line), exit 2,
+with no partial output left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import launcher, worker_env
+from hfkit import documents, make_tokenizer, write_jsonl
+from launcher.datasets.tokenized import StreamedText, TokenizedText
+from launcher.errors import ArgumentError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def tokenize(tokenizer, out, *inputs, **kwargs):
+    return launcher("tokenize", *inputs, "--tokenizer", tokenizer, "-o", out, **kwargs)
+
+
+def last_line(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_json_lines_named_json_are_read_by_field_as_jsonl_is(tmp_path, tokenizer):
+    docs = documents(20, seed=4)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    write_jsonl(tmp_path / "a.json", docs)
+    assert tokenize(tokenizer, tmp_path / "l.bin", tmp_path / "a.jsonl").returncode == 0
+    assert tokenize(tokenizer, tmp_path / "j.bin", tmp_path / "a.json").returncode == 0
+    assert (tmp_path / "l.bin").read_bytes() == (tmp_path / "j.bin").read_bytes()
+
+
+BAD_ROWS = {
+    "null": ('{"text": "w1 w2"}\n{"text": null}\n', "bad.jsonl:2: 'text' is None, not text"),
+    "number": ('{"text": "w1"}\n\n{"text": 3}\n', "bad.jsonl:3: 'text' is 3, not text"),
+    "missing": ('{"text": "w1"}\n{"body": "w2"}\n', "bad.jsonl:2: no 'text' field"),
+    "broken": ('{"text": "w1"}\n{"text": "w2"\n', "bad.jsonl:2: not valid JSON lines"),
+    "utf8": (b'{"text": "w1"}\n{"text": "w2 \xff"}\n', "bad.jsonl:2: not UTF-8 (byte 0xff"),
+    "empty": ("", "bad.jsonl is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_row_or_an_empty_file_is_one_line_naming_file_and_line(tmp_path, tokenizer, case):
+    content, expected = BAD_ROWS[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = last_line(tokenize(tokenizer, tmp_path / "out.bin", bad))
+    assert expected in line, line
+    assert not list(tmp_path.glob("*out.bin*"))  # no output, no temporary file
+    with pytest.raises(ArgumentError, match="bad.jsonl"):
+        TokenizedText(str(bad), str(tokenizer), max_length=8, cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_bad_row_deep_in_a_stream_names_its_line(tmp_path, tokenizer):
+    path = tmp_path / "stream.jsonl"
+    write_jsonl(path, documents(400, seed=5))
+    lines = path.read_text().splitlines()
+    lines[299] = '{"text": 12}'
+    path.write_text("\n".join(lines) + "\n")
+    stream = StreamedText(str(path), str(tokenizer))  # the first document reads
+    with pytest.raises(ArgumentError, match=r"stream.jsonl:300: 'text' is 12, not text"):
+        list(stream)
+
+
+def test_blank_lines_are_no_documents_in_text_files(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("w1 w2\n\n   \nw3\n")
+    rows = TokenizedText(str(tmp_path / "a.txt"), str(tokenizer), cache_dir=str(tmp_path / "cache"))
+    assert len(rows) == 2
+
+
+@pytest.mark.parametrize("key, value", [("max_length", -3), ("max_length", 0), ("pack", 0), ("pack", -4)])
+def test_every_length_is_checked_when_built(tmp_path, tokenizer, key, value):
+    write_jsonl(tmp_path / "a.jsonl", documents(5))
+    with pytest.raises(ArgumentError, match=f"{value} is not a length") as e:
+        TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), **{key: value})
+    assert e.value.argument == key
+
+
+def test_a_garbage_tokenizer_file_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("not json at all")
+    (tmp_path / "a.txt").write_text("w1\n")
+    line = last_line(tokenize(tmp_path / "tokenizer.json", tmp_path / "o.bin", tmp_path / "a.txt"))
+    assert line.startswith("error: --tokenizer:") and "is not a tokenizer.json" in line
+
+
+def test_two_tokenize_runs_to_one_output_leave_one_whole_file(tmp_path, tokenizer):
+    """Each writes a temporary file of its own and renames it: the output is one run's, whole."""
+    docs = documents(3000, seed=6)
+    (tmp_path / "a.txt").write_text("\n".join(docs) + "\n")
+    assert tokenize(tokenizer, tmp_path / "one.bin", tmp_path / "a.txt").returncode == 0
+    out = tmp_path / "out.bin"
+    cmd = [sys.executable, "-m", "launcher", "tokenize", str(tmp_path / "a.txt"), "--tokenizer", str(tokenizer)]
+    procs = [subprocess.Popen([*cmd, "-o", str(out), "--overwrite"], env=worker_env()) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert out.read_bytes() == (tmp_path / "one.bin").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_killed_runs_temporary_file_is_removed_by_the_next_run(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("w1 w2\n")
+    dead = subprocess.run(["true"]).args and 2**22 + 12345  # above pid_max's default: no such process
+    stale = tmp_path / f".out.bin.{dead}.abc.tmp"
+    stale.write_bytes(b"partial")
+    assert tokenize(tokenizer, tmp_path / "out.bin", tmp_path / "a.txt").returncode == 0
+    assert not stale.exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tokenizer):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a small filesystem")
+    (tmp_path / "a.txt").write_text("\n".join(documents(4000, seed=7)) + "\n")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    cmd = f"{sys.executable} -m launcher tokenize {tmp_path / 'a.txt'} --tokenizer {tokenizer} -o {mount / 'o.bin'}"
+    script = f"mount -t tmpfs -o size=16k tmpfs {mount} || exit 99; {cmd}; code=$?; ls -a {mount}; exit $code"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=worker_env(), capture_output=True, text=True)
+    if proc.returncode == 99:
+        pytest.skip("cannot mount a tmpfs here")
+    line = last_line(proc)
+    assert line.startswith(f"error: --output: writing {mount / 'o.bin'} failed: No space left on device"), line
+    assert "MiB free there" in line
+    assert proc.stdout.split() == [".", ".."]  # neither the output nor a temporary file
