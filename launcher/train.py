@@ -15,8 +15,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from launcher import batches, causes, distributed, loop, parallel, resume, rng, setup, sharded_state, sharding, startup
-from launcher.builders import build_datasets, build_loaders, train_samples
+from launcher import (
+    batches,
+    causes,
+    data_fit,
+    distributed,
+    loop,
+    parallel,
+    resume,
+    rng,
+    setup,
+    sharded_state,
+    sharding,
+    startup,
+)
+from launcher.builders import build_collate, build_datasets, build_loaders, train_samples
 from launcher.checkpointer import Checkpointer
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
@@ -115,6 +128,7 @@ def _train_locked(
     # simulated ranks, trains the model whole
     sharded = recipe.dist.strategy != "ddp" and distributed.is_initialized() and not simulate
     model, payload = setup.model(recipe, env, sess, plan, resume_from, on_meta=sharded and recipe.dist.fsdp.meta_init)
+    data_fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
     loss_fn = setup.loss(recipe)
     ranks = list(range(simulate)) if simulate else [env.rank]
     shards, val_loader = build_loaders(

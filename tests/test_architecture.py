@@ -45,6 +45,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.gradients",
         "launcher.batches",
         "launcher.collate",
+        "launcher.data_fit",
         "launcher.streaming",
         "launcher.precision",
     ),

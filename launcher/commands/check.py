@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from launcher import components, memory, parallel, sharding
+from launcher import components, data_fit, memory, parallel, sharding
 from launcher.batches import Counting
-from launcher.builders import build_datasets, checked_model, train_samples
+from launcher.builders import build_collate, build_datasets, checked_model, train_samples
 from launcher.commands import add_recipe_arguments, positive
 from launcher.cpu import step_time_estimate
 from launcher.errors import EXIT_OK, BuildError, LaunchError
@@ -65,6 +65,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         notes.append(f"{e.key}: {e.message}")
     try:
         train_set, val_set = build_datasets(recipe)
+        data_fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
         plan = build_plan(
             recipe,
             world_size,

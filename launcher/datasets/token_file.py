@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from launcher.errors import ArgumentError, MissingFile
+from launcher.errors import ArgumentError, MissingFile, positive
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -50,6 +50,8 @@ class TokenFile(Dataset):
             raise ArgumentError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
         if windows not in ("sequential", "random"):
             raise ArgumentError("windows", f"{windows!r} is not 'sequential' or 'random'")
+        positive("seq_len", seq_len, optional=False)
+        positive("samples", samples)
         itemsize = np.dtype(DTYPES[dtype]).itemsize
         size = self.path.stat().st_size
         if size % itemsize:
@@ -68,6 +70,21 @@ class TokenFile(Dataset):
     @property
     def tokens_per_sample(self) -> int:  # for tokens/s in the metrics
         return self.seq_len
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.seq_len
+
+    def max_token_id(self, vocab_size: int) -> int | None:
+        """The file's largest token id, if it could reach `vocab_size` (launcher/data_fit.py): read
+        once, in blocks (the process does not grow with the file); None when the dtype cannot."""
+        if np.iinfo(DTYPES[self.dtype]).max < vocab_size:
+            return None
+        largest, block = 0, 1 << 24
+        with self.path.open("rb") as f:
+            while chunk := f.read(block * np.dtype(DTYPES[self.dtype]).itemsize):
+                largest = max(largest, int(np.frombuffer(chunk, dtype=DTYPES[self.dtype]).max()))
+        return largest
 
     def start(self, index: int) -> int:
         if self.windows == "sequential":

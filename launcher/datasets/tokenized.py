@@ -55,6 +55,8 @@ class TokenizedText(Dataset):
             raise ArgumentError("pack", "give max_length (cut each document) or pack (join them), not both")
         self.paths, self.text_key = paths, text_key
         tok = load_tokenizer(tokenizer)
+        self.vocab_size = tok.vocab_size  # the ids it can produce (launcher/data_fit.py)
+        self.needs_padding = pack is None  # documents cut, not packed: of different lengths
         key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
         with distributed.local_main_first():
             self.rows = self._tokenize(tok.encode, tok.eos, key, cache_dir)
@@ -101,6 +103,16 @@ class TokenizedText(Dataset):
     def tokens_per_sample(self) -> int | None:  # for tokens/s in the metrics (packed samples only)
         return self.pack
 
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sample (launcher/data_fit.py checks it against the model's positions)."""
+        if self.pack or self.max_length:
+            return self.pack or self.max_length or 0
+        import pyarrow.compute as pc  # installed with `datasets`
+
+        column = self.rows.data.column("input_ids")
+        return int(pc.max(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
+
 
 class StreamedText:
     """The same documents as TokenizedText, read line by line (launcher/datasets/documents.py) and
@@ -114,6 +126,9 @@ class StreamedText:
         self.paths, self.format = data_files(files)
         self.text_key, self.max_length = text_key, positive("max_length", max_length)
         self.tokenizer = load_tokenizer(tokenizer)
+        self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data_fit.py)
+        self.max_sequence_length = max_length  # unknown ahead when documents are not cut
+        self.needs_padding = True
         next(documents(self.paths, text_key), None)  # the first document only: a stream is never read ahead
 
     def set_epoch(self, epoch: int) -> None:

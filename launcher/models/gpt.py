@@ -52,6 +52,8 @@ class GPTModel(nn.Sequential):
 
     flops_per_sample: float  # forward + backward
     tokens_per_sample: int
+    vocab_size: int  # token ids it embeds (launcher/data_fit.py checks the data against these two)
+    max_positions: int  # the longest sequence its position embedding covers
 
     def init_weights(self) -> None:
         """GPT-2 init; residual projections scaled down by depth. Also what dist.fsdp.meta_init
@@ -86,4 +88,5 @@ def GPT(
     n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("0.pos."))
     model.flops_per_sample = (6 * n_params + 12 * n_layers * d_model * seq_len) * seq_len
     model.tokens_per_sample = seq_len
+    model.vocab_size, model.max_positions = vocab_size, seq_len
     return model

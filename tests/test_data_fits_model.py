@@ -1,0 +1,103 @@
+"""Data that does not fit the model (ids beyond its vocabulary, sequences beyond its positions, a
+padding id that is no token, lengths that are no lengths, samples that need padding without a
+collate) is one line at `launcher check` and at `launcher run`, before any step: not an IndexError
+on every rank at step 1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import launcher, write_recipe
+from hfkit import lm_recipe, make_tokenizer
+
+TOKEN_FILE_GPT = {
+    "name": "tok",
+    "model": {
+        "_component_": "launcher.models.GPT",
+        "vocab_size": 64,
+        "seq_len": 16,
+        "d_model": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+    },
+    "data": {"train": {"_component_": "launcher.datasets.token_file.TokenFile", "seq_len": 16}, "batch_size": 4},
+    "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
+    "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1},
+    "train": {"max_steps": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fit")
+    make_tokenizer(tmp / "tokenizer")
+    np.arange(1000, dtype=np.uint16).__mod__(64).astype(np.uint16).tofile(tmp / "ok.bin")
+    big = np.arange(1000, dtype=np.uint16) % 64
+    big[777] = 64
+    big.tofile(tmp / "big.bin")
+    return tmp
+
+
+def both(tmp_path, recipe):
+    """The one error line of `launcher check` and of `launcher run` (which must agree)."""
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    lines = []
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        lines.append(proc.stderr.strip().splitlines()[-1])
+    assert lines[0] == lines[1]
+    return lines[0]
+
+
+def token_file(material, tmp_path, name, **changes):
+    recipe = {**TOKEN_FILE_GPT, "run": {"dir": str(tmp_path / "run")}}
+    recipe["data"] = {**recipe["data"], "train": {**recipe["data"]["train"], "path": str(material / name), **changes}}
+    return recipe
+
+
+def test_a_token_file_with_ids_beyond_the_vocabulary(material, tmp_path):
+    line = both(tmp_path, token_file(material, tmp_path, "big.bin"))
+    assert line.startswith("error: data.train:") and "holds token id 64, beyond the model's vocabulary of 64" in line
+
+
+def test_a_token_file_read_with_the_wrong_dtype(material, tmp_path):
+    line = both(tmp_path, token_file(material, tmp_path, "ok.bin", dtype="uint32"))
+    assert "beyond the model's vocabulary" in line and "check the file's dtype" in line
+
+
+def test_a_window_longer_than_the_models_positions(material, tmp_path):
+    line = both(tmp_path, token_file(material, tmp_path, "ok.bin", seq_len=32))
+    assert line.startswith("error: data.train: samples of up to 32 tokens, but the model has 16 positions")
+
+
+@pytest.mark.parametrize("key, value", [("seq_len", 0), ("seq_len", -2), ("samples", -1)])
+def test_token_file_lengths(material, tmp_path, key, value):
+    line = both(tmp_path, token_file(material, tmp_path, "ok.bin", windows="random", **{key: value}))
+    assert line.startswith(f"error: data.train.{key}: {value} is not a length"), line
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary(material, tmp_path):
+    recipe = lm_recipe(material, tmp_path / "run")
+    recipe["model"]["config"]["vocab_size"] = 40  # the tokenizer has 63 tokens
+    line = both(tmp_path, recipe)
+    assert "the tokenizer has 63 tokens but the model's vocabulary is 40" in line
+
+
+def test_max_length_or_pack_beyond_the_models_positions(material, tmp_path):
+    for key in ("max_length", "pack"):
+        line = both(tmp_path, lm_recipe(material, tmp_path / "run", **{key: 100}))
+        assert "samples of up to 100 tokens, but the model has 64 positions" in line, line
+
+
+def test_a_padding_id_outside_the_vocabulary(material, tmp_path):
+    recipe = lm_recipe(material, tmp_path / "run")
+    recipe["data"]["collate"]["pad_id"] = 64
+    assert "data.collate.pad_id: 64 is not a token" in both(tmp_path, recipe)
+
+
+def test_padded_documents_without_a_collate(material, tmp_path):
+    recipe = lm_recipe(material, tmp_path / "run")
+    del recipe["data"]["collate"]
+    assert "add data.collate: {_component_: launcher.collate.PadToLongest}" in both(tmp_path, recipe)
