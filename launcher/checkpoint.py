@@ -6,7 +6,10 @@ model and optimizer shards in <dir>/step_00000120/shards/ (every rank writes its
 into a hidden temporary directory (file fsynced), the COMPLETE marker (size and sha256 of
 state.pt) is written last, and only then is the directory renamed into place. A crash at any moment
 therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
-Loading uses torch.load(weights_only=True): a checkpoint cannot run code.
+The marker also holds the sha256 of every shard file and of DCP's .metadata, checked before
+anything is read. Loading uses torch.load(weights_only=True), and a sharded checkpoint's metadata
+and values are read without unpickling anything but DCP's own types (launcher/dcp_safe.py): a
+checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -126,12 +129,17 @@ def verify(path: Path) -> str | None:
         return f"{STATE} has {state_path.stat().st_size} bytes, the marker says {marker.get('bytes')}"
     if sha256_of(state_path) != marker.get("sha256"):
         return f"{STATE} is corrupt (sha256 differs from the marker's)"
-    for name, size in (marker.get("shards") or {}).items():  # sizes only: hashing every shard would cost a read
+    for name, size in (marker.get("shards") or {}).items():
         shard = path / name
         if not shard.is_file():
             return f"shard {name} is missing"
         if shard.stat().st_size != size:
             return f"shard {name} has {shard.stat().st_size} bytes, the marker says {size}"
+    # every shard file and DCP's .metadata, hashed by the ranks that wrote them (one read of the
+    # checkpoint: damage that keeps a file's size is found before anything is unpickled or loaded)
+    for name, digest in (marker.get("shard_sha256") or {}).items():
+        if sha256_of(path / name) != digest:
+            return f"shard {name} is corrupt (sha256 differs from the marker's)"
     return None
 
 

@@ -15,6 +15,7 @@ Format 1 (launcher 0.x before the checkpointer) is read and upgraded; a newer fo
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 from launcher import checkpoint, distributed, sharded_state
 from launcher.errors import RecipeError
+from launcher.storage import sha256_of, write_failed
 
 FORMAT = 2
 
@@ -56,20 +58,57 @@ class Checkpointer:
         states = {
             name: None if obj is None else obj.state_dict() for name, obj in objects.items() if name not in self.sharded
         }
-        tmp = None
+        tmp, digests = None, None
         if self.sharded:
             tmp = checkpoint.shared_temporary(self.directory, step, create=self.is_writer)
             distributed.barrier(self.group)  # the directory exists, empty, before any rank writes
-            sharded_state.save(tmp / checkpoint.SHARDS, {name: objects[name] for name in sorted(self.sharded)})
-            distributed.barrier(self.group)  # every rank's shards are on disk before the marker says so
+            sharded = {name: obj for name in sorted(self.sharded) if (obj := objects[name]) is not None}
+            digests = self._save_shards(tmp, step, sharded)
         path = None
         if self.is_writer:
             payload = {"format": FORMAT, **metadata, **states, "sharded": sorted(self.sharded)}
-            path = checkpoint.write_checkpoint(self.directory, step, payload, summary=dict(summary or {}), tmp=tmp)
+            marker = {**(summary or {}), "shard_sha256": digests} if digests is not None else dict(summary or {})
+            path = checkpoint.write_checkpoint(self.directory, step, payload, summary=marker, tmp=tmp)
             checkpoint.prune(self.directory, self.keep_last)
         # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
         distributed.barrier(self.group)
         return path
+
+    def _save_shards(self, tmp: Path, step: int, objects: Mapping[str, Stateful]) -> dict[str, str] | None:
+        """Every rank writes its shards; the writer gets every file's sha256 (None elsewhere). A failed
+        write (a full disk, on any rank: DCP tells every rank) removes the partial directory and is
+        one line naming it and the free space."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: DCP's failures
+
+        shards = tmp / checkpoint.SHARDS
+        try:
+            mine = sharded_state.save(shards, objects)
+        except (Exception, CheckpointException) as e:
+            distributed.barrier(self.group)  # every rank is out of the save before the writer removes it
+            if self.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(self.directory / f"step_{step:08d}", _os_error(e) or e) from None
+        gathered = distributed.gather_objects(mine, self.group)  # also: every rank's shards are on disk
+        if gathered is None:
+            return None
+        digests = {f"{checkpoint.SHARDS}/{name}": digest for part in gathered for name, digest in part.items()}
+        metadata = shards / ".metadata"  # the coordinator's, written once every rank's files are
+        digests[f"{checkpoint.SHARDS}/{metadata.name}"] = sha256_of(metadata)
+        return digests
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside DCP's wrapping (CheckpointException lists each rank's failure), if any."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError):
+            return e
+        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            seen += [f for f in failures.values() if isinstance(f, BaseException)]
+    return None
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher import checkpoint
+from launcher import checkpoint, dcp_safe
+from launcher.storage import sha256_of
 
 
 class ModelState:
@@ -71,29 +72,33 @@ def _positional_groups(state_dict: Mapping[str, Any]) -> bool:
     return bool(groups) and any(isinstance(p, int) for g in groups for p in g.get("params", []))
 
 
-class _Writer:
-    """DCP's FileSystemWriter; tests kill a rank once its shards are written, inside the save."""
+def _writer(directory: Path, digests: dict[str, str]) -> Any:
+    """DCP's FileSystemWriter, which also puts the sha256 of each file this rank wrote into
+    `digests` (by name; read back while the file is still in the page cache). Tests kill a rank
+    once its shards are written, inside the save."""
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    @staticmethod
-    def make(directory: Path) -> Any:
-        from torch.distributed.checkpoint import FileSystemWriter
+    class Writer(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            written.wait()
+            for name in sorted({result.storage_data.relative_path for result in written.value()}):
+                digests[name] = sha256_of(directory / name)
+            checkpoint.crash_point("inside-shards")
+            return written
 
-        class Writer(FileSystemWriter):
-            def write_data(self, plan: Any, planner: Any) -> Any:
-                written = super().write_data(plan, planner)
-                written.wait()
-                checkpoint.crash_point("inside-shards")
-                return written
-
-        return Writer(str(directory))
+    return Writer(str(directory))
 
 
-def save(directory: Path, objects: Mapping[str, Any]) -> None:
+def save(directory: Path, objects: Mapping[str, Any]) -> dict[str, str]:
     """Every rank: write its shards of each object's state into `directory` (DCP's layout:
-    one file per rank, plus .metadata from the coordinator)."""
+    one file per rank, plus .metadata from the coordinator). Returns the sha256 of the files this
+    rank wrote, by name."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({name: obj.state_dict() for name, obj in objects.items()}, storage_writer=_Writer.make(directory))
+    digests: dict[str, str] = {}
+    dcp.save({name: obj.state_dict() for name, obj in objects.items()}, storage_writer=_writer(directory, digests))
+    return digests
 
 
 def load(directory: Path, objects: Mapping[str, Any]) -> None:
@@ -102,19 +107,25 @@ def load(directory: Path, objects: Mapping[str, Any]) -> None:
 
     from launcher import distributed
 
+    dcp_safe.check_metadata(directory, "checkpoint.resume")
     states = {name: obj.state_dict() for name, obj in objects.items()}
     # one process (a sharded checkpoint resumed without a process group) reads everything itself
-    dcp.load(states, checkpoint_id=str(directory), no_dist=not distributed.is_initialized())
+    dcp.load(
+        states,
+        storage_reader=dcp_safe.reader(str(directory)),
+        planner=dcp_safe.planner(),
+        no_dist=not distributed.is_initialized(),
+    )
     for name, obj in objects.items():
         obj.load_state_dict(states[name])
 
 
 def saved_shapes(directory: Path, name: str) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor saved under `name` (e.g. the model's), from DCP's metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(directory)).read_metadata()
+    dcp_safe.check_metadata(directory, "checkpoint.resume")
+    metadata = dcp_safe.reader(str(directory)).read_metadata()
     prefix = f"{name}."
     return {
         key[len(prefix) :]: tuple(meta.size)
@@ -138,13 +149,12 @@ def full_model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
 def read_whole(directory: Path, name: str) -> dict[str, torch.Tensor]:
     """One object's state from a sharded checkpoint, every tensor whole, in this one process (the
     conversion to a single file; DCP's format_utils reads the same way)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    dcp_safe.check_metadata(directory, "CHECKPOINT")
     state: dict[str, Any] = {}
-    planner = _EmptyStateDictLoadPlanner(keys={name})  # builds the tensors from the metadata
-    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)), planner=planner, no_dist=True)
+    planner = dcp_safe.planner(empty=True, keys={name})  # builds the tensors from the metadata
+    _load_state_dict(state, storage_reader=dcp_safe.reader(str(directory)), planner=planner, no_dist=True)
     return {k: v for k, v in state[name].items() if isinstance(v, torch.Tensor)}
 
 

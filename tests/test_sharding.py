@@ -386,3 +386,109 @@ def test_early_stopping_under_fsdp_stops_both_ranks_where_ddp_stops(tmp_path):
         assert state["step"] == 3 and state["stop_reason"].startswith("early stopping"), state
     assert rows(runs["fsdp"], "val_loss") == pytest.approx(rows(runs["ddp"], "val_loss"), rel=1e-6)
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- damaged and crafted sharded checkpoints
+
+
+class _Pwn:
+    """Unpickled, it would create a file: what a crafted .metadata could do with plain pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _copy_checkpoints(uninterrupted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(uninterrupted / "checkpoints", copy)
+    return copy
+
+
+def _rewrite_marker_for(step_dir, name):
+    """What an attacker rewriting COMPLETE too would do: the marker then agrees with the file."""
+    from launcher.storage import sha256_of
+
+    marker = json.loads((step_dir / "COMPLETE").read_text())
+    marker["shards"][name] = (step_dir / name).stat().st_size
+    marker["shard_sha256"][name] = sha256_of(step_dir / name)
+    (step_dir / "COMPLETE").write_text(json.dumps(marker))
+
+
+@needs_fsdp
+def test_a_crafted_metadata_file_runs_no_code_on_resume_or_convert(tmp_path, uninterrupted):
+    import pickle
+
+    copy = _copy_checkpoints(uninterrupted, tmp_path)
+    step = copy / "step_00000004"
+    pwned = tmp_path / "pwned"
+    (step / "shards" / ".metadata").write_bytes(pickle.dumps(_Pwn(pwned)))
+    _rewrite_marker_for(step, "shards/.metadata")
+    proc = launcher("convert", str(step), "-o", str(tmp_path / "m.pt"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is not DCP metadata" in proc.stderr.strip().splitlines()[-1] and "system" in proc.stderr
+    changes = {"dist.strategy": "fsdp", **RESUMABLE, "checkpoint.resume": str(step), "run.dir": str(tmp_path / "r")}
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**changes))
+    proc = launcher("run", "--nproc", "2", path)
+    assert proc.returncode == 2 and "is not DCP metadata" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not pwned.exists()
+
+
+@needs_fsdp
+@pytest.mark.parametrize("target", ["shard", "metadata"])
+def test_a_flipped_byte_is_found_and_the_checkpoint_skipped_like_a_truncated_one(tmp_path, uninterrupted, target):
+    copy = _copy_checkpoints(uninterrupted, tmp_path)
+    latest = checkpoint.find_latest(copy)
+    shards = latest / "shards"
+    victim = shards / ".metadata" if target == "metadata" else sorted(shards.glob("*.distcp"))[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, the size kept
+    victim.write_bytes(bytes(data))
+    assert "is corrupt (sha256 differs" in checkpoint.verify(latest)
+    assert checkpoint.find_latest(copy, warn=False) != latest  # the one before it is the resume point
+    proc = launcher("convert", str(latest), "-o", str(tmp_path / "m.pt"))
+    assert proc.returncode == 2 and "is corrupt" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+@needs_fsdp
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_leaves_no_partial(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a small filesystem")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    changes = {"dist.strategy": "fsdp", "checkpoint.dir": str(mount / "ckpt"), "checkpoint.every_n_steps": 1}
+    changes |= {"checkpoint.keep_last": 9, "model.sizes": [8, 256, 1], "run.dir": str(tmp_path / "run")}
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**changes))  # ~20 KB of shards a step: 96 KB holds few
+    script = (
+        f"mount -t tmpfs -o size=96k tmpfs {mount} || exit 99; "
+        f"{sys.executable} -m launcher run --nproc 2 {path}; code=$?; ls -a {mount}/ckpt > {tmp_path}/left.txt; "
+        f"exit $code"
+    )
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=worker_env(), capture_output=True, text=True)
+    if proc.returncode == 99:
+        pytest.skip("cannot mount a tmpfs here")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"writing {mount / 'ckpt'}/step_" in line and "No space left on device" in line, line
+    assert "MiB free there" in line and "previous checkpoint is intact" in line
+    assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]
+
+
+@needs_fsdp
+def test_convert_of_auto_none_or_a_partial_checkpoint_is_one_line(tmp_path, uninterrupted):
+    for arg in ("auto", "none"):
+        proc = launcher("convert", arg, "-o", str(tmp_path / "m.pt"))
+        assert proc.returncode == 2 and proc.stderr.startswith("error: CHECKPOINT:"), proc.stderr
+    copy = _copy_checkpoints(uninterrupted, tmp_path)
+    latest = checkpoint.find_latest(copy)
+    (latest / "COMPLETE").unlink()  # a write that never finished
+    proc = launcher("convert", str(latest), "-o", str(tmp_path / "m.pt"))
+    assert proc.returncode == 2 and "incomplete" in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -38,12 +38,18 @@ def main(args: argparse.Namespace) -> int:
         path = checkpoint.resolve_resume(args.checkpoint, Path(args.checkpoint), warn=True)
     except RecipeError as e:
         raise LaunchError("CHECKPOINT", e.message) from None
-    assert path is not None  # neither auto nor none: a path
-    payload = checkpointer.read(path)
-    if "model" in payload.get("sharded", []):
-        weights = sharded_state.read_whole(path / checkpoint.SHARDS, "model")
-    else:
-        weights = {k: v.cpu() for k, v in payload["model"].items()}
+    if path is None:  # auto or none: no directory named
+        raise LaunchError(
+            "CHECKPOINT", f"{args.checkpoint!r} names no checkpoint; give a step_N directory or a directory of them"
+        )
+    try:
+        payload = checkpointer.read(path)
+        if "model" in payload.get("sharded", []):
+            weights = sharded_state.read_whole(path / checkpoint.SHARDS, "model")
+        else:
+            weights = {k: v.cpu() for k, v in payload["model"].items()}
+    except RecipeError as e:
+        raise LaunchError("CHECKPOINT", e.message) from None
     save_torch(weights, out)
     print(f"{out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} parameters from {path}")
     return EXIT_OK
