@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -108,20 +109,29 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType | None = None) 
 
 
 @contextlib.contextmanager
-def local_main_first() -> Iterator[None]:
-    """Local rank 0 of each node runs the body first (filling a cache on that node's disk); the
-    other ranks wait for every node's, then run it (reading the cache). One barrier on every rank."""
+def local_main_first(name: str) -> Iterator[None]:
+    """Local rank 0 of each node runs the body first (filling a cache on that node's disk, for as
+    long as that takes); the node's other ranks wait for it, then run it (reading the cache).
+    `name` tells this body from others (a cache key).
+
+    They wait on the rendezvous store, polled, not in a collective: a collective would time out
+    after dist.timeout_s however long the work takes, and a peer that dies meanwhile would be
+    reported by local rank 0 as a failure of its own work. A peer's death is noticed at the next
+    collective instead, and reported as such."""
     if not is_initialized():
         yield
         return
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if not first:
-        dist.barrier()
+    key = f"launcher/local_main_first/{os.environ.get('GROUP_RANK', '0')}/{name}"
+    store = dist.distributed_c10d._get_default_store()
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        while not store.check([key]):  # still working: wait on (torchrun ends this process if local rank 0 dies)
+            time.sleep(0.2)
+        yield
+        return
     try:
         yield
     finally:
-        if first:  # also when the body failed: the others then fail alike, each in one line
-            dist.barrier()
+        store.set(key, "done")  # also when the body failed: the others then fail alike, each in one line
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

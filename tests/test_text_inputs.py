@@ -131,3 +131,23 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tokenizer):
     assert line.startswith(f"error: --output: writing {mount / 'o.bin'} failed: No space left on device"), line
     assert "MiB free there" in line
     assert proc.stdout.split() == [".", ".."]  # neither the output nor a temporary file
+
+
+def _slow_run(tmp_path, **data):
+    from conftest import recipe_dict, write_recipe
+
+    changes = {"data.train": {"_component_": "testkit.SlowToPrepare", **data}, "dist.timeout_s": 2}
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), **changes}))
+    return launcher("run", "--nproc", "2", path)
+
+
+def test_preparing_data_longer_than_the_collective_timeout_does_not_fail(tmp_path):
+    """Local rank 0 tokenizes for 4 s; the others wait on the store, not in a 2 s collective."""
+    proc = _slow_run(tmp_path, seconds=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_rank_dying_while_rank_0_prepares_data_is_not_blamed_on_the_data(tmp_path):
+    proc = _slow_run(tmp_path, seconds=2, die_rank=1)
+    assert proc.returncode not in (0, 2), proc.stderr[-3000:]
+    assert "data.train" not in proc.stderr and "rank 1" in proc.stderr, proc.stderr[-3000:]

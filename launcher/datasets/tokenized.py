@@ -58,7 +58,7 @@ class TokenizedText(Dataset):
         self.vocab_size = tok.vocab_size  # the ids it can produce (launcher/data_fit.py)
         self.needs_padding = pack is None  # documents cut, not packed: of different lengths
         key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
-        with distributed.local_main_first():
+        with distributed.local_main_first(key):
             self.rows = self._tokenize(tok.encode, tok.eos, key, cache_dir)
 
     def _tokenize(self, encode: Callable, eos: int | None, key: str, cache_dir: str | None) -> Any:

@@ -330,3 +330,22 @@ class UnprotectedGate(torch.utils.data.Dataset):
 def not_a_module(**kwargs):
     """A model component that returns something other than an nn.Module."""
     return {"weights": [1, 2, 3]}
+
+
+class SlowToPrepare(NoisyRegression):
+    """NoisyRegression whose local rank 0 prepares for `seconds` inside distributed.local_main_first
+    (as TokenizedText tokenizes) while the other ranks wait; `die_rank` instead exits at once, as a
+    rank killed meanwhile would."""
+
+    def __init__(self, seconds: float = 4.0, die_rank: int | None = None, **kwargs):
+        import os
+        import time
+
+        from launcher import distributed
+
+        if die_rank is not None and int(os.environ.get("RANK", "0")) == die_rank:
+            os._exit(9)
+        with distributed.local_main_first("slow"):
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                time.sleep(seconds)
+        super().__init__(**kwargs)
