@@ -30,6 +30,8 @@ def build_datasets(recipe: Recipe) -> tuple[Any, Any]:
         raise RecipeError(
             "data.val", "evaluation needs a map-style dataset (with len and indexing); a streamed one has no end"
         )
+    if streaming.is_stream(train_set) and next(iter(train_set), None) is None:  # read in order: its first sample
+        raise RecipeError("data.train", f"the stream {type(train_set).__name__} yields no sample; point it at data")
     for key, ds in (("data.train", train_set), ("data.val", val_set)):
         if key == "data.train" and streaming.is_stream(ds):
             continue  # read in order: launcher/streaming.py

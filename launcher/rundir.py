@@ -156,6 +156,8 @@ class RunDir:
             for leftover in self.root.glob(f".{name}.*.tmp"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
+        for leftover in self.root.glob(f".{self.hf_model.name}.*.tmp"):  # a killed hf/ export
+            shutil.rmtree(leftover, ignore_errors=True)
         if self.checkpoints.is_dir():
             for leftover in self.checkpoints.iterdir():
                 if _STEP_TMP.match(leftover.name):

@@ -88,8 +88,31 @@ def units(model: nn.Module, spec: str | list[str], keep_last_in_root: bool = Fal
             found = children[:-1] if keep_last_in_root else children
         else:
             found = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()]
-        return [m for m in found if any(True for _ in m.parameters())]
-    return parallel.modules_of_classes(model, list(spec), "dist.fsdp.units", "or use auto")
+        found = [m for m in found if any(True for _ in m.parameters())]
+    else:
+        found = parallel.modules_of_classes(model, list(spec), "dist.fsdp.units", "or use auto")
+    _check_untied(model, found)
+    return found
+
+
+def _check_untied(model: nn.Module, found: list[nn.Module]) -> None:
+    """A parameter shared by a unit and a module outside it (a tied embedding and head) cannot be
+    sharded with both: FSDP would fail with a torch traceback at the first step."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    prefix = {id(m): name for name, m in model.named_modules()}
+    for unit in found:
+        inside = f"{prefix[id(unit)]}."
+        for p in unit.parameters():
+            outside = [n for n in names[id(p)] if not n.startswith(inside)]
+            if outside:
+                mine = next(n for n in names[id(p)] if n.startswith(inside))
+                raise RecipeError(
+                    "dist.fsdp.units",
+                    f"{mine} is tied to {outside[0]}, outside its unit {type(unit).__name__}: a shared "
+                    "parameter cannot be sharded in two units; leave one of the modules sharing it out of the units",
+                )
 
 
 def shard(

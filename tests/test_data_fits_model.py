@@ -101,3 +101,42 @@ def test_padded_documents_without_a_collate(material, tmp_path):
     recipe = lm_recipe(material, tmp_path / "run")
     del recipe["data"]["collate"]
     assert "add data.collate: {_component_: launcher.collate.PadToLongest}" in both(tmp_path, recipe)
+
+
+def test_units_that_split_tied_parameters_name_the_key(material, tmp_path):
+    recipe = lm_recipe(material, tmp_path / "run")
+    recipe["dist"] = {"strategy": "fsdp", "fsdp": {"units": ["GPT2Model"]}}  # the tied head stays outside
+    line = both(tmp_path, recipe)
+    assert line.startswith("error: dist.fsdp.units: transformer.wte.weight is tied to lm_head.weight"), line
+
+
+def test_a_stream_that_yields_nothing_names_data_train(tmp_path):
+    from conftest import recipe_dict
+
+    changes = {"data.train": {"_component_": "testkit.NumberedStream", "size": 0}, "data.val": None}
+    changes |= {"train.epochs": None, "train.max_steps": 2, "loss": {"_component_": "torch.nn.CrossEntropyLoss"}}
+    line = both(tmp_path, recipe_dict(**{"run.dir": str(tmp_path / "run"), **changes}))
+    assert line == "error: data.train: the stream NumberedStream yields no sample; point it at data"
+
+
+def test_an_interrupted_hf_export_leaves_the_previous_one_whole(tmp_path):
+    import transformers
+
+    from hfkit import tiny_gpt2
+    from launcher.models import hf
+
+    config = {k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"}
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+    out = tmp_path / "hf"
+    hf.export(model, model.state_dict(), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def dies_after_the_config(directory, **kwargs):  # a kill between config.json and the weights
+        model.config.save_pretrained(directory)
+        raise KeyboardInterrupt
+
+    model.save_pretrained = dies_after_the_config
+    with pytest.raises(KeyboardInterrupt):
+        hf.export(model, model.state_dict(), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]

@@ -53,6 +53,8 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     if ac.modules:
         parallel.checkpointed_modules(model, ac.modules)
+    if recipe.dist.strategy != "ddp":
+        sharding.units(model, recipe.dist.fsdp.units)  # as the run does: a class the model lacks, tied units
     n_params = sum(p.numel() for p in model.parameters())
     space = recipe.layout.space_warning(state_checkpoint_bytes(model))
     if space:

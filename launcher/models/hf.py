@@ -13,6 +13,8 @@ the labels that are not -100, shifted by one: the launcher's token counting foll
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,5 +54,15 @@ def is_pretrained(model: nn.Module) -> bool:
 
 
 def export(model: nn.Module, weights: dict[str, torch.Tensor], directory: Path) -> None:
-    """`save_pretrained` with the run's final (whole, CPU) weights: safetensors and config.json."""
-    model.save_pretrained(directory, state_dict=weights)  # type: ignore[operator]  # a PreTrainedModel's
+    """`save_pretrained` with the run's final (whole, CPU) weights: safetensors and config.json,
+    written into a temporary directory beside `directory` and renamed over it: a kill leaves the
+    previous export or none, never a config.json without its weights."""
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=weights)  # type: ignore[operator]  # a PreTrainedModel's
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
