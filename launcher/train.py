@@ -34,7 +34,7 @@ from launcher.checkpointer import Checkpointer
 from launcher.cpu import step_time_estimate, threads_per_rank
 from launcher.distributed import Session
 from launcher.env import ClusterEnv
-from launcher.errors import EXIT_FAILED, EXIT_USAGE, Preempted, TrainingError, UserError
+from launcher.errors import EXIT_FAILED, EXIT_USAGE, ArgumentError, Preempted, RecipeError, TrainingError, UserError
 from launcher.heartbeat import Heartbeat
 from launcher.logs import log, setup_logging
 from launcher.loop_state import LogWindow, Trainer, TrainState
@@ -231,7 +231,10 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
     recipe = t.recipe
     ok = False
     try:
-        state = loop.fit(t)
+        try:
+            state = loop.fit(t)
+        except ArgumentError as e:  # a data source's complaint about what it read (a bad row of a stream)
+            raise _data_error(t, e) from None
         if env.is_main and "first_step" in startup.marks:
             _write_startup(recipe.layout.startup)
         # final (or preemption) checkpoint, checked before it is written: the run can be resumed or extended
@@ -263,6 +266,17 @@ def _fit(t: Trainer, env: ClusterEnv) -> TrainState:
             where += f" and {recipe.layout.hf_model} (from_pretrained)"
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {where}")
     return state
+
+
+def _data_error(t: Trainer, e: ArgumentError) -> RecipeError:
+    """A bad row met while training, as one line naming it. One process alone saves a checkpoint
+    of the steps done first (no peer has to agree); ranks may meet the row at different steps, so
+    there the last periodic checkpoint is the resume point."""
+    saved = ""
+    if t.session.world_size == 1 and t.state.step > t.state.last_checkpoint_step:
+        resume.save_checkpoint(t)  # at a step boundary: the window the row cut short is not in it
+        saved = f" (the {t.state.step} steps before it are saved: fix the row and run the same command)"
+    return RecipeError(f"data.train.{e.argument}" if e.argument else "data.train", f"{e}{saved}")
 
 
 def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device) -> StepProfiler | None:

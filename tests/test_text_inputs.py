@@ -151,3 +151,23 @@ def test_a_rank_dying_while_rank_0_prepares_data_is_not_blamed_on_the_data(tmp_p
     proc = _slow_run(tmp_path, seconds=2, die_rank=1)
     assert proc.returncode not in (0, 2), proc.stderr[-3000:]
     assert "data.train" not in proc.stderr and "rank 1" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_it(tmp_path):
+    """One process, no periodic checkpoint: the 9 steps before the row's are saved, then exit 2."""
+    from conftest import DELETE, changed, write_recipe
+    from hfkit import lm_recipe
+
+    stream = tmp_path / "s.jsonl"
+    write_jsonl(stream, documents(300, seed=3))
+    lines = stream.read_text().splitlines()
+    lines[150] = '{"text": null}'  # sample 151: in step 10 at 16 samples a step
+    stream.write_text("\n".join(lines) + "\n")
+    changes = {"data.train._component_": "launcher.datasets.tokenized.StreamedText", "data.train.files": str(stream)}
+    changes |= {"data.train.cache_dir": DELETE, "data.val": None, "train.epochs": None, "train.max_steps": 40}
+    recipe = changed(lm_recipe(tmp_path, tmp_path / "run"), **changes)
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe))
+    line = last_line(proc)
+    assert line.startswith(f"error: data.train.files: {stream}:151: 'text' is None, not text"), line
+    assert line.endswith("(the 9 steps before it are saved: fix the row and run the same command)")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000009"]

@@ -136,9 +136,17 @@ class StreamedText:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch: list[str] = []
-        for text in documents(self.paths, self.text_key):
+        docs = documents(self.paths, self.text_key)
+        while True:
+            try:
+                text = next(docs, None)
+            except ArgumentError:  # a bad row: the documents before it first, so the run fails at its step
+                yield from self._encoded(batch)
+                raise
+            if text is None:
+                break
             batch.append(text)
-            if len(batch) == 256:
+            if len(batch) == 256:  # the tokenizer works on batches
                 yield from self._encoded(batch)
                 batch = []
         yield from self._encoded(batch)
