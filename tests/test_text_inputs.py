@@ -171,3 +171,16 @@ def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_
     assert line.startswith(f"error: data.train.files: {stream}:151: 'text' is None, not text"), line
     assert line.endswith("(the 9 steps before it are saved: fix the row and run the same command)")
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000009"]
+
+
+def test_a_killed_tokenizations_temporary_file_in_the_cache_is_removed(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", documents(5))
+    cache = tmp_path / "cache"
+    TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), cache_dir=str(cache))
+    where = next(cache.rglob("cache-*.arrow")).parent
+    stale, fresh = where / "tmpdeadbeef", where / "tmplivewriter"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    os.utime(stale, (0, 0))  # untouched for long: its writer is gone
+    TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), max_length=4, cache_dir=str(cache))
+    assert not stale.exists() and fresh.exists()  # a live writer's file stays

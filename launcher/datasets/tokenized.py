@@ -21,8 +21,10 @@ tokenizes again. `cache_dir` defaults to `datasets`' own (HF_DATASETS_CACHE).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,8 @@ class TokenizedText(Dataset):
         if self.text_key not in raw.column_names:
             raise ArgumentError("text_key", f"the files have no {self.text_key!r} field; they have {raw.column_names}")
         max_length, pack, text_key, fmt = self.max_length, self.pack, self.text_key, self.format
+        if raw.cache_files:
+            _remove_stale_temporaries(Path(raw.cache_files[0]["filename"]).parent)
 
         def tokenize(rows: dict[str, list]) -> dict[str, list]:
             texts = rows[text_key]
@@ -204,6 +208,18 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
 def _cache_key(paths: list[Path], tokenizer: str, *args: Any) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     return hashlib.sha256(json.dumps([stats, tokenizer, *args]).encode()).hexdigest()[:32]
+
+
+STALE_S = 600.0  # a temporary file untouched this long belongs to no live writer: datasets writes as it maps
+
+
+def _remove_stale_temporaries(cache_dir: Path) -> None:
+    """The `tmp*` files a killed tokenization left in datasets' cache (its map writes one, then renames it)."""
+    now = time.time()
+    for leftover in cache_dir.glob("tmp*"):
+        with contextlib.suppress(OSError):
+            if leftover.is_file() and now - leftover.stat().st_mtime > STALE_S:
+                leftover.unlink()
 
 
 def _bad_file(paths: list[Path], fmt: str, text_key: str, error: Exception) -> ArgumentError:
