@@ -63,7 +63,8 @@ _TYPE_WORDS = {
 def to_recipe_error(exc: ValidationError, root: type[BaseModel]) -> RecipeError:
     """pydantic's first error, as one line naming the recipe key (`root`: the schema it validated)."""
     errors = exc.errors()
-    first = errors[0]
+    # an unknown key first: `optimiser:` is the cause of "optimizer: required key is missing"
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     path, parent, _ = _leaf_loc(first["loc"], root)
     key = ".".join(path) or "recipe"
     kind, value = first["type"], first.get("input")

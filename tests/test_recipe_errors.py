@@ -14,6 +14,13 @@ from launcher.recipe_yaml import apply_overrides, parse_value
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
     ("typo in a section, with a suggestion", {"train.epoch": 3}, [], "train.epoch", "did you mean 'epochs'"),
+    (
+        "misspelled required section: named before 'missing'",
+        {"optimiser": {"_component_": "torch.optim.SGD", "lr": 0.1}, "optimizer": DELETE},
+        [],
+        "optimiser",
+        "did you mean 'optimizer'",
+    ),
     ("wrong type", {}, ["train.epochs=ten"], "train.epochs", "expected an integer"),
     ("string where an int is needed", {"train.epochs": "3"}, [], "train.epochs", "expected an integer"),
     ("bool where an int is needed", {"data.batch_size": True}, [], "data.batch_size", "expected an integer"),
