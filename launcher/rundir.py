@@ -32,6 +32,7 @@ from typing import IO
 
 from launcher import checkpoint
 from launcher.errors import RecipeError
+from launcher.logs import log
 from launcher.storage import free_bytes, nearest_existing
 
 LOCK = ".lock"
@@ -176,7 +177,11 @@ class RunDir:
         if resume_from is not None or restart_count > 0:
             return resume_from
         checkpoints = checkpoint.list_checkpoints(self.checkpoints)
-        found = [str(p) for p in self.outputs if p.exists()] + [str(p) for p in checkpoints[:1]]
+        # a run that trained no step and saved nothing (it crashed at start) holds nothing to protect
+        found = [str(p) for p in self.outputs if p.exists() and (p != self.metrics or _logged_a_step(p))]
+        found += [str(p) for p in checkpoints[:1]]
+        if not found and self.metrics.exists() and act:
+            log.warning(f"the last run in {self.root} ended before its first step and saved nothing; starting afresh")
         if found and not overwrite:
             how = "resume it with checkpoint.resume=auto, " if resume == "none" and checkpoints else ""
             raise RecipeError(
@@ -205,6 +210,13 @@ class RunDir:
         """Fail now if another run holds the lock (without keeping it: the workers take it)."""
         if self.lock_file.is_file():
             acquire_lock(self.lock_file).close()
+
+
+def _logged_a_step(metrics: Path) -> bool:
+    """Does the metrics log hold a training row (read up to the first one)?"""
+    with contextlib.suppress(OSError), metrics.open(encoding="utf-8", errors="replace") as f:
+        return any('"step"' in line for line in f)
+    return False
 
 
 def acquire_lock(path: Path) -> IO[str]:

@@ -189,3 +189,15 @@ def test_a_resume_path_that_is_gone_lists_the_checkpoints_that_exist(tmp_path):
     proc = launcher("run", tmp_path / "r.yaml", f"checkpoint.resume={gone}", "train.max_steps=5")
     assert proc.returncode == 2, proc.stderr
     assert "holds step_00000004, step_00000003" in proc.stderr, proc.stderr
+
+
+def test_a_run_that_crashed_before_its_first_step_does_not_block_its_rerun(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")  # what a run that died while starting leaves
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir)}))
+    proc = launcher("run", path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"the last run in {run_dir} ended before its first step and saved nothing" in proc.stderr
+    again = launcher("run", path, "checkpoint.resume=none")  # now it holds a run: refused as before
+    assert again.returncode == 2 and "already holds a run" in again.stderr
