@@ -140,3 +140,9 @@ def test_an_interrupted_hf_export_leaves_the_previous_one_whole(tmp_path):
         hf.export(model, model.state_dict(), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_a_transformers_recipe_is_checked_without_transformers_loss_type_noise(material, tmp_path):
+    proc = launcher("check", write_recipe(tmp_path / "r.yaml", lm_recipe(material, tmp_path / "run")))
+    assert proc.returncode == 0, proc.stderr
+    assert "loss_type" not in proc.stderr, proc.stderr

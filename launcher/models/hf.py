@@ -40,12 +40,18 @@ def causal_lm(config: Any = None, pretrained: str | None = None, attn_implementa
             raise ArgumentError(
                 "pretrained", f"{path} {what}: name a local directory written by save_pretrained (the hub is not used)"
             )
-        return transformers.AutoModelForCausalLM.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
         )
-    if not isinstance(config, transformers.PretrainedConfig):
-        raise ArgumentError("config", f"expected a transformers config component, got a {type(config).__name__}")
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    else:
+        if not isinstance(config, transformers.PretrainedConfig):
+            raise ArgumentError("config", f"expected a transformers config component, got a {type(config).__name__}")
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if getattr(model, "loss_type", None) is None:
+        # transformers guesses the loss from the class name, finds none in GPT2LMHeadModel's, and warns
+        # `loss_type=None ... unrecognized` on every use; a causal LM's loss is the one it falls back to
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def is_pretrained(model: nn.Module) -> bool:
