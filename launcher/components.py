@@ -46,7 +46,7 @@ def resolve(target: str, key: str) -> Callable:
             raise RecipeError(
                 f"{key}.{TARGET}",
                 f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
-                f"{type(e).__name__}: {first_line(e)} {DEBUG_HINT}",
+                f"{type(e).__name__}: {first_line(e)}{root_cause(e)} {DEBUG_HINT}",
             ) from None
     if module is None:
         raise RecipeError(
@@ -150,7 +150,10 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
         if debugging():
             raise
         raise BuildError(
-            key, f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)} {DEBUG_HINT}", e
+            key,
+            f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)}{root_cause(e)} "
+            f"{DEBUG_HINT}",
+            e,
         ) from None
 
 
@@ -160,6 +163,16 @@ DEBUG_HINT = "(LAUNCHER_DEBUG=1 shows the traceback)"
 def debugging() -> bool:
     """LAUNCHER_DEBUG=1: user errors raised from the user's code keep their traceback."""
     return os.environ.get("LAUNCHER_DEBUG") == "1"
+
+
+def root_cause(exc: BaseException) -> str:
+    """`; caused by X: ...`, the innermost exception behind `exc` (what made an import fail, say:
+    transformers reports only that a module could not be imported), or "" when it is `exc` itself."""
+    inner, seen = exc, {id(exc)}
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        inner = nxt
+        seen.add(id(inner))
+    return "" if inner is exc else f"; caused by {type(inner).__name__}: {first_line(inner)}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -249,3 +249,11 @@ def test_run_without_a_recipe_and_the_version(capsys):
     from launcher import __version__
 
     assert proc.returncode == 0 and proc.stdout.strip() == f"launcher {__version__}"
+
+
+def test_a_build_failure_names_its_root_cause_on_the_one_line(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(model={"_component_": "testkit.fails_to_import_a_module"}))
+    assert cli.main(["check", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "ModuleNotFoundError: Could not import module 'GPT2LMHeadModel'" in line, line
+    assert "; caused by RuntimeError: operator torchvision::nms does not exist" in line, line

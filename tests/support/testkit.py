@@ -349,3 +349,11 @@ class SlowToPrepare(NoisyRegression):
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 time.sleep(seconds)
         super().__init__(**kwargs)
+
+
+def fails_to_import_a_module(**kwargs):
+    """What transformers does when torchvision is broken: the import error hides the real cause."""
+    try:
+        raise RuntimeError("operator torchvision::nms does not exist")
+    except RuntimeError as e:
+        raise ModuleNotFoundError("Could not import module 'GPT2LMHeadModel'") from e
