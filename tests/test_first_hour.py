@@ -201,3 +201,18 @@ def test_a_run_that_crashed_before_its_first_step_does_not_block_its_rerun(tmp_p
     assert f"the last run in {run_dir} ended before its first step and saved nothing" in proc.stderr
     again = launcher("run", path, "checkpoint.resume=none")  # now it holds a run: refused as before
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_doctor_imports_the_optional_stack_and_names_a_broken_package_with_its_cause(tmp_path):
+    broken = tmp_path / "peft"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        "try:\n    raise RuntimeError('operator torchvision::nms does not exist')\n"
+        "except RuntimeError as e:\n    raise ImportError('cannot import peft') from e\n"
+    )
+    env = worker_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = launcher("doctor", env=env)
+    assert proc.returncode != 0, proc.stdout
+    assert "import peft" in proc.stdout and "caused by RuntimeError: operator torchvision::nms" in proc.stdout
+    assert "transformers" in proc.stdout and "all checks passed" not in proc.stdout

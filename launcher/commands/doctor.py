@@ -35,6 +35,31 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+OPTIONAL = ("torchvision", "transformers", "datasets", "tokenizers", "safetensors", "peft", "wandb")
+
+
+def _optional_stack() -> list[tuple[str, bool, str]]:
+    """Import each optional package that is installed: one that is installed but broken (a
+    torchvision built for another torch breaks transformers too) is a failed check, with its cause."""
+    import importlib
+    import importlib.util
+
+    from launcher.components import first_line, root_cause
+
+    installed, broken = [], []
+    for name in OPTIONAL:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            module = importlib.import_module(name)
+            if name == "transformers":
+                module.GPT2LMHeadModel  # noqa: B018 - its lazy import is where a broken dependency shows
+            installed.append(f"{name} {getattr(module, '__version__', '?')}")
+        except Exception as e:  # noqa: BLE001 - every failure is the finding
+            broken.append((f"import {name}", False, f"{type(e).__name__}: {first_line(e)}{root_cause(e)}"))
+    return [("optional packages", True, ", ".join(installed) or "none installed"), *broken]
+
+
 def _agent_serves_store(env: ClusterEnv) -> bool:
     """torchrun's agent serves a store at MASTER_ADDR:PORT for its workers (unless told not to share it)."""
     return env.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -66,6 +91,8 @@ def run(env: ClusterEnv, backend_request: str = "auto", timeout_s: float = 30.0)
         )
     )
     checks.append(("versions", True, _versions()))
+    if env.is_main:  # every rank runs the same installation; importing it all takes seconds
+        checks += _optional_stack()
     me: dict[str, Any] = {
         "rank": env.rank,
         "host": socket.gethostname(),
