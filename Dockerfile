@@ -14,7 +14,7 @@ WORKDIR /opt/launcher
 COPY pyproject.toml README.md ./
 COPY launcher ./launcher
 # the image's torch satisfies the requirement; only the rest is installed
-RUN pip install --no-cache-dir "/opt/launcher[examples]"
+RUN pip install --no-cache-dir "/opt/launcher[examples,vision]"
 
 # recipes are copied where the container starts, so `launcher run recipes/...` works as in the repo
 COPY recipes /workspace/recipes

@@ -69,7 +69,7 @@ def resolve(target: str, key: str) -> Callable:
 
 
 # optional dependencies, by the extra that installs them (pyproject.toml)
-EXTRAS = {name: "hf" for name in ("transformers", "datasets", "tokenizers", "safetensors")}
+EXTRAS = {name: "hf" for name in ("transformers", "datasets", "tokenizers", "safetensors")} | {"torchvision": "vision"}
 
 
 def install_hint(module: str | None) -> str:

@@ -257,3 +257,17 @@ def test_a_build_failure_names_its_root_cause_on_the_one_line(tmp_path, capsys):
     line = capsys.readouterr().err.strip()
     assert "ModuleNotFoundError: Could not import module 'GPT2LMHeadModel'" in line, line
     assert "; caused by RuntimeError: operator torchvision::nms does not exist" in line, line
+
+
+def test_a_vision_recipe_without_torchvision_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, worker_env
+
+    code = "import sys; sys.modules['torchvision'] = None; from launcher import cli; "
+    code += "sys.exit(cli.main(['check', sys.argv[1]]))"
+    path = ROOT / "recipes" / "cifar10_resnet18.yaml"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("install the [vision] extra: pip install 'launcher[vision]'")

@@ -6,12 +6,15 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from launcher.components import require
+
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def cifar10(root: str = "data/cifar10", train: bool = True, download: bool = False, augment: bool = True) -> Dataset:
     """torchvision's CIFAR-10. With download: false and no files under `root`, the error says so."""
+    require("torchvision", "launcher.datasets.vision.cifar10")  # the [vision] extra, named if missing
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -29,6 +32,7 @@ def cifar10(root: str = "data/cifar10", train: bool = True, download: bool = Fal
 
 def image_folder(root: str, image_size: int = 224, train: bool = True, augment: bool = True) -> Dataset:
     """torchvision's ImageFolder: one sub-directory of images per class under `root`."""
+    require("torchvision", "launcher.datasets.vision.image_folder")  # the [vision] extra, named if missing
     from torchvision import datasets
     from torchvision import transforms as T
 

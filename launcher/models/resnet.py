@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from launcher.components import require
+
 
 def ResNet18(num_classes: int = 10) -> nn.Sequential:
-    from torchvision.models import resnet18
-
-    m = resnet18(num_classes=num_classes)
+    m = require("torchvision.models", "launcher.models.ResNet18").resnet18(num_classes=num_classes)
     return nn.Sequential(
         m.conv1, m.bn1, nn.ReLU(), m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4, m.avgpool, nn.Flatten(), m.fc
     )
