@@ -259,7 +259,7 @@ def test_a_build_failure_names_its_root_cause_on_the_one_line(tmp_path, capsys):
     assert "; caused by RuntimeError: operator torchvision::nms does not exist" in line, line
 
 
-def test_a_vision_recipe_without_torchvision_names_the_extra(tmp_path):
+def test_a_vision_recipe_without_torchvision_names_the_extra():
     import subprocess
     import sys
 
