@@ -215,8 +215,9 @@ def log_train(t: Trainer) -> None:
     s = t.state
     per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
     w = t.window
-    if w.label_counts and t.session.is_main:
-        _report_unlabelled(s.step, torch.cat(w.label_counts).tolist())
+    label_counts = torch.cat(w.label_counts).tolist() if w.label_counts else []  # token-weighted runs
+    if label_counts and t.session.is_main:
+        _report_unlabelled(s.step, label_counts)
     loss_sum = float(per_rank.sum())  # the window sizes in w.samples are already global
     elapsed = max(time.perf_counter() - w.started_at, 1e-9)
     timed_samples, timed_steps = w.samples - w.restored_samples, w.steps - w.restored_steps
@@ -233,6 +234,8 @@ def log_train(t: Trainer) -> None:
     row["samples_per_s"] = samples_per_s
     if t.tokens_per_sample:
         row["tokens_per_s"] = samples_per_s * t.tokens_per_sample
+    elif label_counts:  # samples of different lengths: the tokens the loss counted (labels), per second
+        row["tokens_per_s"] = sum(label_counts) / elapsed
     row["step_time_s"] = elapsed / max(timed_steps, 1)
     row["data_wait"] = w.data_wait_s / elapsed
     if t.device.type == "cuda":

@@ -36,6 +36,7 @@ def rows(run_dir, key):
 
 def test_micro_batches_without_labels_add_nothing_at_2_and_3_ranks(tmp_path):
     one, _ = go(tmp_path, "one", **{"data.batch_size": 24})
+    assert all(r > 0 for r in rows(one, "tokens_per_s"))  # padded samples: the labels counted, per second
     for nproc in (2, 3):
         run_dir, _ = go(tmp_path, f"w{nproc}", nproc=nproc)
         assert_close_rel(load_weights(run_dir), load_weights(one), rtol=1e-5)
