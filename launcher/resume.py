@@ -135,7 +135,11 @@ def save_checkpoint(t: Trainer) -> Path | None:
     if s.last_checkpoint_step == s.step:
         return None
     path = t.checkpointer.save(
-        s.step, t.saved, metadata(t.recipe, t.plan), summary={"global_batch": t.plan.global_batch}
+        s.step,
+        t.saved,
+        metadata(t.recipe, t.plan),
+        # the model's shapes: a recipe for another model is refused before any worker starts
+        summary={"global_batch": t.plan.global_batch, "shapes": shapes_of(t.model.state_dict())},
     )
     # after: a non-finite loss found while saving names the previous checkpoint as the intact one
     # (the saved TrainState's own last_checkpoint_step is set to its step when it is loaded)
@@ -287,12 +291,25 @@ def check_model_matches(
     model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor], source: Path
 ) -> None:
     """One clear error listing what differs, rather than load_state_dict's wall of text."""
-    missing = [k for k in model_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in model_state]
+    check_shapes_match(shapes_of(model_state), shapes_of(ckpt_state), source)
+
+
+def shapes_of(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's (whole) shape, by name: what a checkpoint's marker keeps of its model."""
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def check_shapes_match(
+    model: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, ...]], source: Path
+) -> None:
+    """The model's tensors against a checkpoint's, by name and shape: a RecipeError saying how to
+    go on, at once (the `--nproc` parent checks the marker's shapes before any worker starts)."""
+    missing = [k for k in model if k not in saved]
+    unexpected = [k for k in saved if k not in model]
     shapes = [
-        f"{k} {tuple(ckpt_state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in model_state.items()
-        if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)
+        f"{k} {tuple(saved[k])} vs model {tuple(v)}"
+        for k, v in model.items()
+        if k in saved and tuple(saved[k]) != tuple(v)
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -304,8 +321,9 @@ def check_model_matches(
             parts.append(f"shape mismatches {_few(shapes)}")
         raise RecipeError(
             "checkpoint.resume",
-            f"{source} was saved from a different model: {'; '.join(parts)}; "
-            "resume with the recipe that wrote it, or set checkpoint.resume=none",
+            f"{source} was saved from a different model: {'; '.join(parts)}; resume it with the recipe "
+            "that wrote it, or start afresh: another name=... or run.dir=..., or here with "
+            "checkpoint.resume=none run.overwrite=true (which deletes its checkpoints)",
         )
 
 

@@ -216,3 +216,16 @@ def test_doctor_imports_the_optional_stack_and_names_a_broken_package_with_its_c
     assert proc.returncode != 0, proc.stdout
     assert "import peft" in proc.stdout and "caused by RuntimeError: operator torchvision::nms" in proc.stdout
     assert "transformers" in proc.stdout and "all checks passed" not in proc.stdout
+
+
+def test_another_model_in_the_same_run_directory_is_refused_before_any_worker_with_the_ways_on(tmp_path):
+    run_dir = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), "train.epochs": 1}))
+    assert launcher("run", path).returncode == 0
+    proc = launcher("run", "--nproc", "2", path, "model.sizes=[8,32,1]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "was saved from a different model" in line and "another name=... or run.dir=..." in line, line
+    assert "launched by" not in proc.stdout  # the parent refused it: no worker printed its plan
+    fresh = launcher("run", path, "model.sizes=[8,32,1]", "checkpoint.resume=none", "run.overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr  # the way the message names works at once

@@ -66,9 +66,9 @@ def main(args: argparse.Namespace) -> int:
 def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     """`launcher run --nproc N RECIPE`: validate once here, then N workers, each `launcher run RECIPE`."""
     from launcher.checkpoint import read_marker
-    from launcher.commands.check import check_static
+    from launcher.commands.check import build_model_cheaply, check_static
     from launcher.plan import batch_shape
-    from launcher.resume import check_global_batch
+    from launcher.resume import check_global_batch, check_shapes_match, shapes_of
 
     # fail here, once, before any worker starts, on everything that can be known without data
     check_static(recipe, args.nproc)
@@ -76,10 +76,12 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     recipe.layout.check_unlocked()  # another run in this directory: say so now (the main worker takes the lock)
     # validate only; the workers' main process acts on it
     resume_from = recipe.layout.prepare(recipe.checkpoint.resume, recipe.run.overwrite, act=False)
-    if resume_from is not None:  # a resume that changes the global batch: one line here, not one per rank
-        check_global_batch(
-            read_marker(resume_from).get("global_batch"), batch_shape(recipe, args.nproc).global_batch, resume_from
-        )
+    if resume_from is not None:  # a resume that changes the global batch or the model: one line here, not per rank
+        marker = read_marker(resume_from)
+        check_global_batch(marker.get("global_batch"), batch_shape(recipe, args.nproc).global_batch, resume_from)
+        if marker.get("shapes") is not None:  # built on the meta device: no memory, no weights
+            model = build_model_cheaply(recipe).state_dict()
+            check_shapes_match(shapes_of(model), {k: tuple(v) for k, v in marker["shapes"].items()}, resume_from)
     return elastic(
         ["run", args.recipe, *args.overrides],
         args.nproc,
