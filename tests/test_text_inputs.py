@@ -184,3 +184,14 @@ def test_a_killed_tokenizations_temporary_file_in_the_cache_is_removed(tmp_path,
     os.utime(stale, (0, 0))  # untouched for long: its writer is gone
     TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), max_length=4, cache_dir=str(cache))
     assert not stale.exists() and fresh.exists()  # a live writer's file stays
+
+
+def test_tokenize_shows_progress_on_a_terminal(tmp_path, tokenizer):
+    if shutil.which("script") is None:
+        pytest.skip("needs script(1) for a terminal")
+    (tmp_path / "a.txt").write_text("\n".join(documents(50)) + "\n")
+    cmd = f"{sys.executable} -m launcher tokenize {tmp_path / 'a.txt'} --tokenizer {tokenizer} -o {tmp_path / 'o.bin'}"
+    term = f"stty rows 40 cols 120; {cmd}"  # a terminal of some size: tqdm draws nothing at 0 columns
+    proc = subprocess.run(["script", "-qec", term, "/dev/null"], env=worker_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert "tokenizing into o.bin" in proc.stdout and "50 docs" in proc.stdout, proc.stdout

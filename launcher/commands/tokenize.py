@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     n_tokens = n_docs = 0
     try:
         with os.fdopen(fd, "wb") as f:
+            progress = _Progress(out)
             for docs in _batches(documents(paths, args.text_key, args.whole_files)):
                 for ids in tokenizer.encode(docs):
                     if tokenizer.eos is not None:
@@ -71,6 +72,8 @@ def main(args: argparse.Namespace) -> int:
                     f.write(np.asarray(ids, dtype=dtype).tobytes())  # raises on a full disk (tofile can lose writes)
                     n_tokens += len(ids)
                 n_docs += len(docs)
+                progress.update(n_docs, n_tokens)
+            progress.close()
             f.flush()
             os.fsync(f.fileno())
         written = tmp.stat().st_size
@@ -88,6 +91,32 @@ def main(args: argparse.Namespace) -> int:
         f"(vocabulary {tokenizer.vocab_size:,}: set the model's vocab_size to at least that)"
     )
     return EXIT_OK
+
+
+class _Progress:
+    """Documents and tokens so far, on stderr: a tqdm bar on a terminal, else a line every 30 s."""
+
+    def __init__(self, out: Path) -> None:
+        import sys
+        import time
+
+        from tqdm import tqdm
+
+        self.tty, self.last, self.time = sys.stderr.isatty(), time.monotonic(), time.monotonic
+        self.bar = tqdm(desc=f"tokenizing into {out.name}", unit=" docs", disable=not self.tty)
+
+    def update(self, n_docs: int, n_tokens: int) -> None:
+        if self.tty:
+            self.bar.update(n_docs - self.bar.n)
+            self.bar.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
+        elif self.time() - self.last >= 30:
+            import sys
+
+            self.last = self.time()
+            print(f"tokenize: {n_docs:,} documents, {n_tokens:,} tokens so far", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _remove_dead_temporaries(out: Path) -> None:
