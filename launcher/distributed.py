@@ -121,9 +121,10 @@ def local_main_first(name: str) -> Iterator[None]:
     if not is_initialized():
         yield
         return
-    key = f"launcher/local_main_first/{os.environ.get('GROUP_RANK', '0')}/{name}"
+    env = ClusterEnv.detect()  # torchrun's or SLURM's variables: which node, which rank on it
+    key = f"launcher/local_main_first/{env.node_rank}/{name}"
     store = dist.distributed_c10d._get_default_store()
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+    if env.local_rank != 0:
         while not store.check([key]):  # still working: wait on (torchrun ends this process if local rank 0 dies)
             time.sleep(0.2)
         yield
