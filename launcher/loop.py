@@ -172,7 +172,7 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
         norm = gradients.grad_norm(params)  # before value clipping
-    t.window.grad_norm = norm
+    t.window.grad_norm = norm if want_norm else None  # kept only for the log row: no tensor outlives the step
     # after the all-reduce every rank holds the same gradients, so all decide alike; this is
     # the one mode that syncs with the device every step
     if cfg.on_nonfinite == "skip" and norm is not None and not torch.isfinite(norm).item():

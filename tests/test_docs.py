@@ -53,7 +53,9 @@ def test_a_cpu_build_of_torch_installed_first_is_kept():
     import tomllib
     from packaging.requirements import Requirement
 
-    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # torch itself, and torchvision through the [vision] extra
+    deps = [Requirement(d) for d in project["dependencies"] + project["optional-dependencies"]["vision"]]
     cpu_builds = {"torch": ["2.4.1+cpu", "2.14.1+cpu"], "torchvision": ["0.19.1+cpu", "0.29.1+cpu"]}
     for dep in deps:
         for version in cpu_builds.get(dep.name, []):
