@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "launcher.checkpoint",
         "launcher.checkpointer",
         "launcher.sharded_state",
+        "launcher.dcp_safe",
         "launcher.sharding",
         "launcher.rundir",
         "launcher.metrics",
