@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 from launcher.errors import EXIT_OK, LaunchError
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from launcher.datasets.documents import data_files, documents
+    from launcher.datasets.documents import batched, data_files, documents
     from launcher.datasets.tokenized import load_tokenizer
     from launcher.errors import ArgumentError
 
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             progress = _Progress(out)
-            for docs in _batches(documents(paths, args.text_key, args.whole_files)):
+            for docs in batched(documents(paths, args.text_key, args.whole_files), BATCH):
                 for ids in tokenizer.encode(docs):
                     if tokenizer.eos is not None:
                         ids = [*ids, tokenizer.eos]
@@ -97,9 +98,6 @@ class _Progress:
     """Documents and tokens so far, on stderr: a tqdm bar on a terminal, else a line every 30 s."""
 
     def __init__(self, out: Path) -> None:
-        import sys
-        import time
-
         from tqdm import tqdm
 
         self.tty, self.last, self.time = sys.stderr.isatty(), time.monotonic(), time.monotonic
@@ -110,8 +108,6 @@ class _Progress:
             self.bar.update(n_docs - self.bar.n)
             self.bar.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
         elif self.time() - self.last >= 30:
-            import sys
-
             self.last = self.time()
             print(f"tokenize: {n_docs:,} documents, {n_tokens:,} tokens so far", file=sys.stderr, flush=True)
 
@@ -135,14 +131,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -52,6 +52,24 @@ def documents(paths: list[Path], text_key: str, whole_files: bool = False) -> It
                 yield _field(path, number, text, text_key) if fmt == "json" else text
 
 
+def batched(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    """`docs` in lists of `size` (tokenizers work on batches). A bad row ends the stream after the
+    documents read before it, as their own last batch: what stands before it is still used."""
+    batch: list[str] = []
+    try:
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except ArgumentError:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
+
+
 def first_bad_row(paths: list[Path], text_key: str) -> ArgumentError | None:
     """The first row `documents` refuses, as its error (None: every row reads)."""
     try:

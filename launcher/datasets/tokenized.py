@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from launcher import distributed
 from launcher.components import require
-from launcher.datasets.documents import data_files, documents, first_bad_row
+from launcher.datasets.documents import batched, data_files, documents, first_bad_row
 from launcher.errors import ArgumentError, positive
 
 
@@ -139,24 +139,12 @@ class StreamedText:
         """Local files read alike on every pass."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batch: list[str] = []
-        docs = documents(self.paths, self.text_key)
-        while True:
-            try:
-                text = next(docs, None)
-            except ArgumentError:  # a bad row: the documents before it first, so the run fails at its step
-                yield from self._encoded(batch)
-                raise
-            if text is None:
-                break
-            batch.append(text)
-            if len(batch) == 256:  # the tokenizer works on batches
-                yield from self._encoded(batch)
-                batch = []
-        yield from self._encoded(batch)
+        # a bad row: the documents before it first, so the run fails at that row's step
+        for texts in batched(documents(self.paths, self.text_key), 256):
+            yield from self._encoded(texts)
 
     def _encoded(self, texts: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-        for ids in self.tokenizer.encode(texts) if texts else []:
+        for ids in self.tokenizer.encode(texts):
             yield {"input_ids": torch.tensor(ids[: self.max_length] if self.max_length else ids)}
 
 
