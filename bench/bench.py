@@ -39,7 +39,11 @@ WORKLOADS = {
     # name: (recipe, overrides for the device, units per sample, label)
     "resnet18": ("resnet18.yaml", "img/s"),
     "gpt": ("gpt.yaml", "tok/s"),
+    "hfgpt2": ("hf_gpt2.yaml", "tok/s"),  # transformers' GPT2LMHeadModel, its own loss
 }
+# which implementations each workload has (transformers.Trainer trains transformers models only)
+IMPLS = {"hfgpt2": ("raw", "launcher", "trainer")}
+DEFAULT_IMPLS = ("raw", "launcher", "accelerate", "fabric")
 
 
 def shapes(workload: str, device: str, batch: int | None) -> dict:
@@ -47,8 +51,9 @@ def shapes(workload: str, device: str, batch: int | None) -> dict:
         if device == "cuda":
             return {"batch": batch or 256, "image": 32, "classes": 10, "segments": 4}
         return {"batch": batch or 16, "image": 32, "classes": 10, "segments": 4}
+    vocab = 50257 if workload == "hfgpt2" else 50304  # GPT-2's; ours padded to a multiple of 64
     if device == "cuda":
-        return {"batch": batch or 8, "seq": 1024, "vocab": 50304, "d": 768, "layers": 12, "heads": 12, "segments": 4}
+        return {"batch": batch or 8, "seq": 1024, "vocab": vocab, "d": 768, "layers": 12, "heads": 12, "segments": 4}
     return {"batch": batch or 4, "seq": 64, "vocab": 256, "d": 64, "layers": 2, "heads": 2, "segments": 2}
 
 
@@ -64,6 +69,14 @@ def build(workload: str, s: dict, device):
     from launcher.models import GPT, ResNet18
 
     size = s["batch"] * 64
+    if workload == "hfgpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=s["vocab"], n_positions=s["seq"], n_embd=s["d"], n_layer=s["layers"], n_head=s["heads"]
+        )
+        model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").to(device)
+        return model, Tokens(size, s["seq"], s["vocab"], mapping=True), None, s["seq"]
     if workload == "resnet18":
         model = ResNet18(s["classes"]).to(device).to(memory_format=torch.channels_last)
         return model, Images(size, (3, s["image"], s["image"]), s["classes"]), torch.nn.CrossEntropyLoss(), 1
@@ -87,10 +100,11 @@ def loader(dataset, batch: int, device, workers: int):
 
 
 def time_loop(step, batches, args, device, units_per_sample: int, batch: int) -> dict:
-    """Warm up, then time chunks of steps; report the median chunk. `step(inputs, targets)`."""
+    """Warm up, then time `--rounds-in-process` rounds of chunks of steps; report each round's median
+    chunk. `step(inputs, targets)`, or `step(batch)` for mapping batches."""
     import torch
 
-    from launcher.startup import process_start
+    from launcher.observe.startup import process_start
 
     def sync():
         if device.type == "cuda":
@@ -106,36 +120,49 @@ def time_loop(step, batches, args, device, units_per_sample: int, batch: int) ->
             it = iter(batches)
             return next(it)
 
-    step(*next_batch())
+    def take_step():
+        b = next_batch()
+        return step(b) if isinstance(b, dict) else step(*b)
+
+    take_step()
     sync()
     first_step = time.time() - process_start()
     for _ in range(args.warmup - 1):
-        step(*next_batch())
+        take_step()
     sync()
     if args.profile:  # the launcher's own profiler, on the same steps as the launcher's (after the warm-up)
-        from launcher.profiling import StepProfiler
+        from launcher.observe.profiling import StepProfiler
 
         prof = StepProfiler(
             Path(args.profile), args.profile_name, device, start_step=0, steps=PROFILE_STEPS, memory=True
         )
         prof.after_step(0)
         for i in range(PROFILE_STEPS + 1):
-            step(*next_batch())
+            take_step()
             prof.after_step(i + 1)
         sync()
     chunk_times = []
-    for _ in range(args.chunks):
+    for _ in range(args.rounds_in_process * args.chunks):
         t0 = time.perf_counter()
         for _ in range(args.chunk):
-            step(*next_batch())
+            take_step()
         sync()
         chunk_times.append((time.perf_counter() - t0) / args.chunk)
-    step_s = statistics.median(chunk_times)
     return {
-        "throughput": batch * units_per_sample / step_s,
-        "step_ms": step_s * 1e3,
+        **per_round(chunk_times, args.chunks, batch * units_per_sample),
         "first_step_s": first_step,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def per_round(chunk_s: list[float], chunks: int, units_per_step: int) -> dict:
+    """Consecutive groups of `chunks` chunk times (seconds per step): each round's median chunk,
+    as throughput and step time; the first round's at the top level."""
+    rounds = [statistics.median(chunk_s[i : i + chunks]) for i in range(0, len(chunk_s), chunks)]
+    return {
+        "throughput": units_per_step / rounds[0],
+        "step_ms": rounds[0] * 1e3,
+        "rounds": [{"throughput": units_per_step / r, "step_ms": r * 1e3} for r in rounds],
     }
 
 
@@ -156,7 +183,24 @@ def worker(args) -> dict:  # noqa: C901 - one branch per implementation, side by
     def forward(m, x):
         return checkpoint_sequential(m, segments, x, use_reentrant=False) if segments else m(x)
 
-    if args.worker == "raw":
+    if args.workload in IMPLS and args.worker not in IMPLS[args.workload]:
+        raise SystemExit(f"{args.worker} is not benchmarked on {args.workload}")
+    if args.worker == "trainer":
+        return trainer_loop(model, dataset, args, device, units, s["batch"])
+    if args.worker == "raw" and loss_fn is None:  # a transformers model: its own loss, from a mapping batch
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
+        fwd = torch.compile(model) if args.compile else model
+
+        def step(batch):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = fwd(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        batches = loader(dataset, s["batch"], device, args.workers)
+    elif args.worker == "raw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
         fwd = torch.compile(model) if args.compile else model
 
@@ -212,12 +256,66 @@ def worker(args) -> dict:  # noqa: C901 - one branch per implementation, side by
     return time_loop(step, batches, args, device, units, s["batch"])
 
 
+def trainer_loop(model, dataset, args, device, units_per_sample: int, batch: int) -> dict:
+    """transformers.Trainer on the same model and data: bf16 autocast, fused AdamW at the same lr,
+    a constant schedule, the same DataLoader settings, no saving, logging or evaluation. Steps are
+    timed by a callback that synchronises at the end of each chunk, as time_loop does."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from launcher.observe.startup import process_start
+
+    timed_steps = args.rounds_in_process * args.chunks * args.chunk
+    marks: list[float] = []
+    first_step: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, _args, state, _control, **kwargs):  # noqa: ARG002 - Trainer's signature
+            done = state.global_step - args.warmup
+            if state.global_step == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_step.append(time.time() - process_start())
+            if done >= 0 and done % args.chunk == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_steps=args.warmup + timed_steps,
+            learning_rate=1e-4,
+            lr_scheduler_type="constant",
+            optim="adamw_torch_fused",
+            bf16=True,
+            use_cpu=device.type == "cpu",
+            dataloader_num_workers=args.workers,
+            dataloader_pin_memory=device.type == "cuda",
+            dataloader_persistent_workers=args.workers > 0,
+            dataloader_drop_last=True,
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Clock()]).train()
+    chunk_s = [(b - a) / args.chunk for a, b in zip(marks, marks[1:], strict=False)]
+    return {
+        **per_round(chunk_s, args.chunks, batch * units_per_sample),
+        "first_step_s": first_step[0],
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
 def run_launcher(args, overrides: list[str]) -> dict:
     """`python -m launcher run bench/recipes/<workload>.yaml`, and its own metrics."""
     s = shapes(args.workload, args.device, args.batch)
     recipe = ROOT / "bench" / "recipes" / WORKLOADS[args.workload][0]
     # with --profile, more chunks: those the profiler (and its warm-up step) runs in are not timed
-    chunks = args.chunks + (math.ceil((PROFILE_STEPS + 1) / args.chunk) if args.profile else 0)
+    chunks = args.rounds_in_process * args.chunks + (math.ceil((PROFILE_STEPS + 1) / args.chunk) if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
         sets = [
             f"run.dir={tmp}",
@@ -228,6 +326,18 @@ def run_launcher(args, overrides: list[str]) -> dict:
             "log.progress=lines",
             f"train.compile={str(args.compile).lower()}",
         ]
+        if args.workload == "hfgpt2":
+            sets += [
+                f"model.config.{k}={s[v]}"
+                for k, v in (
+                    ("vocab_size", "vocab"),
+                    ("n_positions", "seq"),
+                    ("n_embd", "d"),
+                    ("n_layer", "layers"),
+                    ("n_head", "heads"),
+                )
+            ]
+            sets += [f"data.train.seq_len={s['seq']}", f"data.train.vocab_size={s['vocab']}"]
         if args.workload == "gpt":
             sets += [
                 f"model.{k}={s[v]}"
@@ -267,11 +377,9 @@ def run_launcher(args, overrides: list[str]) -> dict:
             for f in (Path(tmp) / "profile").iterdir():
                 shutil.copy(f, Path(args.profile) / f.name.replace("rank0", args.profile_name))
     timed = [r for r in rows if "loss" in r and r["step"] > args.warmup and not r.get("profiled")]
-    step_s = statistics.median(r["step_time_s"] for r in timed)
-    units = s["seq"] if args.workload == "gpt" else 1
+    units = s["seq"] if args.workload in ("gpt", "hfgpt2") else 1
     out = {
-        "throughput": s["batch"] * units / step_s,
-        "step_ms": step_s * 1e3,
+        **per_round([r["step_time_s"] for r in timed], args.chunks, s["batch"] * units),
         "first_step_s": startup["first_step_s"],
         "peak_gib": timed[-1].get("peak_mem_gib"),
         "data_wait": statistics.median(r["data_wait"] for r in timed),
@@ -305,6 +413,8 @@ def spawn(
         str(args.chunks),
         "--workers",
         str(args.workers),
+        "--rounds-in-process",
+        str(args.rounds_in_process),
     ]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
@@ -328,7 +438,7 @@ def main() -> None:
     p.add_argument("--workloads", default="resnet18,gpt")
     p.add_argument("--impls", default="raw,launcher,accelerate,fabric")
     p.add_argument("--ckpt", choices=["off", "on", "both"], default="both")
-    p.add_argument("--compile", action="store_true", help="also compiled GPT rows (raw and launcher)")
+    p.add_argument("--compile", action="store_true", help="also compiled GPT and GPT-2 rows (raw and launcher)")
     p.add_argument(
         "--ckpt-table", action="store_true", help="the launcher's checkpointing settings: memory against time"
     )
@@ -337,6 +447,13 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=10)
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--rounds-in-process",
+        type=int,
+        default=1,
+        help="time this many rounds of --chunks chunks in each process, one after the other: each is a "
+        "round of the table (process start-up, 10 to 20 s on a GPU machine, is paid once)",
+    )
     p.add_argument("--smoke", action="store_true", help="2 warm-up steps and 2 chunks of 2: checks, not figures")
     p.add_argument(
         "--repeat",
@@ -369,13 +486,14 @@ def main() -> None:
     for round_ in range(args.repeat):
         for workload in args.workloads.split(","):
             for ckpt in ckpts:
-                impls = args.impls.split(",")
-                impls = impls[round_ % len(impls) :] + impls[: round_ % len(impls)]  # each goes first in turn
+                impls = [i for i in args.impls.split(",") if i in IMPLS.get(workload, DEFAULT_IMPLS)]
+                first = round_ % len(impls) if impls else 0  # each goes first in turn
+                impls = impls[first:] + impls[:first]
                 for impl in impls:
-                    runs.append(one(args, workload, ckpt, impl, False, [], round_))
-            if args.compile and workload == "gpt":
+                    runs.extend(one(args, workload, ckpt, impl, False, [], round_))
+            if args.compile and workload in ("gpt", "hfgpt2"):
                 for impl in ("raw", "launcher")[:: 1 if round_ % 2 == 0 else -1]:
-                    runs.append(one(args, workload, False, f"{impl} compiled", True, [], round_))
+                    runs.extend(one(args, workload, False, f"{impl} compiled", True, [], round_))
             if args.ckpt_table:
                 body = shapes(workload, args.device, args.batch)
                 n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
@@ -384,14 +502,15 @@ def main() -> None:
                         f"train.activation_checkpointing.segments={seg}",
                         f"train.activation_checkpointing.head_chunks={chunks}",
                     ]
-                    runs.append(one(args, workload, f"{seg}/{chunks}", "launcher", False, extra, round_))
+                    runs.extend(one(args, workload, f"{seg}/{chunks}", "launcher", False, extra, round_))
             if args.json:  # after every group: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps({"runs": runs, "rows": aggregate(runs)}, indent=1))
     print()
     print(table(aggregate(runs), args))
 
 
-def one(args, workload: str, ckpt, impl: str, compile_: bool, extra: list[str], round_: int) -> dict:
+def one(args, workload: str, ckpt, impl: str, compile_: bool, extra: list[str], round_: int) -> list[dict]:
+    """One process: a row per round it timed (--rounds-in-process)."""
     base = impl.split()[0]
     if base == "fabric" and not _has("lightning"):
         r = dict(error="skipped: lightning is not installed")
@@ -403,9 +522,14 @@ def one(args, workload: str, ckpt, impl: str, compile_: bool, extra: list[str], 
             label = {True: "ckpt", False: "nockpt"}.get(ckpt, f"seg{str(ckpt).replace('/', 'h')}")
             name = f"{workload}-{label}-{impl.replace(' ', '-')}"
         r = spawn(args, base, workload, ckpt is True, compile_, extra, name)
-    r = dict(workload=workload, ckpt=ckpt, impl=impl, round=round_, **r)
-    print(_line(r), flush=True)
-    return r
+    rounds = r.pop("rounds", None) or [{}]
+    out = [
+        dict(workload=workload, ckpt=ckpt, impl=impl, round=round_ * len(rounds) + k, **{**r, **part})
+        for k, part in enumerate(rounds)
+    ]
+    for row in out:
+        print(_line(row), flush=True)
+    return out
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -463,7 +587,8 @@ def table(rows: list[dict], args) -> str:  # noqa: ARG001 - every report functio
             None,
         )
         if r["impl"].endswith("compiled"):
-            ref = next((x for x in rows if x["impl"] == "raw compiled" and "error" not in x), ref)
+            compiled = [x for x in rows if x["workload"] == r["workload"] and x["impl"] == "raw compiled"]
+            ref = next((x for x in compiled if "error" not in x), ref)
         ratio = f"{r['throughput'] / ref['throughput']:.3f}" if ref else "-"
         notes = []
         peers = [

@@ -5,6 +5,7 @@
     python bench/fsdp.py                       # CPU: 2 ranks under gloo, a small GPT, fp32
     python bench/fsdp.py --device cuda         # every GPU of this machine (torchrun), GPT-2 small, bf16
     python bench/fsdp.py --repeat 3            # three interleaved rounds, medians
+    python bench/fsdp.py --tp 2 --nproc 4      # fsdp x tensor parallel 2 (launcher dist.tensor_parallel)
 
 Each shards every transformer block, then the root; AdamW; a fresh process group per run. Reports
 steps per second (median over windows of 5 steps, data loading included, after a warm-up; the
@@ -12,7 +13,11 @@ launcher's from its metrics rows, one per window) and rank 0's peak memory, and 
 the hand-written loop (the median over rounds of each round's ratio). Memory: on CUDA
 max_memory_allocated; on CPU the peak resident set, and ("train MiB", the ratio's basis) that peak
 less the peak before the model was built, which leaves out the libraries each implementation
-imports. Targets (issue #13): throughput >= 0.98x, memory <= 1.01x.
+imports. Targets (issue #13): throughput >= 0.98x, memory <= 1.01x. With `--tp N` every row also
+splits each block over N ranks first (the hand-written loop: parallelize_module with the GPT's
+tp_plan on the mesh's tp dimension, then fully_shard over the data-parallel one; Fabric: its
+ModelParallelStrategy with tensor_parallel_size N; the launcher: dist.tensor_parallel N); a
+tensor-parallel group's ranks read the same batch. Target (issue #22): >= 0.98x at equal memory.
 Accelerate shards only on accelerators, so its row runs on CUDA only; rows whose package is not
 installed are skipped, saying so.
 """
@@ -56,20 +61,21 @@ def worker(args: argparse.Namespace) -> None:
 
     cuda = args.device == "cuda"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dp, dp_rank = world // args.tp, rank // args.tp  # a tensor-parallel group's ranks read the same batch
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     s = SHAPES[args.device]
-    data = Tokens(
-        size=s["batch"] * world * (args.steps + args.warmup), seq_len=s["seq_len"], vocab_size=s["vocab_size"]
-    )
-    loader = DataLoader(data, batch_size=s["batch"], sampler=DistributedSampler(data, world, rank, seed=0))
+    steps = args.steps * args.rounds_in_process + args.warmup
+    data = Tokens(size=s["batch"] * dp * steps, seq_len=s["seq_len"], vocab_size=s["vocab_size"])
+    loader = DataLoader(data, batch_size=s["batch"], sampler=DistributedSampler(data, dp, dp_rank, seed=0))
     loss_fn = TokenCrossEntropy()
     torch.manual_seed(0)
     if args.worker == "hand_written":
         dist.init_process_group("nccl" if cuda else "gloo")
         rss_before_model = _peak_rss()
-        model = _shard(GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"]).to(device), cuda)
+        model = GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"]).to(device)
+        model = _shard(_split(model, _mesh(cuda, args.tp)), cuda, _mesh(cuda, args.tp)["dp_shard"])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         backward = torch.Tensor.backward
     elif args.worker == "fabric":  # Fabric's FSDP2 is ModelParallelStrategy (its FSDPStrategy is FSDP1)
@@ -77,9 +83,9 @@ def worker(args: argparse.Namespace) -> None:
         from lightning.fabric.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(
-            parallelize_fn=lambda m, mesh: _shard(m, cuda, mesh["data_parallel"]),
-            data_parallel_size=world,
-            tensor_parallel_size=1,
+            parallelize_fn=lambda m, mesh: _shard(_split(m, mesh), cuda, mesh["data_parallel"]),
+            data_parallel_size=dp,
+            tensor_parallel_size=args.tp,
         )
         fabric = L.Fabric(accelerator=device.type, devices=world, strategy=strategy, precision="32-true")
         fabric.launch()  # torchrun started the processes: this only sets up the process group
@@ -119,10 +125,10 @@ def worker(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
     if rank == 0:
-        result = {"steps_per_s": 1 / statistics.median(times), "peak_bytes": peak}
+        result = {"peak_bytes": peak}
         if not cuda:  # the process's own libraries left out: what training added
             result["train_bytes"] = peak - rss_before_model
-        print(json.dumps(result), flush=True)
+        print(json.dumps([{**result, "steps_per_s": r} for r in _rounds(times, args.steps)]), flush=True)
     dist.destroy_process_group()
 
 
@@ -130,6 +136,39 @@ def _param_dtype(cuda: bool):  # noqa: ANN202 (torch is imported lazily)
     import torch
 
     return torch.bfloat16 if cuda else None
+
+
+def _mesh(cuda: bool, tp: int):  # noqa: ANN202
+    """dp_shard x tp, the tensor dimension innermost, as the launcher lays its ranks out (cached: one per process)."""
+    global _MESH
+    if _MESH is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = int(os.environ["WORLD_SIZE"])
+        _MESH = init_device_mesh("cuda" if cuda else "cpu", (world // tp, tp), mesh_dim_names=("dp_shard", "tp"))
+    return _MESH
+
+
+_MESH = None
+
+
+def _split(model, mesh):  # noqa: ANN001, ANN202
+    """The GPT's tensor-parallel plan (column- then row-wise), as the launcher applies it; none at tp 1."""
+    import fnmatch
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp_mesh = mesh["tp"] if "tp" in (mesh.mesh_dim_names or ()) else mesh["tensor_parallel"]
+    if tp_mesh.size() == 1:
+        return model
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {
+        name: styles[style]()
+        for name, _ in model.named_modules()
+        for pattern, style in model.tp_plan.items()
+        if fnmatch.fnmatchcase(name, pattern)
+    }
+    return parallelize_module(model, tp_mesh, plan)
 
 
 def _shard(model, cuda: bool, mesh=None):  # noqa: ANN001, ANN202
@@ -153,15 +192,21 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_worker(name: str, args: argparse.Namespace, nproc: int) -> dict:
+def _rounds(window_s: list[float], steps: int) -> list[float]:
+    """Steps per second of each round: consecutive groups of `steps` / WINDOW windows, each's median."""
+    n = max(1, steps // WINDOW)
+    return [1 / statistics.median(window_s[i : i + n]) for i in range(0, len(window_s), n)]
+
+
+def run_worker(name: str, args: argparse.Namespace, nproc: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [__file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup)]
+    cmd += ["--warmup", str(args.warmup), "--tp", str(args.tp), "--rounds-in-process", str(args.rounds_in_process)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
-    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    return json.loads([line for line in out.splitlines() if line.startswith("[{")][-1])
 
 
-def run_launcher(args: argparse.Namespace, nproc: int) -> dict:
+def run_launcher(args: argparse.Namespace, nproc: int) -> list[dict]:
     s = SHAPES[args.device]
     cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +217,7 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> dict:
             "data": {
                 "train": {
                     "_component_": "launcher.datasets.synthetic.Tokens",
-                    "size": s["batch"] * nproc * (args.steps + args.warmup),
+                    "size": s["batch"] * nproc // args.tp * (args.steps * args.rounds_in_process + args.warmup),
                     "seq_len": s["seq_len"],
                     "vocab_size": s["vocab_size"],
                 },
@@ -180,8 +225,11 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> dict:
             },
             "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
             "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4, "fused": cuda},
-            "train": {"max_steps": args.steps + args.warmup, "precision": "bf16" if cuda else "fp32"},
-            "dist": {"strategy": "fsdp", "fsdp": {"units": ["Block"]}},
+            "train": {
+                "max_steps": args.steps * args.rounds_in_process + args.warmup,
+                "precision": "bf16" if cuda else "fp32",
+            },
+            "dist": {"strategy": "fsdp", "fsdp": {"units": ["Block"]}, "tensor_parallel": args.tp},
             "log": {"every_n_steps": WINDOW, "progress": "lines"},
             "checkpoint": {"keep_last": 1},
             "run": {"dir": tmp},
@@ -198,10 +246,10 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> dict:
         startup = json.loads((Path(tmp) / "startup.json").read_text())
     timed = [r for r in rows if "step_time_s" in r and r["step"] > args.warmup]
     peak = max(r["peak_mem_gib"] if cuda else r["max_rss_gib"] for r in timed) * 2**30
-    result = {"steps_per_s": 1 / statistics.median(r["step_time_s"] for r in timed), "peak_bytes": peak}
+    result = {"peak_bytes": peak}
     if not cuda:
         result["train_bytes"] = peak - startup["peak_rss_before_model_mib"] * 2**20
-    return result
+    return [{**result, "steps_per_s": r} for r in _rounds([r["step_time_s"] for r in timed], args.steps)]
 
 
 def _env() -> dict:
@@ -216,7 +264,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=WINDOW, help="untimed steps first (a multiple of 5)")
     p.add_argument("--repeat", type=int, default=1, help="rounds, interleaved; medians are reported")
+    p.add_argument(
+        "--rounds-in-process",
+        type=int,
+        default=1,
+        help="time this many rounds of --steps in each process, one after the other (start-up paid once)",
+    )
     p.add_argument("--impls", default="hand_written,launcher,fabric,accelerate", help="comma-separated")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (divides --nproc)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,33 +281,20 @@ def main() -> None:
 
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
     impls = [name for name in args.impls.split(",") if name]
-    skipped = {name: why for name in impls if (why := _skip_reason(name, args.device))}
+    skipped = {name: why for name in impls if (why := _skip_reason(name, args.device, args.tp))}
     order = [name for name in impls if name not in skipped]
     runs: dict[str, list[dict]] = {name: [] for name in order}
     for r in range(args.repeat):  # interleaved, in turn reversed: drift on the machine hits every one alike
         for name in order if r % 2 == 0 else order[::-1]:
-            runs[name].append(run_launcher(args, nproc) if name == "launcher" else run_worker(name, args, nproc))
-    result: dict = {
-        "device": args.device,
-        "nproc": nproc,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        **{name: {k: statistics.median(x[k] for x in runs[name]) for k in runs[name][0]} for name in runs},
-        "skipped": skipped,
-        "rounds": runs,
-    }
-    base = result.get("hand_written")
-    memory = "train_bytes" if args.device == "cpu" else "peak_bytes"
+            runs[name] += run_launcher(args, nproc) if name == "launcher" else run_worker(name, args, nproc)
+            if args.json:  # as it goes: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(summary(runs, skipped, args, nproc), indent=1) + "\n")
+    result = summary(runs, skipped, args, nproc)
     print(f"{'':14}{'steps/s':>10}{'peak MiB':>12}{'train MiB':>11}{'throughput':>12}{'memory':>9}")
     for name in runs:
         r = result[name]
-        if base is not None:  # each round's ratio to that round's hand-written run, then their median:
-            # drift on a shared machine moves a round's runs together, so pairs cancel most of it
-            pairs = list(zip(runs[name], runs["hand_written"], strict=True))
-            r["throughput_ratio"] = statistics.median(a["steps_per_s"] / b["steps_per_s"] for a, b in pairs)
-            r["memory_ratio"] = statistics.median(a[memory] / b[memory] for a, b in pairs)
         train = f"{r['train_bytes'] / 2**20:>11.1f}" if "train_bytes" in r else f"{'':>11}"
-        ratios = f"{r['throughput_ratio']:>11.3f}x{r['memory_ratio']:>8.3f}x" if base is not None else ""
+        ratios = f"{r['throughput_ratio']:>11.3f}x{r['memory_ratio']:>8.3f}x" if "throughput_ratio" in r else ""
         print(f"{name:14}{r['steps_per_s']:>10.2f}{r['peak_bytes'] / 2**20:>12.1f}{train}{ratios}")
     for name, why in skipped.items():
         print(f"{name:14}skipped: {why}")
@@ -260,9 +302,39 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
-def _skip_reason(name: str, device: str) -> str | None:
+def summary(runs: dict[str, list[dict]], skipped: dict[str, str], args: argparse.Namespace, nproc: int) -> dict:
+    """Medians over rounds, and each implementation's ratios to the hand-written loop."""
+    import torch
+
+    done = {name: rounds for name, rounds in runs.items() if rounds}
+    result: dict = {
+        "device": args.device,
+        "nproc": nproc,
+        "tp": args.tp,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        **{name: {k: statistics.median(x[k] for x in rounds) for k in rounds[0]} for name, rounds in done.items()},
+        "skipped": skipped,
+        "rounds": runs,
+    }
+    memory = "train_bytes" if args.device == "cpu" else "peak_bytes"
+    base = done.get("hand_written")
+    for name, rounds in done.items():
+        if base is None:
+            continue
+        # each round's ratio to that round's hand-written run, then their median: drift on a
+        # shared machine moves a round's runs together, so pairs cancel most of it
+        pairs = list(zip(rounds, base, strict=False))
+        result[name]["throughput_ratio"] = statistics.median(a["steps_per_s"] / b["steps_per_s"] for a, b in pairs)
+        result[name]["memory_ratio"] = statistics.median(a[memory] / b[memory] for a, b in pairs)
+    return result
+
+
+def _skip_reason(name: str, device: str, tp: int = 1) -> str | None:
     import importlib.util
 
+    if name == "accelerate" and tp > 1:
+        return "this bench gives Accelerate no tensor-parallel plan (its ParallelismConfig needs its own model plan)"
     module = {"fabric": "lightning", "accelerate": "accelerate"}.get(name)
     if module is not None and importlib.util.find_spec(module) is None:
         return f"{module} is not installed (pip install {module})"

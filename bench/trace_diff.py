@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.profiling import read_trace  # noqa: E402
+from launcher.observe.profiling import read_trace  # noqa: E402
 
 
 def main() -> None:

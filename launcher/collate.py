@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from launcher.batches import IGNORE_INDEX, LABELS
+from launcher.data.batches import IGNORE_INDEX, LABELS
 from launcher.errors import ArgumentError
 
 INPUT_IDS = "input_ids"

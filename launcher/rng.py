@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from launcher import distributed
+from launcher.cluster import distributed
 
 
 def derive_seed(seed: int, purpose: str) -> int:

@@ -104,3 +104,27 @@ def test_overhead_script_runs():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"the launcher adds -?\d+ us per step", proc.stdout)
+
+
+def test_transformers_rows_time_rounds_in_one_process_for_each_implementation(tmp_path):
+    """The GPU check's transformers GPT-2 rows, smoke-sized: hand-written, launcher and
+    transformers.Trainer, each process timing 2 rounds (--rounds-in-process) that the table counts."""
+    out = tmp_path / "hf.json"
+    args = ["--device", "cpu", "--smoke", "--workloads", "hfgpt2", "--impls", "raw,launcher,trainer,fabric"]
+    args += ["--ckpt", "off", "--rounds-in-process", "2", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=worker_env(HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    # Fabric has no transformers row; each process gives 2 rounds
+    assert [(r["impl"], r["round"]) for r in runs] == [(i, k) for i in ("raw", "launcher", "trainer") for k in (0, 1)]
+    assert all(r["throughput"] > 0 for r in runs)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| hfgpt2 |")]
+    assert len(table) == 3 and all("n=2)" in line for line in table), table
+    # and the script that runs every GPU row parses
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0

@@ -28,7 +28,7 @@ def test_linked_docs_exist():
 
 def test_recipe_reference_covers_every_key():
     """Pins docs/recipes.md's key table to the schema on purpose: a new key needs its documentation."""
-    from launcher.recipe import Recipe
+    from launcher.recipe.schema import Recipe
 
     text = (ROOT / "docs" / "recipes.md").read_text()
 

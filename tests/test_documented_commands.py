@@ -31,7 +31,7 @@ def documented_commands() -> list[tuple[str, str]]:
 def as_check(command: str) -> tuple[list[str], str]:
     """The launcher arguments to run here for a documented command, and what they stand for."""
     words = shlex.split(command)
-    for part in " ".join(words).split(" && "):
+    for part in command.split(" && "):  # quoted arguments keep their spaces
         if "launcher" in part and "pip install" not in part:
             words = shlex.split(part)
     if words[0] == "torchrun":
@@ -103,7 +103,7 @@ def test_the_docs_have_commands_to_check():
 
 @pytest.mark.parametrize("args", list(CHECKS), ids=[CHECKS[a][0][:80] for a in CHECKS])
 def test_documented_command_works_with_the_shipped_recipes(tmp_path, monkeypatch, capsys, args):
-    from launcher import cli
+    from launcher.commands import cli
 
     lines = CHECKS[args]
     if not args:
@@ -112,6 +112,12 @@ def test_documented_command_works_with_the_shipped_recipes(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     code = cli.main(list(args))
     out, err = capsys.readouterr()
+    hub_ids = re.findall(r"pretrained=([\w.-]+/[\w.-]+)", " ".join(args))
+    if hub_ids and code == 2:
+        # a hub model cannot be fetched here (offline): the recipe and overrides held up to the
+        # model, which is refused in the one line that names it and says how to fetch it
+        assert f"{hub_ids[0]} is neither a local directory" in err and "HF_HUB_OFFLINE=1" in err, err
+        return
     assert code == 0, f"{lines}\n(as: launcher {' '.join(args)})\n{err}"
     if args[0] == "slurm":
         assert Path(tmp_path, out.split()[0]).is_file()

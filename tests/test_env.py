@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.distributed import pick_backend
-from launcher.env import ClusterEnv
+from launcher.cluster.distributed import pick_backend
+from launcher.cluster.env import ClusterEnv
 from launcher.errors import LaunchError
 
 TORCHRUN = {

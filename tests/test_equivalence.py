@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from launcher import train
-from launcher.env import ClusterEnv
-from launcher.recipe import validate
+from launcher.cluster.env import ClusterEnv
+from launcher.recipe.schema import validate
+from launcher.train import assemble
 
 
 def rows(run_dir, key):
@@ -23,7 +23,7 @@ def rows(run_dir, key):
 def single(tmp_path, name, **changes):
     run_dir = tmp_path / name
     recipe = validate(recipe_dict(**{"run.dir": str(run_dir), **changes}))
-    state = train.run(recipe, ClusterEnv())
+    state = assemble.run(recipe, ClusterEnv())
     assert state.step == 6
     return run_dir
 

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
-from runs import gate, wait_for
+from runs import gate, start, wait_for
 
 
 def own_recipe(tmp_path: Path, **changes) -> Path:
@@ -74,7 +76,7 @@ def test_an_error_in_the_users_module_names_its_file_and_line(tmp_path):
 
 
 def test_threads_follow_the_cores_each_rank_has(tmp_path):
-    from launcher.cpu import available_cores, threads_per_rank
+    from launcher.cluster.cpu import available_cores, threads_per_rank
 
     cores = available_cores()
     assert threads_per_rank(1, {}) == (cores, f"{cores} core{'s' if cores != 1 else ''} for 1 local rank")
@@ -95,7 +97,7 @@ def test_threads_follow_the_cores_each_rank_has(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_it_and_a_cosine_that_restarts_are_warned_about(tmp_path):
-    from launcher.cpu import has_native_bf16
+    from launcher.cluster.cpu import has_native_bf16
 
     r = recipe_dict(
         **{
@@ -137,6 +139,24 @@ def test_a_long_step_shows_life_within_seconds(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert line.startswith("step 1/2: still running after "), line
+
+
+@pytest.mark.timeout(120)  # without the phase's lines it would wait for a line that never comes
+def test_a_long_start_up_phase_says_what_it_does(tmp_path):
+    # the data takes as long as the test likes to build: the run must speak meanwhile, then say how long
+    until, waiting = tmp_path / "release", tmp_path / "waiting"
+    train = {"_component_": "testkit.WaitsToRead", "until": str(until), "waiting": str(waiting)}
+    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "data.train": train, "train.max_steps": 1})
+    proc = start("run", write_recipe(tmp_path / "r.yaml", r))
+    wait_for(waiting, proc)
+    for line in proc.stdout:
+        if "still running" in line:
+            break
+    until.touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert line.startswith("reading the data (data.train, data.val): still running after "), line
+    assert re.search(r"^reading the data \(data.train, data.val\): done in \d+ s$", out, re.M), out
 
 
 def test_debug_evaluates_on_a_few_batches(tmp_path):

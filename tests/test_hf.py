@@ -5,6 +5,7 @@ by the test with a tokenizer the test trains (hfkit). Real processes and gloo; n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from conftest import DELETE, assert_close_rel, changed, launcher, load_weights, worker_env, write_recipe
-from hfkit import lm_recipe
-from launcher.recipe import validate
-from launcher.sharding import MIN_TORCH, torch_version
+from hfkit import lm_recipe, tiny_gpt2
+from launcher.parallel.sharding import MIN_TORCH, torch_version
+from launcher.recipe.schema import validate
+
+LIBRARY_BARS = re.compile(r"Generating train split|tokenizing:|Loading weights|Writing model shards|it/s\]")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,8 @@ def run(material, tmp_path, name, nproc=None, expect=0, **changes):
     args = ["run", *(["--nproc", str(nproc)] if nproc else []), path]
     proc = launcher(*args, timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:]
+    # off a terminal, the libraries' bars (datasets' splits and map, transformers' shard writing) are off
+    assert not LIBRARY_BARS.search(proc.stderr), proc.stderr
     return run_dir if expect == 0 else proc
 
 
@@ -81,6 +86,16 @@ def test_save_pretrained_loads_with_from_pretrained_and_equals_model_pt(material
     assert loaded.keys() == weights.keys()
     for k in weights:
         assert torch.equal(loaded[k], weights[k]), k
+    # the data's tokenizer is saved beside it: from_pretrained and generate work at once
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf", local_files_only=True)
+    source = AutoTokenizer.from_pretrained(material / "tokenizer", local_files_only=True)
+    assert len(tokenizer) == len(source) > 1 and tokenizer.eos_token == source.eos_token
+    ids = tokenizer("w1 w8 w3", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == source("w1 w8 w3", return_tensors="pt")["input_ids"].tolist()
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape == (1, ids.shape[1] + 3)
     # and a recipe can start from it: `pretrained` (local files only)
     again = run(
         material,
@@ -115,6 +130,25 @@ def test_hf_mistakes_are_one_line(material, tmp_path, changes, expected):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_safetensors_file_in_a_pretrained_directory_is_named(material, tmp_path, damage):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = {k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"}
+    GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(tmp_path / "pre")
+    weights = tmp_path / "pre" / "model.safetensors"
+    data = weights.read_bytes()
+    # a copy cut short, or a header overwritten; both check and run name the file, not transformers' internals
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    model = {"_component_": "launcher.models.hf.causal_lm", "pretrained": str(tmp_path / "pre")}
+    path = write_recipe(tmp_path / "r.yaml", changed(lm_recipe(material, tmp_path / "run"), model=model))
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"error: model.pretrained: {weights} is damaged ("), last
+        assert last.endswith("copy, download or save_pretrained it again") and "meta device" not in last, last
+
+
 def test_a_broken_json_lines_file_is_named_with_its_line(material, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"text": "w3 w4"}\n{"text": "w5\n')
@@ -126,7 +160,7 @@ def test_a_broken_json_lines_file_is_named_with_its_line(material, tmp_path):
 
 def test_a_recipe_needing_a_missing_extra_names_it(material, tmp_path, monkeypatch):
     """transformers made unimportable in this process (None in sys.modules: import raises)."""
-    from launcher.builders import build_model
+    from launcher.data.builders import build_model
     from launcher.errors import RecipeError
 
     monkeypatch.setitem(sys.modules, "transformers", None)
@@ -182,7 +216,7 @@ def test_text_formats_packing_and_the_tokenization_cache(material, tmp_path):
 
 def test_a_missing_extra_is_one_line_and_exit_2_from_the_command_line(material, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", lm_recipe(material, tmp_path / "run"))
-    code = "import sys; sys.modules['transformers'] = None; from launcher import cli; "
+    code = "import sys; sys.modules['transformers'] = None; from launcher.commands import cli; "
     code += "sys.exit(cli.main(['check', sys.argv[1]]))"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -253,3 +287,60 @@ def test_streamed_text_checks_its_first_document_in_one_line(material, tmp_path)
     proc = run(material, tmp_path, "line", expect=2, **{**base, "data.train.files": str(bad)})
     assert f"data.train.files: {bad}:1: not valid JSON lines" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("source", ["directory", "tokenizer.json"])
+def test_the_tokenizer_saved_beside_an_export_encodes_as_the_one_read(material, tmp_path, source):
+    """What the export writes beside the model (a directory's files, or a bare tokenizer.json saved as
+    a PreTrainedTokenizerFast) loads with AutoTokenizer and encodes as the data was encoded."""
+    from transformers import AutoTokenizer
+
+    from launcher.datasets.tokenized import load_tokenizer
+
+    spec = material / "tokenizer" if source == "directory" else material / "tokenizer" / "tokenizer.json"
+    tokenizer = load_tokenizer(str(spec))
+    tokenizer.save_into(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    text = ["w1 w8 w3", "w5"]
+    assert saved(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert saved.eos_token_id == tokenizer.eos
+
+
+LORA = {"_component_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}
+
+
+def test_lora_on_2_ranks_equals_one_process_and_exports_the_adapter_and_the_merged_model(material, tmp_path):
+    """model.peft (a real peft.LoraConfig): only the adapters train; 2 ranks under ddp, and under
+    fsdp with activation checkpointing per block, equal one process with the whole batch; hf/ holds
+    the adapter (PeftModel.from_pretrained), hf-merged/ the merged model, and both compute alike."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    lora = {"model.peft": {**LORA, "lora_dropout": 0.0}, "train.epochs": None, "train.max_steps": 3}
+    one = run(material, tmp_path, "one", **lora, **{"data.batch_size": 16})
+    ddp = run(material, tmp_path, "ddp", nproc=2, **lora)
+    fsdp_ac = {"dist.strategy": "fsdp", "train.activation_checkpointing.modules": ["GPT2Block"]}
+    sharded = run(material, tmp_path, "fsdp", nproc=2, **lora, **fsdp_ac)
+    for other in (ddp, sharded):
+        assert_close_rel(load_weights(other), load_weights(one), rtol=1e-5)
+    weights = load_weights(one)
+    assert any("lora_A" in k for k in weights) and (one / "hf" / "adapter_config.json").is_file()
+    # the base as it was built (its frozen weights in model.pt), with the adapter read from hf/
+    config = {k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"}
+    base = AutoModelForCausalLM.from_config(GPT2Config(**config))
+    prefix = "base_model.model."
+    frozen = {k[len(prefix) :].replace(".base_layer", ""): v for k, v in weights.items() if "lora_" not in k}
+    base.load_state_dict(frozen)
+    adapted = PeftModel.from_pretrained(base, one / "hf").eval()
+    merged = AutoModelForCausalLM.from_pretrained(one / "hf-merged", local_files_only=True).eval()
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+
+
+def test_check_prints_the_trainable_parameters_of_an_adapted_model(material, tmp_path):
+    from hfkit import lm_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", changed(lm_recipe(material, tmp_path / "run"), **{"model.peft": LORA}))
+    out = launcher("check", path, check=True).stdout
+    assert re.search(r"^parameters +[\d,]+, of which [\d,]+ train \([\d.]+%\)$", out, re.M), out

@@ -110,8 +110,8 @@ def test_the_job_summary_names_the_rank_that_recorded_an_error_even_if_the_agent
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from launcher import causes
-    from launcher.local import _summarize
+    from launcher.cluster import causes
+    from launcher.train.local import _summarize
 
     def error_file(attempt: int, rank: int, message: str) -> None:
         path = tmp_path / "log" / "run-id_x1" / f"attempt_{attempt}" / str(rank) / "error.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from launcher import checkpoint
+from launcher.checkpoint import step_dirs
 from runs import recipe
 from wandb_files import config as wandb_config
 from wandb_files import history, run_id
@@ -62,7 +62,7 @@ def test_wandb_run_continues_across_resume(tmp_path):
     assert len(wandb_files(run_dir)) == 2 and len(ids) == 1  # two sessions, one run
     (the_id,) = ids
     assert (run_dir / "wandb_run_id").read_text().strip() == the_id
-    assert checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))["loggers"]["wandb"] == the_id
+    assert step_dirs.load(step_dirs.find_latest(run_dir / "checkpoints"))["loggers"]["wandb"] == the_id
 
 
 def test_no_secret_is_written_anywhere(tmp_path):
@@ -103,6 +103,23 @@ def test_metrics_rows_and_tensorboard(tmp_path):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in train])
+
+
+def test_startup_breakdown_keeps_the_first_step_apart_from_the_launchers_own(tmp_path):
+    """startup.json: the parts add up to the time to the first step, and a slow first step (a GPU's
+    first kernels, a compile; here a 1 s sleep in the first forward) is counted as the step's: the
+    launcher's own share ends where the loop starts, before it."""
+    run_dir = tmp_path / "run"
+    model = {"_component_": "testkit.SlowFirstStep", "sizes": [8, 16, 1], "seconds": 1.0}
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(run_dir), "model": model}))
+    proc = launcher("run", path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "startup.json").read_text())
+    parts = ("torch_s", "model_build_s", "to_device_s", "optimizer_build_s", "first_step_itself_s", "launcher_s")
+    assert sum(report[p] for p in parts) == pytest.approx(report["first_step_s"], abs=1e-3), report
+    assert all(report[p] >= 0 for p in parts), report
+    assert report["first_step_itself_s"] >= 1.0 and report["loop_s"] + 1.0 <= report["first_step_s"], report
+    assert "the first step itself" in proc.stdout + proc.stderr
 
 
 def test_tokens_per_second_for_token_data(tmp_path):

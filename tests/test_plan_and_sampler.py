@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import recipe_dict
-from launcher.data import SeededDataset, ShardSampler
+from launcher.data.loading import SeededDataset, ShardSampler
+from launcher.data.plan import build_plan
 from launcher.errors import RecipeError
-from launcher.plan import build_plan
-from launcher.recipe import validate
+from launcher.parallel.layout import Layout
+from launcher.recipe.schema import validate
 
 
 def plan_for(n, b, W, A, drop_last=False, epochs=1):
@@ -26,7 +27,7 @@ def plan_for(n, b, W, A, drop_last=False, epochs=1):
             }
         )
     )
-    return build_plan(r, W, n, None, "gloo", "cpu")
+    return build_plan(r, Layout(replicate=W, shard=1), n, None, "gloo", "cpu")
 
 
 def windows(n, b, W, A, drop_last, epoch=0, seed=0):

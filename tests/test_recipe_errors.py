@@ -7,8 +7,8 @@ import re
 import pytest
 
 from conftest import DELETE, launcher, recipe_dict, write_recipe
-from launcher import cli
-from launcher.recipe_yaml import apply_overrides, parse_value
+from launcher.commands import cli
+from launcher.recipe.yaml_io import apply_overrides, parse_value
 
 # (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
 BAD = [
@@ -112,6 +112,13 @@ BAD = [
     ("negative seed", {}, ["seed=-1"], "seed", "greater than or equal to 0"),
     ("huge count", {}, ["log.every_n_steps=10000000000000"], "log.every_n_steps", "less than or equal to"),
     (
+        "pretrained weights in a meta-device build",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "pretrained": "org/model"}},
+        ["dist.strategy=fsdp", "dist.fsdp.meta_init=true"],
+        "dist.fsdp.meta_init",
+        "model.pretrained=org/model",
+    ),
+    (
         "model that is not a module",
         {"model": {"_component_": "testkit.not_a_module"}},
         [],
@@ -195,6 +202,15 @@ def test_check_prints_resolved_config_and_plan(tmp_path, capsys):
     assert re.search(r"accumulation steps +2\n", out)
 
 
+def test_check_says_what_async_checkpoints_cost_and_when_they_do_nothing(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"checkpoint.async_save": True}))
+    assert cli.main(["check", str(path)]) == 0
+    assert "checkpoint.async_save: no effect without checkpoint.every_n_steps" in capsys.readouterr().out
+    assert cli.main(["check", str(path), "--nproc", "2", "checkpoint.every_n_steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"checkpoint.async_save: each save holds a host copy of the state, about [\d.]+ MiB per rank", out)
+
+
 def test_check_tolerates_data_that_is_not_here(tmp_path, capsys):
     r = recipe_dict(
         **{"data.train": {"_component_": "launcher.datasets.vision.image_folder", "root": str(tmp_path / "none")}}
@@ -265,7 +281,7 @@ def test_a_vision_recipe_without_torchvision_names_the_extra():
 
     from conftest import ROOT, worker_env
 
-    code = "import sys; sys.modules['torchvision'] = None; from launcher import cli; "
+    code = "import sys; sys.modules['torchvision'] = None; from launcher.commands import cli; "
     code += "sys.exit(cli.main(['check', sys.argv[1]]))"
     path = ROOT / "recipes" / "cifar10_resnet18.yaml"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())

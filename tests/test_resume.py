@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from conftest import launcher, load_weights, worker_env, write_recipe
-from launcher import checkpoint, train
-from launcher.env import ClusterEnv
-from launcher.recipe import validate
+from launcher.checkpoint import step_dirs
+from launcher.cluster.env import ClusterEnv
+from launcher.recipe.schema import validate
+from launcher.train import assemble
 from runs import assert_identical, gate, processes_with, recipe, start, wait_for
 
 
 def in_process(run_dir: Path, **changes):
-    return train.run(validate(recipe(run_dir, **changes)), ClusterEnv())
+    return assemble.run(validate(recipe(run_dir, **changes)), ClusterEnv())
 
 
 # ---------------------------------------------------------------- world size 1
@@ -63,9 +64,9 @@ def test_resume_is_exact_with_data_loader_workers(tmp_path, reference_w1):
 def test_keep_last_and_weights_only_loading(tmp_path):
     run_dir = tmp_path / "run"
     in_process(run_dir, **{"checkpoint.every_n_steps": 1, "checkpoint.keep_last": 2})
-    kept = [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+    kept = [p.name for p in step_dirs.list_checkpoints(run_dir / "checkpoints")]
     assert kept == ["step_00000009", "step_00000008"]
-    payload = checkpoint.load(run_dir / "checkpoints" / kept[0])  # torch.load(weights_only=True)
+    payload = step_dirs.load(run_dir / "checkpoints" / kept[0])  # torch.load(weights_only=True)
     assert payload["train_state"]["step"] == 9 and len(payload["rng"]) == 1
     assert set(payload) >= {"model", "optimizer", "scheduler", "scaler", "train_state", "rng", "recipe", "loggers"}
 
@@ -112,8 +113,8 @@ def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exact
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 75, err
     assert "preempted (SIGUSR1)" in err
-    saved = checkpoint.find_latest(run_dir / "checkpoints")
-    assert saved is not None and 4 <= checkpoint.load(saved)["train_state"]["step"] < 9
+    saved = step_dirs.find_latest(run_dir / "checkpoints")
+    assert saved is not None and 4 <= step_dirs.load(saved)["train_state"]["step"] < 9
     assert not (run_dir / "model.pt").exists()  # training did not finish
     assert processes_with(marker) == []
     proc = run2(tmp_path, "resume", run_dir)  # the requeued job
@@ -133,6 +134,72 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
     assert proc.returncode == 0, f"micro-step {at_call}\n{err}"
     assert "restart 1" in out  # the workers were restarted once...
     assert_identical(load_weights(run_dir), reference_w2)  # ...and finished exactly as if never interrupted
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return [row["step"] for row in map(json.loads, lines) if "loss" in row]
+
+
+ASYNC = {"checkpoint.async_save": True, "checkpoint.every_n_steps": 2, "checkpoint.keep_last": 9}
+
+
+def test_async_checkpoints_are_written_while_training_goes_on_and_resume_exactly(tmp_path, reference_w2):
+    """checkpoint.async_save on 2 ranks: step 2's write is held back (LAUNCHER_TEST_HOLD_WRITE, a
+    handshake, not a timing) while training reaches step 3. Released, every checkpoint is complete
+    and the run equals the synchronous one bit for bit; a run resumed from step 2's checkpoint
+    (staged before step 3 changed the weights) does too."""
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **ASYNC, **{"log.every_n_steps": 1}))
+    proc = start("run", "--nproc", "2", path, env=worker_env(LAUNCHER_TEST_HOLD_WRITE=str(release)))
+    wait_for(run_dir / "metrics.jsonl", proc)
+    while 3 not in _logged_steps(run_dir):
+        assert proc.poll() is None, proc.communicate()
+    assert not (run_dir / "checkpoints" / "step_00000002").exists()  # held, while step 3 trained
+    release.touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "written in the background" in out + err
+    assert_identical(load_weights(run_dir), reference_w2)
+    saved = step_dirs.list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in saved] == [f"step_{n:08d}" for n in (9, 8, 6, 4, 2)]
+    assert all(step_dirs.verify(p) is None for p in saved)
+    again = write_recipe(
+        tmp_path / "again.yaml",
+        recipe(tmp_path / "again", **{"checkpoint.resume": str(run_dir / "checkpoints" / "step_00000002")}),
+    )
+    proc = launcher("run", "--nproc", "2", again)
+    assert proc.returncode == 0, proc.stderr
+    assert_identical(load_weights(tmp_path / "again"), reference_w2)
+
+
+def test_a_launcher_killed_at_a_random_moment_of_async_checkpoints_resumes_exactly(tmp_path, reference_w2):
+    """SIGKILL at a random moment after the first background write began (in one, or between
+    them): the newest complete checkpoint is the resume point, and the run ends bit-identical."""
+    import random
+    import time
+
+    run_dir = tmp_path / "run"
+    # rank 1 parks at micro-step 16 of 18 until `until` exists: the kill always comes before the end
+    until, _, model = gate(tmp_path, rank=1, at_call=16)
+    path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **model, **{**ASYNC, "checkpoint.every_n_steps": 1}))
+    marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
+    proc = start("run", "--nproc", "2", path, env=worker_env(**{marker: "1"}))
+    wait_for(run_dir / "checkpoints", proc)
+    delay_s = random.uniform(0.0, 1.0)  # whatever the moment, the assertions below hold
+    time.sleep(delay_s)
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 60  # a limit, not a timing: the rerun must not meet a live worker
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_with(marker), "workers outlived their launcher"
+    until.touch()
+    proc = launcher("run", "--nproc", "2", path)
+    assert proc.returncode == 0, f"killed {delay_s:.2f} s after the first checkpoint began\n{proc.stderr}"
+    assert_identical(load_weights(run_dir), reference_w2)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------- faults
@@ -165,8 +232,8 @@ def test_nonfinite_loss_stops_naming_step_and_rank_and_saves_nothing_after(tmp_p
         "error: non-finite loss at step 3 on rank 1 (train.on_nonfinite=stop); nothing after it "
         "was saved and the last checkpoint (step 2) is intact"
     ], proc.stderr
-    latest = checkpoint.find_latest(run_dir / "checkpoints")
-    payload = checkpoint.load(latest)
+    latest = step_dirs.find_latest(run_dir / "checkpoints")
+    payload = step_dirs.load(latest)
     assert payload["train_state"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in payload["model"].values())
     assert not (run_dir / "model.pt").exists()
@@ -185,7 +252,7 @@ def test_nonfinite_skip_skips_the_step_on_every_rank(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "step 3: non-finite gradients, step skipped" in proc.stderr
-    final = checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))
+    final = step_dirs.load(step_dirs.find_latest(run_dir / "checkpoints"))
     assert final["train_state"]["skipped_steps"] == 1 and final["train_state"]["step"] == 9
     assert all(torch.isfinite(v).all() for v in load_weights(run_dir).values())
 
@@ -208,7 +275,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_a_single_process(tmp_pat
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "preempted (SIGTERM)" in err and "Traceback" not in err
-    assert checkpoint.find_latest(run_dir / "checkpoints") is not None
+    assert step_dirs.find_latest(run_dir / "checkpoints") is not None
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -218,17 +285,17 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
     """The process dies between state.pt and the COMPLETE marker (LAUNCHER_TEST_CRASH_AT: exactly
     there, every time, not wherever a race happens to land)."""
     ckpt_dir = tmp_path / "ckpts"
-    checkpoint.write_checkpoint(ckpt_dir, 1, {"w": torch.ones(3)})
+    step_dirs.write_checkpoint(ckpt_dir, 1, {"w": torch.ones(3)})
     code = (
-        f"import torch; from pathlib import Path; from launcher import checkpoint; "
-        f"checkpoint.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(1000)}})"
+        f"import torch; from pathlib import Path; from launcher.checkpoint import step_dirs; "
+        f"step_dirs.write_checkpoint(Path({str(ckpt_dir)!r}), 2, {{'w': torch.zeros(1000)}})"
     )
     child = subprocess.run([sys.executable, "-c", code], env=worker_env(LAUNCHER_TEST_CRASH_AT="after-state"))
     assert child.returncode == -signal.SIGKILL
     partial = list(ckpt_dir.glob(".step_00000002.*.tmp"))
     assert len(partial) == 1 and (partial[0] / "state.pt").is_file() and not (partial[0] / "COMPLETE").exists()
-    latest = checkpoint.find_latest(ckpt_dir)
-    assert latest.name == "step_00000001" and torch.equal(checkpoint.load(latest)["w"], torch.ones(3))
+    latest = step_dirs.find_latest(ckpt_dir)
+    assert latest.name == "step_00000001" and torch.equal(step_dirs.load(latest)["w"], torch.ones(3))
 
 
 def test_a_run_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, reference_w1):
@@ -237,7 +304,7 @@ def test_a_run_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(tm
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **{"checkpoint.every_n_steps": 2}))
     proc = launcher("run", path, env=worker_env(LAUNCHER_TEST_CRASH_AT="after-state"))
     assert proc.returncode == -signal.SIGKILL  # died writing step 6, after state.pt, before COMPLETE
-    assert checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000004"
+    assert step_dirs.find_latest(run_dir / "checkpoints").name == "step_00000004"
     assert launcher("run", path).returncode == 0  # removes the half-written one and resumes from step 4
     assert_identical(load_weights(run_dir), reference_w1)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
@@ -246,7 +313,7 @@ def test_a_run_killed_inside_a_checkpoint_write_resumes_from_the_previous_one(tm
 def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
     ckpt_dir = tmp_path / "ckpts"
     for step in (1, 2, 3):
-        checkpoint.write_checkpoint(ckpt_dir, step, {"w": torch.full((4,), float(step))})
+        step_dirs.write_checkpoint(ckpt_dir, step, {"w": torch.full((4,), float(step))})
     (ckpt_dir / "step_00000003" / "COMPLETE").unlink()  # as if the write had stopped before the marker
     state = ckpt_dir / "step_00000002" / "state.pt"
     data = bytearray(state.read_bytes())
@@ -258,7 +325,7 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, ca
     propagate, logger.propagate = logger.propagate, True  # caplog listens at the root logger
     try:
         with caplog.at_level("WARNING", logger="launcher"):
-            latest = checkpoint.find_latest(ckpt_dir)
+            latest = step_dirs.find_latest(ckpt_dir)
     finally:
         logger.propagate = propagate
     assert latest.name == "step_00000001"
@@ -320,7 +387,7 @@ def test_a_format_1_checkpoint_resumes_to_the_weights_its_own_version_reached(tm
 )
 def test_a_checkpoint_in_an_unknown_format_is_refused_in_one_line(tmp_path, payload, phrase):
     run_dir = tmp_path / "run"
-    checkpoint.write_checkpoint(run_dir / "checkpoints", 3, payload)
+    step_dirs.write_checkpoint(run_dir / "checkpoints", 3, payload)
     proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe(run_dir)))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: checkpoint.resume: "), proc.stderr

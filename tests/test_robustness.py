@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
-from launcher import checkpoint
+from launcher.checkpoint import step_dirs
 from runs import gate, processes_with, wait_for
 
 
@@ -91,16 +91,16 @@ def test_overwrite_deletes_only_launcher_checkpoints_and_refuses_a_shared_direct
     (shared / "notes.txt").write_text("not the launcher's")
     changes = {"checkpoint.dir": str(shared), "train.max_steps": 2}
     assert run(tmp_path, **changes).returncode == 0
-    assert checkpoint.find_latest(shared) is not None
+    assert step_dirs.find_latest(shared) is not None
     line = one_error(run(tmp_path, **changes, **{"run.overwrite": True, "checkpoint.resume": "none"}))
     assert line.startswith("error: checkpoint.dir: ") and "notes.txt" in line
     assert (shared / "notes.txt").read_text() == "not the launcher's"
-    assert checkpoint.find_latest(shared) is not None  # refused: nothing deleted
+    assert step_dirs.find_latest(shared) is not None  # refused: nothing deleted
 
     (shared / "notes.txt").unlink()
     proc = run(tmp_path, **{**changes, "run.overwrite": True, "checkpoint.resume": "none", "train.max_steps": 1})
     assert proc.returncode == 0, proc.stderr
-    assert [p.name for p in checkpoint.list_checkpoints(shared)] == ["step_00000001"]  # the old run's are gone
+    assert [p.name for p in step_dirs.list_checkpoints(shared)] == ["step_00000001"]  # the old run's are gone
 
 
 # ---------------------------------------------------------------- processes
@@ -233,14 +233,14 @@ def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_every_file_the_run_writes_follows_the_umask(tmp_path, umask):
-    code = f"import os, sys; os.umask({umask}); from launcher.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = f"import os, sys; os.umask({umask}); from launcher.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run"), "train.max_steps": 2}))
     proc = subprocess.run(
         [sys.executable, "-c", code, "run", str(path)], env=worker_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "run"
-    step = checkpoint.find_latest(run_dir / "checkpoints")
+    step = step_dirs.find_latest(run_dir / "checkpoints")
     files = [run_dir / n for n in ("model.pt", "config.yaml", "metrics.jsonl", "startup.json")] + [
         step / "state.pt",
         step / "COMPLETE",
@@ -279,8 +279,8 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_checkpoint_sur
     line = one_error(proc, code=1)
     assert line.startswith(f"error: writing {mount / 'ckpt'}/step_") and "No space left on device" in line, line
     assert "MiB free there" in line and "previous checkpoint is intact" in line
-    latest = checkpoint.find_latest(tmp_path / "copy")
-    assert latest is not None and checkpoint.verify(latest) is None
+    latest = step_dirs.find_latest(tmp_path / "copy")
+    assert latest is not None and step_dirs.verify(latest) is None
     assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]  # no half checkpoint
 
 
@@ -400,8 +400,8 @@ def test_a_secret_given_as_an_override_is_not_in_wandb_files(tmp_path):
 
 
 def _initial_weights(tmp_path, name, **changes) -> dict[str, torch.Tensor]:
-    from launcher.builders import build_datasets, build_model
-    from launcher.recipe import validate
+    from launcher.data.builders import build_datasets, build_model
+    from launcher.recipe.schema import validate
 
     recipe = validate(recipe_dict(**{"run.dir": str(tmp_path / name), **changes}))
     build_datasets(recipe)  # built first, as in a run
@@ -481,8 +481,8 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
     out, err = first.communicate(timeout=180)
     assert first.returncode == 130, err
     assert "Traceback" not in err, err
-    saved = checkpoint.find_latest(run_dir / "checkpoints")
-    step = checkpoint.load(saved)["train_state"]["step"]
+    saved = step_dirs.find_latest(run_dir / "checkpoints")
+    step = step_dirs.load(saved)["train_state"]["step"]
     # one process: exactly 5. Two ranks agree a step later (7), or during the evaluation that ends
     # epoch 2 (6, if the signal reached them in step 6's first micro-batch), or at 8 if it came late
     assert step == 5 if nproc is None else step in (6, 7, 8), step
@@ -517,7 +517,7 @@ def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_r
     until.touch()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
-    saved = checkpoint.load(checkpoint.find_latest(run_dir / "checkpoints"))["train_state"]
+    saved = step_dirs.load(step_dirs.find_latest(run_dir / "checkpoints"))["train_state"]
     assert saved["step"] == 2 and saved["pending_eval"] is True  # stopped inside the evaluation
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if "val_loss" in r]  # the cut-short evaluation logged nothing
@@ -540,4 +540,4 @@ def test_debug_leaves_a_checkpoint_dir_of_the_recipes_own_alone(tmp_path):
     proc = launcher("debug", write_recipe(tmp_path / "d.yaml", r), "--steps", "3")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in shared.iterdir()) == before  # the real run's checkpoints, untouched
-    assert checkpoint.find_latest(tmp_path / "run" / "debug" / "checkpoints") is not None
+    assert step_dirs.find_latest(tmp_path / "run" / "debug" / "checkpoints") is not None

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from launcher import checkpoint, train
-from launcher.env import ClusterEnv
-from launcher.recipe import validate
-from launcher.rundir import RunDir
-from launcher.sharding import MIN_TORCH, torch_version
+from launcher.checkpoint import step_dirs
+from launcher.checkpoint.rundir import RunDir
+from launcher.cluster.env import ClusterEnv
+from launcher.parallel.sharding import MIN_TORCH, torch_version
+from launcher.recipe.schema import validate
+from launcher.train import assemble
 from runs import assert_identical, gate, recipe, start, wait_for
 
 needs_fsdp = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6 (tested: the error)")
@@ -30,7 +31,7 @@ def rows(run_dir, key):
 
 def single(tmp_path, name, **changes):
     run_dir = tmp_path / name
-    train.run(validate(recipe_dict(**{"run.dir": str(run_dir), **changes})), ClusterEnv())
+    assemble.run(validate(recipe_dict(**{"run.dir": str(run_dir), **changes})), ClusterEnv())
     return run_dir
 
 
@@ -223,11 +224,13 @@ def test_an_elastic_restart_after_sigkill_resumes_fsdp_bit_for_bit(tmp_path, gat
 
 
 @needs_fsdp
-def test_ranks_killed_inside_a_sharded_save_leave_the_previous_checkpoint(tmp_path, gated_reference):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_ranks_killed_inside_a_sharded_save_leave_the_previous_checkpoint(tmp_path, gated_reference, async_save):
     """LAUNCHER_TEST_CRASH_AT=inside-shards: each rank dies once its shards of step 6 are written,
-    inside DCP's save (before its metadata and our marker): exactly there, every time."""
+    inside DCP's save (before its metadata and our marker): exactly there, every time. With
+    checkpoint.async_save the save is the background thread's, staged while training went on."""
     run_dir = tmp_path / "run"
-    changes = {"dist.strategy": "fsdp", "checkpoint.every_n_steps": 2}
+    changes = {"dist.strategy": "fsdp", "checkpoint.every_n_steps": 2, "checkpoint.async_save": async_save}
     first = write_recipe(tmp_path / "a.yaml", recipe(run_dir, **changes, **{"train.max_steps": 4}))
     assert launcher("run", "--nproc", "2", first).returncode == 0
     path = write_recipe(tmp_path / "r.yaml", recipe(run_dir, **changes))
@@ -235,7 +238,7 @@ def test_ranks_killed_inside_a_sharded_save_leave_the_previous_checkpoint(tmp_pa
     assert proc.returncode != 0
     assert "was killed by SIGKILL" in proc.stderr, proc.stderr
     assert list((run_dir / "checkpoints").glob(".step_00000006.*.tmp/shards/*.distcp"))  # it died writing step 6
-    assert checkpoint.find_latest(run_dir / "checkpoints").name == "step_00000004"
+    assert step_dirs.find_latest(run_dir / "checkpoints").name == "step_00000004"
     proc = launcher("run", "--nproc", "2", path)
     assert proc.returncode == 0, proc.stderr
     assert_identical(load_weights(run_dir), gated_reference)
@@ -323,7 +326,7 @@ def test_a_preemption_signal_checkpoints_fsdp_shards_and_the_requeued_run_resume
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
-    saved = checkpoint.find_latest(tmp_path / "run" / "checkpoints")
+    saved = step_dirs.find_latest(tmp_path / "run" / "checkpoints")
     assert saved is not None and list((saved / "shards").glob("*.distcp"))
     requeued = launcher("run", "--nproc", "2", path)
     assert requeued.returncode == 0, requeued.stderr
@@ -336,7 +339,7 @@ def test_a_non_finite_step_is_skipped_on_every_rank_under_fsdp_as_under_ddp(tmp_
     nan = {"model": {"_component_": "testkit.NaNOnRank", "sizes": [8, 16, 1], "rank": 1, "at_call": 5}}
     runs = {s: ranks(tmp_path, s, **{**nan, "dist.strategy": s, "train.on_nonfinite": "skip"}) for s in ("fsdp", "ddp")}
     assert rows(runs["fsdp"], "skipped_steps")[-1] == rows(runs["ddp"], "skipped_steps")[-1] == 1
-    # without clipping, the logged norm is launcher.gradients' (local shards, one all-reduce per mesh)
+    # without clipping, the logged norm is launcher.parallel.gradients' (local shards, one all-reduce per mesh)
     got, want = rows(runs["fsdp"], "grad_norm"), rows(runs["ddp"], "grad_norm")
     assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-6, nan_ok=True)
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
@@ -350,7 +353,7 @@ def test_fp16_under_fsdp_scales_and_skips_as_under_ddp(tmp_path):
     fp16 = {"train.precision": "fp16"}
     runs = {s: ranks(tmp_path, s, **{**fp16, "dist.strategy": s}) for s in ("fsdp", "ddp")}
     scales = {
-        s: checkpoint.load(checkpoint.find_latest(run / "checkpoints"))["scaler"]["scale"] for s, run in runs.items()
+        s: step_dirs.load(step_dirs.find_latest(run / "checkpoints"))["scaler"]["scale"] for s, run in runs.items()
     }
     assert scales["fsdp"] == scales["ddp"] < 65536.0
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-4)
@@ -367,7 +370,7 @@ def test_a_run_continued_on_4_then_3_then_1_ranks_reaches_the_uninterrupted_weig
         path = write_recipe(tmp_path / f"w{nproc}.yaml", recipe_dict(**{"run.dir": str(run), **changes}))
         proc = launcher("run", *(["--nproc", str(nproc)] if nproc > 1 else []), path, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        start_from = checkpoint.find_latest(run / "checkpoints")
+        start_from = step_dirs.find_latest(run / "checkpoints")
         assert start_from.name == f"step_{until:08d}"
     assert_close_rel(load_weights(run), load_weights(uninterrupted), rtol=1e-5)
 
@@ -382,7 +385,7 @@ def test_early_stopping_under_fsdp_stops_both_ranks_where_ddp_stops(tmp_path):
         assert [
             r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
         ] == [1, 2, 3]
-        state = checkpoint.load(checkpoint.find_latest(run / "checkpoints"))["train_state"]
+        state = step_dirs.load(step_dirs.find_latest(run / "checkpoints"))["train_state"]
         assert state["step"] == 3 and state["stop_reason"].startswith("early stopping"), state
     assert rows(runs["fsdp"], "val_loss") == pytest.approx(rows(runs["ddp"], "val_loss"), rel=1e-6)
     assert_close_rel(load_weights(runs["fsdp"]), load_weights(runs["ddp"]), rtol=1e-6)
@@ -442,20 +445,22 @@ def test_a_crafted_metadata_file_runs_no_code_on_resume_or_convert(tmp_path, uni
 @pytest.mark.parametrize("target", ["shard", "metadata"])
 def test_a_flipped_byte_is_found_and_the_checkpoint_skipped_like_a_truncated_one(tmp_path, uninterrupted, target):
     copy = _copy_checkpoints(uninterrupted, tmp_path)
-    latest = checkpoint.find_latest(copy)
+    latest = step_dirs.find_latest(copy)
     shards = latest / "shards"
     victim = shards / ".metadata" if target == "metadata" else sorted(shards.glob("*.distcp"))[-1]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, the size kept
     victim.write_bytes(bytes(data))
-    assert "is corrupt (sha256 differs" in checkpoint.verify(latest)
-    assert checkpoint.find_latest(copy, warn=False) != latest  # the one before it is the resume point
+    assert "is corrupt (sha256 differs" in step_dirs.verify(latest)
+    assert step_dirs.find_latest(copy, warn=False) != latest  # the one before it is the resume point
     proc = launcher("convert", str(latest), "-o", str(tmp_path / "m.pt"))
     assert proc.returncode == 2 and "is corrupt" in proc.stderr.strip().splitlines()[-1], proc.stderr
 
 
 @needs_fsdp
-def test_a_full_disk_during_a_sharded_save_is_one_line_and_leaves_no_partial(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_leaves_no_partial(tmp_path, async_save):
+    """With checkpoint.async_save the failed write is the background thread's, reported at the next save."""
     import shutil
     import subprocess
     import sys
@@ -466,6 +471,7 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_leaves_no_partial(tmp
     mount.mkdir()
     changes = {"dist.strategy": "fsdp", "checkpoint.dir": str(mount / "ckpt"), "checkpoint.every_n_steps": 1}
     changes |= {"checkpoint.keep_last": 9, "model.sizes": [8, 256, 1], "run.dir": str(tmp_path / "run")}
+    changes |= {"checkpoint.async_save": async_save}
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(**changes))  # ~20 KB of shards a step: 96 KB holds few
     script = (
         f"mount -t tmpfs -o size=96k tmpfs {mount} || exit 99; "
@@ -488,7 +494,7 @@ def test_convert_of_auto_none_or_a_partial_checkpoint_is_one_line(tmp_path, unin
         proc = launcher("convert", arg, "-o", str(tmp_path / "m.pt"))
         assert proc.returncode == 2 and proc.stderr.startswith("error: CHECKPOINT:"), proc.stderr
     copy = _copy_checkpoints(uninterrupted, tmp_path)
-    latest = checkpoint.find_latest(copy)
+    latest = step_dirs.find_latest(copy)
     (latest / "COMPLETE").unlink()  # a write that never finished
     proc = launcher("convert", str(latest), "-o", str(tmp_path / "m.pt"))
     assert proc.returncode == 2 and "incomplete" in proc.stderr.strip().splitlines()[-1], proc.stderr

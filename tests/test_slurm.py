@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
-from launcher import cli
-from launcher.commands import slurm
-from launcher.recipe import load
+from launcher.commands import cli, slurm
+from launcher.recipe.schema import load
 from runs import assert_identical, free_port, gate, recipe
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -154,11 +153,11 @@ def test_multi_node_rehearsal_two_torchruns_make_world_size_4(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world size             4" in outs[0][0] + outs[1][0]
-    from launcher import train
-    from launcher.env import ClusterEnv
-    from launcher.recipe import validate
+    from launcher.cluster.env import ClusterEnv
+    from launcher.recipe.schema import validate
+    from launcher.train import assemble
 
-    train.run(validate(recipe_dict(**{"run.dir": str(tmp_path / "w1"), "data.batch_size": 16})), ClusterEnv())
+    assemble.run(validate(recipe_dict(**{"run.dir": str(tmp_path / "w1"), "data.batch_size": 16})), ClusterEnv())
     assert_close_rel(load_weights(tmp_path / "w4"), load_weights(tmp_path / "w1"))
 
 

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
-from launcher.env import ClusterEnv
+from launcher.cluster.env import ClusterEnv
+from launcher.cluster.nodelist import expand, first_host, tasks_per_node
 from launcher.errors import LaunchError
-from launcher.nodelist import expand, first_host, tasks_per_node
 
 NODELISTS = {
     "node1": ["node1"],

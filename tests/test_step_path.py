@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SUPPORT, launcher, worker_env, write_recipe
-from launcher.profiling import read_trace
+from launcher.observe.profiling import read_trace
 
 STEPS = 4  # recorded steps, after 3 steps and the profiler's warm-up step
 # what one launcher step adds: window.loss_sums[i].add_(loss.detach(), alpha=n) (select, detach, add_)

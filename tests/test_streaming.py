@@ -11,7 +11,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from conftest import assert_close_rel, launcher, load_weights, recipe_dict, write_recipe
-from launcher.streaming import Stream
+from launcher.data.streaming import Stream
 from runs import assert_identical, gate, start, wait_for
 from testkit import NumberedStream
 
@@ -71,6 +71,14 @@ def test_streamed_training_on_2_ranks_with_accumulation_and_workers_equals_one_p
     assert_close_rel(load_weights(w2), load_weights(one_process), rtol=1e-6)
     w1 = run(tmp_path, "w1", **{"data.num_workers": 0})
     assert_close_rel(load_weights(w1), load_weights(one_process), rtol=1e-6)
+
+
+def test_a_stream_extended_by_max_steps_on_other_ranks_continues_where_it_stopped(tmp_path, one_process):
+    """3 steps in one process, then the same run directory with max_steps 6 on 2 ranks: the stream
+    reads on from sample 48 (it once restarted from 0: the run's end was its epoch's end)."""
+    run(tmp_path, "longer", **{"data.batch_size": 16, "train.max_steps": 3, "checkpoint.every_n_steps": 3})
+    longer = run(tmp_path, "longer", nproc=2, **{"data.num_workers": 2})
+    assert_close_rel(load_weights(longer), load_weights(one_process), rtol=1e-5)
 
 
 def test_a_sigkill_mid_stream_and_an_elastic_restart_end_bit_identical(tmp_path):

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import assert_close_rel, load_weights, recipe_dict
-from launcher import train
-from launcher.env import ClusterEnv
-from launcher.recipe import validate
+from launcher.cluster.env import ClusterEnv
+from launcher.recipe.schema import validate
+from launcher.train import assemble
 
 
 def run(tmp_path, name="run", **changes):
     run_dir = tmp_path / name
-    state = train.run(validate(recipe_dict(**{"run.dir": str(run_dir), **changes})), ClusterEnv())
+    state = assemble.run(validate(recipe_dict(**{"run.dir": str(run_dir), **changes})), ClusterEnv())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return state, rows, run_dir
 

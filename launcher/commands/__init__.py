@@ -1,5 +1,5 @@
 """One module per subcommand. Each has `add_parser(subparsers)` (its arguments and help) and
-`main(args) -> exit code` (validate the arguments, call the layers below). `launcher.cli` builds the
+`main(args) -> exit code` (validate the arguments, call the layers below). `launcher.commands.cli` builds the
 parser from them and turns errors into exit codes; heavy imports stay inside `main`, so that
 `launcher --help` and a typo answer at once."""
 

@@ -7,42 +7,52 @@ import os
 
 import torch
 
-from launcher import components, data_fit, memory, parallel, sharding
-from launcher.batches import Counting
-from launcher.builders import build_collate, build_datasets, checked_model, train_samples
+from launcher import hub
+from launcher.cluster.cpu import step_time_estimate, threads_per_rank
 from launcher.commands import add_recipe_arguments, positive
-from launcher.cpu import step_time_estimate
+from launcher.data import fit, streaming
+from launcher.data.batches import Counting
+from launcher.data.builders import build_collate, build_datasets, build_model, train_samples
+from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.errors import EXIT_OK, BuildError, LaunchError
-from launcher.memory import state_checkpoint_bytes
-from launcher.plan import batch_shape, build_plan, check_ranks, plan_warnings
-from launcher.recipe import COMPONENT_KEYS, Recipe, get_key
+from launcher.observe.logs import route_library_bars, shows_bars
+from launcher.parallel import memory, sharding, tensor, wrap
+from launcher.parallel.layout import Layout
+from launcher.parallel.memory import state_checkpoint_bytes
+from launcher.parallel.strategy import build_strategy, layout_for
+from launcher.recipe import components
+from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
 
 
 def check_static(recipe: Recipe, world_size: int) -> None:
     """Checks that need neither data nor a model: component signatures, the batch arithmetic, ranks."""
     for key, n_runtime in COMPONENT_KEYS.items():
-        spec = get_key(recipe, key)
+        spec = component_spec(recipe, key)
         if spec is not None:
             components.check(spec, key, n_runtime)
-    batch_shape(recipe, world_size)
+    sharding.check(recipe)
+    layout = layout_for(recipe, world_size)  # a layout that does not multiply to the world size is refused
+    batch_shape(recipe, layout.dp_size)
     check_ranks(recipe, world_size)
-    sharding.check(recipe, world_size)
 
 
 def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
-    """The model on the meta device (no memory, no GPU); on CPU if it cannot be built there."""
+    """The model (with its adapters) on the meta device (no memory, no GPU); on CPU if it cannot be built there."""
     try:
         with torch.device("meta"):
-            model = components.instantiate(recipe.model, "model")
+            model = build_model(recipe)
     except BuildError:
-        model = components.instantiate(recipe.model, "model")
-    return checked_model(model, recipe)
+        model = None
+    if model is None:  # outside the except: a failure here is not reported as caused by the meta device
+        model = build_model(recipe)
+    return model
 
 
 def check_recipe(recipe: Recipe, world_size: int) -> str:
-    from launcher.distributed import pick_backend
+    from launcher.cluster.distributed import pick_backend
 
     check_static(recipe, world_size)
+    route_library_bars(shows_bars(recipe.log.progress))
     notes = []
     for error, certain in recipe.layout.problems():
         if certain:
@@ -50,15 +60,17 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
     model = build_model_cheaply(recipe)
     ac = recipe.train.activation_checkpointing
-    parallel.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
+    wrap.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     if ac.modules:
-        parallel.checkpointed_modules(model, ac.modules)
-    if recipe.dist.strategy != "ddp":
-        sharding.units(model, recipe.dist.fsdp.units)  # as the run does: a class the model lacks, tied units
-    n_params = sum(p.numel() for p in model.parameters())
+        wrap.checkpointed_modules(model, ac.modules)
+    # as the run does: a class the model lacks, tied units (the strategy as if a process group ran it)
+    strategy = build_strategy(recipe, world_size, world_size, torch.device("cpu"), has_process_group=True)
+    strategy.prepare(model)
     space = recipe.layout.space_warning(state_checkpoint_bytes(model))
     if space:
         notes.append(f"checkpoint.dir: {space}")
+    pieces = strategy.layout.shard * strategy.layout.tensor
+    notes += _async_save_notes(recipe, memory.checkpointed_state_bytes(model), pieces)
     try:
         backend, torch_device = pick_backend(recipe.dist.backend, 0, world_size)
         backend, device = (backend if world_size > 1 else "none (world size 1)"), str(torch_device)
@@ -67,25 +79,31 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         notes.append(f"{e.key}: {e.message}")
     try:
         train_set, val_set = build_datasets(recipe)
-        data_fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
+        fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
         plan = build_plan(
             recipe,
-            world_size,
-            train_samples(recipe, train_set, world_size),
+            strategy.layout,
+            train_samples(recipe, train_set, strategy.layout.dp_size),
             len(val_set) if val_set is not None else None,
             backend,
             device,
+            streamed=streaming.is_stream(train_set),
         )
         rows = plan.describe()
-        notes += plan_warnings(recipe, plan, device.split(":")[0])
+        notes += plan_warnings(recipe, plan, device.split(":")[0]) + fit.notes(
+            {"data.train": train_set, "data.val": val_set}
+        )
         flops = getattr(model, "flops_per_sample", None)
         if device == "cpu" and isinstance(flops, (int, float)) and flops > 0:
-            rows.append(("step time (estimate)", step_time_estimate(flops, plan.global_batch, recipe.train.precision)))
+            # as the run will: its ranks on this machine, each on its share of the cores
+            threads = threads_per_rank(world_size)[0]
+            estimate = step_time_estimate(flops, plan.global_batch, world_size, threads, recipe.train.precision)
+            rows.append(("step time (estimate)", estimate.describe()))
     except BuildError as e:
         # data that lives only on the cluster is not a recipe error; anything else is
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
             raise
-        shape = batch_shape(recipe, world_size)
+        shape = batch_shape(recipe, strategy.layout.dp_size)
         rows = [
             ("world size", str(world_size)),
             ("backend / device", f"{backend} / {device}"),
@@ -97,8 +115,9 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         notes.append(f"{e.key}: {e.message}")
     counting = Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=recipe.loss is None)
     rows.append(("loss: the mean over", counting.describe()))
-    rows.append(("parameters", f"{n_params:,}"))
-    memory_rows, memory_note = _memory_plan(recipe, model, world_size, device)
+    rows.append(("parameters", memory.describe_parameters(model)))
+    rows += [("from the hub", source.describe()) for source in hub.resolved.values()]
+    memory_rows, memory_note = _memory_plan(recipe, model, strategy.layout, device)
     rows += memory_rows
     notes += memory_note
     width = max(len(k) for k, _ in rows)
@@ -109,18 +128,19 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
 
 
 def _memory_plan(
-    recipe: Recipe, model: torch.nn.Module, world_size: int, device: str
+    recipe: Recipe, model: torch.nn.Module, layout: Layout, device: str
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Bytes per rank kept between steps under ddp and under fsdp (hsdp: over its shard group), and
     a warning when ddp's would not fit this device (activations come on top)."""
     moments = memory.optimizer_moments(recipe.optimizer)
-    group = world_size
-    if recipe.dist.strategy == "hsdp":
-        group = sharding.shard_group_size(recipe.dist.fsdp, world_size, None)
+    group = layout.shard if layout.hybrid else layout.dp_size  # the ranks fsdp (or hsdp's group) shards over
     plans = {
         "ddp": memory.state_plan(model, moments, 1),
         f"fsdp over {group}": memory.state_plan(model, moments, group),
     }
+    if layout.tensor > 1:  # the chosen layout: the plan's layers split, then sharded (or replicated) over dp
+        split = tensor.split_params(model, tensor.plan_of(model, recipe.dist.tp_plan))
+        plans = {layout.describe(): memory.state_plan(model, moments, layout.shard, layout.tensor, split)} | plans
     rows = [
         (
             f"per rank, {name}",
@@ -129,7 +149,7 @@ def _memory_plan(
         )
         for name, p in plans.items()
     ]
-    capacity = _device_bytes(device, world_size)
+    capacity = _device_bytes(device, layout.world_size)
     notes = []
     if capacity is not None and plans["ddp"].total > capacity:
         notes.append(
@@ -172,10 +192,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher import recipe as recipes
+    from launcher.recipe import schema as recipes
 
     positive(args.nproc, "--nproc")
     recipe = recipes.load(args.recipe, args.overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
     print(check_recipe(recipe, world))
     return EXIT_OK
+
+
+def _async_save_notes(recipe: Recipe, state_bytes: int, pieces: int) -> list[str]:
+    """What checkpoint.async_save costs and does, for this recipe. `state_bytes`: the weights and
+    optimizer state, split over `pieces` ranks (shards and tensor-parallel parts)."""
+    if not recipe.checkpoint.async_save:
+        return []
+    if recipe.checkpoint.every_n_steps is None:
+        return [
+            "checkpoint.async_save: no effect without checkpoint.every_n_steps "
+            "(the final and preemption saves are synchronous)"
+        ]
+    per_rank = state_bytes / pieces / 2**20
+    return [f"checkpoint.async_save: each save holds a host copy of the state, about {per_rank:,.1f} MiB per rank"]

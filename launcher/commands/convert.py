@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher import checkpoint, checkpointer, sharded_state
+    from launcher.checkpoint import checkpointer, frozen, sharded_state, step_dirs
     from launcher.errors import RecipeError
     from launcher.storage import save_torch
 
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise LaunchError("--output", f"{out.parent} is not a directory")
     try:
-        path = checkpoint.resolve_resume(args.checkpoint, Path(args.checkpoint), warn=True)
+        path = step_dirs.resolve_resume(args.checkpoint, Path(args.checkpoint), warn=True)
     except RecipeError as e:
         raise LaunchError("CHECKPOINT", e.message) from None
     if path is None:  # auto or none: no directory named
@@ -45,11 +45,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         payload = checkpointer.read(path)
         if "model" in payload.get("sharded", []):
-            weights = sharded_state.read_whole(path / checkpoint.SHARDS, "model")
+            weights = sharded_state.read_whole(path / step_dirs.SHARDS, "model")
+            partial = frozen.BASE_KEY in sharded_state.saved_keys(path / step_dirs.SHARDS, "model")
         else:
-            weights = {k: v.cpu() for k, v in payload["model"].items()}
+            weights = {k: v.cpu() for k, v in payload["model"].items() if hasattr(v, "cpu")}
+            partial = frozen.BASE_KEY in payload["model"]
     except RecipeError as e:
         raise LaunchError("CHECKPOINT", e.message) from None
     save_torch(weights, out)
     print(f"{out}: {len(weights)} tensors, {sum(t.numel() for t in weights.values()):,} parameters from {path}")
+    if partial:  # a LoRA run's: the base was built again on resume, never saved
+        print(
+            "note: the checkpoint holds the trainable parameters only (its frozen base is not checkpointed): "
+            "load them over the base with load_state_dict(strict=False); the run's model.pt and hf-merged/ hold "
+            "the whole model"
+        )
     return EXIT_OK

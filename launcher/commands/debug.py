@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_OK
-from launcher.logs import log
+from launcher.observe.logs import log
 
 # `launcher debug` evaluates on this many validation batches per rank: a check that evaluation runs, not a score
 DEBUG_EVAL_BATCHES = 4
@@ -69,14 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher import recipe as recipes
+    from launcher.recipe import schema as recipes
 
     positive(args.steps, "--steps")
     positive(args.simulate_world_size, "--simulate-world-size")
     recipe = recipes.load(args.recipe, args.overrides)  # the user's recipe must be valid as it is
     if args.distributed:
-        from launcher.distributed import gpus_for
-        from launcher.local import elastic
+        from launcher.cluster.distributed import gpus_for
+        from launcher.train.local import elastic
 
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = distributed_debug_level()
         if recipe.dist.backend != "gloo" and gpus_for(2):
@@ -84,9 +84,9 @@ def main(args: argparse.Namespace) -> int:
         return elastic(["debug", "--in-job", args.recipe, *args.overrides, "--steps", str(args.steps)], 2)
     import torch
 
-    from launcher import train
+    from launcher.cluster.env import ClusterEnv
     from launcher.commands.check import check_static
-    from launcher.env import ClusterEnv
+    from launcher.train import assemble
 
     # everything it writes goes under RUN_DIR/debug: a checkpoint.dir of the recipe's own is left alone
     debug_dir = recipe.run_dir / "debug"
@@ -106,5 +106,5 @@ def main(args: argparse.Namespace) -> int:
     if args.simulate_world_size:
         check_static(recipe, args.simulate_world_size)
     torch.autograd.set_detect_anomaly(True)  # slow, and worth it: the op that produced a NaN is named
-    train.run(recipe, ClusterEnv.detect() if args.in_job else ClusterEnv(), simulate=args.simulate_world_size)
+    assemble.run(recipe, ClusterEnv.detect() if args.in_job else ClusterEnv(), simulate=args.simulate_world_size)
     return EXIT_OK

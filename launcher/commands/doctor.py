@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher.cluster.distributed import pick_backend
+from launcher.cluster.env import ClusterEnv
 from launcher.commands import positive
-from launcher.distributed import pick_backend
-from launcher.env import ClusterEnv
 from launcher.errors import LaunchError
 
 
@@ -44,7 +44,7 @@ def _optional_stack() -> list[tuple[str, bool, str]]:
     import importlib
     import importlib.util
 
-    from launcher.components import first_line, root_cause
+    from launcher.recipe.components import first_line, root_cause
 
     installed, broken = [], []
     for name in OPTIONAL:
@@ -184,7 +184,7 @@ def _timed_all_reduce(
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
     except RuntimeError as e:
-        from launcher.distributed import missing_ranks
+        from launcher.cluster.distributed import missing_ranks
 
         return ("all_reduce", False, f"failed: {str(e).splitlines()[0]}; {missing_ranks(control, env.rank, timeout_s)}")
     ok = bool((x == env.world_size).all())
@@ -230,7 +230,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     positive(args.nproc, "--nproc")
     if args.nproc is not None:
-        from launcher.local import elastic
+        from launcher.train.local import elastic
 
         return elastic(["doctor", "--backend", args.backend, "--timeout-s", str(args.timeout_s)], args.nproc)
     return run(ClusterEnv.detect(), args.backend, args.timeout_s)

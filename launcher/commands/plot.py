@@ -17,7 +17,7 @@ def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise LaunchError(str(run_dir), "has no metrics.jsonl; pass a run directory (e.g. runs/quickstart)")
-    from launcher.metrics import read_metrics
+    from launcher.observe.metrics import read_metrics
 
     rows = read_metrics(path)[0]  # a row torn by a crash mid-write is skipped
     if not rows:

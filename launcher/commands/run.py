@@ -10,8 +10,8 @@ import sys
 
 from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_FAILED, EXIT_OK, LaunchError
-from launcher.local import CHILD_ENV, elastic
-from launcher.recipe import Recipe
+from launcher.recipe.schema import Recipe
+from launcher.train.local import CHILD_ENV, elastic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher import recipe as recipes
+    from launcher.recipe import schema as recipes
 
     positive(args.nproc, "--nproc")
     if args.max_restarts < 0:
@@ -43,12 +43,13 @@ def main(args: argparse.Namespace) -> int:
     recipe = recipes.load(args.recipe, args.overrides)
     if args.nproc is not None:
         return launch_local(recipe, args)
-    from launcher import distributed, train
-    from launcher.env import ClusterEnv
+    from launcher.cluster import distributed
+    from launcher.cluster.env import ClusterEnv
+    from launcher.train import assemble
 
     env = ClusterEnv.detect()
     try:
-        train.run(recipe, env)
+        assemble.run(recipe, env)
     except Exception as e:
         if env.is_distributed and distributed.is_peer_failure(e):
             # the root cause is another rank's error, which it reports; no traceback, no error file here
@@ -65,10 +66,11 @@ def main(args: argparse.Namespace) -> int:
 
 def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     """`launcher run --nproc N RECIPE`: validate once here, then N workers, each `launcher run RECIPE`."""
-    from launcher.checkpoint import read_marker
+    from launcher.checkpoint.step_dirs import read_marker
     from launcher.commands.check import build_model_cheaply, check_static
-    from launcher.plan import batch_shape
-    from launcher.resume import check_global_batch, check_shapes_match, shapes_of
+    from launcher.data.plan import batch_shape
+    from launcher.parallel.strategy import layout_for
+    from launcher.train.resume import check_global_batch, check_shapes_match, checkpointed_state, shapes_of
 
     # fail here, once, before any worker starts, on everything that can be known without data
     check_static(recipe, args.nproc)
@@ -78,9 +80,13 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     resume_from = recipe.layout.prepare(recipe.checkpoint.resume, recipe.run.overwrite, act=False)
     if resume_from is not None:  # a resume that changes the global batch or the model: one line here, not per rank
         marker = read_marker(resume_from)
-        check_global_batch(marker.get("global_batch"), batch_shape(recipe, args.nproc).global_batch, resume_from)
+        check_global_batch(
+            marker.get("global_batch"),
+            batch_shape(recipe, layout_for(recipe, args.nproc).dp_size).global_batch,
+            resume_from,
+        )
         if marker.get("shapes") is not None:  # built on the meta device: no memory, no weights
-            model = build_model_cheaply(recipe).state_dict()
+            model = checkpointed_state(build_model_cheaply(recipe))
             check_shapes_match(shapes_of(model), {k: tuple(v) for k, v in marker["shapes"].items()}, resume_from)
     return elastic(
         ["run", args.recipe, *args.overrides],

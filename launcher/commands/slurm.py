@@ -18,7 +18,7 @@ from pathlib import Path
 
 from launcher.commands import add_recipe_arguments, positive
 from launcher.errors import EXIT_OK, LaunchError
-from launcher.recipe import Recipe
+from launcher.recipe.schema import Recipe
 
 TEMPLATES = Path(__file__).parent.parent / "templates"
 
@@ -128,8 +128,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher import recipe as recipes
     from launcher.commands.check import check_static
+    from launcher.recipe import schema as recipes
 
     nproc = args.nproc_per_node if args.nproc_per_node is not None else args.gpus_per_node
     positive(args.nodes, "--nodes")

@@ -60,18 +60,24 @@ class Images(Dataset):
 
 
 class Tokens(Dataset):
-    """Random token sequences: (input, next-token target) pairs of length `seq_len`."""
+    """Random token sequences: (input, next-token target) pairs of length `seq_len`; with `mapping`,
+    {"input_ids", "labels"} rows as a transformers causal LM takes them (it shifts the labels itself)."""
 
     deterministic = True
 
-    def __init__(self, size: int = 1024, seq_len: int = 128, vocab_size: int = 256, seed: int = 0):
+    def __init__(
+        self, size: int = 1024, seq_len: int = 128, vocab_size: int = 256, seed: int = 0, mapping: bool = False
+    ):
         self.size, self.seq_len, self.vocab_size, self.seed = size, seq_len, vocab_size, seed
+        self.mapping = mapping
         self.tokens_per_sample = seq_len  # for tokens/s in the metrics
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         seq = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
+        if self.mapping:
+            return {"input_ids": seq[:-1], "labels": seq[:-1]}
         return seq[:-1], seq[1:]

@@ -76,7 +76,7 @@ class TokenFile(Dataset):
         return self.seq_len
 
     def max_token_id(self, vocab_size: int) -> int | None:
-        """The file's largest token id, if it could reach `vocab_size` (launcher/data_fit.py): read
+        """The file's largest token id, if it could reach `vocab_size` (launcher/data/fit.py): read
         once, in blocks (the process does not grow with the file); None when the dtype cannot."""
         if np.iinfo(DTYPES[self.dtype]).max < vocab_size:
             return None

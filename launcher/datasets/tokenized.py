@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,10 +33,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from launcher import distributed
-from launcher.components import require
-from launcher.datasets.documents import batched, data_files, documents, first_bad_row
+from launcher import hub
+from launcher.cluster import distributed
+from launcher.datasets.documents import batched, documents
+from launcher.datasets.sources import LocalFiles, NamedDataset, cache_key, text_source
 from launcher.errors import ArgumentError, positive
+from launcher.recipe.components import require
 
 
 class TokenizedText(Dataset):
@@ -44,35 +46,48 @@ class TokenizedText(Dataset):
 
     def __init__(
         self,
-        files: str | list[str],
-        tokenizer: str,
+        files: str | list[str] | None = None,
+        tokenizer: str | None = None,
         text_key: str = "text",
         max_length: int | None = None,
         pack: int | None = None,
         cache_dir: str | None = None,
+        dataset: str | None = None,
+        name: str | None = None,
+        split: str | None = None,
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
     ) -> None:
-        paths, self.format = data_files(files)
         self.max_length, self.pack = positive("max_length", max_length), positive("pack", pack)
         if max_length is not None and pack is not None:
             raise ArgumentError("pack", "give max_length (cut each document) or pack (join them), not both")
-        self.paths, self.text_key = paths, text_key
-        tok = load_tokenizer(tokenizer)
-        self.vocab_size = tok.vocab_size  # the ids it can produce (launcher/data_fit.py)
+        if tokenizer is None:
+            raise ArgumentError("tokenizer", "name the tokenizer: a tokenizer.json file, a directory or a hub id")
+        self.source = text_source(files, dataset, name, split, revision)
+        self.text_key = text_key
+        tok = load_tokenizer(tokenizer, tokenizer_revision)
+        self.tokenizer = tok  # saved beside the model at the end (hf/: AutoTokenizer loads it)
+        self.vocab_size = tok.vocab_size  # the ids it can produce (launcher/data/fit.py)
         self.needs_padding = pack is None  # documents cut, not packed: of different lengths
-        key = _cache_key(paths, tok.fingerprint, text_key, max_length, pack)
+        key = cache_key(self.source, tok.fingerprint, text_key, max_length, pack)
         with distributed.local_main_first(key):
             self.rows = self._tokenize(tok.encode, tok.eos, key, cache_dir)
 
     def _tokenize(self, encode: Callable, eos: int | None, key: str, cache_dir: str | None) -> Any:
         datasets = require("datasets", "launcher.datasets.tokenized.TokenizedText")
-        files = [str(p) for p in self.paths]
+        source = self.source
         try:
-            raw = datasets.load_dataset(self.format, data_files=files, split="train", cache_dir=cache_dir)
+            raw = source.load(datasets, cache_dir)
+        except ArgumentError:
+            raise
         except Exception as e:
-            raise _bad_file(self.paths, self.format, self.text_key, e) from None
+            raise _unreadable(source, self.text_key, e) from None
         if self.text_key not in raw.column_names:
-            raise ArgumentError("text_key", f"the files have no {self.text_key!r} field; they have {raw.column_names}")
-        max_length, pack, text_key, fmt = self.max_length, self.pack, self.text_key, self.format
+            raise ArgumentError(
+                "text_key", f"{source.describe()} has no {self.text_key!r} field; it has {raw.column_names}"
+            )
+        max_length, pack, text_key = self.max_length, self.pack, self.text_key
+        fmt = getattr(source, "format", "")
         if raw.cache_files:
             _remove_stale_temporaries(Path(raw.cache_files[0]["filename"]).parent)
 
@@ -91,7 +106,7 @@ class TokenizedText(Dataset):
         try:
             rows = raw.map(tokenize, remove_columns=raw.column_names, desc="tokenizing", **kwargs)
         except Exception:  # a row that is not text, or not UTF-8: found again, with its file and line
-            bad = first_bad_row(self.paths, self.text_key)
+            bad = source.bad_row(self.text_key)
             if bad is None:
                 raise
             raise bad from None
@@ -109,7 +124,7 @@ class TokenizedText(Dataset):
 
     @property
     def max_sequence_length(self) -> int:
-        """The longest sample (launcher/data_fit.py checks it against the model's positions)."""
+        """The longest sample (launcher/data/fit.py checks it against the model's positions)."""
         if self.pack or self.max_length:
             return self.pack or self.max_length or 0
         import pyarrow.compute as pc  # installed with `datasets`
@@ -119,28 +134,53 @@ class TokenizedText(Dataset):
 
 
 class StreamedText:
-    """The same documents as TokenizedText, read line by line (launcher/datasets/documents.py) and
-    tokenized as they are read, never cached: for corpora too big to tokenize ahead. A stream
-    (launcher/streaming.py): the run needs train.max_steps; every rank reads it all and keeps its
+    """The same documents as TokenizedText, read line by line (launcher/datasets/documents.py), or a
+    named dataset streamed by `datasets` (`load_dataset(..., streaming=True)`), and tokenized as they
+    are read, never cached: for corpora too big to tokenize ahead. A stream
+    (launcher/data/streaming.py): the run needs train.max_steps; every rank reads it all and keeps its
     share. A bad row further on stops the run with its file and line."""
 
     def __init__(
-        self, files: str | list[str], tokenizer: str, text_key: str = "text", max_length: int | None = None
+        self,
+        files: str | list[str] | None = None,
+        tokenizer: str | None = None,
+        text_key: str = "text",
+        max_length: int | None = None,
+        dataset: str | None = None,
+        name: str | None = None,
+        split: str | None = None,
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
     ) -> None:
-        self.paths, self.format = data_files(files)
+        if tokenizer is None:
+            raise ArgumentError("tokenizer", "name the tokenizer: a tokenizer.json file, a directory or a hub id")
+        self.source = text_source(files, dataset, name, split, revision)
         self.text_key, self.max_length = text_key, positive("max_length", max_length)
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data_fit.py)
+        self.tokenizer = load_tokenizer(tokenizer, tokenizer_revision)
+        self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
         self.max_sequence_length = max_length  # unknown ahead when documents are not cut
         self.needs_padding = True
-        next(documents(self.paths, text_key), None)  # the first document only: a stream is never read ahead
+        next(self._documents(), None)  # the first document only: a stream is never read ahead
 
     def set_epoch(self, epoch: int) -> None:
-        """Local files read alike on every pass."""
+        """Local files (and a cached snapshot) read alike on every pass."""
+
+    def _documents(self) -> Iterator[str]:
+        if isinstance(self.source, LocalFiles):
+            yield from documents(self.source.paths, self.text_key)
+            return
+        rows = self.source.load(require("datasets", "StreamedText"), None, streaming=True)
+        for number, row in enumerate(rows, 1):
+            text = row.get(self.text_key)
+            if not isinstance(text, str):
+                what = f"has no {self.text_key!r} field (it has {sorted(row)})" if text is None else "is not text"
+                raise ArgumentError("text_key", f"{self.source.describe()}, row {number}: {self.text_key!r} {what}")
+            if text.strip():
+                yield text
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # a bad row: the documents before it first, so the run fails at that row's step
-        for texts in batched(documents(self.paths, self.text_key), 256):
+        for texts in batched(self._documents(), 256):
             yield from self._encoded(texts)
 
     def _encoded(self, texts: list[str]) -> Iterator[dict[str, torch.Tensor]]:
@@ -156,11 +196,37 @@ class Tokenizer:
     eos: int | None  # the end-of-text id put between packed documents, if the tokenizer has one
     vocab_size: int
     fingerprint: str  # sha256 of tokenizer.json: part of the tokenization cache's key
+    source: Path  # the directory or tokenizer.json file it was read from
+
+    def save_into(self, directory: Path) -> None:
+        """Beside a save_pretrained model, so that AutoTokenizer.from_pretrained(directory) gives this
+        tokenizer: a tokenizer directory's files (its config and chat template included), or the
+        tokenizer.json file."""
+        if self.source.is_dir():
+            for file in sorted(p for p in self.source.iterdir() if p.is_file()):
+                if file.name.startswith("tokenizer") or file.name in TOKENIZER_FILES or file.suffix == ".jinja":
+                    shutil.copyfile(file, directory / file.name)
+            return
+        # a bare tokenizer.json: AutoTokenizer would guess a class from the model's type and mis-encode;
+        # saved as a PreTrainedTokenizerFast, with its end-of-text token, it loads as it was read
+        transformers = require("transformers", "saving the tokenizer beside the model")
+        tokenizers = require("tokenizers", "a tokenizer.json file")
+        raw = tokenizers.Tokenizer.from_file(str(self.source))
+        eos = next((t for t in EOS_NAMES if raw.token_to_id(t) is not None), None)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos).save_pretrained(directory)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """A directory save_pretrained wrote (AutoTokenizer, local files only), or a tokenizer.json file."""
-    path = Path(spec).expanduser()
+# what a tokenizer directory holds besides tokenizer*.json (vocabularies, special tokens, a chat template)
+TOKENIZER_FILES = frozenset(
+    {"special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json"}
+)
+
+
+def load_tokenizer(spec: str, revision: str | None = None) -> Tokenizer:
+    """A directory save_pretrained wrote (AutoTokenizer, local files only), a tokenizer.json file, or a
+    hub id (at `revision`) whose tokenizer files are fetched once per node into the hub's cache."""
+    what = "a local tokenizer (a tokenizer.json file or a directory with one)"
+    path = hub.resolve(spec, "tokenizer", what=what, revision=revision, files=hub.TOKENIZER_FILES).path
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise ArgumentError("tokenizer", f"{path} is neither a tokenizer.json file nor a directory with one")
@@ -172,7 +238,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
         except Exception as e:  # a damaged tokenizer.json or config: transformers' own errors vary
             raise ArgumentError("tokenizer", f"cannot load the tokenizer in {path} ({str(e)[:120]})") from None
         return Tokenizer(
-            lambda texts: tok(texts, add_special_tokens=False)["input_ids"], tok.eos_token_id, len(tok), fingerprint
+            lambda texts: tok(texts, add_special_tokens=False)["input_ids"],
+            tok.eos_token_id,
+            len(tok),
+            fingerprint,
+            path,
         )
     tokenizers = require("tokenizers", "a tokenizer.json file")
     try:
@@ -187,15 +257,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
         eos,
         raw.get_vocab_size(),
         fingerprint,
+        file,
     )
 
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
-
-
-def _cache_key(paths: list[Path], tokenizer: str, *args: Any) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return hashlib.sha256(json.dumps([stats, tokenizer, *args]).encode()).hexdigest()[:32]
 
 
 STALE_S = 600.0  # a temporary file untouched this long belongs to no live writer: datasets writes as it maps
@@ -210,8 +276,10 @@ def _remove_stale_temporaries(cache_dir: Path) -> None:
                 leftover.unlink()
 
 
-def _bad_file(paths: list[Path], fmt: str, text_key: str, error: Exception) -> ArgumentError:
-    """datasets' parse errors name neither file nor line: find them by reading the files ourselves."""
-    return first_bad_row(paths, text_key) or ArgumentError(
-        "files", f"cannot read {[str(p) for p in paths]} as {fmt}: {type(error).__name__}: {error}"
+def _unreadable(source: LocalFiles | NamedDataset, text_key: str, error: Exception) -> ArgumentError:
+    """datasets' parse errors name neither file nor line: found by reading the files ourselves."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return source.bad_row(text_key) or ArgumentError(
+        "files" if isinstance(source, LocalFiles) else "dataset",
+        f"cannot read {source.describe()}: {type(error).__name__}: {first}",
     )

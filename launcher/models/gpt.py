@@ -30,20 +30,28 @@ class Block(nn.Module):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads = n_heads
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.dropout = dropout
         self.ln1 = nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # query, key and value apart: tensor parallelism splits each by heads (a fused qkv's rows,
+        # split evenly, would give a rank queries of some heads and keys of others)
+        self.q = nn.Linear(d_model, d_model)
+        # no key bias: it shifts all of a query's logits alike, which softmax ignores, so its gradient is
+        # exactly 0 and it would learn only float noise (which differs between layouts)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        B, T, _ = x.shape
+        h = self.ln1(x)
+        # -1 heads: all of them, or under tensor parallelism this rank's share
+        q, k, v = (m(h).view(B, T, -1, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, C)))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, -1)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -52,8 +60,11 @@ class GPTModel(nn.Sequential):
 
     flops_per_sample: float  # forward + backward
     tokens_per_sample: int
-    vocab_size: int  # token ids it embeds (launcher/data_fit.py checks the data against these two)
+    vocab_size: int  # token ids it embeds (launcher/data/fit.py checks the data against these two)
     max_positions: int  # the longest sequence its position embedding covers
+    # dist.tensor_parallel (launcher/parallel/tensor.py): attention and MLP column-wise, then row-wise
+    tp_plan = {"*.q": "colwise", "*.k": "colwise", "*.v": "colwise", "*.proj": "rowwise"}
+    tp_plan |= {"*.mlp.0": "colwise", "*.mlp.2": "rowwise"}
 
     def init_weights(self) -> None:
         """GPT-2 init; residual projections scaled down by depth. Also what dist.fsdp.meta_init

@@ -4,46 +4,50 @@
       _component_: launcher.models.hf.causal_lm
       config: {_component_: transformers.GPT2Config, n_layer: 2, n_embd: 64, n_head: 2, vocab_size: 512}
 
-or `pretrained: path/to/dir` (a directory `save_pretrained` wrote; never the hub: `local_files_only`).
+or `pretrained:` a directory `save_pretrained` wrote, or a hub id (`Qwen/Qwen2.5-0.5B`, with an optional
+`revision`), fetched once per node into the hub's cache (launcher/hub.py).
 Given `labels`, such a model computes its own loss (the recipe then names no loss), the mean over
 the labels that are not -100, shifted by one: the launcher's token counting follows it
-(launcher/batches.py). At the end of a run the weights are also written with `save_pretrained`
+(launcher/data/batches.py). At the end of a run the weights are also written with `save_pretrained`
 (`export`), so `from_pretrained(run_dir / "hf")` loads them.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from launcher.components import require
+from launcher import hub
 from launcher.errors import ArgumentError
+from launcher.recipe.components import require
 
 
-def causal_lm(config: Any = None, pretrained: str | None = None, attn_implementation: str = "sdpa") -> nn.Module:
-    """`AutoModelForCausalLM.from_config(config)`, or `.from_pretrained(pretrained)` from a local directory."""
+def causal_lm(
+    config: Any = None, pretrained: str | None = None, revision: str | None = None, attn_implementation: str = "sdpa"
+) -> nn.Module:
+    """`AutoModelForCausalLM.from_config(config)`, or `.from_pretrained(pretrained)`: a local directory
+    or a hub id (at `revision`), fetched once per node into the hub's cache (launcher/hub.py). On the
+    meta device (`launcher check`) only the config is read: no weights are downloaded or loaded."""
     transformers = require("transformers", "launcher.models.hf.causal_lm")
     if (config is None) == (pretrained is None):
         raise ArgumentError(
             "config",
-            "give either config (a transformers config component) or pretrained (a directory save_pretrained wrote)",
+            "give either config (a transformers config component) or pretrained (a directory save_pretrained "
+            "wrote, or a hub id)",
         )
     if pretrained is not None:
-        path = Path(pretrained).expanduser()
-        if not (path / "config.json").is_file():
-            what = "does not exist" if not path.exists() else "has no config.json"
-            raise ArgumentError(
-                "pretrained", f"{path} {what}: name a local directory written by save_pretrained (the hub is not used)"
-            )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
-        )
+        model: Any = _pretrained(transformers, pretrained, revision, attn_implementation)
     else:
+        if revision is not None:
+            raise ArgumentError("revision", "a revision names a commit of pretrained's hub id; there is no pretrained")
         if not isinstance(config, transformers.PretrainedConfig):
             raise ArgumentError("config", f"expected a transformers config component, got a {type(config).__name__}")
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
@@ -54,19 +58,110 @@ def causal_lm(config: Any = None, pretrained: str | None = None, attn_implementa
     return model
 
 
+def _pretrained(transformers: Any, spec: str, revision: str | None, attn_implementation: str) -> nn.Module:
+    on_meta = torch.empty(()).device.type == "meta"
+    what = "a local directory written by save_pretrained"
+    source = hub.resolve(
+        spec, "pretrained", what=what, revision=revision, files=hub.CONFIG_FILES if on_meta else hub.MODEL_FILES
+    )
+    path = source.path
+    if not (path / "config.json").is_file():
+        raise ArgumentError("pretrained", f"{path} has no config.json: name {what}, or a hub id")
+    if on_meta:  # the shapes only (check): from the config, weights neither read nor downloaded
+        if source.hub_id is None and (damaged := damaged_weights(path)):
+            raise ArgumentError(
+                "pretrained", f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again"
+            )
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    if not any(path.glob("*.safetensors")):
+        raise ArgumentError(
+            "pretrained", f"{path} holds no *.safetensors weights: the launcher loads safetensors only (no pickles)"
+        )
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    except Exception as e:
+        # transformers names neither the file nor a way out; a damaged one is named here
+        if damaged := damaged_weights(path):
+            raise ArgumentError(
+                "pretrained",
+                f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again",
+            ) from None
+        raise e
+
+
+def with_adapters(model: nn.Module, config: Any) -> nn.Module:
+    """`peft.get_peft_model(model, config)` (model.peft: any peft config, e.g. LoraConfig): the base
+    model frozen, only the adapters train."""
+    peft = require("peft", "model.peft")
+    if not isinstance(config, peft.PeftConfig):
+        raise ArgumentError(
+            "peft", f"expected a peft config component (peft.LoraConfig, ...), got a {type(config).__name__}"
+        )
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated is_gradient_checkpointing: its noise, not the recipe's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # and corrects fan_in_fan_out for GPT-2's Conv1D layers itself, saying so once per layer
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+        return peft.get_peft_model(model, config)
+
+
+def merged(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A peft model's adapters merged into its base, on the CPU, from the run's whole `weights`
+    (the trained model may be sharded): the base rebuilt from its config, adapted alike, loaded,
+    merged. It holds one more copy of the model in host memory, once, at the end."""
+    transformers = require("transformers", "model.peft's merged export")
+    base = model.get_base_model()  # type: ignore[operator]  # a PeftModel's
+    with torch.device("cpu"):
+        fresh = transformers.AutoModelForCausalLM.from_config(base.config)
+        adapted = with_adapters(fresh, copy.deepcopy(model.peft_config["default"]))  # type: ignore[index]
+    adapted.load_state_dict(weights)
+    return adapted.merge_and_unload()  # type: ignore[operator]  # a PeftModel's
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """A peft model (adapters around a frozen base); checked without importing peft."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))
+
+
+def damaged_weights(directory: Path) -> tuple[Path, str] | None:
+    """The first safetensors file in `directory` whose header is unreadable or whose tensors run past
+    its end (a truncated copy or download), with safetensors' reason; None if all are whole. It reads
+    headers only. Bytes changed inside a tensor keep the file valid: safetensors holds no checksum."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' SafetensorError, or an OSError reading it
+            return file, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
 def is_pretrained(model: nn.Module) -> bool:
     """A transformers model (it has save_pretrained); checked without importing transformers."""
     return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
 
 
-def export(model: nn.Module, weights: dict[str, torch.Tensor], directory: Path) -> None:
-    """`save_pretrained` with the run's final (whole, CPU) weights: safetensors and config.json,
+def export(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    directory: Path,
+    save_tokenizer: Callable[[Path], None] | None = None,
+) -> None:
+    """`save_pretrained` with the run's final (whole, CPU) weights: safetensors and config.json, and
+    the data's tokenizer (`save_tokenizer`), so that from_pretrained and generate work at once;
     written into a temporary directory beside `directory` and renamed over it: a kill leaves the
     previous export or none, never a config.json without its weights."""
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, state_dict=weights)  # type: ignore[operator]  # a PreTrainedModel's
+        if save_tokenizer is not None:
+            save_tokenizer(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from launcher.components import require
+from launcher.recipe.components import require
 
 
 def ResNet18(num_classes: int = 10) -> nn.Sequential:

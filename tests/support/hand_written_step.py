@@ -13,7 +13,7 @@ import torch
 
 from launcher.datasets.synthetic import Regression
 from launcher.models import MLP
-from launcher.profiling import StepProfiler
+from launcher.observe.profiling import StepProfiler
 
 out, precision, clip = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]) if sys.argv[3] != "none" else None
 torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -175,6 +176,20 @@ class NoisyRegression(torch.utils.data.Dataset):
         return x + 0.1 * torch.randn_like(x), y
 
 
+class WaitsToRead(NoisyRegression):
+    """NoisyRegression whose building waits (as a long tokenization would) until the file `until`
+    exists, creating `waiting` first: a test releases it when it has seen what it waits for."""
+
+    def __init__(self, until: str, waiting: str, **kwargs):
+        import time
+        from pathlib import Path
+
+        Path(waiting).touch()
+        while not Path(until).exists():
+            time.sleep(0.05)
+        super().__init__(**kwargs)
+
+
 class StreamedRegression(torch.utils.data.IterableDataset):
     """NoisyRegression as a stream: each pass a new order and fresh noise, drawn from (seed, pass)
     alone, so every rank and worker reading it sees the same stream."""
@@ -255,6 +270,23 @@ class RecordingMLP(nn.Module):
         if self.training:
             with open(f"{self.record}.rank{os.environ.get('RANK', '0')}", "a") as f:
                 f.writelines(f"{int(v)}\n" for v in x[:, 0].tolist())
+        return self.net(x)
+
+
+class SlowFirstStep(nn.Module):
+    """launcher.models.MLP whose first training forward sleeps `seconds`: a first step as slow as a
+    GPU's first kernels or a compile, for the start-up breakdown."""
+
+    def __init__(self, sizes: list[int], seconds: float):
+        super().__init__()
+        from launcher.models import MLP
+
+        self.net, self.seconds, self.slept = MLP(sizes), seconds, False
+
+    def forward(self, x):
+        if self.training and not self.slept:
+            self.slept = True
+            time.sleep(self.seconds)
         return self.net(x)
 
 
@@ -341,7 +373,7 @@ class SlowToPrepare(NoisyRegression):
         import os
         import time
 
-        from launcher import distributed
+        from launcher.cluster import distributed
 
         if die_rank is not None and int(os.environ.get("RANK", "0")) == die_rank:
             os._exit(9)

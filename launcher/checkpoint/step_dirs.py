@@ -1,0 +1,214 @@
+"""State checkpoint directories on disk: written atomically, verified, found, pruned, loaded.
+(What goes into one is the checkpointer's business, launcher/checkpoint/checkpointer.py.)
+
+Layout: <dir>/step_00000120/state.pt plus <dir>/step_00000120/COMPLETE, and under FSDP the
+model and optimizer shards in <dir>/step_00000120/shards/ (every rank writes its own). A checkpoint is written
+into a hidden temporary directory (file fsynced), the COMPLETE marker (size and sha256 of
+state.pt) is written last, and only then is the directory renamed into place. A crash at any moment
+therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
+The marker also holds the sha256 of every shard file and of DCP's .metadata, checked before
+anything is read. Loading uses torch.load(weights_only=True), and a sharded checkpoint's metadata
+and values are read without unpickling anything but DCP's own types (launcher/checkpoint/dcp_safe.py): a
+checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.errors import RecipeError
+from launcher.observe.logs import log
+from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
+
+STATE, MARKER = "state.pt", "COMPLETE"
+SHARDS = "shards"  # a sharded run's model and optimizer state (DCP: one file per rank, and .metadata)
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+# ---------------------------------------------------------------- checkpoint directories
+
+
+def shared_temporary(directory: Path, step: int, create: bool) -> Path:
+    """The temporary step directory every rank writes its shards into (one name all ranks know);
+    the writer (`create`) makes it, empty, before the others are let in."""
+    tmp = directory / f".step_{step:08d}.shared.tmp"
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that was killed (e.g. before a restart)
+            shutil.rmtree(tmp)
+        tmp.mkdir(mode=DIR_MODE)
+    return tmp
+
+
+def write_checkpoint(
+    directory: Path,
+    step: int,
+    payload: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    tmp: Path | None = None,
+) -> Path:
+    """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
+    removes the partial directory and raises one line naming the path and the free space.
+    `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt.
+    `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
+    files' sizes, and counts them in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, DIR_MODE)
+        state_path = tmp / STATE
+        with open(state_path, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("after-state")
+        marker = {
+            "step": step,
+            "bytes": state_path.stat().st_size,
+            "sha256": sha256_of(state_path),
+            "shards": _shard_sizes(tmp),
+            "time": time.time(),
+            **(summary or {}),
+        }
+        atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
+        if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise write_failed(final, e) from None
+        raise
+    fsync_dir(directory)
+    return final
+
+
+def crash_point(name: str) -> None:
+    """Tests kill the process at a chosen point of a checkpoint write (deterministically, not by a
+    race): LAUNCHER_TEST_CRASH_AT=after-state dies between state.pt and the COMPLETE marker."""
+    if os.environ.get("LAUNCHER_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), 9)
+
+
+def hold_point() -> None:
+    """Tests hold a background checkpoint write before it starts writing (LAUNCHER_TEST_HOLD_WRITE
+    names a file; the write goes on once it exists), to see training go on meanwhile."""
+    release = os.environ.get("LAUNCHER_TEST_HOLD_WRITE")
+    while release and not os.path.exists(release):
+        time.sleep(0.05)
+
+
+def _shard_sizes(step_dir: Path) -> dict[str, int]:
+    """The shard files under <step_dir>/shards/ (DCP's), by relative path: their sizes."""
+    shards = step_dir / SHARDS
+    if not shards.is_dir():
+        return {}
+    return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(shards.rglob("*")) if p.is_file()}
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of a verified checkpoint directory: its step, time and summary."""
+    return json.loads((path / MARKER).read_text())
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint directory is complete and intact, else what is wrong with it."""
+    marker_path, state_path = path / MARKER, path / STATE
+    if not marker_path.is_file():
+        return "incomplete (no COMPLETE marker: the write was interrupted)"
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable marker ({e})"
+    if not state_path.is_file():
+        return f"{STATE} is missing"
+    if state_path.stat().st_size != marker.get("bytes"):
+        return f"{STATE} has {state_path.stat().st_size} bytes, the marker says {marker.get('bytes')}"
+    if sha256_of(state_path) != marker.get("sha256"):
+        return f"{STATE} is corrupt (sha256 differs from the marker's)"
+    for name, size in (marker.get("shards") or {}).items():
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size != size:
+            return f"shard {name} has {shard.stat().st_size} bytes, the marker says {size}"
+    # every shard file and DCP's .metadata, hashed by the ranks that wrote them (one read of the
+    # checkpoint: damage that keeps a file's size is found before anything is unpickled or loaded)
+    for name, digest in (marker.get("shard_sha256") or {}).items():
+        if sha256_of(path / name) != digest:
+            return f"shard {name} is corrupt (sha256 differs from the marker's)"
+    return None
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint directories, newest step first (complete or not)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_latest(directory: Path, warn: bool = True) -> Path | None:
+    """The newest complete, intact checkpoint; damaged ones are skipped (with a warning if `warn`)."""
+    for path in list_checkpoints(directory):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if warn:
+            log.warning(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def resolve_resume(resume: str, directory: Path, warn: bool = True) -> Path | None:
+    """`checkpoint.resume` -> the checkpoint directory to load, or None to start fresh. `warn`:
+    report skipped damaged checkpoints (one process of the job says it, not every rank)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(directory, warn)
+    path = Path(resume).expanduser()
+    if path.is_file() and path.name == STATE:
+        path = path.parent
+    if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
+        latest = find_latest(path, warn)  # a directory of checkpoints: its newest
+        if latest is None:
+            raise RecipeError("checkpoint.resume", f"{path} holds no complete, intact checkpoint")
+        return latest
+    if not path.exists():
+        existing = [p.name for p in list_checkpoints(path.parent if path.parent.is_dir() else directory)]
+        where = path.parent if path.parent.is_dir() and existing else directory
+        have = f"; {where} holds {', '.join(existing[:5])}" if existing else ""
+        raise RecipeError(
+            "checkpoint.resume",
+            f"{path} does not exist (checkpoint.keep_last may have deleted it){have}; use one of those, auto, or none",
+        )
+    is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
+    problem = (
+        verify(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+    )
+    if problem:
+        raise RecipeError("checkpoint.resume", f"{path}: {problem}")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints. (A failed write removes its own temporary
+    directory; one left by a killed process goes at the next start, RunDir.remove_stale_temporaries.)"""
+    complete = [p for p in list_checkpoints(directory) if (p / MARKER).exists()]
+    for old in complete[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,268 @@
+"""Chat and instruction data for supervised fine-tuning: conversations formatted with the tokenizer's
+chat template, and only the assistant's tokens trained on (every other label is -100).
+
+    data:
+      train:
+        _component_: launcher.datasets.chat.ChatData
+        files: data/chat.jsonl         # one {"messages": [{"role": ..., "content": ...}, ...]} per line
+        tokenizer: Qwen/Qwen2.5-0.5B   # a hub id, a tokenizer directory, or a tokenizer.json file
+        max_length: 1024               # longer conversations are cut (see below)
+      collate: {_component_: launcher.collate.PadToLongest}
+
+or `prompt_key: prompt` and `response_key: response` for prompt/response pairs (a user turn, then
+the assistant's, after an optional `system` message), `dataset:` for a hub dataset (sources.py),
+`chat_template:` for a template of the recipe's own (Jinja text, or a .jinja file).
+
+Which tokens are the assistant's: the conversation is rendered once whole, and once up to each
+assistant turn with and without it (the template's prefixes); the characters in between, the
+answer and its end-of-turn marker, are mapped to tokens through the fast tokenizer's offsets. A
+template that does not render a conversation's beginning as a prefix of the whole is refused.
+
+The loss is then the mean over answer tokens exactly, at any number of ranks and accumulation
+(launcher/data/batches.py counts labels that are not -100). A conversation cut by `max_length` so
+that no answer token is left would train on nothing: such conversations are dropped, counted, and
+named in a warning at the start of the run (and by `launcher check`).
+
+`pack: N` joins consecutive conversations into samples of at most N tokens (a conversation is never
+split; a longer one is cut to N). Attention is not blocked at the joins: a packed answer also sees
+the conversations before it in its sample, as in TRL's packing without padding-free attention.
+What it buys: fewer, fuller samples (less padding, so fewer FLOPs per answer token); what it costs:
+a little cross-conversation context, and results that are not those of unpacked training. The loss
+stays the exact mean over answer tokens either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from launcher import hub
+from launcher.cluster import distributed
+from launcher.datasets.sources import cache_key, text_source
+from launcher.errors import ArgumentError, positive
+from launcher.recipe.components import require
+
+IGNORE = -100  # a label no loss counts
+
+
+class ChatData(Dataset):
+    deterministic = True  # no randomness in __getitem__
+    needs_padding = True  # conversations differ in length
+
+    def __init__(
+        self,
+        files: str | list[str] | None = None,
+        tokenizer: str | None = None,
+        messages_key: str = "messages",
+        prompt_key: str | None = None,
+        response_key: str | None = None,
+        system: str | None = None,
+        chat_template: str | None = None,
+        max_length: int | None = None,
+        pack: int | None = None,
+        cache_dir: str | None = None,
+        dataset: str | None = None,
+        name: str | None = None,
+        split: str | None = None,
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
+    ) -> None:
+        if tokenizer is None:
+            raise ArgumentError(
+                "tokenizer", "name the tokenizer: a hub id, a tokenizer directory or a tokenizer.json file"
+            )
+        if (prompt_key is None) != (response_key is None):
+            raise ArgumentError("prompt_key", "give prompt_key and response_key together (prompt/response pairs)")
+        self.max_length, self.pack = positive("max_length", max_length), positive("pack", pack)
+        if max_length is not None and pack is not None:
+            raise ArgumentError(
+                "pack", "give max_length (cut each conversation) or pack (which cuts at pack), not both"
+            )
+        self.source = text_source(files, dataset, name, split, revision)
+        self.tokenizer = ChatTokenizer.load(tokenizer, tokenizer_revision, chat_template)
+        self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
+        self.fields = (prompt_key, response_key, system) if prompt_key else (messages_key,)
+        limit = self.pack or self.max_length
+        key = cache_key(self.source, "chat", self.tokenizer.fingerprint, self.fields, limit, pack)
+        with distributed.local_main_first(key):
+            self.rows, kept, total = self._encode(key, limit, cache_dir)
+        self.dropped = total - kept
+        self.notes = []  # said at the start of the run and by `launcher check` (launcher/data/fit.py)
+        if self.dropped:
+            self.notes.append(
+                f"{self.dropped} of {total} conversations have no answer token within the first {limit} tokens "
+                f"and are dropped (they would train on nothing); raise {'pack' if pack else 'max_length'} to keep them"
+            )
+
+    def _encode(self, key: str, limit: int | None, cache_dir: str | None) -> tuple[Any, int, int]:
+        datasets = require("datasets", "launcher.datasets.chat.ChatData")
+        raw = self.source.load(datasets, cache_dir)
+        for field in self.fields[:2]:
+            if field is not None and field not in raw.column_names:
+                raise ArgumentError(
+                    "prompt_key" if field == self.fields[0] and len(self.fields) > 1 else "messages_key",
+                    f"{self.source.describe()} has no {field!r} field; it has {raw.column_names}",
+                )
+        to_messages = _conversation(self.fields)
+        encode = self.tokenizer.encode
+
+        def encode_rows(rows: dict[str, list]) -> dict[str, list]:
+            n = len(rows[raw.column_names[0]])
+            out: dict[str, list] = {"input_ids": [], "labels": []}
+            for i in range(n):
+                ids, labels = encode(to_messages({k: v[i] for k, v in rows.items()}))
+                ids, labels = (ids[:limit], labels[:limit]) if limit else (ids, labels)
+                if any(label != IGNORE for label in labels[1:]):  # the first label is never predicted
+                    out["input_ids"].append(ids)
+                    out["labels"].append(labels)
+            return out
+
+        kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "remove_columns": raw.column_names}
+        rows = raw.map(encode_rows, new_fingerprint=key, desc="formatting conversations", **kwargs)
+        kept = len(rows)
+        if self.pack:
+            rows = rows.map(
+                _packer(self.pack), new_fingerprint=f"{key}-packed", desc="packing", batched=True, batch_size=1000
+            )
+        return rows.with_format("torch"), kept, len(raw)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sample (launcher/data/fit.py checks it against the model's positions)."""
+        if self.pack or self.max_length:
+            return self.pack or self.max_length or 0
+        import pyarrow.compute as pc  # installed with `datasets`
+
+        column = self.rows.data.column("input_ids")
+        return int(pc.max(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
+
+
+def _conversation(fields: tuple[str | None, ...]) -> Callable[[dict[str, Any]], list[dict[str, str]]]:
+    """A row -> its messages: the messages field as it is, or a (system,) user, assistant exchange."""
+    if len(fields) == 1:
+        key = str(fields[0])
+        return lambda row: row[key]
+    prompt, response, system = str(fields[0]), str(fields[1]), fields[2]
+
+    def pair(row: dict[str, Any]) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]
+
+    return pair
+
+
+def _packer(size: int) -> Callable[[dict[str, list]], dict[str, list]]:
+    """Consecutive conversations joined while they fit in `size` tokens (each already at most `size`)."""
+
+    def pack(rows: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        ids: list[int] = []
+        labels: list[int] = []
+        for more_ids, more_labels in zip(rows["input_ids"], rows["labels"], strict=True):
+            if ids and len(ids) + len(more_ids) > size:
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                ids, labels = [], []
+            ids, labels = ids + list(more_ids), labels + list(more_labels)
+        if ids:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+        return out
+
+    return pack
+
+
+class ChatTokenizer:
+    """A transformers fast tokenizer with a chat template: it encodes conversations with their
+    answer labels, and is saved beside the exported model (hf/), template included."""
+
+    def __init__(self, tok: Any, fingerprint: str) -> None:
+        self.tok, self.fingerprint = tok, fingerprint
+        self.vocab_size = len(tok)
+
+    @classmethod
+    def load(cls, spec: str, revision: str | None, chat_template: str | None) -> ChatTokenizer:
+        transformers = require("transformers", "launcher.datasets.chat.ChatData")
+        what = "a local tokenizer (a tokenizer.json file or a directory with one)"
+        path = hub.resolve(spec, "tokenizer", what=what, revision=revision, files=hub.TOKENIZER_FILES).path
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ArgumentError("tokenizer", f"{path} is neither a tokenizer.json file nor a directory with one")
+        try:
+            if path.is_dir():
+                tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            else:
+                tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(file))
+        except Exception as e:  # a damaged tokenizer.json or config: transformers' own errors vary
+            raise ArgumentError("tokenizer", f"cannot load the tokenizer in {path} ({str(e)[:120]})") from None
+        if not getattr(tok, "is_fast", False):
+            raise ArgumentError(
+                "tokenizer", f"{path} loads as a slow tokenizer: answers are found by a fast one's offsets"
+            )
+        if chat_template is not None:
+            template = Path(chat_template).expanduser()
+            tok.chat_template = (
+                template.read_text() if chat_template.endswith(".jinja") and template.is_file() else chat_template
+            )
+        if not getattr(tok, "chat_template", None):
+            raise ArgumentError(
+                "chat_template",
+                f"the tokenizer {spec} has no chat template: give chat_template (Jinja text, or a .jinja file)",
+            )
+        digest = hashlib.sha256(file.read_bytes())
+        digest.update(json.dumps(tok.chat_template).encode())
+        return cls(tok, digest.hexdigest())
+
+    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """The conversation's token ids, and labels that are the ids on the assistant's turns and -100 elsewhere."""
+        _check_messages(messages)
+        render = self.tok.apply_chat_template
+        text = render(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            through = render(messages[: i + 1], tokenize=False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ArgumentError(
+                    "chat_template",
+                    "the chat template does not render a conversation's first turns as the beginning of the whole "
+                    "conversation, so the answers cannot be found; give a chat_template that does",
+                )
+            spans.append((len(before), len(through)))
+        encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [
+            token if any(start <= first and last <= end for start, end in spans) and last > first else IGNORE
+            for token, (first, last) in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        return ids, labels
+
+    def save_into(self, directory: Path) -> None:
+        """Beside a save_pretrained model: AutoTokenizer.from_pretrained(directory) gives this
+        tokenizer, its chat template included."""
+        self.tok.save_pretrained(directory)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ArgumentError(
+            "messages_key",
+            f"a conversation must be a list of {{role, content}} messages with text; got {str(messages)[:80]}",
+        )

@@ -1,0 +1,122 @@
+"""Hugging Face hub ids for models, tokenizers and datasets: a name that is not a local path is
+fetched from the hub into its cache (HF_HUB_CACHE, ~/.cache/huggingface/hub), once per node.
+
+Local rank 0 of each node downloads first while the node's other ranks wait, then every rank reads
+the cached snapshot (`distributed.local_main_first`). huggingface_hub does the work and its rules
+hold: HF_HUB_OFFLINE=1 reads the cache only; a token comes from HF_TOKEN or `hf auth login` and the
+launcher never reads, logs or writes it. Offline with nothing cached, an unknown id, a gated repo
+or a missing revision is one line naming the key and the id.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.cluster import distributed
+from launcher.errors import ArgumentError
+from launcher.recipe.components import require
+
+# what a model needs (weights as safetensors, config, tokenizer, chat template); never code
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+CONFIG_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")  # `launcher check`: no weights
+TOKENIZER_FILES = CONFIG_FILES
+
+# owner/name, or a bare name (the hub's old canonical repos, like gpt2): letters, digits, -, _, .
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a named model, tokenizer or dataset was found."""
+
+    path: Path  # a local file or directory: the user's, or a snapshot in the hub's cache
+    hub_id: str | None  # None for a local path
+    commit: str | None  # the snapshot's commit (its directory name in the cache)
+
+    def describe(self) -> str:
+        if self.hub_id is None:
+            return f"local {self.path}"
+        return f"{self.hub_id} at commit {(self.commit or '?')[:12]}, cached in {self.path}"
+
+
+# what this process fetched from the hub, by id: `launcher check` prints where each came from
+resolved: dict[str, Source] = {}
+
+
+def is_hub_id(spec: str) -> bool:
+    """Could `spec` name a hub repository? (A path that exists is always taken as a path.)"""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith(".") and ".." not in spec
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve(
+    spec: str,
+    argument: str,
+    *,
+    what: str,
+    repo_type: str = "model",
+    revision: str | None = None,
+    files: Sequence[str] | None = None,
+) -> Source:
+    """A local path as it is, or a hub id's snapshot directory (the `files` patterns downloaded, or
+    all files); ArgumentError for the component's `argument` otherwise. `what` says what a local path should be."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise ArgumentError("revision", f"{spec} is a local path: a revision names a commit of a hub id only")
+        return Source(path, None, None)
+    if not is_hub_id(spec):
+        raise ArgumentError(argument, f"{spec} does not exist: name {what}, or a hub id (org/name)")
+    hub = require("huggingface_hub", f"the hub id {spec}")
+    with distributed.local_main_first(f"hub/{repo_type}/{spec}/{revision}/{','.join(files or ['*'])}"):
+        try:
+            folder = hub.snapshot_download(
+                repo_id=spec, repo_type=repo_type, revision=revision, allow_patterns=list(files) if files else None
+            )
+        except Exception as e:
+            raise _hub_error(spec, argument, what, repo_type, revision, e) from None
+    source = Source(Path(folder), spec, Path(folder).name)
+    resolved[spec] = source
+    return source
+
+
+def _hub_error(spec: str, name: str, what: str, repo_type: str, revision: str | None, e: Exception) -> ArgumentError:
+    """huggingface_hub's errors, as one line that says what to do; the token is never in them."""
+    kind = type(e).__name__
+    at = f" at revision {revision}" if revision else ""
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
+    download = f"`hf download {spec}{flag}{f' --revision {revision}' if revision else ''}`"
+    if kind == "RevisionNotFoundError":
+        return ArgumentError("revision", f"{spec} has no revision {revision!r}: name a branch, tag or commit it has")
+    if kind in ("RepositoryNotFoundError", "GatedRepoError") or "401" in str(e).split("\n")[0]:
+        return ArgumentError(
+            name,
+            f"{spec} is neither {what} nor a {repo_type} repository on the hub that this machine may read "
+            "(unknown, private or gated): check the name, or log in (`hf auth login`, or HF_TOKEN) "
+            "with an account that has access",
+        )
+    if kind in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled"):
+        where = "the hub is off (HF_HUB_OFFLINE=1)" if offline() else "the hub cannot be reached"
+        return ArgumentError(
+            name,
+            f"{spec}{at} is neither {what} nor in the Hugging Face cache ({_cache_dir()}), and {where}: "
+            f"download it once with {download} where the hub can be reached (the same cache), or run once online",
+        )
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ArgumentError(name, f"fetching {spec}{at} from the hub failed: {kind}: {first}")
+
+
+def _cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with the [hf] extra
+        return "~/.cache/huggingface/hub"

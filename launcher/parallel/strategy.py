@@ -1,0 +1,231 @@
+"""The parallelism seam: one strategy object per kind, chosen once from the recipe. The assembly,
+the loop and the checkpointer call it and never ask which kind they have.
+
+- `Whole`: one process (or simulated ranks): the model as it is.
+- `Replicated`: dist.strategy=ddp on several ranks: DDP, every rank a whole replica.
+- `Sharded`: dist.strategy=fsdp/hsdp (FSDP2 on a device mesh), at any world size, even one.
+
+Each answers: its layout (the data-parallel size and rank everything about data uses), whether the
+model is built on the meta device, the checks made before its weights move, how the step's module
+is wrapped (activation checkpointing, then DDP or FSDP, then compile, in torchtitan's order), the
+autocast around the forward, what a checkpoint keeps in DCP shards, the whole model's weights for
+model.pt, and the module evaluation calls."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from launcher.checkpoint import frozen, sharded_state
+from launcher.parallel import gradients, sharding, tensor, wrap
+from launcher.parallel.layout import Layout, build_layout
+from launcher.parallel.precision import autocast
+
+if TYPE_CHECKING:
+    from launcher.data.batches import LossFn
+    from launcher.recipe.schema import Recipe
+
+CHECKPOINT_SHARDS = frozenset({"model", "optimizer"})  # the objects a sharded run keeps in DCP shards
+
+
+class Strategy:
+    """One process with the whole model; the base every kind refines."""
+
+    meta_init = False  # build the model on the meta device (shards are initialised once they exist)
+    shards_in_checkpoint: frozenset[str] = frozenset()  # names the checkpointer writes with DCP
+
+    def __init__(self, layout: Layout, precision: str, device: torch.device) -> None:
+        self.layout, self.precision, self.device = layout, precision, device
+
+    @property
+    def describe(self) -> str:
+        return "one process, the whole model"
+
+    @property
+    def gradient_mean_over(self) -> int:
+        """The ranks the gradient reduction averages over (the loss weights multiply by it): none in
+        one process, simulated ranks included, which sums theirs itself."""
+        return 1
+
+    def prepare(self, model: nn.Module) -> None:
+        """Checks made on the built model before its weights move (a meta-device one too)."""
+
+    def wrap(
+        self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
+    ) -> nn.Module:
+        """The module the step calls; `model` stays the unwrapped one, for saving and evaluation."""
+        return wrap.wrap(model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_)
+
+    def materialize(self, model: nn.Module, whole_state: dict[str, torch.Tensor] | None) -> None:
+        """A meta-device model's real weights, once wrapped (only where `meta_init`)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return autocast(self.precision, self.device)
+
+    def checkpointed(self, model: nn.Module, optimizer: torch.optim.Optimizer, base: str | None) -> tuple[Any, Any]:
+        """The model and optimizer as the checkpointer saves them (a Stateful each); frozen
+        parameters left out, `base` (their fingerprint) kept instead (launcher/checkpoint/frozen.py)."""
+        return (frozen.Trainable(model, base) if frozen.frozen_names(model) else model), optimizer
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU, for model.pt (every rank calls it)."""
+        return sharded_state.full_model_state(model, sharded=False)
+
+    def eval_model(self, model: nn.Module, train_model: nn.Module) -> nn.Module:  # noqa: ARG002 - the interface
+        return model
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradients' total 2-norm to `max_norm`; returns the norm before clipping."""
+        return gradients.whole(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class Distributed(Strategy):
+    """A kind whose gradient reduction averages over the data-parallel ranks (DDP's all-reduce,
+    FSDP's reduce-scatter)."""
+
+    @property
+    def gradient_mean_over(self) -> int:
+        return self.layout.dp_size
+
+
+class Replicated(Distributed):
+    """dist.strategy=ddp on several ranks: DDP's all-reduce averages the gradients over the replicas."""
+
+    def __init__(
+        self, layout: Layout, precision: str, device: torch.device, recipe: Recipe, comm_hook: Callable[..., Any] | None
+    ) -> None:
+        super().__init__(layout, precision, device)
+        self.ddp_cfg, self.comm_hook = recipe.dist.ddp, comm_hook
+
+    @property
+    def describe(self) -> str:
+        return f"ddp: {self.layout.describe()}"
+
+    def wrap(
+        self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
+    ) -> nn.Module:
+        replicate = lambda root: wrap.ddp(root, self.device, self.ddp_cfg, self.comm_hook)  # noqa: E731
+        return wrap.wrap(
+            model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_, distribute=replicate
+        )
+
+
+class Sharded(Distributed):
+    """dist.strategy=fsdp/hsdp: FSDP2 on a device mesh. Its MixedPrecisionPolicy, not autocast, sets
+    the compute dtype: parameters are cast once per gather, not every operator's inputs."""
+
+    shards_in_checkpoint = CHECKPOINT_SHARDS
+
+    def __init__(self, layout: Layout, precision: str, device: torch.device, recipe: Recipe) -> None:
+        super().__init__(layout, precision, device)
+        self.cfg, self.strategy = recipe.dist.fsdp, recipe.dist.strategy
+        self.meta_init = recipe.dist.fsdp.meta_init
+        self.tp_plan = recipe.dist.tp_plan  # None: the model's own (tensor.plan_of)
+        # FSDP imports it (~100 MB) on first use: imported now, it is not counted as the model's memory
+        importlib.import_module("torch._dynamo")
+
+    @property
+    def describe(self) -> str:
+        tp = f" x tensor parallel {self.layout.tensor}" if self.layout.tensor > 1 else ""
+        return f"{self.strategy}{tp}: {self.layout.describe()}"
+
+    def prepare(self, model: nn.Module) -> None:
+        sharding.units(model, self.cfg.units)  # a wrong class name or a tied unit fails at any world size
+        if self.layout.tensor > 1:
+            tensor.check(model, tensor.plan_of(model, self.tp_plan), self.layout.tensor)
+
+    def wrap(
+        self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
+    ) -> nn.Module:
+        mesh = sharding.build_mesh(self.layout, self.device)
+        if self.layout.tensor > 1:  # first: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks
+            tensor.apply(model, tensor.plan_of(model, self.tp_plan), mesh["tp"])
+        dp_mesh = sharding.data_parallel(mesh)
+        shard = lambda root: sharding.shard(root, model, self.cfg, dp_mesh, self.precision, head_chunks)  # noqa: E731
+        return wrap.wrap(
+            model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_, distribute=shard
+        )
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        if self.layout.tensor == 1:
+            return super().clip_grad_norm(params, max_norm)
+        return gradients.clip_norm_(list(params), max_norm)  # gradients on two meshes: torch's cannot stack them
+
+    def materialize(self, model: nn.Module, whole_state: dict[str, torch.Tensor] | None) -> None:
+        if not self.meta_init:
+            return
+        sharding.materialize(model, self.device)
+        if whole_state is not None:  # a whole (ddp) checkpoint: every rank keeps its own pieces
+            sharded_state.load_whole_model(model, whole_state)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def checkpointed(self, model: nn.Module, optimizer: torch.optim.Optimizer, base: str | None) -> tuple[Any, Any]:
+        # by parameter name, as DCP saves them: each rank its shards
+        return sharded_state.ModelState(model, base), sharded_state.OptimizerState(model, optimizer)
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # gathering tensor-parallel shards, DTensor warns on every rank that two all-gathers are
+        # "suboptimal": true, and irrelevant for a one-time copy to model.pt
+        quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return sharded_state.full_model_state(model, sharded=True)
+        finally:
+            quiet.setLevel(level)
+
+    def eval_model(self, model: nn.Module, train_model: nn.Module) -> nn.Module:
+        return wrap.eval_model(model, train_model)
+
+
+class WholeOfSharded(Strategy):
+    """An fsdp/hsdp recipe without a process group (a plain single process, simulated ranks): the
+    model trains whole, and its sharding units are still checked, so a wrong class name fails at
+    any world size."""
+
+    def __init__(self, layout: Layout, precision: str, device: torch.device, recipe: Recipe) -> None:
+        super().__init__(layout, precision, device)
+        self.cfg = recipe.dist.fsdp
+
+    def prepare(self, model: nn.Module) -> None:
+        sharding.units(model, self.cfg.units)
+
+
+def layout_for(recipe: Recipe, world_size: int, local_world_size: int | None = None) -> Layout:
+    """This recipe's layout of `world_size` ranks (hsdp's shard groups: the recipe's size, else one
+    node's ranks)."""
+    tensor = recipe.dist.tensor_parallel
+    group = None
+    if recipe.dist.strategy == "hsdp":
+        # the recipe's size (in data-parallel ranks), else one node's data-parallel ranks
+        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // tensor)
+    return build_layout(recipe.dist.strategy, world_size, tensor, group)
+
+
+def build_strategy(
+    recipe: Recipe,
+    world_size: int,
+    local_world_size: int,
+    device: torch.device,
+    has_process_group: bool,
+    comm_hook: Callable[..., Any] | None = None,
+) -> Strategy:
+    """The strategy for this process. FSDP needs a process group (torchrun starts one even for one
+    rank); without one (a plain single process, or simulated ranks) the model trains whole."""
+    layout = layout_for(recipe, world_size, local_world_size)
+    precision = recipe.train.precision
+    if (recipe.dist.strategy != "ddp" or layout.tensor > 1) and has_process_group:
+        return Sharded(layout, precision, device, recipe)
+    if world_size > 1 and has_process_group:
+        return Replicated(layout, precision, device, recipe, comm_hook)
+    if recipe.dist.strategy != "ddp":
+        return WholeOfSharded(layout, precision, device, recipe)
+    return Strategy(layout, precision, device)

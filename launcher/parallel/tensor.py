@@ -1,0 +1,123 @@
+"""dist.tensor_parallel: each layer's matrices split over the ranks of a tensor-parallel group
+(`torch.distributed.tensor.parallel`), attention and MLP column-wise then row-wise, so each pair
+needs one all-reduce in the forward and one in the backward, and every other module (embeddings,
+norms, the head) is replicated. Applied before activation checkpointing and FSDP (torchtitan's
+order); FSDP then shards the resulting DTensors over the data-parallel ranks.
+
+The plan, by module-name pattern (`*` matches any part of a name), comes from the recipe
+(`dist.tp_plan`), else the model: the built-in GPT's `tp_plan`, or a transformers config's
+`base_model_tp_plan` (prefixed with the base model's attribute). Only `colwise` and `rowwise` are
+applied: the maths stays exact whatever is left replicated."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from launcher.errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+KEY = "dist.tensor_parallel"
+STYLES = ("colwise", "rowwise")
+
+
+def plan_of(model: nn.Module, recipe_plan: Mapping[str, str] | None) -> dict[str, str]:
+    """Module-name pattern -> style: the recipe's, the model's own, or its transformers config's."""
+    if recipe_plan:
+        return dict(recipe_plan)
+    own = getattr(model, "tp_plan", None)
+    if isinstance(own, Mapping):
+        return dict(own)
+    config_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    if isinstance(config_plan, Mapping) and config_plan:
+        prefix = getattr(model, "base_model_prefix", "")
+        base = prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+        return {(f"{base}.{k}" if base else k): v for k, v in config_plan.items()}
+    raise RecipeError(
+        KEY,
+        f"{type(model).__name__} has no tensor-parallel plan (no tp_plan, no transformers base_model_tp_plan); "
+        "give one as dist.tp_plan: {module-name pattern: colwise or rowwise}, or set dist.tensor_parallel=1",
+    )
+
+
+def matched(model: nn.Module, plan: Mapping[str, str]) -> dict[str, tuple[nn.Module, str]]:
+    """The modules the plan splits: name -> (module, style); a style other than colwise/rowwise is
+    left replicated (transformers' plans name some the launcher does not apply)."""
+    for pattern, style in plan.items():
+        if not isinstance(style, str):
+            raise RecipeError("dist.tp_plan", f"{pattern}: expected colwise or rowwise, got {style!r}")
+    found: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        for pattern, style in plan.items():
+            if style in STYLES and fnmatch.fnmatchcase(name, pattern):
+                found[name] = (module, style)
+                break
+    return found
+
+
+def check(model: nn.Module, plan: Mapping[str, str], tensor: int) -> None:
+    """What splits over `tensor` ranks, checked before anything moves: a plan that matches nothing,
+    a split module that is not a Linear, widths and attention heads that do not divide."""
+    found = matched(model, plan)
+    if not found:
+        raise RecipeError(
+            "dist.tp_plan",
+            f"no module of {type(model).__name__} matches the tensor-parallel plan {dict(plan)}; "
+            "name modules by their names in model.named_modules()",
+        )
+    for name, (module, style) in found.items():
+        if not isinstance(module, nn.Linear):
+            raise RecipeError(
+                "dist.tp_plan", f"{name} is a {type(module).__name__}; colwise and rowwise split nn.Linear"
+            )
+        width = module.out_features if style == "colwise" else module.in_features
+        if width % tensor:
+            side = "outputs" if style == "colwise" else "inputs"
+            raise RecipeError(
+                KEY,
+                f"{name} ({style}) has {width} {side}, which do not split over {tensor} ranks; "
+                f"use a tensor_parallel that divides {width}",
+            )
+    for label, heads in _heads(model):
+        if heads % tensor:
+            raise RecipeError(
+                KEY,
+                f"{label} is {heads}, which does not split over {tensor} ranks; "
+                f"use a tensor_parallel that divides {heads}",
+            )
+
+
+def split_params(model: nn.Module, plan: Mapping[str, str]) -> frozenset[int]:
+    """The ids of the parameters the plan splits (the memory plan divides them by the degree)."""
+    return frozenset(id(p) for module, _ in matched(model, plan).values() for p in module.parameters())
+
+
+def apply(model: nn.Module, plan: Mapping[str, str], mesh: DeviceMesh) -> None:
+    """parallelize_module over the tensor-parallel mesh: each matched Linear's weight (and bias)
+    becomes a DTensor shard; inputs and outputs stay replicated around each column/row pair."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    parallelize_module(model, mesh, {name: styles[style]() for name, (_, style) in matched(model, plan).items()})
+
+
+def _heads(model: nn.Module) -> list[tuple[str, int]]:
+    """Attention head counts the split must divide: the built-in GPT's blocks' n_heads, and a
+    transformers config's query and key/value heads."""
+    found = []
+    for name, module in model.named_modules():
+        heads = getattr(module, "n_heads", None)
+        if isinstance(heads, int):
+            found.append((f"{name}.n_heads", heads))
+            break  # every block alike
+    config = getattr(model, "config", None)
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            found.append((f"model.config.{attr}", value))
+    return found

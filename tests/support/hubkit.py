@@ -1,0 +1,38 @@
+"""A Hugging Face hub cache laid out by hand, as `huggingface_hub` writes it: for each repository,
+`<type>s--<org>--<name>/` with the files under `blobs/` (named by their sha256), a snapshot
+directory of links to them named by the commit, and `refs/main` holding that commit. With
+HF_HUB_OFFLINE=1 and HF_HUB_CACHE pointing here, hub ids resolve through the library's own code."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+
+def add_repo(cache: Path, repo_id: str, source: Path, repo_type: str = "model") -> Path:
+    """Every file under `source` as the repository's one commit; returns the snapshot directory."""
+    folder = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()
+    snapshot = folder / "snapshots" / commit
+    for file in files:
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        blob = folder / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../" * len(file.relative_to(source).parts)) / ".." / "blobs" / digest)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path

@@ -1,0 +1,272 @@
+"""Fine-tuning as people do it (#23): hub ids for models, tokenizers and datasets, read offline from
+a hub cache the test lays out (hubkit: the real huggingface_hub code path with the network cut);
+chat data with the prompt masked; the shipped fine-tuning recipes, run as they are. Real
+processes, gloo, transformers, datasets and peft."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_close_rel, changed, launcher, load_weights, worker_env, write_recipe
+from hubkit import add_repo, write_parquet
+from launcher.parallel.sharding import MIN_TORCH, torch_version
+
+MODEL, SUMS, SUMS_TEXT = "tiny-org/sums-gpt2", "tiny-org/sums-chat", "tiny-org/sums-text"
+OTHER_MODEL = "tiny-org/sums-gpt2-b"  # the same shapes, other weights
+LORA = {"_component_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A hub cache holding a tiny GPT-2 with a character tokenizer and its chat template, a chat
+    dataset (Parquet, `messages`) and a text dataset (Parquet, `text`): the example sums."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from launcher.datasets import examples
+
+    tmp = tmp_path_factory.mktemp("hub")
+    model_dir = tmp / "model"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=2, eos_token_id=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    examples._tokenizer().save_pretrained(model_dir)
+    other_dir = tmp / "other"
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(other_dir)
+    examples._tokenizer().save_pretrained(other_dir)
+    sums = examples._sums(64, seed=5)
+    chats = [
+        {"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+        for a, b in sums
+    ]
+    write_parquet(tmp / "chat" / "data" / "train-00000-of-00001.parquet", chats)
+    write_parquet(
+        tmp / "text" / "data" / "train-00000-of-00001.parquet", [{"text": f"{a}+{b}={a + b}"} for a, b in sums]
+    )
+    cache = tmp / "cache"
+    add_repo(cache, MODEL, model_dir)
+    add_repo(cache, OTHER_MODEL, other_dir)
+    add_repo(cache, SUMS, tmp / "chat", repo_type="dataset")
+    add_repo(cache, SUMS_TEXT, tmp / "text", repo_type="dataset")
+    return {"cache": cache, "env": worker_env(HF_HUB_CACHE=str(cache), HF_DATASETS_CACHE=str(tmp / "datasets"))}
+
+
+def sft_recipe(run_dir, **changes) -> dict:
+    """The hub model fine-tuned on the hub chat data (64 conversations, 4 steps of 16), SGD, no
+    dropout; validated on the hub text data."""
+    recipe = {
+        "name": "sft",
+        "seed": 0,
+        "model": {"_component_": "launcher.models.hf.causal_lm", "pretrained": MODEL},
+        "data": {
+            "train": {"_component_": "launcher.datasets.chat.ChatData", "dataset": SUMS, "tokenizer": MODEL},
+            "val": {
+                "_component_": "launcher.datasets.tokenized.TokenizedText",
+                "dataset": SUMS_TEXT,
+                "tokenizer": MODEL,
+            },
+            "batch_size": 4,
+            "collate": {"_component_": "launcher.collate.PadToLongest"},
+        },
+        "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.1},
+        "train": {"epochs": 1, "global_batch_size": 16},
+        "log": {"every_n_steps": 1},
+        "run": {"dir": str(run_dir)},
+    }
+    return changed(recipe, **changes)
+
+
+def run(hub, tmp_path, name, *args, expect=0, **changes):
+    path = write_recipe(tmp_path / f"{name}.yaml", sft_recipe(tmp_path / name, **changes))
+    proc = launcher("run", *args, path, env=hub["env"], timeout=600)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return tmp_path / name if expect == 0 else proc
+
+
+def losses(run_dir, key="loss"):
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.fixture(scope="module")
+def one_process(hub, tmp_path_factory):
+    """The reference: the whole global batch of 16 in one micro-batch of one process, eager."""
+    return run(hub, tmp_path_factory.mktemp("one"), "one", **{"data.batch_size": 16})
+
+
+def test_chat_sft_from_hub_ids_on_2_ranks_with_accumulation_equals_one_process(hub, tmp_path, one_process):
+    """Model, tokenizer and both datasets named by hub id, read from the cache offline; 2 ranks x
+    micro-batch 4 x accumulation 2 equal one process with the whole batch of 16: the loss is the
+    mean over the step's answer tokens, however the conversations are spread."""
+    one = one_process
+    two = run(hub, tmp_path, "two", "--nproc", "2")
+    assert_close_rel(load_weights(two), load_weights(one), rtol=1e-5)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert losses(two, "val_loss") == pytest.approx(losses(one, "val_loss"), rel=1e-5)
+    assert losses(one)[-1] < losses(one)[0]
+    # the export carries the hub tokenizer with its chat template
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(one / "hf")
+    assert tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1+2?"}], tokenize=False, add_generation_prompt=True
+    ) == ("<|user|>What is 1+2?<|end|><|assistant|>")
+
+
+def test_a_compiled_transformers_model_trains_as_eager(hub, tmp_path, one_process):
+    """train.compile on a transformers model: torch.compile over the model with its own loss inside
+    (launcher/parallel/wrap.py), on the CPU, ends at the eager run's weights (SGD: 1e-5)."""
+    compiled = run(hub, tmp_path, "compiled", **{"data.batch_size": 16, "train.compile": True})
+    assert_close_rel(load_weights(compiled), load_weights(one_process), rtol=1e-5)
+    assert losses(compiled) == pytest.approx(losses(one_process), rel=1e-5)
+
+
+def test_check_says_where_hub_ids_came_from_without_reading_weights(hub, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "run"))
+    # weights absent from the cache: check reads the config and tokenizer only
+    snapshot = next((hub["cache"] / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir())
+    weights = snapshot / "model.safetensors"
+    hidden = weights.with_name("hidden")
+    weights.rename(hidden)
+    try:
+        proc = launcher("check", path, env=hub["env"])
+    finally:
+        hidden.rename(weights)
+    assert proc.returncode == 0, proc.stderr
+    for repo in (MODEL, SUMS, SUMS_TEXT):
+        assert re.search(f"^from the hub +{repo} at commit [0-9a-f]{{12}}, cached in ", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_hub_id_missing_from_the_cache_offline_is_one_line(hub, tmp_path, command):
+    path = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "run", **{"model.pretrained": "tiny-org/absent"}))
+    proc = launcher(command, path, env=hub["env"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: model.pretrained: tiny-org/absent is neither a local directory")
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "`hf download tiny-org/absent`" in lines[0]
+
+
+def test_only_the_assistants_tokens_are_labelled(hub, monkeypatch):
+    """Labels are the ids on each answer and its end marker, -100 on everything else (system, user,
+    role markers), over multi-turn conversations too: a prompt token never counts in the loss."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.datasets.chat import IGNORE, ChatTokenizer
+
+    tok = ChatTokenizer.load(MODEL, None, None)
+    messages = [
+        {"role": "system", "content": "1+1=2"},
+        {"role": "user", "content": "What is 3+4?"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "What is 10+20?"},
+        {"role": "assistant", "content": "30"},
+    ]
+    ids, labels = tok.encode(messages)
+    assert len(ids) == len(labels)
+    answered = [tok.tok.decode([i]) for i, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert answered == ["7", "<|end|>", "3", "0", "<|end|>"]
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
+
+
+def test_conversations_cut_to_no_answer_are_dropped_and_named(tmp_path):
+    """max_length 16 cuts the answer off the conversations whose prompt is 16 tokens or more
+    (both numbers of two digits): they are dropped, counted, and named by check; the others stay."""
+    proc = launcher("check", ROOT / "recipes" / "sft_lora.yaml", "data.train.max_length=16", cwd=tmp_path, check=True)
+    warning = [line for line in proc.stdout.splitlines() if "conversations have no answer token" in line]
+    assert len(warning) == 1, proc.stdout
+    dropped = int(warning[0].split("data.train: ")[1].split(" of ")[0])
+    assert warning[0].startswith("warning: data.train: ") and 0 < dropped < 2000
+    assert "raise max_length to keep them" in warning[0]
+    assert f"train / val samples    {2000 - dropped} / 200" in proc.stdout
+
+
+def test_the_sft_lora_recipe_runs_as_shipped_and_exports_adapter_and_merged_model(tmp_path):
+    """From a clean directory, offline, no overrides: the launcher writes its data and tokenizer,
+    the answer loss falls, and hf/ (the adapter) and hf-merged/ load, with the chat template."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = launcher("run", ROOT / "recipes" / "sft_lora.yaml", cwd=tmp_path, check=True)
+    assert "UserWarning" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
+    run_dir = tmp_path / "runs" / "sft_lora"
+    assert losses(run_dir, "val_loss")[-1] < losses(run_dir)[0] - 0.5, run_dir.joinpath("metrics.jsonl").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf-merged")
+    base = AutoModelForCausalLM.from_config(merged.config)  # a base of the same shapes for the adapter
+    adapted = PeftModel.from_pretrained(base, run_dir / "hf")
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf-merged")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True)
+    ids = torch.tensor([prompt if isinstance(prompt, list) else prompt["input_ids"]])
+    assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert isinstance(adapted, PeftModel)
+    assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template == tok.chat_template
+
+
+def test_the_hf_causal_lm_recipe_runs_as_shipped_on_two_ranks(tmp_path):
+    launcher("run", "--nproc", "2", ROOT / "recipes" / "hf_causal_lm.yaml", cwd=tmp_path, check=True)
+    run_dir = tmp_path / "runs" / "hf_causal_lm"
+    val = losses(run_dir, "val_loss")
+    assert len(val) >= 3 and val[-1] < val[0], val
+    assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "tokenizer.json").is_file()
+
+
+def test_lora_killed_mid_run_resumes_bit_identical(hub, tmp_path):
+    """LoRA on the hub model, checkpointing every step on 2 ranks: the launcher SIGKILLed once step
+    2's checkpoint is complete, the same command again ends bit-identical to an uninterrupted run."""
+    from runs import assert_identical, processes_with, start, wait_for
+
+    changes = {"model.peft": LORA, "train.epochs": 3, "checkpoint.every_n_steps": 1}
+    whole = run(hub, tmp_path, "whole", "--nproc", "2", **changes)
+    path = write_recipe(tmp_path / "killed.yaml", sft_recipe(tmp_path / "killed", **changes))
+    marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
+    proc = start("run", "--nproc", "2", path, env={**hub["env"], marker: "1"})
+    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000002" / "COMPLETE", proc, limit_s=300)
+    proc.kill()  # the launcher; its workers see their parent die and end (test_robustness pins that)
+    proc.communicate()
+    deadline = time.monotonic() + 60  # a limit, not a timing: the rerun must not meet a live worker
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_with(marker), "workers outlived their launcher"
+    assert not (tmp_path / "killed" / "model.pt").exists(), "the run ended before the kill: nothing was tested"
+    resumed = launcher("run", "--nproc", "2", path, env=hub["env"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resum" in resumed.stdout.lower(), resumed.stdout
+    assert_identical(load_weights(tmp_path / "killed"), load_weights(whole))
+    # the checkpoints hold the adapters only (and the base's fingerprint): a fraction of the model
+    step = whole / "checkpoints" / "step_00000012"
+    saved = torch.load(step / "state.pt", weights_only=False)["model"]
+    tensors = [k for k in saved if isinstance(saved[k], torch.Tensor)]
+    assert tensors and all("lora_" in k for k in tensors), tensors
+    on_disk = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
+    assert on_disk < 0.5 * (whole / "model.pt").stat().st_size
+
+
+@pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6")
+def test_a_sharded_lora_checkpoint_resumes_in_one_process_on_its_base_only(hub, tmp_path):
+    """An fsdp LoRA run on 2 ranks (its checkpoint: adapter shards), continued for a second epoch in
+    one process under ddp, equals 2 epochs at once (1e-5); continued on another base of the same
+    shapes, it is refused in one line before any step."""
+    lora = {"model.peft": LORA, "dist.strategy": "fsdp", "dist.fsdp.units": ["GPT2Block"]}
+    whole = run(hub, tmp_path, "whole", "--nproc", "2", **lora, **{"train.epochs": 2})
+    first = run(hub, tmp_path, "first", "--nproc", "2", **lora)
+    assert list((first / "checkpoints" / "step_00000004" / "shards").glob("*.distcp"))
+    recipe = sft_recipe(first, **{"model.peft": LORA, "train.epochs": 2})
+    wrong = launcher(
+        "run",
+        write_recipe(tmp_path / "wrong.yaml", changed(recipe, **{"model.pretrained": OTHER_MODEL})),
+        env=hub["env"],
+    )
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    lines = wrong.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was trained on another frozen base model" in lines[0], wrong.stderr
+    resumed = launcher("run", write_recipe(tmp_path / "same.yaml", recipe), env=hub["env"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_close_rel(load_weights(first), load_weights(whole), rtol=1e-5)

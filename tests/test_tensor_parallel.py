@@ -1,0 +1,219 @@
+"""Tensor parallelism (issue #22): the built-in GPT split over tensor-parallel ranks, composed with
+ddp and fsdp on one device mesh, equals one process with the same global batch (SGD with momentum,
+clipping on, fp32, no dropout), and its DCP checkpoints resume under other layouts. Real processes,
+gloo, DTensor on CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_close_rel, launcher, load_weights
+from launcher.parallel.sharding import MIN_TORCH, torch_version
+
+pytestmark = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="DTensor tensor parallelism needs torch >= 2.6")
+
+# a 2-layer GPT with 4 heads (splits over 2 and 4 ranks), 4 steps of a global batch of 16 sequences
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.seq_len=16",
+    "data.train.seq_len=16",
+    "data.val.seq_len=16",
+    "data.train.max_bytes=20000",
+    "data.val.max_bytes=4000",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.precision=fp32",
+    "train.global_batch_size=16",
+    "train.max_steps=4",
+    "train.warmup_steps=0",
+    "train.eval_every_steps=4",
+    "train.grad_clip_norm=1.0",
+    "scheduler=null",
+    "optimizer={_component_: torch.optim.SGD, lr: 0.1, momentum: 0.9}",
+    "log.every_n_steps=1",
+    "log.wandb=null",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=5",
+]
+
+
+def run(run_dir, *changes, nproc=None):
+    args = ["run", *(["--nproc", str(nproc)] if nproc else []), ROOT / "recipes" / "gpt.yaml"]
+    proc = launcher(*args, f"run.dir={run_dir}", *TINY, *changes, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def rows(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def assert_equal_to(run_dir, reference):
+    assert_close_rel(load_weights(run_dir), load_weights(reference), rtol=1e-5)
+    for (loss, norm), (loss_ref, norm_ref) in zip(rows(run_dir), rows(reference), strict=True):
+        assert loss == pytest.approx(loss_ref, rel=1e-5) and norm == pytest.approx(norm_ref, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The whole global batch in one micro-batch of one process."""
+    return run(tmp_path_factory.mktemp("tp") / "one", "data.batch_size=16")
+
+
+@pytest.fixture(scope="module")
+def fsdp_x_tp(tmp_path_factory):
+    """4 ranks as fsdp 2 x tp 2, checkpointed at steps 2 and 4."""
+    return run(tmp_path_factory.mktemp("tp") / "fsdp-tp", "dist.strategy=fsdp", "dist.tensor_parallel=2", nproc=4)
+
+
+def test_fsdp_2_x_tp_2_equals_one_process(fsdp_x_tp, one_process):
+    assert_equal_to(fsdp_x_tp, one_process)
+
+
+@pytest.mark.parametrize(
+    "name,changes",
+    [
+        ("ddp-tp", ["dist.strategy=ddp", "dist.tensor_parallel=2"]),
+        ("tp4", ["dist.strategy=fsdp", "dist.tensor_parallel=4"]),
+    ],
+)
+def test_other_layouts_of_4_ranks_equal_one_process(tmp_path, one_process, name, changes):
+    assert_equal_to(run(tmp_path / name, *changes, nproc=4), one_process)
+
+
+@pytest.mark.parametrize(
+    "nproc,changes",
+    [
+        (2, ["dist.strategy=fsdp", "dist.tensor_parallel=1"]),  # dp 2 x tp 1
+        (2, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),  # tp 2 only
+        (None, ["dist.strategy=ddp", "dist.tensor_parallel=1"]),  # one process
+    ],
+    ids=["dp2", "tp2", "one-process"],
+)
+def test_an_fsdp_x_tp_checkpoint_resumes_under_another_layout(tmp_path, fsdp_x_tp, nproc, changes):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp_x_tp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # as if the run had stopped after step 2
+    (resumed / "model.pt").unlink()
+    run(resumed, *changes, nproc=nproc)
+    assert_close_rel(load_weights(resumed), load_weights(fsdp_x_tp), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (["dist.tensor_parallel=3"], "dist.tensor_parallel: 3 does not divide the world size 4; use a divisor of 4"),
+        (["dist.tensor_parallel=4", "model.n_heads=2"], "dist.tensor_parallel: 1.n_heads is 2, which does not split"),
+        (
+            ["dist.tensor_parallel=2", "dist.tp_plan={'*.nothing': colwise}"],
+            "dist.tp_plan: no module of GPTModel matches the tensor-parallel plan",
+        ),
+    ],
+)
+def test_bad_layouts_are_one_line_at_check(changes, expected):
+    proc = launcher("check", ROOT / "recipes" / "gpt.yaml", "--nproc", "4", *TINY, *changes)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(f"error: {expected}"), proc.stderr[-2000:]
+
+
+def test_a_model_without_a_plan_is_one_line():
+    proc = launcher("check", ROOT / "recipes" / "quickstart.yaml", "--nproc", "2", "dist.tensor_parallel=2")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "dist.tensor_parallel: Sequential has no tensor-parallel plan" in last, last
+
+
+def test_check_prints_the_mesh_and_the_memory_per_rank_of_the_layout():
+    args = ["--nproc", "8", "dist.strategy=hsdp", "dist.tensor_parallel=2", "dist.fsdp.shard_group_size=2"]
+    out = launcher("check", ROOT / "recipes" / "gpt.yaml", *TINY, *args, check=True).stdout
+    assert re.search(r"^mesh +8 ranks = 2 replicate x 2 shard x 2 tensor$", out, re.M), out
+    assert "per rank, 8 ranks = 2 replicate x 2 shard x 2 tensor" in out, out
+
+
+def test_convert_joins_an_fsdp_x_tp_checkpoint_into_model_pt(tmp_path, fsdp_x_tp):
+    out = tmp_path / "joined.pt"
+    launcher("convert", fsdp_x_tp / "checkpoints" / "step_00000004", "-o", out, check=True)
+    joined = torch.load(out, weights_only=True)
+    assert_close_rel(joined, load_weights(fsdp_x_tp), rtol=0.0)
+
+
+def test_a_tensor_parallel_group_across_nodes_is_warned_about():
+    from launcher.parallel.layout import Layout, node_warning
+
+    assert node_warning(Layout(replicate=1, shard=2, tensor=4), local_world_size=8) is None
+    warning = node_warning(Layout(replicate=1, shard=3, tensor=4), local_world_size=6)
+    assert warning is not None and "some tensor-parallel groups span nodes" in warning
+
+
+def test_a_transformers_llama_split_by_its_base_model_tp_plan_equals_one_process(tmp_path):
+    """A 2-layer Llama (4 query heads, 2 key/value heads) by its config's base_model_tp_plan, fsdp 2
+    x tp 2, on padded documents with the model's own token-exact loss; and its checkpoint of step 2
+    continued in one process."""
+    from conftest import changed, write_recipe
+    from hfkit import lm_recipe
+
+    config = {"_component_": "transformers.LlamaConfig", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64}
+    config |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config |= {"max_position_embeddings": 64, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 0}
+    recipe = changed(
+        lm_recipe(tmp_path, tmp_path / "unused"),
+        **{
+            "model.config": config,
+            "train": {"max_steps": 3, "global_batch_size": 16, "grad_clip_norm": 1.0},
+            "checkpoint": {"every_n_steps": 2, "keep_last": 5},
+        },
+    )
+    runs = {}
+    for name, nproc, changes in (
+        ("one", None, ["data.batch_size=16"]),
+        ("tp", 4, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),
+    ):
+        path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+        args = ["run", *(["--nproc", str(nproc)] if nproc else []), path, f"run.dir={tmp_path / name}", *changes]
+        proc = launcher(*args, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert_equal_to(runs["tp"], runs["one"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["tp"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000003")
+    (resumed / "model.pt").unlink()
+    proc = launcher("run", tmp_path / "one.yaml", f"run.dir={resumed}", timeout=600)
+    assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stderr[-3000:]
+    assert_close_rel(load_weights(resumed), load_weights(runs["tp"]), rtol=1e-5)
+
+
+def test_an_elastic_restart_after_sigkill_under_fsdp_x_tp_ends_bit_identical(tmp_path):
+    """The resumable recipe's MLP (dropout, noisy data, a schedule) split by a recipe plan, 4 ranks as
+    fsdp 2 x tp 2: rank 1 killed mid-step, restarted by torchrun's agent from the last checkpoint."""
+    import os
+    import signal
+
+    from conftest import write_recipe
+    from runs import assert_identical, gate, recipe, start, wait_for
+
+    layout = {
+        "dist.strategy": "fsdp",
+        "dist.tensor_parallel": 2,
+        "dist.tp_plan": {"net.1": "colwise", "net.4": "rowwise"},
+    }
+    reference = write_recipe(tmp_path / "ref.yaml", recipe(tmp_path / "ref", **layout))
+    launcher("run", "--nproc", "4", reference, check=True)
+    _, waiting, model = gate(tmp_path, rank=1, at_call=9, first_attempt_only=True)
+    path = write_recipe(
+        tmp_path / "r.yaml", recipe(tmp_path / "run", **layout, **model, **{"checkpoint.every_n_steps": 2})
+    )
+    proc = start("run", "--nproc", "4", "--max-restarts", "1", path)
+    wait_for(waiting, proc)
+    os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "restart 1" in out
+    assert_identical(load_weights(tmp_path / "run"), load_weights(tmp_path / "ref"))
