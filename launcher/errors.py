@@ -22,9 +22,26 @@ class ArgumentError(Exception):
     """Raised by a built-in component about one of its own arguments; `instantiate` reports it as a
     RecipeError for the argument's recipe key (the component does not know where the recipe put it)."""
 
-    def __init__(self, argument: str, message: str):
+    def __init__(self, argument: str, message: str | None = None):
+        if message is None:  # rebuilt by torch from a DataLoader worker's traceback text
+            argument, message = _from_worker_traceback(argument)
         super().__init__(message)
         self.argument = argument
+        if hasattr(self, "add_note"):  # Python >= 3.11: the argument rides in the traceback text too
+            self.add_note(f"{_ARGUMENT_NOTE}{argument}")
+
+
+_ARGUMENT_NOTE = "launcher argument: "
+
+
+def _from_worker_traceback(text: str) -> tuple[str, str]:
+    """(argument, message) from torch's "Caught ArgumentError in DataLoader worker process N.
+    Original Traceback ..." text: the exception's own line and its note."""
+    lines = text.splitlines()
+    header = f"{__name__}.ArgumentError: "
+    message = next((line[len(header) :] for line in reversed(lines) if line.startswith(header)), text)
+    argument = next((line[len(_ARGUMENT_NOTE) :] for line in lines if line.startswith(_ARGUMENT_NOTE)), "")
+    return argument, message
 
 
 def positive(argument: str, value: int | None, optional: bool = True) -> int | None:
@@ -34,6 +51,16 @@ def positive(argument: str, value: int | None, optional: bool = True) -> int | N
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ArgumentError(argument, f"{value!r} is not a length: give a whole number of at least 1")
     return value
+
+
+class DataRowError(Exception):
+    """A data source's ArgumentError (a bad row) met while the loop read a split: `key` is the
+    split's recipe key (data.train or data.val), which the source itself does not know."""
+
+    def __init__(self, key: str, error: ArgumentError):
+        super().__init__(str(error))
+        self.key = key
+        self.error = error
 
 
 class MissingFile(ArgumentError, FileNotFoundError):

@@ -132,6 +132,20 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
     assert processes_with(marker) == [], "workers outlived their launcher"
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_error_while_dataloader_workers_read_ends_the_process(tmp_path, split):
+    """A bad sample met in a DataLoader worker is the one line naming its key, and the process
+    exits: its workers ignore SIGTERM (preemption must not kill them first), and the failed
+    loader's iterator, kept alive by the error, once held the exit forever."""
+    broken = {"_component_": "testkit.FailsToFetch", "at_index": 5, "size": 37 if split == "train" else 11}
+    r = recipe_dict(**{"run.dir": str(tmp_path / "run"), f"data.{split}": broken, "data.num_workers": 2})
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", r), timeout=120)  # a hang is a TimeoutExpired
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data.{split}.at_index: sample 5 is bad"), (
+        proc.stderr[-3000:]
+    )
+
+
 def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path):
     until, waiting, model = gate(tmp_path, rank=0, at_call=3)
     r = recipe_dict(**{"run.dir": str(tmp_path / "run"), **model})

@@ -153,8 +153,11 @@ def test_a_rank_dying_while_rank_0_prepares_data_is_not_blamed_on_the_data(tmp_p
     assert "data.train" not in proc.stderr and "rank 1" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_it(tmp_path):
-    """One process, no periodic checkpoint: the 9 steps before the row's are saved, then exit 2."""
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "in-a-loader-worker"])
+def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_it(tmp_path, workers):
+    """One process, no periodic checkpoint: the 9 steps before the row's are saved, then exit 2.
+    Read by a DataLoader worker, the row's error crosses into the training process as the same
+    line, and the process exits (its workers ignore SIGTERM: it used to wait on them forever)."""
     from conftest import DELETE, changed, write_recipe
     from hfkit import lm_recipe
 
@@ -165,9 +168,11 @@ def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_
     stream.write_text("\n".join(lines) + "\n")
     changes = {"data.train._component_": "launcher.datasets.tokenized.StreamedText", "data.train.files": str(stream)}
     changes |= {"data.train.cache_dir": DELETE, "data.val": None, "train.epochs": None, "train.max_steps": 40}
+    changes |= {"data.num_workers": workers}
     recipe = changed(lm_recipe(tmp_path, tmp_path / "run"), **changes)
-    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe))
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe), timeout=120)
     line = last_line(proc)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith(f"error: data.train.files: {stream}:151: 'text' is None, not text"), line
     assert line.endswith("(the 9 steps before it are saved: fix the row and run the same command)")
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000009"]

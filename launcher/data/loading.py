@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -150,6 +151,22 @@ def build_loader(
         collate_fn=collate_fn,
         **extra,
     )
+
+
+@contextmanager
+def workers_stopped_on_error(streams: Iterable[Iterator[Batch]]) -> Iterator[None]:
+    """On an exception, stop the worker processes behind `streams` (DataLoader iterators) before it
+    propagates: the iterators would live on in the traceback, and their workers, which ignore the
+    preemption signals, would hold the process's exit forever (multiprocessing joins them after a
+    SIGTERM they ignore). A normal end keeps persistent workers for the next epoch."""
+    try:
+        yield
+    except BaseException:
+        for stream in streams:
+            shutdown = getattr(stream, "_shutdown_workers", None)  # torch's multi-process iterator
+            if callable(shutdown):
+                shutdown()
+        raise
 
 
 def batch_size_of(batch: Batch) -> int:

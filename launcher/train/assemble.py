@@ -27,7 +27,7 @@ from launcher.cluster.signals import Agreement, PreemptionFlag, parse_signal
 from launcher.data import batches, fit, streaming
 from launcher.data.builders import build_collate, build_datasets, build_loaders, train_samples
 from launcher.data.plan import Plan, build_plan, plan_warnings
-from launcher.errors import EXIT_FAILED, EXIT_USAGE, ArgumentError, Preempted, RecipeError, TrainingError, UserError
+from launcher.errors import EXIT_FAILED, EXIT_USAGE, DataRowError, Preempted, RecipeError, TrainingError, UserError
 from launcher.models import hf
 from launcher.observe import startup
 from launcher.observe.heartbeat import Heartbeat, phase
@@ -276,7 +276,7 @@ def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | N
     try:
         try:
             state = loop.fit(t)
-        except ArgumentError as e:  # a data source's complaint about what it read (a bad row of a stream)
+        except DataRowError as e:  # a data source's complaint about what it read (a bad row of a stream)
             raise _data_error(t, e) from None
         if env.is_main and "first_step" in startup.marks:
             _write_startup(recipe.layout.startup)
@@ -317,7 +317,7 @@ def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | N
     return state
 
 
-def _data_error(t: Trainer, e: ArgumentError) -> RecipeError:
+def _data_error(t: Trainer, e: DataRowError) -> RecipeError:
     """A bad row met while training, as one line naming it. One process alone saves a checkpoint
     of the steps done first (no peer has to agree); ranks may meet the row at different steps, so
     there the last periodic checkpoint is the resume point."""
@@ -325,7 +325,8 @@ def _data_error(t: Trainer, e: ArgumentError) -> RecipeError:
     if t.session.world_size == 1 and t.state.step > t.state.last_checkpoint_step:
         resume.save_checkpoint(t)  # at a step boundary: the window the row cut short is not in it
         saved = f" (the {t.state.step} steps before it are saved: fix the row and run the same command)"
-    return RecipeError(f"data.train.{e.argument}" if e.argument else "data.train", f"{e}{saved}")
+    argument = e.error.argument
+    return RecipeError(f"{e.key}.{argument}" if argument else e.key, f"{e}{saved}")
 
 
 def _background_writes(recipe: Recipe) -> BackgroundWrite | None:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from launcher.cluster import distributed
 from launcher.data import batches
 from launcher.data.batches import Counting, LossFn
-from launcher.data.loading import ShardSampler, batch_size_of, slice_batch, to_device
+from launcher.data.loading import ShardSampler, batch_size_of, slice_batch, to_device, workers_stopped_on_error
 
 
 @torch.no_grad()
@@ -45,40 +45,42 @@ def evaluate(
     # loss x its count, samples, correct predictions, predictions, the loss's count (samples or tokens)
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     position = 0
-    for index, batch in enumerate(loader):
-        if max_batches is not None and index >= max_batches:
-            break  # every rank stops at the same batch: its shard has as many batches as the others'
-        if should_stop():
-            model.train(was_training)
-            return None
-        n = batch_size_of(batch)
-        n_real = max(0, min(position + n, real_end) - position)
-        position += n
-        if n_real == 0 and not every_rank_forwards:
-            continue
-        batch = slice_batch(batch, max(n_real, 1))
-        count = batches.valid_tokens(batch, counting.shift) if counting.tokens else n_real
-        features, targets = batches.features_and_targets(to_device(batch, device), loss_fn is None)
-        with autocast():
-            out = batches.call(model, features)
-            loss = batches.loss_of(out, targets, loss_fn)
-        if n_real == 0:
-            continue
-        totals[1] += n_real
-        if count == 0:
-            continue  # a mean over no token: NaN, which must not reach val_loss
-        totals[0] += loss.double() * count
-        totals[4] += count
-        logits = batches.logits_of(out)
-        if (
-            loss_fn is not None
-            and isinstance(logits, torch.Tensor)
-            and not targets.is_floating_point()
-            and logits.shape[:-1] == targets.shape
-        ):
-            valid = targets != batches.IGNORE_INDEX
-            totals[2] += ((logits.argmax(-1) == targets) & valid).sum()
-            totals[3] += valid.sum()
+    stream = iter(loader)
+    with workers_stopped_on_error([stream]):
+        for index, batch in enumerate(stream):
+            if max_batches is not None and index >= max_batches:
+                break  # every rank stops at the same batch: its shard has as many batches as the others'
+            if should_stop():
+                model.train(was_training)
+                return None
+            n = batch_size_of(batch)
+            n_real = max(0, min(position + n, real_end) - position)
+            position += n
+            if n_real == 0 and not every_rank_forwards:
+                continue
+            batch = slice_batch(batch, max(n_real, 1))
+            count = batches.valid_tokens(batch, counting.shift) if counting.tokens else n_real
+            features, targets = batches.features_and_targets(to_device(batch, device), loss_fn is None)
+            with autocast():
+                out = batches.call(model, features)
+                loss = batches.loss_of(out, targets, loss_fn)
+            if n_real == 0:
+                continue
+            totals[1] += n_real
+            if count == 0:
+                continue  # a mean over no token: NaN, which must not reach val_loss
+            totals[0] += loss.double() * count
+            totals[4] += count
+            logits = batches.logits_of(out)
+            if (
+                loss_fn is not None
+                and isinstance(logits, torch.Tensor)
+                and not targets.is_floating_point()
+                and logits.shape[:-1] == targets.shape
+            ):
+                valid = targets != batches.IGNORE_INDEX
+                totals[2] += ((logits.argmax(-1) == targets) & valid).sum()
+                totals[3] += valid.sum()
     model.train(was_training)
     distributed.all_reduce(totals)
     totals /= copies  # a tensor-parallel group's ranks evaluate the same batches: counted once

@@ -24,8 +24,8 @@ import torch
 from launcher.cluster import distributed
 from launcher.cluster.cpu import duration
 from launcher.data import batches
-from launcher.data.loading import Batch, to_device
-from launcher.errors import TrainingError
+from launcher.data.loading import Batch, to_device, workers_stopped_on_error
+from launcher.errors import ArgumentError, DataRowError, TrainingError
 from launcher.observe import startup
 from launcher.observe.logs import log
 from launcher.parallel import gradients, memory, wrap
@@ -73,6 +73,15 @@ def train_epoch(t: Trainer) -> None:
         sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
         sampler.set_start(micro_index * p.micro_batch)
         shards.append((rank, iter(loader)))
+    with workers_stopped_on_error(stream for _, stream in shards):
+        try:
+            _train_windows(t, shards, micro_index)
+        except ArgumentError as e:  # a bad row of a stream, met as it was read
+            raise DataRowError("data.train", e) from None
+
+
+def _train_windows(t: Trainer, shards: list[tuple[int, Iterator[Batch]]], micro_index: int) -> None:
+    s, p = t.state, t.plan
     while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
         if t.heartbeat is not None:
             t.heartbeat.mark(f"step {s.step + 1}/{p.total_steps}")
@@ -287,20 +296,10 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     s = t.state
     if t.heartbeat is not None:
         t.heartbeat.mark(f"evaluation at step {s.step}")
-    assert t.val_loader is not None and t.plan.val_samples is not None
-    metrics = evaluate(
-        t.eval_model or t.model,
-        t.val_loader,
-        t.loss_fn,
-        t.counting,
-        t.plan.val_samples,
-        t.device,
-        t.autocast,
-        t.recipe.train.eval_max_batches,
-        should_stop=lambda: stop_agreed(t),
-        every_rank_forwards=t.eval_model not in (None, t.model),
-        copies=t.strategy.layout.tensor,
-    )
+    try:
+        metrics = _evaluate(t)
+    except ArgumentError as e:  # a bad validation row (of a custom dataset: built-in ones check theirs when built)
+        raise DataRowError("data.val", e) from None
     s.pending_eval = metrics is None
     if metrics is None:
         return None
@@ -320,3 +319,20 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
         if distributed.broadcast_flag(s.bad_evals >= es.patience, t.device) and s.stop_reason is None:
             s.stop_reason = f"early stopping: {es.metric} did not improve for {es.patience} evaluations"
     return metrics
+
+
+def _evaluate(t: Trainer) -> dict[str, float] | None:
+    assert t.val_loader is not None and t.plan.val_samples is not None
+    return evaluate(
+        t.eval_model or t.model,
+        t.val_loader,
+        t.loss_fn,
+        t.counting,
+        t.plan.val_samples,
+        t.device,
+        t.autocast,
+        t.recipe.train.eval_max_batches,
+        should_stop=lambda: stop_agreed(t),
+        every_rank_forwards=t.eval_model not in (None, t.model),
+        copies=t.strategy.layout.tensor,
+    )

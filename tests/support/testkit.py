@@ -176,6 +176,22 @@ class NoisyRegression(torch.utils.data.Dataset):
         return x + 0.1 * torch.randn_like(x), y
 
 
+class FailsToFetch(NoisyRegression):
+    """NoisyRegression whose sample `at_index` is bad: the user's error, as a built-in dataset's bad
+    row is (launcher.errors.ArgumentError names the recipe key)."""
+
+    def __init__(self, at_index: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at_index = at_index
+
+    def __getitem__(self, i):
+        if i == self.at_index:
+            from launcher.errors import ArgumentError
+
+            raise ArgumentError("at_index", f"sample {i} is bad")
+        return super().__getitem__(i)
+
+
 class WaitsToRead(NoisyRegression):
     """NoisyRegression whose building waits (as a long tokenization would) until the file `until`
     exists, creating `waiting` first: a test releases it when it has seen what it waits for."""
