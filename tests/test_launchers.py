@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import launcher, recipe_dict, tool, worker_env, write_recipe
+from conftest import ROOT, launcher, recipe_dict, tool, worker_env, write_recipe
 from runs import free_port
 
 
@@ -27,6 +28,28 @@ def test_doctor_with_two_gloo_ranks():
     ):
         assert f"ok   {check}" in out, out
     assert out.count(" cpu ") >= 2  # one row per rank
+    # the oldest torch CI runs (2.4) with transformers 5, which turns its PyTorch support off there:
+    # peft then fails to import, which is no broken install (the ddp path on 2.4 is supported) but is said
+    from launcher.recipe.components import transformers_torch_off
+
+    torch_off = transformers_torch_off()
+    assert (torch_off is not None) == ("ok   transformers on torch" in out), out
+    if torch_off is not None:
+        assert "peft" not in out or re.search(r"peft \S+ \(unusable, see below\)", out), out
+
+
+def test_a_lora_recipe_on_a_torch_too_old_for_transformers_names_torch_not_peft():
+    """transformers 5 turns its PyTorch support off under torch 2.4, and importing peft then fails
+    with NameError: name 'nn' is not defined. The line names the real cause (the oldest-torch CI run)."""
+    from launcher.recipe.components import transformers_torch_off
+
+    if transformers_torch_off() is None:
+        pytest.skip("transformers can use this torch: the oldest-torch CI run checks this")
+    proc = launcher("check", str(ROOT / "recipes" / "sft_lora.yaml"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: model.peft._component_: importing peft.LoraConfig failed: transformers "), line
+    assert "turned its PyTorch support off: it needs a newer torch than 2.4" in line, line
 
 
 def test_doctor_under_plain_torchrun_uses_the_agents_store(tmp_path):

@@ -36,19 +36,26 @@ def _versions() -> str:
 
 
 OPTIONAL = ("torchvision", "transformers", "datasets", "tokenizers", "safetensors", "peft", "wandb")
+NEED_TRANSFORMERS_TORCH = ("transformers", "peft")  # what transformers' PyTorch support must be on for
 
 
 def _optional_stack() -> list[tuple[str, bool, str]]:
     """Import each optional package that is installed: one that is installed but broken (a
     torchvision built for another torch breaks transformers too) is a failed check, with its cause."""
     import importlib
+    import importlib.metadata
     import importlib.util
 
-    from launcher.recipe.components import first_line, root_cause
+    from launcher.recipe.components import first_line, root_cause, transformers_torch_off
 
     installed, broken = [], []
+    torch_off = transformers_torch_off()
     for name in OPTIONAL:
         if importlib.util.find_spec(name) is None:
+            continue
+        if torch_off is not None and name in NEED_TRANSFORMERS_TORCH:
+            # not broken, only unusable with this torch (the ddp path on an old torch is supported)
+            installed.append(f"{name} {importlib.metadata.version(name)} (unusable, see below)")
             continue
         try:
             module = importlib.import_module(name)
@@ -57,7 +64,8 @@ def _optional_stack() -> list[tuple[str, bool, str]]:
             installed.append(f"{name} {getattr(module, '__version__', '?')}")
         except Exception as e:  # noqa: BLE001 - every failure is the finding
             broken.append((f"import {name}", False, f"{type(e).__name__}: {first_line(e)}{root_cause(e)}"))
-    return [("optional packages", True, ", ".join(installed) or "none installed"), *broken]
+    found = [("optional packages", True, ", ".join(installed) or "none installed"), *broken]
+    return found + ([("transformers on torch", True, torch_off)] if torch_off is not None else [])
 
 
 def _agent_serves_store(env: ClusterEnv) -> bool:

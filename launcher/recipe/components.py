@@ -43,6 +43,9 @@ def resolve(target: str, key: str) -> Callable:
         except Exception as e:  # the module exists but fails to import: report, do not hide it
             if debugging():
                 raise
+            torch_off = transformers_torch_off()
+            if torch_off is not None:  # behind peft's or a model's import error: the real cause
+                raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {torch_off}") from None
             raise RecipeError(
                 f"{key}.{TARGET}",
                 f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
@@ -79,6 +82,26 @@ def install_hint(module: str | None) -> str:
     if extra is not None:
         return f"install the [{extra}] extra: pip install 'launcher[{extra}]'"
     return "install the missing package"
+
+
+def transformers_torch_off() -> str | None:
+    """Why transformers cannot use this torch, or None. transformers turns its PyTorch support off
+    under a torch older than it needs (5.x: 2.6), and then peft and the models fail with unrelated
+    errors (NameError: name 'nn' is not defined)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    import torch
+    import transformers
+    from transformers.utils import is_torch_available
+
+    if is_torch_available():
+        return None
+    return (
+        f"transformers {transformers.__version__} has turned its PyTorch support off: it needs a newer "
+        f"torch than {torch.__version__}; upgrade torch, or install a transformers release that supports it"
+    )
 
 
 def require(module: str, needed_by: str) -> Any:
