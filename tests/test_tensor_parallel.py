@@ -107,6 +107,41 @@ def test_an_fsdp_x_tp_checkpoint_resumes_under_another_layout(tmp_path, fsdp_x_t
     assert_close_rel(load_weights(resumed), load_weights(fsdp_x_tp), rtol=1e-5)
 
 
+def test_meta_init_under_fsdp_x_tp_resumes_a_one_process_checkpoint_exactly(tmp_path, one_process):
+    """dist.fsdp.meta_init with tensor parallelism: the GPT is built on the meta device, split, sharded
+    and given real shards, then each rank loads its pieces of the one process's step-2 checkpoint;
+    steps 3 and 4 then equal the one process's."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_process, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "model.pt").unlink()
+    changes = ["dist.strategy=fsdp", "dist.tensor_parallel=2", "dist.fsdp.meta_init=true"]
+    run(resumed, *changes, nproc=4)
+    assert_close_rel(load_weights(resumed), load_weights(one_process), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        ["dist.strategy=fsdp", "dist.tensor_parallel=2"],
+        ["dist.strategy=hsdp", "dist.fsdp.shard_group_size=2", "dist.tensor_parallel=1"],
+    ],
+    ids=["fsdp2-x-tp2", "hsdp-2-replicas-x-2-shards"],
+)
+def test_a_fresh_meta_init_keeps_the_copies_of_each_piece_equal(tmp_path, changes):
+    """Ranks that hold copies of one piece (hsdp's replicas; a tensor-parallel group's copies of what
+    the plan does not split: embeddings, norms) must hold one value, but meta_init draws each rank's
+    own. Copies that differ would be several models trained at once. A checkpoint holds one copy:
+    continued from step 2 in one process, the run must end where the 4 ranks did."""
+    meta = run(tmp_path / "meta", *changes, "dist.fsdp.meta_init=true", nproc=4)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(meta, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "model.pt").unlink()
+    run(resumed, "data.batch_size=16")
+    assert_close_rel(load_weights(resumed), load_weights(meta), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "changes,expected",
     [

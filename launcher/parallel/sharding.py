@@ -167,5 +167,28 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 m.reset_parameters()  # type: ignore[operator]  # checked above
 
 
+def agree_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
+    """After `materialize`: ranks that hold the same piece of a tensor must hold the same values,
+    but each drew its own (per-rank seeds give the shards distinct draws). Those are hsdp's replicas
+    (and ddp x tp's, FSDP replicating), and the ranks of a tensor-parallel group for whatever the
+    plan does not split (embeddings, norms, a rowwise bias): each such group's first rank sends its
+    values to the others. Shards along dp_shard, and tensor-parallel shards, are left as drawn."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    copies_along = [name for name in mesh.mesh_dim_names or () if name in ("dp_replicate", "tp")]
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            split: set[str] = set()
+            if isinstance(tensor, DTensor):
+                names = tensor.device_mesh.mesh_dim_names or ()
+                split = {name for name, p in zip(names, tensor.placements, strict=True) if isinstance(p, Shard)}
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # a view: broadcast fills it
+            for name in copies_along:
+                if name not in split:
+                    group = mesh[name].get_group()
+                    dist.broadcast(local, src=dist.get_global_rank(group, 0), group=group)
+
+
 def _own_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))

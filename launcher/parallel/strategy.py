@@ -28,6 +28,8 @@ from launcher.parallel.layout import Layout, build_layout
 from launcher.parallel.precision import autocast
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from launcher.data.batches import LossFn
     from launcher.recipe.schema import Recipe
 
@@ -126,6 +128,7 @@ class Sharded(Distributed):
         super().__init__(layout, precision, device)
         self.cfg, self.strategy = recipe.dist.fsdp, recipe.dist.strategy
         self.meta_init = recipe.dist.fsdp.meta_init
+        self.mesh: DeviceMesh | None = None  # built by wrap
         self.tp_plan = recipe.dist.tp_plan  # None: the model's own (tensor.plan_of)
         # FSDP imports it (~100 MB) on first use: imported now, it is not counted as the model's memory
         importlib.import_module("torch._dynamo")
@@ -143,7 +146,7 @@ class Sharded(Distributed):
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
     ) -> nn.Module:
-        mesh = sharding.build_mesh(self.layout, self.device)
+        mesh = self.mesh = sharding.build_mesh(self.layout, self.device)
         if self.layout.tensor > 1:  # first: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks
             tensor.apply(model, tensor.plan_of(model, self.tp_plan), mesh["tp"])
         dp_mesh = sharding.data_parallel(mesh)
@@ -163,6 +166,9 @@ class Sharded(Distributed):
         sharding.materialize(model, self.device)
         if whole_state is not None:  # a whole (ddp) checkpoint: every rank keeps its own pieces
             sharded_state.load_whole_model(model, whole_state)
+        else:  # drawn per rank: the copies of one piece made equal
+            assert self.mesh is not None, "materialize follows wrap"
+            sharding.agree_replicas(model, self.mesh)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
