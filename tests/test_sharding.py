@@ -455,6 +455,15 @@ def test_a_flipped_byte_is_found_and_the_checkpoint_skipped_like_a_truncated_one
     assert step_dirs.find_latest(copy, warn=False) != latest  # the one before it is the resume point
     proc = launcher("convert", str(latest), "-o", str(tmp_path / "m.pt"))
     assert proc.returncode == 2 and "is corrupt" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    # the 2 ranks of a job hash half the files each: one of them finds the damage, and both skip
+    # the checkpoint (were it rank 0's verdict alone, they would resume from different steps)
+    assert [bool(step_dirs.verify(latest, (index, 2))) for index in (0, 1)].count(True) == 1
+    again = tmp_path / "again"
+    again.mkdir()
+    copy.rename(again / "checkpoints")
+    ranks(tmp_path, "again", **{"dist.strategy": "fsdp", **RESUMABLE})
+    reference = load_weights(uninterrupted)
+    assert all(torch.equal(v, reference[k]) for k, v in load_weights(again).items())  # bit for bit
 
 
 @needs_fsdp

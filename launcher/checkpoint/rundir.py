@@ -25,7 +25,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -171,16 +171,24 @@ class RunDir:
                 if _STEP_TMP.match(leftover.name):
                     shutil.rmtree(leftover, ignore_errors=True)
 
-    def prepare(self, resume: str, overwrite: bool, restart_count: int = 0, act: bool = True) -> Path | None:
+    def prepare(
+        self,
+        resume: str,
+        overwrite: bool,
+        restart_count: int = 0,
+        act: bool = True,
+        check: Callable[[Path], str | None] = step_dirs.verify,
+    ) -> Path | None:
         """Decide where the run starts: the checkpoint to resume (`checkpoint.resume`), or None for a
         fresh start. A fresh start over a previous run's outputs needs `overwrite` (which then
         deletes its checkpoints, and only those); a worker restarted by torchrun or a SLURM requeue
         is the same run and may start over. `act`: this is the process that writes (the main
         worker): it cleans up and warns. Others only validate: the parent of `--nproc` workers, and
-        the other ranks, which must refuse exactly what the main one refuses. Call `preflight` first."""
+        the other ranks, which must refuse exactly what the main one refuses. `check` verifies a
+        checkpoint (the ranks of a job: step_dirs.verify_together). Call `preflight` first."""
         if act:
             self.remove_stale_temporaries()
-        resume_from = step_dirs.resolve_resume(resume, self.checkpoints, warn=act)
+        resume_from = step_dirs.resolve_resume(resume, self.checkpoints, warn=act, check=check)
         if resume_from is not None or restart_count > 0:
             return resume_from
         checkpoints = step_dirs.list_checkpoints(self.checkpoints)

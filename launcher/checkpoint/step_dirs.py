@@ -20,11 +20,13 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.cluster import distributed
 from launcher.errors import RecipeError
 from launcher.observe.logs import log
 from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
@@ -122,8 +124,10 @@ def read_marker(path: Path) -> dict[str, Any]:
     return json.loads((path / MARKER).read_text())
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint directory is complete and intact, else what is wrong with it."""
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None if the checkpoint directory is complete and intact, else what is wrong with it. The
+    marker and every size are checked; the files are hashed only where `share` (index, count) says:
+    every count-th of them, from index (the ranks of a job split the reading, `verify_together`)."""
     marker_path, state_path = path / MARKER, path / STATE
     if not marker_path.is_file():
         return "incomplete (no COMPLETE marker: the write was interrupted)"
@@ -135,20 +139,35 @@ def verify(path: Path) -> str | None:
         return f"{STATE} is missing"
     if state_path.stat().st_size != marker.get("bytes"):
         return f"{STATE} has {state_path.stat().st_size} bytes, the marker says {marker.get('bytes')}"
-    if sha256_of(state_path) != marker.get("sha256"):
-        return f"{STATE} is corrupt (sha256 differs from the marker's)"
     for name, size in (marker.get("shards") or {}).items():
         shard = path / name
         if not shard.is_file():
             return f"shard {name} is missing"
         if shard.stat().st_size != size:
             return f"shard {name} has {shard.stat().st_size} bytes, the marker says {size}"
-    # every shard file and DCP's .metadata, hashed by the ranks that wrote them (one read of the
-    # checkpoint: damage that keeps a file's size is found before anything is unpickled or loaded)
-    for name, digest in (marker.get("shard_sha256") or {}).items():
+    # state.pt, every shard file and DCP's .metadata, hashed by the ranks that wrote them (damage
+    # that keeps a file's size is found before anything is unpickled or loaded)
+    digests = [(STATE, marker.get("sha256")), *sorted((marker.get("shard_sha256") or {}).items())]
+    index, count = share
+    for name, digest in digests[index::count]:
         if sha256_of(path / name) != digest:
-            return f"shard {name} is corrupt (sha256 differs from the marker's)"
+            what = f"{STATE} is" if name == STATE else f"shard {name} is"
+            return f"{what} corrupt (sha256 differs from the marker's)"
     return None
+
+
+def verify_together() -> Callable[[Path], str | None]:
+    """`verify` for the ranks of a job (every rank calls it, in the same order): each hashes its
+    share of the files, so a checkpoint is read once in all, not once per rank, and all agree on
+    the verdict (the first problem any rank found). Plain `verify` without a process group."""
+    if not distributed.is_initialized():
+        return verify
+    share = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    def check(path: Path) -> str | None:
+        return distributed.first_of(verify(path, share))
+
+    return check
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -159,10 +178,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def find_latest(directory: Path, warn: bool = True) -> Path | None:
-    """The newest complete, intact checkpoint; damaged ones are skipped (with a warning if `warn`)."""
+def find_latest(directory: Path, warn: bool = True, check: Callable[[Path], str | None] = verify) -> Path | None:
+    """The newest complete, intact checkpoint (by `check`); damaged ones are skipped (with a warning if `warn`)."""
     for path in list_checkpoints(directory):
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             return path
         if warn:
@@ -170,18 +189,20 @@ def find_latest(directory: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, directory: Path, warn: bool = True) -> Path | None:
+def resolve_resume(
+    resume: str, directory: Path, warn: bool = True, check: Callable[[Path], str | None] = verify
+) -> Path | None:
     """`checkpoint.resume` -> the checkpoint directory to load, or None to start fresh. `warn`:
     report skipped damaged checkpoints (one process of the job says it, not every rank)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(directory, warn)
+        return find_latest(directory, warn, check)
     path = Path(resume).expanduser()
     if path.is_file() and path.name == STATE:
         path = path.parent
     if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
-        latest = find_latest(path, warn)  # a directory of checkpoints: its newest
+        latest = find_latest(path, warn, check)  # a directory of checkpoints: its newest
         if latest is None:
             raise RecipeError("checkpoint.resume", f"{path} holds no complete, intact checkpoint")
         return latest
@@ -195,7 +216,7 @@ def resolve_resume(resume: str, directory: Path, warn: bool = True) -> Path | No
         )
     is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
     problem = (
-        verify(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+        check(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
     )
     if problem:
         raise RecipeError("checkpoint.resume", f"{path}: {problem}")

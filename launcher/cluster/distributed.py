@@ -164,6 +164,16 @@ def gather_objects(obj: object, group: dist.ProcessGroup | None = None) -> list[
     return out
 
 
+def first_of(value: str | None) -> str | None:
+    """The lowest rank's non-None `value`, on every rank (`value` itself without a process group):
+    a verdict that any rank may reach, agreed by all."""
+    if not is_initialized():
+        return value
+    values: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return next((v for v in values if v is not None), None)
+
+
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "Timed out" in str(exc)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from launcher import rng
+from launcher.checkpoint import step_dirs
 from launcher.checkpoint.background import BackgroundWrite
 from launcher.checkpoint.checkpointer import Checkpointer
 from launcher.cluster import causes, distributed
@@ -121,7 +122,11 @@ def _train_locked(
     heartbeat: Heartbeat | None,
 ) -> TrainState:
     layout = recipe.layout
-    resume_from = layout.prepare(recipe.checkpoint.resume, recipe.run.overwrite, env.restart_count, act=env.is_main)
+    # every rank hashes its share of a checkpoint's files (not all of them), and all agree on it
+    check = step_dirs.verify_together()
+    resume_from = layout.prepare(
+        recipe.checkpoint.resume, recipe.run.overwrite, env.restart_count, act=env.is_main, check=check
+    )
     route_library_bars(env.is_main and shows_bars(recipe.log.progress))
     with phase(heartbeat, "reading the data (data.train, data.val)"):
         train_set, val_set = build_datasets(recipe)
