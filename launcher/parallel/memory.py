@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from launcher.cluster import distributed
 from launcher.data.batches import LossFn
-from launcher.data.loading import to_device
+from launcher.data.loading import to_device, workers_stopped_on_error
 from launcher.observe.logs import log
 from launcher.parallel.wrap import TrainModule
 from launcher.recipe.schema import ActivationCheckpointing
@@ -162,7 +162,9 @@ def resolve_segments(
         return ac.segments, ac.head_chunks
     # Adam-like optimizers will hold two tensors per parameter once they step
     state_gib = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    batch = to_device(next(iter(loader)), device)
+    stream = iter(loader)
+    with workers_stopped_on_error([stream]):  # a bad first row must not leave workers holding the exit
+        batch = to_device(next(stream), device)
     segments, chunks, _ = choose(model, loss_fn, batch, device, autocast, ac.max_memory_gib, state_gib)
     return segments, chunks
 
