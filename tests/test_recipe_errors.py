@@ -11,6 +11,7 @@ from launcher.commands import cli
 from launcher.recipe.yaml_io import apply_overrides, parse_value
 
 # (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
+LORA = {"_component_": "peft.LoraConfig", "r": 4, "target_modules": "all-linear"}
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
     ("typo in a section, with a suggestion", {"train.epoch": 3}, [], "train.epoch", "did you mean 'epochs'"),
@@ -117,6 +118,13 @@ BAD = [
         ["dist.strategy=fsdp", "dist.fsdp.meta_init=true"],
         "dist.fsdp.meta_init",
         "model.pretrained=org/model",
+    ),
+    (
+        "LoRA split by tensor parallelism",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "pretrained": "org/model", "peft": LORA}},
+        ["dist.strategy=fsdp", "dist.tensor_parallel=2"],
+        "dist.tensor_parallel",
+        "with model.peft (LoRA) is not supported",
     ),
     (
         "model that is not a module",

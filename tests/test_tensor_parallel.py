@@ -165,6 +165,17 @@ def test_a_model_without_a_plan_is_one_line():
     assert proc.returncode == 2 and "dist.tensor_parallel: Sequential has no tensor-parallel plan" in last, last
 
 
+def test_a_transformers_model_without_a_plan_is_one_line_naming_it(tmp_path):
+    """transformers models all have a `tp_plan`, empty where the model has none (GPT-2): that is no plan."""
+    from conftest import write_recipe
+    from hfkit import lm_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", lm_recipe(tmp_path, tmp_path / "run"))
+    proc = launcher("check", recipe, "--nproc", "2", "dist.tensor_parallel=2")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "dist.tensor_parallel: GPT2LMHeadModel has no tensor-parallel plan" in last, last
+
+
 def test_check_prints_the_mesh_and_the_memory_per_rank_of_the_layout():
     args = ["--nproc", "8", "dist.strategy=hsdp", "dist.tensor_parallel=2", "dist.fsdp.shard_group_size=2"]
     out = launcher("check", ROOT / "recipes" / "gpt.yaml", *TINY, *args, check=True).stdout

@@ -30,8 +30,8 @@ def plan_of(model: nn.Module, recipe_plan: Mapping[str, str] | None) -> dict[str
     """Module-name pattern -> style: the recipe's, the model's own, or its transformers config's."""
     if recipe_plan:
         return dict(recipe_plan)
-    own = getattr(model, "tp_plan", None)
-    if isinstance(own, Mapping):
+    own = getattr(model, "tp_plan", None)  # transformers models have one too, empty where there is no plan
+    if isinstance(own, Mapping) and own:
         return dict(own)
     config_plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
     if isinstance(config_plan, Mapping) and config_plan:

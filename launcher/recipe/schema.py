@@ -258,6 +258,13 @@ def _check_rules(r: Recipe) -> None:
             f"cannot load model.pretrained={r.model['pretrained']} into a meta-device build (its weights would be "
             "replaced by a fresh initialisation); set dist.fsdp.meta_init=false",
         )
+    if r.dist.tensor_parallel > 1 and r.model.get("peft"):
+        # peft wraps each target Linear in a LoRA layer, which the tensor-parallel plan cannot split
+        raise RecipeError(
+            "dist.tensor_parallel",
+            f"{r.dist.tensor_parallel} with model.peft (LoRA) is not supported: the plan splits plain Linear "
+            "layers and peft wraps them; set dist.tensor_parallel=1 (dist.strategy=fsdp shards the frozen base)",
+        )
     sig = r.checkpoint.preempt_signal
     name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
     if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP", "SIGINT"):
