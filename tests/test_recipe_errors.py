@@ -11,6 +11,8 @@ from launcher.commands import cli
 from launcher.recipe.yaml_io import apply_overrides, parse_value
 
 # (description, recipe changes, overrides, the key the error must name, a phrase it must contain)
+TINY_GPT2 = {"_component_": "transformers.GPT2Config", "n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16}
+TINY_GPT2 |= {"bos_token_id": 2, "eos_token_id": 2}  # within the vocabulary: transformers warns otherwise
 LORA = {"_component_": "peft.LoraConfig", "r": 4, "target_modules": "all-linear"}
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
@@ -125,6 +127,13 @@ BAD = [
         ["dist.strategy=fsdp", "dist.tensor_parallel=2"],
         "dist.tensor_parallel",
         "with model.peft (LoRA) is not supported",
+    ),
+    (
+        "LoRA base built on the meta device",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "config": TINY_GPT2, "peft": LORA}},
+        ["dist.strategy=fsdp", "dist.fsdp.meta_init=true"],
+        "dist.fsdp.meta_init",
+        "frozen parameters",
     ),
     (
         "model that is not a module",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from launcher.checkpoint import frozen, sharded_state
+from launcher.errors import RecipeError
 from launcher.parallel import gradients, sharding, tensor, wrap
 from launcher.parallel.layout import Layout, build_layout
 from launcher.parallel.precision import autocast
@@ -140,6 +141,16 @@ class Sharded(Distributed):
 
     def prepare(self, model: nn.Module) -> None:
         sharding.units(model, self.cfg.units)  # a wrong class name or a tied unit fails at any world size
+        frozen_base = sorted(frozen.frozen_names(model))
+        if self.meta_init and frozen_base:
+            # checkpoints leave frozen parameters out (they are rebuilt from their source), but a
+            # meta-device build draws them per shard: at another layout they would come back different
+            raise RecipeError(
+                "dist.fsdp.meta_init",
+                f"the model has {len(frozen_base)} frozen parameters ({frozen_base[0]}, ...: a LoRA base?), which "
+                "a meta-device build draws afresh per shard and checkpoints leave out, so a resume at another "
+                "layout could not rebuild them; set dist.fsdp.meta_init=false",
+            )
         if self.layout.tensor > 1:
             tensor.check(model, tensor.plan_of(model, self.tp_plan), self.layout.tensor)
 
