@@ -5,6 +5,7 @@ processes, gloo, transformers, datasets and peft."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -175,6 +176,21 @@ def test_only_the_assistants_tokens_are_labelled(hub, monkeypatch):
     answered = [tok.tok.decode([i]) for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert answered == ["7", "<|end|>", "3", "0", "<|end|>"]
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
+
+
+def test_a_streamed_hub_dataset_offline_reads_the_cached_snapshot_in_order(hub, monkeypatch):
+    """Offline, StreamedText reads a hub id's cached snapshot (online it streams from the hub and
+    fetches only the card: not exercised here, these machines have no hub)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.datasets import examples
+    from launcher.datasets.tokenized import StreamedText
+
+    stream = StreamedText(dataset=SUMS_TEXT, tokenizer=MODEL)
+    assert not stream.source.remote and stream.source.source.hub_id == SUMS_TEXT
+    got = [sample["input_ids"].tolist() for sample in itertools.islice(iter(stream), 3)]
+    assert got == stream.tokenizer.encode([f"{a}+{b}={a + b}" for a, b in examples._sums(64, seed=5)[:3]])
 
 
 def test_conversations_cut_to_no_answer_are_dropped_and_named(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,24 @@ class NamedDataset:
     source: hub.Source  # a snapshot in the hub's cache (its directory name is the commit), or a local directory
     name: str | None
     split: str
+    remote: bool = False  # streamed from the hub at source.commit (only its card is in the cache)
 
     def identity(self) -> list[Any]:
         """The snapshot's commit (in its path), configuration and split; a local directory's files."""
+        if self.remote:
+            return [self.source.hub_id, self.source.commit, self.name, self.split]
         if self.source.hub_id is not None:
             return [str(self.source.path), self.name, self.split]
         files = sorted(p for p in self.source.path.rglob("*") if p.is_file())
         return [self.name, self.split, [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
 
     def load(self, datasets: Any, cache_dir: str | None, streaming: bool = False) -> Any:
+        where: dict[str, Any] = {"path": str(self.source.path)}
+        if self.remote:  # every rank reads the hub's files at the commit resolved once
+            where = {"path": self.source.hub_id, "revision": self.source.commit}
         try:
             return datasets.load_dataset(
-                str(self.source.path), name=self.name, split=self.split, cache_dir=cache_dir, streaming=streaming
+                **where, name=self.name, split=self.split, cache_dir=cache_dir, streaming=streaming or self.remote
             )
         except ValueError as e:  # an unknown split or configuration: datasets lists the ones it has
             first = str(e).strip().splitlines()[0]
@@ -76,10 +83,22 @@ class NamedDataset:
         return f"{what}{f' ({self.name})' if self.name else ''} split {self.split}"
 
 
+# what a dataset streamed from the hub fetches: its card, for the commit; never its data (a
+# pretraining corpus may be terabytes, read as it trains)
+DATASET_CARD = ("README.md",)
+
+
 def text_source(
-    files: str | list[str] | None, dataset: str | None, name: str | None, split: str | None, revision: str | None
+    files: str | list[str] | None,
+    dataset: str | None,
+    name: str | None,
+    split: str | None,
+    revision: str | None,
+    streaming: bool = False,
 ) -> LocalFiles | NamedDataset:
-    """`files` or `dataset` (with its `name`, `split` and `revision`), exactly one."""
+    """`files` or `dataset` (with its `name`, `split` and `revision`), exactly one. `streaming`: a
+    hub id is read from the hub as the run goes, where the hub can be reached; offline, from the
+    snapshot in the cache."""
     if (files is None) == (dataset is None):
         raise ArgumentError("files", "give files (local data files) or dataset (a hub id or dataset directory), one")
     if dataset is None:
@@ -90,9 +109,18 @@ def text_source(
         paths, fmt = data_files(files)
         return LocalFiles(paths, fmt)
     what = "a local dataset directory"
+    if streaming and not _datasets_offline() and not Path(dataset).expanduser().exists():
+        card = hub.resolve(dataset, "dataset", what=what, repo_type="dataset", revision=revision, files=DATASET_CARD)
+        return NamedDataset(card, name, split or "train", remote=True)
     return NamedDataset(
         hub.resolve(dataset, "dataset", what=what, repo_type="dataset", revision=revision), name, split or "train"
     )
+
+
+def _datasets_offline() -> bool:
+    """datasets reads the hub only where both it and huggingface_hub may."""
+    flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or hub.offline()
 
 
 def cache_key(source: LocalFiles | NamedDataset, *args: Any) -> str:

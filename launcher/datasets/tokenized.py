@@ -154,7 +154,7 @@ class StreamedText:
     ) -> None:
         if tokenizer is None:
             raise ArgumentError("tokenizer", "name the tokenizer: a tokenizer.json file, a directory or a hub id")
-        self.source = text_source(files, dataset, name, split, revision)
+        self.source = text_source(files, dataset, name, split, revision, streaming=True)
         self.text_key, self.max_length = text_key, positive("max_length", max_length)
         self.tokenizer = load_tokenizer(tokenizer, tokenizer_revision)
         self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
