@@ -142,6 +142,24 @@ def test_a_fresh_meta_init_keeps_the_copies_of_each_piece_equal(tmp_path, change
     assert_close_rel(load_weights(resumed), load_weights(meta), rtol=1e-5)
 
 
+def test_debug_simulates_a_tensor_parallel_layout_by_its_data_parallel_arithmetic(tmp_path, one_process):
+    """`launcher debug --simulate-world-size 4` of fsdp 2 x tp 2: one process trains the 2
+    data-parallel ranks' micro-batches (tensor parallelism changes no arithmetic) and ends where the
+    one process did; it failed on a sampler rank out of range."""
+    args = ["debug", ROOT / "recipes" / "gpt.yaml", "--simulate-world-size", "4", "--steps", "4"]
+    proc = launcher(*args, f"run.dir={tmp_path}", *TINY, "dist.strategy=fsdp", "dist.tensor_parallel=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_rel(load_weights(tmp_path / "debug"), load_weights(one_process), rtol=1e-5)
+
+
+def test_debug_distributed_under_tensor_parallelism_runs_without_anomaly_detection(tmp_path):
+    """DTensor has no sharding rule for autograd anomaly mode's NaN check: debug says it is off."""
+    args = ["debug", ROOT / "recipes" / "gpt.yaml", "--distributed", "--steps", "2"]
+    proc = launcher(*args, f"run.dir={tmp_path}", *TINY, "dist.strategy=fsdp", "dist.tensor_parallel=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "anomaly detection is off under tensor parallelism" in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize(
     "changes,expected",
     [

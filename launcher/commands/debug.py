@@ -105,6 +105,9 @@ def main(args: argparse.Namespace) -> int:
     recipe = recipes.load(args.recipe, [*args.overrides, *debug])
     if args.simulate_world_size:
         check_static(recipe, args.simulate_world_size)
-    torch.autograd.set_detect_anomaly(True)  # slow, and worth it: the op that produced a NaN is named
+    if recipe.dist.tensor_parallel > 1 and args.in_job:  # DTensor has no rule for anomaly mode's NaN check
+        print("autograd anomaly detection is off under tensor parallelism (DTensor does not support it)")
+    else:
+        torch.autograd.set_detect_anomaly(True)  # slow, and worth it: the op that produced a NaN is named
     assemble.run(recipe, ClusterEnv.detect() if args.in_job else ClusterEnv(), simulate=args.simulate_world_size)
     return EXIT_OK

@@ -14,6 +14,7 @@ model.pt, and the module evaluation calls."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 from collections.abc import Callable
@@ -239,6 +240,8 @@ def build_strategy(
     rank); without one (a plain single process, or simulated ranks) the model trains whole."""
     layout = layout_for(recipe, world_size, local_world_size)
     precision = recipe.train.precision
+    if not has_process_group:  # the model trains whole: tensor parallelism splits nothing, its arithmetic is dp's
+        layout = dataclasses.replace(layout, tensor=1)
     if (recipe.dist.strategy != "ddp" or layout.tensor > 1) and has_process_group:
         return Sharded(layout, precision, device, recipe)
     if world_size > 1 and has_process_group:

@@ -158,7 +158,7 @@ def _train_locked(
     loss_fn = setup.loss(recipe)
     # the data-parallel ranks this process trains: its own, or every simulated one
     dp_rank = ranks.dp_rank(env.rank)
-    trained = list(range(simulate)) if simulate else [dp_rank]
+    trained = list(range(ranks.dp_size)) if simulate else [dp_rank]
     shards, val_loader = build_loaders(
         recipe,
         plan,
