@@ -183,11 +183,14 @@ def agree_replicas(model: nn.Module, mesh: DeviceMesh) -> None:
             if isinstance(tensor, DTensor):
                 names = tensor.device_mesh.mesh_dim_names or ()
                 split = {name for name, p in zip(names, tensor.placements, strict=True) if isinstance(p, Shard)}
-            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # a view: broadcast fills it
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # a view of the shard
+            buffer = local.contiguous()  # the view itself where it is contiguous, as collectives need
             for name in copies_along:
                 if name not in split:
                     group = mesh[name].get_group()
-                    dist.broadcast(local, src=dist.get_global_rank(group, 0), group=group)
+                    dist.broadcast(buffer, src=dist.get_global_rank(group, 0), group=group)
+            if buffer.data_ptr() != local.data_ptr():
+                local.copy_(buffer)
 
 
 def _own_params(module: nn.Module) -> bool:
