@@ -87,6 +87,23 @@ def test_no_secret_is_written_anywhere(tmp_path):
     assert "api_token: '***'" in (run_dir / "config.yaml").read_text()
 
 
+def test_secrets_are_hidden_but_not_what_merely_mentions_tokens():
+    from launcher.recipe.schema import REDACTED, redact
+
+    given = {"hf_token": "hf_x", "api_key": "k", "wandb": {"password": "p", "access-token": "a"}}
+    given |= {"tokenizer": "org/tok", "tokenizer_revision": "main", "pad_token_id": 0, "max_tokens": 9}
+    shown = redact(given)
+    assert shown["hf_token"] == shown["api_key"] == REDACTED
+    assert shown["wandb"] == {"password": REDACTED, "access-token": REDACTED}
+    # the tokenizer a run trained with stays in its config.yaml (it was hidden as a secret)
+    assert {k: shown[k] for k in ("tokenizer", "tokenizer_revision", "pad_token_id", "max_tokens")} == {
+        "tokenizer": "org/tok",
+        "tokenizer_revision": "main",
+        "pad_token_id": 0,
+        "max_tokens": 9,
+    }
+
+
 def test_metrics_rows_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

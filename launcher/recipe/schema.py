@@ -202,7 +202,9 @@ class Recipe(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential)", re.I)
+# "token" only as a key's last word (token, hf_token, access-token): tokenizer, tokenizer_revision and
+# pad_token_id name no secret, and hiding them would leave a run unable to say what it trained with
+_SECRET = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.I)
 REDACTED = "***"
 
 

@@ -25,7 +25,7 @@ from launcher.cluster.distributed import Session
 from launcher.data.plan import Plan
 from launcher.errors import RecipeError, TrainingError
 from launcher.observe.logs import log
-from launcher.recipe.schema import Recipe
+from launcher.recipe.schema import REDACTED, Recipe
 from launcher.rng import RankStreams
 from launcher.train.loop_state import LogWindow, Trainer, TrainState
 
@@ -312,7 +312,7 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b and a != REDACTED:  # a value hidden when saved cannot be compared (nor shown)
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
