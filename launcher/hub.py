@@ -3,7 +3,7 @@ fetched from the hub into its cache (HF_HUB_CACHE, ~/.cache/huggingface/hub), on
 
 Local rank 0 of each node downloads first while the node's other ranks wait, then every rank reads
 the cached snapshot (`distributed.local_main_first`). huggingface_hub does the work and its rules
-hold: HF_HUB_OFFLINE=1 reads the cache only; a token comes from HF_TOKEN or `hf auth login` and the
+hold: HF_HUB_OFFLINE=1 reads the cache only (HF_DATASETS_OFFLINE=1 too, for datasets); a token comes from HF_TOKEN or `hf auth login` and the
 launcher never reads, logs or writes it. Offline with nothing cached, an unknown id, a gated repo
 or a missing revision is one line naming the key and the id.
 """
@@ -52,8 +52,14 @@ def is_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not spec.startswith(".") and ".." not in spec
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline(repo_type: str = "model") -> bool:
+    """Is the hub off for this kind of repository? HF_HUB_OFFLINE for all; HF_DATASETS_OFFLINE for
+    datasets too (huggingface_hub itself reads only the first)."""
+    return _flag("HF_HUB_OFFLINE") or (repo_type == "dataset" and _flag("HF_DATASETS_OFFLINE"))
 
 
 def resolve(
@@ -78,7 +84,11 @@ def resolve(
     with distributed.local_main_first(f"hub/{repo_type}/{spec}/{revision}/{','.join(files or ['*'])}"):
         try:
             folder = hub.snapshot_download(
-                repo_id=spec, repo_type=repo_type, revision=revision, allow_patterns=list(files) if files else None
+                repo_id=spec,
+                repo_type=repo_type,
+                revision=revision,
+                allow_patterns=list(files) if files else None,
+                local_files_only=offline(repo_type),
             )
         except Exception as e:
             raise _hub_error(spec, argument, what, repo_type, revision, e) from None
@@ -103,7 +113,7 @@ def _hub_error(spec: str, name: str, what: str, repo_type: str, revision: str | 
             "with an account that has access",
         )
     if kind in ("LocalEntryNotFoundError", "IncompleteSnapshotError", "OfflineModeIsEnabled"):
-        where = "the hub is off (HF_HUB_OFFLINE=1)" if offline() else "the hub cannot be reached"
+        where = f"the hub is off ({_off_flag(repo_type)})" if offline(repo_type) else "the hub cannot be reached"
         return ArgumentError(
             name,
             f"{spec}{at} is neither {what} nor in the Hugging Face cache ({_cache_dir()}), and {where}: "
@@ -111,6 +121,24 @@ def _hub_error(spec: str, name: str, what: str, repo_type: str, revision: str | 
         )
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return ArgumentError(name, f"fetching {spec}{at} from the hub failed: {kind}: {first}")
+
+
+def lacks(source: Source, argument: str, files: str) -> ArgumentError:
+    """A hub snapshot without the `files` a run needs (weights, say): offline, the cache holds only part
+    of the repository (`launcher check` fetched its config alone), and the fix is to download the rest;
+    online, the repository itself lacks them."""
+    if offline():
+        return ArgumentError(
+            argument,
+            f"{source.hub_id} is only partly in the Hugging Face cache ({source.path} has no {files}), and the hub "
+            f"is off ({_off_flag('model')}): download it once with `hf download {source.hub_id}` where the hub can "
+            "be reached (the same cache), or run once online",
+        )
+    return ArgumentError(argument, f"{source.hub_id} at commit {(source.commit or '?')[:12]} has no {files}")
+
+
+def _off_flag(repo_type: str) -> str:
+    return "HF_DATASETS_OFFLINE=1" if repo_type == "dataset" and not _flag("HF_HUB_OFFLINE") else "HF_HUB_OFFLINE=1"
 
 
 def _cache_dir() -> str:

@@ -144,15 +144,60 @@ def test_check_says_where_hub_ids_came_from_without_reading_weights(hub, tmp_pat
         assert re.search(f"^from the hub +{repo} at commit [0-9a-f]{{12}}, cached in ", proc.stdout, re.M), proc.stdout
 
 
-@pytest.mark.parametrize("command", ["check", "run"])
-def test_a_hub_id_missing_from_the_cache_offline_is_one_line(hub, tmp_path, command):
-    path = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "run", **{"model.pretrained": "tiny-org/absent"}))
+@pytest.mark.parametrize(
+    "command,key,flag",
+    [
+        ("check", "model.pretrained", ""),
+        ("run", "model.pretrained", ""),
+        ("check", "data.train.tokenizer", ""),
+        ("check", "data.val.dataset", " --repo-type dataset"),
+    ],
+)
+def test_a_hub_id_missing_from_the_cache_offline_is_one_line(hub, tmp_path, command, key, flag):
+    path = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "run", **{key: "tiny-org/absent"}))
     proc = launcher(command, path, env=hub["env"])
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: model.pretrained: tiny-org/absent is neither a local directory")
-    assert "HF_HUB_OFFLINE=1" in lines[0] and "`hf download tiny-org/absent`" in lines[0]
+    assert lines[0].startswith(f"error: {key}: tiny-org/absent is neither a"), lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0] and f"`hf download tiny-org/absent{flag}`" in lines[0], lines[0]
+
+
+def test_hf_datasets_offline_alone_keeps_datasets_to_the_cache(hub, monkeypatch):
+    """HF_DATASETS_OFFLINE=1 without HF_HUB_OFFLINE: a dataset's id resolves from the cache, and one
+    missing there is the one-line refusal naming that variable, with no attempt to reach the hub
+    (huggingface_hub itself reads only HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    from launcher import hub as hub_ids
+    from launcher.errors import ArgumentError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    found = hub_ids.resolve(SUMS, "dataset", what="a dataset directory", repo_type="dataset")
+    assert (found.path / "data" / "train-00000-of-00001.parquet").is_file()
+    with pytest.raises(ArgumentError, match=r"tiny-org/absent is neither .*off \(HF_DATASETS_OFFLINE=1\)"):
+        hub_ids.resolve("tiny-org/absent", "dataset", what="a dataset directory", repo_type="dataset")
+
+
+def test_a_model_only_partly_cached_offline_says_to_download_it(hub, tmp_path):
+    """Online, `launcher check` fetches a hub model's config without its weights; a run offline later
+    finds that part alone in the cache: the line names the id and the download (it blamed the snapshot
+    directory for holding no safetensors)."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    snapshot = next((hub["cache"] / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir())
+    (partial / "config.json").write_bytes((snapshot / "config.json").read_bytes())
+    add_repo(hub["cache"], "tiny-org/partial", partial)
+    path = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "run", **{"model.pretrained": "tiny-org/partial"}))
+    proc = launcher("run", path, env=hub["env"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: model.pretrained: tiny-org/partial is only partly in the Hugging Face cache")
+    assert "no *.safetensors weights" in lines[0] and "`hf download tiny-org/partial`" in lines[0]
 
 
 def test_only_the_assistants_tokens_are_labelled(hub, monkeypatch):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,18 +108,12 @@ def text_source(
         paths, fmt = data_files(files)
         return LocalFiles(paths, fmt)
     what = "a local dataset directory"
-    if streaming and not _datasets_offline() and not Path(dataset).expanduser().exists():
+    if streaming and not hub.offline("dataset") and not Path(dataset).expanduser().exists():
         card = hub.resolve(dataset, "dataset", what=what, repo_type="dataset", revision=revision, files=DATASET_CARD)
         return NamedDataset(card, name, split or "train", remote=True)
     return NamedDataset(
         hub.resolve(dataset, "dataset", what=what, repo_type="dataset", revision=revision), name, split or "train"
     )
-
-
-def _datasets_offline() -> bool:
-    """datasets reads the hub only where both it and huggingface_hub may."""
-    flag = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return flag or hub.offline()
 
 
 def cache_key(source: LocalFiles | NamedDataset, *args: Any) -> str:

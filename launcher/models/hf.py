@@ -75,6 +75,8 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     if not any(path.glob("*.safetensors")):
+        if source.hub_id is not None:
+            raise hub.lacks(source, "pretrained", "*.safetensors weights (the launcher loads no pickles)")
         raise ArgumentError(
             "pretrained", f"{path} holds no *.safetensors weights: the launcher loads safetensors only (no pickles)"
         )
