@@ -3,9 +3,9 @@ fetched from the hub into its cache (HF_HUB_CACHE, ~/.cache/huggingface/hub), on
 
 Local rank 0 of each node downloads first while the node's other ranks wait, then every rank reads
 the cached snapshot (`distributed.local_main_first`). huggingface_hub does the work and its rules
-hold: HF_HUB_OFFLINE=1 reads the cache only (HF_DATASETS_OFFLINE=1 too, for datasets); a token comes from HF_TOKEN or `hf auth login` and the
-launcher never reads, logs or writes it. Offline with nothing cached, an unknown id, a gated repo
-or a missing revision is one line naming the key and the id.
+hold: HF_HUB_OFFLINE=1 reads the cache only (HF_DATASETS_OFFLINE=1 too, for datasets); a token
+comes from HF_TOKEN or `hf auth login` and the launcher never reads, logs or writes it. Offline with
+nothing cached, an unknown id, a gated repo or a missing revision is one line naming the key and the id.
 """
 
 from __future__ import annotations
