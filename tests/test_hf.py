@@ -343,4 +343,13 @@ def test_check_prints_the_trainable_parameters_of_an_adapted_model(material, tmp
 
     path = write_recipe(tmp_path / "r.yaml", changed(lm_recipe(material, tmp_path / "run"), **{"model.peft": LORA}))
     out = launcher("check", path, check=True).stdout
-    assert re.search(r"^parameters +[\d,]+, of which [\d,]+ train \([\d.]+%\)$", out, re.M), out
+    found = re.search(r"^parameters +([\d,]+), of which ([\d,]+) train \([\d.]+%\)$", out, re.M)
+    assert found, out
+    total, trained = (int(n.replace(",", "")) for n in found.groups())
+    # the memory plan charges gradients and optimizer state (SGD with momentum: 1) to the adapters only
+    mib = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
+    plan = re.search(r"^per rank, ddp .*gradients ([\d.]+) (\w+) \+ optimizer state ([\d.]+) (\w+)\)$", out, re.M)
+    assert plan, out
+    grads, moments = float(plan[1]) * mib[plan[2]], float(plan[3]) * mib[plan[4]]
+    assert grads == pytest.approx(trained * 4 / 2**20, rel=0.01) and grads < total * 4 / 2**20 / 2
+    assert moments == pytest.approx(grads, rel=0.01)

@@ -197,13 +197,16 @@ def state_plan(
     """Per rank, from the parameters' shapes alone (a meta-device model will do). FSDP shards each
     tensor along its first dimension over `ranks_per_shard` ranks (padding it to a multiple of it);
     1: every rank holds everything (ddp). `split`: ids of the parameters tensor parallelism splits
-    over `tensor` ranks first."""
-    params = 0
+    over `tensor` ranks first. Frozen parameters (an adapter's base) have no gradient or optimizer
+    state: charging them would overstate LoRA on a large base several times over."""
+    params = trained = 0
     for p in model.parameters():
         rows = p.shape[0] if p.dim() else 1
         per_row = p.numel() // max(rows, 1) // (tensor if id(p) in split else 1)
-        params += -(-rows // ranks_per_shard) * per_row * p.element_size()
-    return StateBytes(params, params, moments * params)
+        size = -(-rows // ranks_per_shard) * per_row * p.element_size()
+        params += size
+        trained += size if p.requires_grad else 0
+    return StateBytes(params, trained, moments * trained)
 
 
 def describe_parameters(model: nn.Module) -> str:
