@@ -223,6 +223,95 @@ def test_only_the_assistants_tokens_are_labelled(hub, monkeypatch):
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
 
 
+def test_the_loss_counts_the_answers_alone(hub, tmp_path, monkeypatch):
+    """The loss the launcher trains on, over a padded batch of real ChatData conversations, is the
+    mean cross-entropy over the answers' targets, computed by hand here from the logits: a prompt
+    token's target is not in it, whatever it is. Unmasking one prompt target changes the loss (so
+    this would see a prompt token counting)."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.collate import PadToLongest
+    from launcher.datasets.chat import IGNORE, ChatData
+    from launcher.parallel.wrap import TrainModule
+
+    data = ChatData(dataset=SUMS, tokenizer=MODEL, cache_dir=str(tmp_path / "cache"))
+    batch = PadToLongest()([data[i] for i in range(4)])
+    snapshot = next((hub["cache"] / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(snapshot).eval()
+    with torch.no_grad():
+        loss = TrainModule(model, None)(batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    answers = targets != IGNORE
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][answers], targets[answers])
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert 0 < answers.sum() < (batch["attention_mask"][:, 1:] == 1).sum() / 2  # the prompts are most tokens
+    # a prompt position's target, were it counted, moves the loss
+    prompt = ((targets == IGNORE) & (batch["attention_mask"][:, 1:] == 1)).nonzero()[0]
+    unmasked = {**batch, "labels": batch["labels"].clone()}
+    unmasked["labels"][prompt[0], prompt[1] + 1] = batch["input_ids"][prompt[0], prompt[1] + 1]
+    with torch.no_grad():
+        assert TrainModule(model, None)(unmasked).item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_prompt_response_pairs_a_recipe_template_and_packing(hub, tmp_path, monkeypatch):
+    """Prompt/response rows (with a system prompt), formatted by a chat template given in the recipe:
+    the answer alone is labelled; packing joins whole conversations up to its length, labels kept."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.datasets.chat import IGNORE, ChatData
+
+    rows = [{"q": f"{a}+{b}?", "a": str(a + b)} for a, b in [(1, 2), (30, 4), (5, 60), (7, 8)]]
+    files = str(write_parquet(tmp_path / "pairs.parquet", rows))
+    template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    pairs = ChatData(
+        files=files,
+        tokenizer=MODEL,
+        prompt_key="q",
+        response_key="a",
+        system="1+1=2",
+        chat_template=template,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    decode = pairs.tokenizer.tok.decode
+    first = pairs[0]
+    text = "".join(decode([i]) for i in first["input_ids"].tolist())
+    assert text == "<|system|>1+1=2<|end|><|user|>1+2?<|end|><|assistant|>3<|end|>"
+    answered = [
+        decode([i])
+        for i, label in zip(first["input_ids"].tolist(), first["labels"].tolist(), strict=True)
+        if label != IGNORE
+    ]
+    assert answered == ["3", "<|end|>"]
+    packed = ChatData(
+        files=files,
+        tokenizer=MODEL,
+        prompt_key="q",
+        response_key="a",
+        chat_template=template,
+        pack=2 * len(first["input_ids"]),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    singles = ChatData(
+        files=files,
+        tokenizer=MODEL,
+        prompt_key="q",
+        response_key="a",
+        chat_template=template,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    assert len(packed) < len(singles)
+    joined = [t for i in range(len(packed)) for t in packed[i]["labels"].tolist()]
+    assert joined == [t for i in range(len(singles)) for t in singles[i]["labels"].tolist()]
+    assert all(len(packed[i]["input_ids"]) <= packed.pack for i in range(len(packed)))
+
+
 def test_a_streamed_hub_dataset_offline_reads_the_cached_snapshot_in_order(hub, monkeypatch):
     """Offline, StreamedText reads a hub id's cached snapshot (online it streams from the hub and
     fetches only the card: not exercised here, these machines have no hub)."""
