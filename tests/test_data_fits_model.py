@@ -45,8 +45,9 @@ def both(tmp_path, recipe):
     lines = []
     for command in ("check", "run"):
         proc = launcher(command, path)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        lines.append(proc.stderr.strip().splitlines()[-1])
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr[-3000:]
+        lines.append(said[0])
     assert lines[0] == lines[1]
     return lines[0]
 

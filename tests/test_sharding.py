@@ -131,19 +131,21 @@ def test_fsdp_on_torch_older_than_2_6_is_one_line(tmp_path):
 
 @needs_fsdp
 @pytest.mark.parametrize(
-    ("changes", "expected"),
+    ("command", "changes", "expected"),
     [
-        ({"dist.fsdp.units": ["Blok"]}, "error: dist.fsdp.units: no module of class Blok"),
+        ("run", {"dist.fsdp.units": ["Blok"]}, "error: dist.fsdp.units: no module of class Blok"),
+        ("check", {"dist.fsdp.units": ["Blok"]}, "error: dist.fsdp.units: no module of class Blok"),
         (
+            "run",
             {"dist.strategy": "hsdp", "dist.fsdp.shard_group_size": 3},
             "error: dist.fsdp.shard_group_size: 3 does not divide the world size 2",
         ),
     ],
 )
-def test_sharding_mistakes_are_one_line(tmp_path, changes, expected):
+def test_sharding_mistakes_are_one_line(tmp_path, command, changes, expected):
     r = recipe_dict(**{"run.dir": str(tmp_path / "run"), "dist.strategy": "fsdp", **changes})
     nproc = ["--nproc", "2"] if "dist.fsdp.shard_group_size" in changes else []  # units: checked at any world size
-    proc = launcher("run", *nproc, write_recipe(tmp_path / "r.yaml", r), env=worker_env())
+    proc = launcher(command, *nproc, write_recipe(tmp_path / "r.yaml", r), env=worker_env())
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
