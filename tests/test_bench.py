@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, worker_env
 
 
@@ -128,3 +130,21 @@ def test_transformers_rows_time_rounds_in_one_process_for_each_implementation(tm
     assert len(table) == 3 and all("n=2)" in line for line in table), table
     # and the script that runs every GPU row parses
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+
+
+def test_trainer_exactness_script_measures_the_launchers_rule_exact():
+    """bench/trainer_exactness.py, the source of docs/huggingface.md's comparison with
+    transformers.Trainer: it runs, and its token-weighted row (the launcher's rule) is the exact update."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "trainer_exactness.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=worker_env(HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = re.search(
+        r"^\| token-weighted accumulation \(the launcher's rule\) \| ([\d.]+) \| ([\d.]+) \|", proc.stdout, re.M
+    )
+    assert row and float(row[1]) == pytest.approx(1.0, abs=1e-4) and float(row[2]) == pytest.approx(1.0, abs=1e-4)
+    assert re.search(r"^\| Trainer defaults, GPT2LMHeadModel \| [\d.]+ \|", proc.stdout, re.M), proc.stdout
