@@ -373,7 +373,8 @@ def test_lora_killed_mid_run_resumes_bit_identical(hub, tmp_path):
     2's checkpoint is complete, the same command again ends bit-identical to an uninterrupted run."""
     from runs import assert_identical, processes_with, start, wait_for
 
-    changes = {"model.peft": LORA, "train.epochs": 3, "checkpoint.every_n_steps": 1}
+    # momentum: the adapters' optimizer state is in the checkpoint too, or the resume would drift
+    changes = {"model.peft": LORA, "train.epochs": 3, "checkpoint.every_n_steps": 1, "optimizer.momentum": 0.9}
     whole = run(hub, tmp_path, "whole", "--nproc", "2", **changes)
     path = write_recipe(tmp_path / "killed.yaml", sft_recipe(tmp_path / "killed", **changes))
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
@@ -392,9 +393,12 @@ def test_lora_killed_mid_run_resumes_bit_identical(hub, tmp_path):
     assert_identical(load_weights(tmp_path / "killed"), load_weights(whole))
     # the checkpoints hold the adapters only (and the base's fingerprint): a fraction of the model
     step = whole / "checkpoints" / "step_00000012"
-    saved = torch.load(step / "state.pt", weights_only=False)["model"]
+    state = torch.load(step / "state.pt", weights_only=False)
+    saved = state["model"]
     tensors = [k for k in saved if isinstance(saved[k], torch.Tensor)]
     assert tensors and all("lora_" in k for k in tensors), tensors
+    buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert len(buffers) == len(tensors) and all(b.abs().sum() > 0 for b in buffers)
     on_disk = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
     assert on_disk < 0.5 * (whole / "model.pt").stat().st_size
 

@@ -313,7 +313,7 @@ def test_lora_on_2_ranks_equals_one_process_and_exports_the_adapter_and_the_merg
     """model.peft (a real peft.LoraConfig): only the adapters train; 2 ranks under ddp, and under
     fsdp with activation checkpointing per block, equal one process with the whole batch; hf/ holds
     the adapter (PeftModel.from_pretrained), hf-merged/ the merged model, and both compute alike."""
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config
 
     lora = {"model.peft": {**LORA, "lora_dropout": 0.0}, "train.epochs": None, "train.max_steps": 3}
@@ -325,17 +325,28 @@ def test_lora_on_2_ranks_equals_one_process_and_exports_the_adapter_and_the_merg
         assert_close_rel(load_weights(other), load_weights(one), rtol=1e-5)
     weights = load_weights(one)
     assert any("lora_A" in k for k in weights) and (one / "hf" / "adapter_config.json").is_file()
-    # the base as it was built (its frozen weights in model.pt), with the adapter read from hf/
+    # the trained model: peft's own wrapping of the base, every weight (adapters too) from model.pt
     config = {k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"}
-    base = AutoModelForCausalLM.from_config(GPT2Config(**config))
+
+    def base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_config(GPT2Config(**config))
+
+    trained = get_peft_model(base(), LoraConfig(**{k: v for k, v in LORA.items() if k != "_component_"}))
+    trained.load_state_dict(weights)
+    # hf/: the base as it was built (its frozen weights in model.pt), with the adapter read from hf/
     prefix = "base_model.model."
     frozen = {k[len(prefix) :].replace(".base_layer", ""): v for k, v in weights.items() if "lora_" not in k}
-    base.load_state_dict(frozen)
-    adapted = PeftModel.from_pretrained(base, one / "hf").eval()
-    merged = AutoModelForCausalLM.from_pretrained(one / "hf-merged", local_files_only=True).eval()
+    plain, untouched = base(), base()  # peft adapts the model it is given in place
+    plain.load_state_dict(frozen)
+    untouched.load_state_dict(frozen)
+    adapted = PeftModel.from_pretrained(plain, one / "hf")
+    merged = AutoModelForCausalLM.from_pretrained(one / "hf-merged", local_files_only=True)
     ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+        expected = trained.eval()(ids).logits
+        assert torch.allclose(adapted.eval()(ids).logits, expected, atol=1e-5)
+        assert torch.allclose(merged.eval()(ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(expected, untouched.eval()(ids).logits, atol=1e-4)  # the adapters did train
 
 
 def test_check_prints_the_trainable_parameters_of_an_adapted_model(material, tmp_path):
