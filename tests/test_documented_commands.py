@@ -112,7 +112,9 @@ def test_documented_command_works_with_the_shipped_recipes(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     code = cli.main(list(args))
     out, err = capsys.readouterr()
-    hub_ids = re.findall(r"pretrained=([\w.-]+/[\w.-]+)", " ".join(args))
+    # hub ids in the overrides, or in the recipe the command names (recipes/sft_lora_hub.yaml)
+    recipes = [Path(ROOT, a).read_text() for a in args if a.endswith(".yaml") and Path(ROOT, a).is_file()]
+    hub_ids = re.findall(r"pretrained[=:] *([\w.-]+/[\w.-]+)", " ".join([*args, *recipes]))
     if hub_ids and code == 2:
         # a hub model cannot be fetched here (offline): the recipe and overrides held up to the
         # model, which is refused in the one line that names it and says how to fetch it

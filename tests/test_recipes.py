@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, TINY_GPT_SHAPE, launcher
+from conftest import ROOT, TINY_GPT_SHAPE, launcher, worker_env
 from launcher.parallel.sharding import MIN_TORCH, torch_version
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -22,11 +22,25 @@ def test_there_are_recipes():
     }
 
 
+# recipes that name hub ids: checked offline against stand-ins laid out under those ids (hubkit)
+HUB_RECIPES = {"sft_lora_hub.yaml"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_passes_check(recipe, tmp_path, monkeypatch):
     from launcher.commands import cli
 
     monkeypatch.chdir(tmp_path)  # a recipe that writes its own data writes it here
+    if recipe.name in HUB_RECIPES:
+        from hubkit import stand_ins
+
+        cache = stand_ins(tmp_path / "hub", tmp_path / "stand-ins")
+        env = worker_env(HF_HUB_CACHE=str(cache), HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+        proc = launcher("check", recipe, "--nproc", "8", env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for repo in ("Qwen/Qwen2.5-0.5B", "HuggingFaceH4/no_robots"):
+            assert re.search(f"^from the hub +{repo} at commit", proc.stdout, re.M), proc.stdout
+        return
     assert cli.main(["check", str(recipe), "--nproc", "2"]) == 0
 
 
