@@ -182,6 +182,32 @@ def test_hf_datasets_offline_alone_keeps_datasets_to_the_cache(hub, monkeypatch)
         hub_ids.resolve("tiny-org/absent", "dataset", what="a dataset directory", repo_type="dataset")
 
 
+def test_revisions_name_a_cached_commit_and_an_uncached_one_is_one_line(hub, monkeypatch):
+    """model.revision, tokenizer_revision and a dataset's revision pick that commit's snapshot; offline,
+    a commit not in the cache is the one line with the download command for that revision."""
+    from huggingface_hub import constants
+
+    from launcher import hub as hub_ids
+    from launcher.datasets.chat import ChatTokenizer
+    from launcher.errors import ArgumentError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    for repo, kind in ((MODEL, "model"), (SUMS, "dataset")):
+        (commit,) = [p.name for p in (hub["cache"] / f"{kind}s--{repo.replace('/', '--')}" / "snapshots").iterdir()]
+        found = hub_ids.resolve(repo, "pretrained", what="a directory", repo_type=kind, revision=commit)
+        assert (found.path.name, found.commit) == (commit, commit)
+        assert (
+            hub_ids.resolve(repo, "pretrained", what="a directory", repo_type=kind, revision="main").path == found.path
+        )
+    (commit,) = [p.name for p in (hub["cache"] / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir()]
+    assert ChatTokenizer.load(MODEL, commit, None).vocab_size == ChatTokenizer.load(MODEL, None, None).vocab_size
+    absent = "0" * 40
+    with pytest.raises(ArgumentError, match=f"`hf download {MODEL} --revision {absent}`"):
+        hub_ids.resolve(MODEL, "pretrained", what="a directory", revision=absent)
+    with pytest.raises(ArgumentError, match="is a local path: a revision names a commit of a hub id only"):
+        hub_ids.resolve(str(hub["cache"]), "pretrained", what="a directory", revision=commit)
+
+
 def test_a_model_only_partly_cached_offline_says_to_download_it(hub, tmp_path):
     """Online, `launcher check` fetches a hub model's config without its weights; a run offline later
     finds that part alone in the cache: the line names the id and the download (it blamed the snapshot
