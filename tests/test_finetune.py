@@ -20,6 +20,7 @@ from launcher.parallel.sharding import MIN_TORCH, torch_version
 
 MODEL, SUMS, SUMS_TEXT = "tiny-org/sums-gpt2", "tiny-org/sums-chat", "tiny-org/sums-text"
 OTHER_MODEL = "tiny-org/sums-gpt2-b"  # the same shapes, other weights
+HF_TOKEN = "hf_NeverWrittenAnywhere0123456789"  # in every run's environment: no file of a run may hold it
 LORA = {"_component_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}
 
 
@@ -56,7 +57,8 @@ def hub(tmp_path_factory):
     add_repo(cache, OTHER_MODEL, other_dir)
     add_repo(cache, SUMS, tmp / "chat", repo_type="dataset")
     add_repo(cache, SUMS_TEXT, tmp / "text", repo_type="dataset")
-    return {"cache": cache, "env": worker_env(HF_HUB_CACHE=str(cache), HF_DATASETS_CACHE=str(tmp / "datasets"))}
+    env = worker_env(HF_HUB_CACHE=str(cache), HF_DATASETS_CACHE=str(tmp / "datasets"), HF_TOKEN=HF_TOKEN)
+    return {"cache": cache, "env": env}
 
 
 def sft_recipe(run_dir, **changes) -> dict:
@@ -111,6 +113,8 @@ def test_chat_sft_from_hub_ids_on_2_ranks_with_accumulation_equals_one_process(h
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert losses(two, "val_loss") == pytest.approx(losses(one, "val_loss"), rel=1e-5)
     assert losses(one)[-1] < losses(one)[0]
+    for path in [*one.rglob("*"), *two.rglob("*")]:
+        assert not path.is_file() or HF_TOKEN.encode() not in path.read_bytes(), path
     # the export carries the hub tokenizer with its chat template
     from transformers import AutoTokenizer
 
