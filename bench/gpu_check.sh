@@ -4,7 +4,8 @@
 # writes into one results folder as it goes (a part cut short keeps what it measured).
 #
 #   bench/gpu_check.sh [RESULTS_DIR]          # on the GPU machine (default: bench/results/gpu-check-<date>)
-#   SMOKE=1 bench/gpu_check.sh /tmp/check     # CPU-sized settings: checks the script, not figures
+#   bench/gpu_check.sh --smoke /tmp/check     # CPU-sized settings: checks the script, not figures (or SMOKE=1);
+#                                             # CI runs it (tests/test_bench.py), about 100 s on 2 cores
 #
 # Parts and budgets (seconds; BUDGET_SCALE=2 doubles them all):
 #   ddp-gpt     200  GPT-2-small shape, bf16, batch 8: hand-written, launcher, Accelerate, Fabric,
@@ -27,13 +28,19 @@
 # WHEELS=.whl bench/gpu_check.sh. They are installed into /tmp/gpu-check-site, not the system.
 set -u
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --smoke ]; then
+    SMOKE=1
+    shift
+fi
+case "${1:-}" in -*) echo "usage: bench/gpu_check.sh [--smoke] [RESULTS_DIR]" >&2; exit 2 ;; esac
 out=${1:-bench/results/gpu-check-$(date +%Y-%m-%d-%H%M)}
+py=${PYTHON:-python3}  # the interpreter with torch (PYTHON=.venv/bin/python, say)
 mkdir -p "$out"
 scale=${BUDGET_SCALE:-1}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 if [ -n "${WHEELS:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site "$WHEELS"/*.whl \
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site "$WHEELS"/*.whl \
         || { echo "could not install the wheels in $WHEELS" >&2; exit 2; }
     export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -50,7 +57,7 @@ fi
 
 {
     date -u +"started %Y-%m-%dT%H:%M:%SZ"
-    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+    "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 } > "$out/machine.txt" 2>&1
@@ -67,18 +74,18 @@ part() {
     echo "$name: $how after $(( SECONDS - start )) s" | tee -a "$out/summary.txt"
 }
 
-part ddp-gpt 200 bash -c "python3 bench/bench.py ${bench[*]} --workloads gpt --impls raw,launcher,accelerate,fabric \
-    --ckpt off --json $out/ddp-gpt.json && python3 bench/bench.py ${bench[*]} --workloads gpt --impls none \
+part ddp-gpt 200 bash -c "$py bench/bench.py ${bench[*]} --workloads gpt --impls raw,launcher,accelerate,fabric \
+    --ckpt off --json $out/ddp-gpt.json && $py bench/bench.py ${bench[*]} --workloads gpt --impls none \
     --ckpt off --compile --json $out/compiled-gpt.json"
-part ddp-resnet 70 python3 bench/bench.py "${bench[@]}" --workloads resnet18 \
+part ddp-resnet 70 "$py" bench/bench.py "${bench[@]}" --workloads resnet18 \
     --impls raw,launcher,accelerate,fabric --ckpt off --json "$out/ddp-resnet.json"
-part fsdp 80 python3 bench/fsdp.py "${fsdp[@]}" --json "$out/fsdp.json"
-part hf-gpt2 60 python3 bench/bench.py "${bench[@]}" --workloads hfgpt2 --impls raw,launcher,trainer \
+part fsdp 80 "$py" bench/fsdp.py "${fsdp[@]}" --json "$out/fsdp.json"
+part hf-gpt2 60 "$py" bench/bench.py "${bench[@]}" --workloads hfgpt2 --impls raw,launcher,trainer \
     --ckpt off --json "$out/hf-gpt2.json"
-part gpu-tests 70 python3 -m pytest -v -p no:cacheprovider -n 0 tests/test_gpu.py
+part gpu-tests 70 "$py" -m pytest -v -p no:cacheprovider -n 0 tests/test_gpu.py
 if [ "${PROFILE:-0}" = 1 ]; then  # the 1 ms per step (issue #24): traces of the same 5 steps, and their difference
-    part profile 90 bash -c "python3 bench/bench.py ${bench[*]} --workloads gpt --impls raw,launcher --ckpt off \
-        --profile $out/prof --json $out/profile.json && python3 bench/trace_diff.py \
+    part profile 90 bash -c "$py bench/bench.py ${bench[*]} --workloads gpt --impls raw,launcher --ckpt off \
+        --profile $out/prof --json $out/profile.json && $py bench/trace_diff.py \
         $out/prof/gpt-nockpt-raw.trace.json $out/prof/gpt-nockpt-launcher.trace.json"
 fi
 
