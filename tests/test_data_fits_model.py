@@ -5,6 +5,8 @@ on every rank at step 1."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,22 @@ def token_file(material, tmp_path, name, **changes):
 def test_a_token_file_with_ids_beyond_the_vocabulary(material, tmp_path):
     line = both(tmp_path, token_file(material, tmp_path, "big.bin"))
     assert line.startswith("error: data.train:") and "holds token id 64, beyond the model's vocabulary of 64" in line
+
+
+def test_a_token_file_is_scanned_once_per_node_and_refused_on_every_rank(material, tmp_path):
+    """Its largest id is read by local rank 0 alone (the others take it from the store), and a file
+    beyond the vocabulary is the same one line at 2 ranks."""
+    shutil.copyfile(material / "ok.bin", tmp_path / "ok.bin")
+    recipe = token_file(material, tmp_path, "ok.bin", path=str(tmp_path / "ok.bin"))
+    recipe["data"]["train"]["_component_"] = "testkit.ScanCountingTokenFile"
+    proc = launcher("run", "--nproc", "2", write_recipe(tmp_path / "ok.yaml", recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "ok.bin.scans").read_text().splitlines()) == 1
+    proc = launcher(
+        "run", "--nproc", "2", write_recipe(tmp_path / "big.yaml", token_file(material, tmp_path, "big.bin"))
+    )
+    said = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(said) == 1 and "holds token id 64" in said[0], proc.stderr[-3000:]
 
 
 def test_a_token_file_read_with_the_wrong_dtype(material, tmp_path):

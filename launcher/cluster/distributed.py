@@ -8,12 +8,13 @@ is the same one at every size; a plain single process gets none: nothing to set 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from launcher.cluster.env import ClusterEnv
 from launcher.errors import LaunchError
 from launcher.observe.logs import log
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,14 +134,57 @@ def local_main_first(name: str) -> Iterator[None]:
     key = f"launcher/local_main_first/{env.node_rank}/{name}"
     store = dist.distributed_c10d._get_default_store()
     if env.local_rank != 0:
-        while not store.check([key]):  # still working: wait on (torchrun ends this process if local rank 0 dies)
-            time.sleep(0.2)
+        _wait_for(store, key)  # still working: wait on (torchrun ends this process if local rank 0 dies)
         yield
         return
     try:
         yield
     finally:
         store.set(key, "done")  # also when the body failed: the others then fail alike, each in one line
+
+
+def once_per_node(name: str, compute: Callable[[], T]) -> T:
+    """`compute()` on local rank 0 of each node; the node's other ranks take its result (JSON) from
+    the rendezvous store instead of computing it again: a scan of a file every rank would otherwise
+    read whole, say. Should local rank 0 fail, the others compute it themselves and fail alike, each
+    in its own line. Polled, not a collective, for the reason local_main_first gives."""
+    if not is_initialized():
+        return compute()
+    env = ClusterEnv.detect()
+    key = f"launcher/once_per_node/{env.node_rank}/{name}"
+    store = dist.distributed_c10d._get_default_store()
+    if env.local_rank == 0:
+        try:
+            value = compute()
+        except BaseException:
+            store.set(key, "")
+            raise
+        store.set(key, json.dumps(value))
+        # the store lives in this process on the first node: stay until the node's ranks have read
+        # it, so that a refusal of the value (a file's id beyond the vocabulary) reaches each of them
+        while store.add(f"{key}/read", 0) < env.local_world_size - 1:
+            time.sleep(0.05)
+        return value
+    try:
+        if not _wait_for(store, key):
+            return compute()
+        text = store.get(key).decode()
+        store.add(f"{key}/read", 1)
+    except RuntimeError:  # the store went away between the poll and the read: as in _wait_for
+        return compute()
+    return json.loads(text) if text else compute()
+
+
+def _wait_for(store: Any, key: str) -> bool:
+    """Poll until `key` is set: True; False if the store went away meanwhile (it lives in rank 0's
+    process, which may have ended on an error of its own after setting the key: this rank then does
+    the work itself and meets the same error, in its own one line, rather than a store traceback)."""
+    try:
+        while not store.check([key]):
+            time.sleep(0.2)
+        return True
+    except RuntimeError:  # torch's DistNetworkError (a RuntimeError): the store's process has gone
+        return False
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

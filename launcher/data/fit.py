@@ -8,16 +8,18 @@ What a model and a dataset say of themselves:
   GPT-2's family; rotary models extrapolate and are not limited here), or the built-in GPT's
   `vocab_size` and `max_positions`;
 - the dataset: `needs_padding` (samples of different lengths), `vocab_size` (the ids a tokenizer
-  can produce), `max_token_id()` (a token file's largest id, read once), `max_sequence_length`
+  can produce), `max_token_id()` (a token file's largest id, read once per node), `max_sequence_length`
   (the longest sample it yields).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
 
+from launcher.cluster import distributed
 from launcher.errors import RecipeError
 
 
@@ -59,7 +61,12 @@ def check(model: nn.Module, datasets: dict[str, Any], collate: Any) -> None:
                 f"the tokenizer has {data_vocab:,} tokens but the model's vocabulary is {vocab:,}; "
                 f"set the model's vocab_size to at least {data_vocab:,}",
             )
-        max_id = ds.max_token_id(vocab) if callable(getattr(ds, "max_token_id", None)) else None
+        max_id = (
+            # once per node, not once per rank: a token file is read whole for it
+            distributed.once_per_node(f"max_token_id/{key}", functools.partial(ds.max_token_id, vocab))
+            if callable(getattr(ds, "max_token_id", None))
+            else None
+        )
         if max_id is not None and max_id >= vocab:
             raise RecipeError(
                 key,

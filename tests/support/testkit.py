@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from launcher.datasets.token_file import TokenFile
+
 
 def counting_allreduce_hook(process_group, bucket):
     """DDP comm hook: all-reduce as DDP would, and count the synchronising backward passes per rank."""
@@ -405,3 +407,12 @@ def fails_to_import_a_module(**kwargs):
         raise RuntimeError("operator torchvision::nms does not exist")
     except RuntimeError as e:
         raise ModuleNotFoundError("Could not import module 'GPT2LMHeadModel'") from e
+
+
+class ScanCountingTokenFile(TokenFile):
+    """A TokenFile that notes each scan for its largest id as a line of `<path>.scans`."""
+
+    def max_token_id(self, vocab_size: int) -> int | None:
+        with open(f"{self.path}.scans", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return super().max_token_id(vocab_size)
