@@ -177,6 +177,20 @@ def test_real_process_exit_code_and_single_stderr_line(tmp_path):
         assert proc.stderr.startswith("error: "), proc.stderr
 
 
+def test_an_argument_the_component_lacks_is_the_same_line_at_run_as_at_check(tmp_path):
+    """`launcher run` words a component's unknown argument as check does (it said 'building ... failed
+    at components.py: TypeError: ... unexpected keyword argument')."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"data.train.sizes": 64}))
+    lines = []
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr
+        lines.append(said[0])
+    assert lines[0] == lines[1] and lines[0].startswith("error: data.train.sizes: "), lines
+    assert "takes no argument 'sizes'; did you mean 'size'?" in lines[0], lines[0]
+
+
 def test_overrides_are_yaml_typed():
     raw = apply_overrides(
         {"optimizer": {"lr": 1.0}},

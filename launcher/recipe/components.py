@@ -174,6 +174,10 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
     except Exception as e:
         if debugging():
             raise
+        if isinstance(e, TypeError) and not runtime:
+            # the recipe's arguments against the signature, as `launcher check` words it (an unknown
+            # or missing argument), rather than Python's TypeError; passes if the cause lies deeper
+            check(spec, key, len(args))
         raise BuildError(
             key,
             f"building {spec[TARGET]} failed at {where(e)}: {type(e).__name__}: {first_line(e)}{root_cause(e)} "
