@@ -14,6 +14,8 @@ from launcher.recipe.yaml_io import apply_overrides, parse_value
 TINY_GPT2 = {"_component_": "transformers.GPT2Config", "n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16}
 TINY_GPT2 |= {"bos_token_id": 2, "eos_token_id": 2}  # within the vocabulary: transformers warns otherwise
 LORA = {"_component_": "peft.LoraConfig", "r": 4, "target_modules": "all-linear"}
+LORA_ON_QWEN_NAMES = {**LORA, "target_modules": ["q_proj", "v_proj"]}
+NOT_PEFT = {"_component_": "torch.nn.Linear", "in_features": 2, "out_features": 2}
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
     ("typo in a section, with a suggestion", {"train.epoch": 3}, [], "train.epoch", "did you mean 'epochs'"),
@@ -134,6 +136,27 @@ BAD = [
         ["dist.strategy=fsdp", "dist.fsdp.meta_init=true"],
         "dist.fsdp.meta_init",
         "frozen parameters",
+    ),
+    (
+        "LoRA on layers the model lacks",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "config": TINY_GPT2, "peft": LORA_ON_QWEN_NAMES}},
+        [],
+        "model.peft.target_modules",
+        "matches no layer of the model; its layers are named c_attn, c_fc, c_proj",
+    ),
+    (
+        "LoRA of rank 0",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "config": TINY_GPT2, "peft": {**LORA, "r": 0}}},
+        [],
+        "model.peft.r",
+        "positive whole number, got 0",
+    ),
+    (
+        "model.peft that is no peft config",
+        {"model": {"_component_": "launcher.models.hf.causal_lm", "config": TINY_GPT2, "peft": NOT_PEFT}},
+        [],
+        "model.peft._component_",
+        "expected a peft config component",
     ),
     (
         "model that is not a module",

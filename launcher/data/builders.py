@@ -16,7 +16,7 @@ from launcher import rng
 from launcher.data import batches, streaming
 from launcher.data.loading import Positioned, SeededDataset, ShardSampler, build_loader
 from launcher.data.plan import Plan, batch_shape
-from launcher.errors import RecipeError
+from launcher.errors import ArgumentError, RecipeError
 from launcher.recipe.components import instantiate
 from launcher.recipe.schema import Recipe, component_spec
 
@@ -88,7 +88,11 @@ def build_model(recipe: Recipe) -> torch.nn.Module:
     if recipe.model.get("peft") is not None:  # adapters: only they train (launcher/models/hf.py)
         from launcher.models import hf
 
-        model = hf.with_adapters(model, instantiate(recipe.model["peft"], "model.peft"))
+        config = instantiate(recipe.model["peft"], "model.peft")
+        try:
+            model = hf.with_adapters(model, config)
+        except ArgumentError as e:  # the config against this model: named under model.peft
+            raise RecipeError(f"model.peft.{e.argument}" if e.argument else "model.peft", str(e)) from None
     return model
 
 

@@ -100,14 +100,41 @@ def with_adapters(model: nn.Module, config: Any) -> nn.Module:
     peft = require("peft", "model.peft")
     if not isinstance(config, peft.PeftConfig):
         raise ArgumentError(
-            "peft", f"expected a peft config component (peft.LoraConfig, ...), got a {type(config).__name__}"
+            "_component_", f"expected a peft config component (peft.LoraConfig, ...), got a {type(config).__name__}"
         )
+    rank = getattr(config, "r", 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:  # peft's own check fails on a string
+        raise ArgumentError("r", f"the adapters' rank must be a positive whole number, got {rank!r}")
     with warnings.catch_warnings():
         # peft reads transformers' deprecated is_gradient_checkpointing: its noise, not the recipe's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         # and corrects fan_in_fan_out for GPT-2's Conv1D layers itself, saying so once per layer
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
-        return peft.get_peft_model(model, config)
+        try:
+            return peft.get_peft_model(model, config)
+        except Exception as e:  # peft's complaints about the config against this model, as one line
+            raise _peft_error(model, config, e) from None
+
+
+def _peft_error(model: nn.Module, config: Any, e: Exception) -> ArgumentError:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "NoMatchingPeftModuleError" or "target_modules" in message.lower():
+        # what the model's layers are called: the names target_modules matches against
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _adaptable(m)})
+        wanted = getattr(config, "target_modules", None)
+        return ArgumentError(
+            "target_modules",
+            f"{wanted!r} matches no layer of the model; its layers are named {', '.join(names)} (or use all-linear)",
+        )
+    for field in ("r", "lora_alpha", "lora_dropout"):
+        if f"`{field}`" in message or message.startswith(f"{field} "):
+            return ArgumentError(field, message)
+    return ArgumentError("", f"peft could not adapt the model: {type(e).__name__}: {message}")
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: a Linear, or transformers' Conv1D (GPT-2's), an Embedding or a convolution."""
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)) or type(module).__name__ == "Conv1D"
 
 
 def merged(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
