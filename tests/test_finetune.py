@@ -342,6 +342,43 @@ def test_prompt_response_pairs_a_recipe_template_and_packing(hub, tmp_path, monk
     assert all(len(packed[i]["input_ids"]) <= packed.pack for i in range(len(packed)))
 
 
+def test_chat_data_mistakes_name_the_row_and_the_cause(hub, tmp_path, monkeypatch):
+    """Each is one ArgumentError naming its argument, and the row (1-based) where a row is at fault."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.datasets.chat import ChatData
+    from launcher.errors import ArgumentError
+
+    def chat(rows, **kwargs):
+        path = tmp_path / f"{uuid.uuid4().hex}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return ChatData(files=str(path), tokenizer=MODEL, cache_dir=str(tmp_path / "cache"), **kwargs), path
+
+    ok = {"messages": [{"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": "3"}]}
+    asked = {"messages": [{"role": "user", "content": "What is 1+2?"}]}
+    with pytest.raises(ArgumentError, match=r"row 3: the conversation is empty") as e:
+        chat([ok, ok, {"messages": []}])
+    assert e.value.argument == "messages_key"
+    # no assistant turn anywhere: said as such (it was 'the training dataset is empty')
+    with pytest.raises(ArgumentError, match=r"every conversation is dropped: 2 of 2 conversations have no assistant"):
+        chat([asked, asked])
+    long = {"messages": [{"role": "user", "content": "What is 1+2? " * 4}, {"role": "assistant", "content": "3"}]}
+    some, _ = chat([ok, asked, long], max_length=20)
+    assert len(some) == 1 and len(some.notes) == 2, some.notes  # one unanswered, one cut by max_length
+    assert "1 of 3 conversations have no assistant answer" in some.notes[0] and "raise max_length" in some.notes[1]
+    # prompt/response pairs: a missing response names response_key
+    with pytest.raises(ArgumentError, match=r"row 2: its 'a' field is None, not text") as e:
+        chat([{"q": "1+2?", "a": "3"}, {"q": "1+2?", "a": None}], prompt_key="q", response_key="a")
+    assert e.value.argument == "response_key"
+    with pytest.raises(ArgumentError, match=r"nosuch/t.jinja does not exist") as e:
+        chat([ok], chat_template="nosuch/t.jinja")
+    assert e.value.argument == "chat_template"
+    # max_length is a cap, not a length: the longest real sample is what must fit the model
+    capped, _ = chat([ok, ok], max_length=500)
+    assert capped.max_sequence_length == len(capped[0]["input_ids"]) < 500
+
+
 def test_a_streamed_hub_dataset_offline_reads_the_cached_snapshot_in_order(hub, monkeypatch):
     """Offline, StreamedText reads a hub id's cached snapshot (online it streams from the hub and
     fetches only the card: not exercised here, these machines have no hub)."""

@@ -89,16 +89,14 @@ class ChatData(Dataset):
         self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
         self.fields = (prompt_key, response_key, system) if prompt_key else (messages_key,)
         limit = self.pack or self.max_length
-        key = cache_key(self.source, "chat", self.tokenizer.fingerprint, self.fields, limit, pack)
+        key = cache_key(self.source, "chat-v2", self.tokenizer.fingerprint, self.fields, limit, pack)
         with distributed.local_main_first(key):
-            self.rows, kept, total = self._encode(key, limit, cache_dir)
-        self.dropped = total - kept
-        self.notes = []  # said at the start of the run and by `launcher check` (launcher/data/fit.py)
-        if self.dropped:
-            self.notes.append(
-                f"{self.dropped} of {total} conversations have no answer token within the first {limit} tokens "
-                f"and are dropped (they would train on nothing); raise {'pack' if pack else 'max_length'} to keep them"
-            )
+            self.rows, unanswered, cut, total = self._encode(key, limit, cache_dir)
+        self.dropped = unanswered + cut
+        # said at the start of the run and by `launcher check` (launcher/data/fit.py)
+        self.notes = _drop_notes(unanswered, cut, total, limit, "pack" if pack else "max_length")
+        if total and self.dropped == total:  # not "the dataset is empty": say why
+            raise ArgumentError("", f"{self.source.describe()}: every conversation is dropped: {'; '.join(self.notes)}")
 
     def _encode(self, key: str, limit: int | None, cache_dir: str | None) -> tuple[Any, int, int]:
         datasets = require("datasets", "launcher.datasets.chat.ChatData")
@@ -111,26 +109,36 @@ class ChatData(Dataset):
                 )
         to_messages = _conversation(self.fields)
         encode = self.tokenizer.encode
+        where = self.source.describe()
 
-        def encode_rows(rows: dict[str, list]) -> dict[str, list]:
-            n = len(rows[raw.column_names[0]])
-            out: dict[str, list] = {"input_ids": [], "labels": []}
-            for i in range(n):
-                ids, labels = encode(to_messages({k: v[i] for k, v in rows.items()}))
+        def encode_rows(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+            # every row comes out, the dropped ones empty with the reason (counted, then filtered out)
+            out: dict[str, list] = {"input_ids": [], "labels": [], DROPPED: []}
+            for i, index in enumerate(indices):
+                try:
+                    ids, labels = encode(to_messages({k: v[i] for k, v in rows.items()}))
+                except ArgumentError as e:
+                    raise ArgumentError(e.argument, f"{where}: row {index + 1}: {e}") from None
+                answered = any(label != IGNORE for label in labels[1:])  # the first label is never predicted
                 ids, labels = (ids[:limit], labels[:limit]) if limit else (ids, labels)
-                if any(label != IGNORE for label in labels[1:]):  # the first label is never predicted
-                    out["input_ids"].append(ids)
-                    out["labels"].append(labels)
+                kept = any(label != IGNORE for label in labels[1:])
+                out["input_ids"].append(ids if kept else [])
+                out["labels"].append(labels if kept else [])
+                out[DROPPED].append(KEPT if kept else CUT if answered else UNANSWERED)
             return out
 
         kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "remove_columns": raw.column_names}
-        rows = raw.map(encode_rows, new_fingerprint=key, desc="formatting conversations", **kwargs)
-        kept = len(rows)
+        rows = raw.map(encode_rows, new_fingerprint=key, desc="formatting conversations", with_indices=True, **kwargs)
+        why = rows[DROPPED]
+        unanswered, cut = why.count(UNANSWERED), why.count(CUT)
+        if unanswered + cut:
+            rows = rows.filter(lambda d: d == KEPT, input_columns=DROPPED, new_fingerprint=f"{key}-kept")
+        rows = rows.remove_columns(DROPPED)
         if self.pack:
             rows = rows.map(
                 _packer(self.pack), new_fingerprint=f"{key}-packed", desc="packing", batched=True, batch_size=1000
             )
-        return rows.with_format("torch"), kept, len(raw)
+        return rows.with_format("torch"), unanswered, cut, len(raw)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -142,12 +150,29 @@ class ChatData(Dataset):
     @property
     def max_sequence_length(self) -> int:
         """The longest sample (launcher/data/fit.py checks it against the model's positions)."""
-        if self.pack or self.max_length:
-            return self.pack or self.max_length or 0
         import pyarrow.compute as pc  # installed with `datasets`
 
         column = self.rows.data.column("input_ids")
         return int(pc.max(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
+
+
+DROPPED = "_dropped"  # a column of the encoding: why a conversation is left out
+KEPT, UNANSWERED, CUT = 0, 1, 2  # kept; no answer at all; its answers cut off by the length
+
+
+def _drop_notes(unanswered: int, cut: int, total: int, limit: int | None, limit_key: str) -> list[str]:
+    notes = []
+    if unanswered:
+        notes.append(
+            f"{unanswered} of {total} conversations have no assistant answer to train on and are dropped "
+            "(no assistant turn, or empty ones)"
+        )
+    if cut:
+        notes.append(
+            f"{cut} of {total} conversations have no answer token within the first {limit} tokens "
+            f"and are dropped (they would train on nothing); raise {limit_key} to keep them"
+        )
+    return notes
 
 
 def _conversation(fields: tuple[str | None, ...]) -> Callable[[dict[str, Any]], list[dict[str, str]]]:
@@ -158,6 +183,9 @@ def _conversation(fields: tuple[str | None, ...]) -> Callable[[dict[str, Any]], 
     prompt, response, system = str(fields[0]), str(fields[1]), fields[2]
 
     def pair(row: dict[str, Any]) -> list[dict[str, str]]:
+        for argument, field in (("prompt_key", prompt), ("response_key", response)):
+            if not isinstance(row[field], str):
+                raise ArgumentError(argument, f"its {field!r} field is {row[field]!r}, not text")
         messages = [{"role": "system", "content": system}] if system else []
         return [*messages, {"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]
 
@@ -214,9 +242,14 @@ class ChatTokenizer:
             )
         if chat_template is not None:
             template = Path(chat_template).expanduser()
-            tok.chat_template = (
-                template.read_text() if chat_template.endswith(".jinja") and template.is_file() else chat_template
-            )
+            if template.suffix == ".jinja" or not any(tag in chat_template for tag in ("{{", "{%")):
+                # a file's name (Jinja text always has a tag; a file of it was meant, not a constant)
+                if not template.is_file():
+                    raise ArgumentError(
+                        "chat_template", f"{chat_template} does not exist: give a .jinja file, or the template's text"
+                    )
+                chat_template = template.read_text()
+            tok.chat_template = chat_template
         if not getattr(tok, "chat_template", None):
             raise ArgumentError(
                 "chat_template",
@@ -259,6 +292,8 @@ class ChatTokenizer:
 
 
 def _check_messages(messages: Any) -> None:
+    if isinstance(messages, list) and not messages:
+        raise ArgumentError("messages_key", "the conversation is empty (no messages)")
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
