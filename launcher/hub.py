@@ -73,10 +73,12 @@ def resolve(
 ) -> Source:
     """A local path as it is, or a hub id's snapshot directory (the `files` patterns downloaded, or
     all files); ArgumentError for the component's `argument` otherwise. `what` says what a local path should be."""
+    # a tokenizer's revision is its own argument beside a dataset's (ChatData, TokenizedText)
+    revision_key = "tokenizer_revision" if argument == "tokenizer" else "revision"
     path = Path(spec).expanduser()
     if path.exists():
         if revision is not None:
-            raise ArgumentError("revision", f"{spec} is a local path: a revision names a commit of a hub id only")
+            raise ArgumentError(revision_key, f"{spec} is a local path: a revision names a commit of a hub id only")
         return Source(path, None, None)
     if not is_hub_id(spec):
         raise ArgumentError(argument, f"{spec} does not exist: name {what}, or a hub id (org/name)")
@@ -91,20 +93,22 @@ def resolve(
                 local_files_only=offline(repo_type),
             )
         except Exception as e:
-            raise _hub_error(spec, argument, what, repo_type, revision, e) from None
+            raise _hub_error(spec, argument, what, repo_type, revision, e, revision_key) from None
     source = Source(Path(folder), spec, Path(folder).name)
     resolved[spec] = source
     return source
 
 
-def _hub_error(spec: str, name: str, what: str, repo_type: str, revision: str | None, e: Exception) -> ArgumentError:
+def _hub_error(
+    spec: str, name: str, what: str, repo_type: str, revision: str | None, e: Exception, revision_key: str
+) -> ArgumentError:
     """huggingface_hub's errors, as one line that says what to do; the token is never in them."""
     kind = type(e).__name__
     at = f" at revision {revision}" if revision else ""
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
     download = f"`hf download {spec}{flag}{f' --revision {revision}' if revision else ''}`"
     if kind == "RevisionNotFoundError":
-        return ArgumentError("revision", f"{spec} has no revision {revision!r}: name a branch, tag or commit it has")
+        return ArgumentError(revision_key, f"{spec} has no revision {revision!r}: name a branch, tag or commit it has")
     if kind in ("RepositoryNotFoundError", "GatedRepoError") or "401" in str(e).split("\n")[0]:
         return ArgumentError(
             name,

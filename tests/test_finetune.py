@@ -208,8 +208,12 @@ def test_revisions_name_a_cached_commit_and_an_uncached_one_is_one_line(hub, mon
     absent = "0" * 40
     with pytest.raises(ArgumentError, match=f"`hf download {MODEL} --revision {absent}`"):
         hub_ids.resolve(MODEL, "pretrained", what="a directory", revision=absent)
-    with pytest.raises(ArgumentError, match="is a local path: a revision names a commit of a hub id only"):
+    with pytest.raises(ArgumentError, match="is a local path: a revision names a commit of a hub id only") as e:
         hub_ids.resolve(str(hub["cache"]), "pretrained", what="a directory", revision=commit)
+    assert e.value.argument == "revision"
+    with pytest.raises(ArgumentError, match="is a local path") as e:  # a tokenizer's: its own key
+        ChatTokenizer.load(str(hub["cache"]), commit, None)
+    assert e.value.argument == "tokenizer_revision"
 
 
 def test_a_model_only_partly_cached_offline_says_to_download_it(hub, tmp_path):
