@@ -164,7 +164,15 @@ def test_debug_distributed_under_tensor_parallelism_runs_without_anomaly_detecti
     "changes,expected",
     [
         (["dist.tensor_parallel=3"], "dist.tensor_parallel: 3 does not divide the world size 4; use a divisor of 4"),
-        (["dist.tensor_parallel=4", "model.n_heads=2"], "dist.tensor_parallel: 1.n_heads is 2, which does not split"),
+        (
+            ["dist.tensor_parallel=4", "model.n_heads=2"],
+            "dist.tensor_parallel: model.n_heads is 2, which does not split",
+        ),
+        (
+            # a column-wise split whose output nothing reads split: a shape error at the first step before
+            ["dist.tensor_parallel=2", "dist.tp_plan={'*.mlp.0': colwise}"],
+            "dist.tp_plan: 1.mlp.0 is split colwise but no module beside it is split rowwise",
+        ),
         (
             ["dist.tensor_parallel=2", "dist.tp_plan={'*.nothing': colwise}"],
             "dist.tp_plan: no module of GPTModel matches the tensor-parallel plan",

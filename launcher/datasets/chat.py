@@ -98,7 +98,8 @@ class ChatData(Dataset):
         if total and self.dropped == total:  # not "the dataset is empty": say why
             raise ArgumentError("", f"{self.source.describe()}: every conversation is dropped: {'; '.join(self.notes)}")
 
-    def _encode(self, key: str, limit: int | None, cache_dir: str | None) -> tuple[Any, int, int]:
+    def _encode(self, key: str, limit: int | None, cache_dir: str | None) -> tuple[Any, int, int, int]:
+        """The encoded rows kept; how many had no answer, how many lost theirs to the limit; how many in all."""
         datasets = require("datasets", "launcher.datasets.chat.ChatData")
         raw = self.source.load(datasets, cache_dir)
         for field in self.fields[:2]:

@@ -10,6 +10,7 @@ squares is all-reduced once: the same value, one collective per mesh instead of 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -47,13 +48,19 @@ def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return norms.square().sum()
 
 
-def _summed_over_shards(local: torch.Tensor, mesh: object, placements: tuple) -> torch.Tensor:
-    """Sum over the mesh dimensions that shard the gradients; the replicated ones (HSDP's) hold copies."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+def _summed_over_shards(local: torch.Tensor, mesh: Any, placements: tuple) -> torch.Tensor:
+    """Sum over the mesh dimensions that shard the gradients; the replicated ones (HSDP's) hold copies.
+    One all-reduce per sharding dimension, in mesh order, as DTensor's full_tensor() would do (which
+    also warns, under fsdp x tp, that sequential reductions "may give inconsistent results between
+    ranks": they do not here, each group reducing the same values in the same order on every rank)."""
+    import torch.distributed as dist
 
+    total = local.clone()
     # not is_shard(): FSDP's _StridedShard (over a tensor-parallel shard) is a shard that says False
-    partial = [Replicate() if p.is_replicate() else Partial() for p in placements]
-    return DTensor.from_local(local, mesh, partial, run_check=False).full_tensor()  # type: ignore[arg-type]
+    for dim, placement in enumerate(placements):
+        if not placement.is_replicate():
+            dist.all_reduce(total, group=mesh.get_group(dim))
+    return total
 
 
 def clip_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

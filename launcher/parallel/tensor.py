@@ -83,12 +83,32 @@ def check(model: nn.Module, plan: Mapping[str, str], tensor: int) -> None:
                 f"{name} ({style}) has {width} {side}, which do not split over {tensor} ranks; "
                 f"use a tensor_parallel that divides {width}",
             )
+    _check_pairs(found)
     for label, heads in _heads(model):
         if heads % tensor:
             raise RecipeError(
                 KEY,
                 f"{label} is {heads}, which does not split over {tensor} ranks; "
                 f"use a tensor_parallel that divides {heads}",
+            )
+
+
+def _check_pairs(found: Mapping[str, tuple[nn.Module, str]]) -> None:
+    """A column-wise layer leaves its output split by features, which only a row-wise layer reads
+    (and a row-wise one needs such input): each needs the other beside it, in the same parent module
+    (attention's q, k, v and its output projection; an MLP's two Linears). A plan without its pair
+    would pass every other check and fail at the first step on a shape."""
+    styles_by_parent: dict[str, set[str]] = {}
+    for name, (_, style) in found.items():
+        styles_by_parent.setdefault(name.rpartition(".")[0], set()).add(style)
+    for name, (_, style) in found.items():
+        other = "rowwise" if style == "colwise" else "colwise"
+        if other not in styles_by_parent[name.rpartition(".")[0]]:
+            reads = "reads its split output" if style == "colwise" else "splits its input"
+            raise RecipeError(
+                "dist.tp_plan",
+                f"{name} is split {style} but no module beside it is split {other}: add the Linear that "
+                f"{reads} to the plan as {other} (e.g. an MLP's second Linear to its first)",
             )
 
 
@@ -110,11 +130,11 @@ def _heads(model: nn.Module) -> list[tuple[str, int]]:
     """Attention head counts the split must divide: the built-in GPT's blocks' n_heads, and a
     transformers config's query and key/value heads."""
     found = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         heads = getattr(module, "n_heads", None)
         if isinstance(heads, int):
-            found.append((f"{name}.n_heads", heads))
-            break  # every block alike
+            found.append(("model.n_heads", heads))  # the built-in GPT's recipe key (every block alike)
+            break
     config = getattr(model, "config", None)
     for attr in ("num_attention_heads", "num_key_value_heads"):
         value = getattr(config, attr, None)
