@@ -108,6 +108,15 @@ class ChatData(Dataset):
                     "prompt_key" if field == self.fields[0] and len(self.fields) > 1 else "messages_key",
                     f"{self.source.describe()} has no {field!r} field; it has {raw.column_names}",
                 )
+            if field is not None and _mixed_json(raw.features[field]):
+                # datasets reads a field whose rows mix text with numbers as JSON, and then decodes
+                # text such as "3" into the number 3: the error would name a row that is right
+                raise ArgumentError(
+                    "prompt_key" if field == self.fields[0] and len(self.fields) > 1 else "messages_key",
+                    f"{self.source.describe()}: the {field!r} field holds numbers, lists or objects where text "
+                    "belongs in some rows (datasets then reads all of them as JSON); make every message's "
+                    "content, or every prompt and response, a string",
+                )
         to_messages = _conversation(self.fields)
         encode = self.tokenizer.encode
         where = self.source.describe()
@@ -159,6 +168,16 @@ class ChatData(Dataset):
 
 DROPPED = "_dropped"  # a column of the encoding: why a conversation is left out
 KEPT, UNANSWERED, CUT = 0, 1, 2  # kept; no answer at all; its answers cut off by the length
+
+
+def _mixed_json(feature: Any) -> bool:
+    """Does a datasets feature hold a Json value anywhere (what datasets infers for mixed types)?"""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_mixed_json(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List, Sequence, LargeList
+    return inner is not None and _mixed_json(inner)
 
 
 def _drop_notes(unanswered: int, cut: int, total: int, limit: int | None, limit_key: str) -> list[str]:
