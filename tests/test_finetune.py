@@ -496,6 +496,13 @@ def test_a_sharded_lora_checkpoint_resumes_in_one_process_on_its_base_only(hub, 
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     lines = wrong.stderr.strip().splitlines()
     assert len(lines) == 1 and "was trained on another frozen base model" in lines[0], wrong.stderr
+    # other adapters: another scale (same shapes) in a worker, another rank in the --nproc parent
+    for args, change, key in (([], {"lora_alpha": 16}, "lora_alpha"), (["--nproc", "2"], {"r": 8}, "r")):
+        other = changed(recipe, **{"model.peft": {**LORA, **change}})
+        proc = launcher("run", *args, write_recipe(tmp_path / f"{key}.yaml", other), env=hub["env"])
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr[-2000:]
+        assert said[0].startswith(f"error: model.peft.{key}: ") and "holds adapters trained with" in said[0], said
     resumed = launcher("run", write_recipe(tmp_path / "same.yaml", recipe), env=hub["env"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_rel(load_weights(first), load_weights(whole), rtol=1e-5)

@@ -70,7 +70,13 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     from launcher.commands.check import build_model_cheaply, check_static
     from launcher.data.plan import batch_shape
     from launcher.parallel.strategy import layout_for
-    from launcher.train.resume import check_global_batch, check_shapes_match, checkpointed_state, shapes_of
+    from launcher.train.resume import (
+        check_adapters,
+        check_global_batch,
+        check_shapes_match,
+        checkpointed_state,
+        shapes_of,
+    )
 
     # fail here, once, before any worker starts, on everything that can be known without data
     check_static(recipe, args.nproc)
@@ -85,6 +91,8 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
             batch_shape(recipe, layout_for(recipe, args.nproc).dp_size).global_batch,
             resume_from,
         )
+        if "peft" in marker:  # markers written before it was kept have none
+            check_adapters(marker["peft"], recipe.model.get("peft"), resume_from)
         if marker.get("shapes") is not None:  # built on the meta device: no memory, no weights
             model = checkpointed_state(build_model_cheaply(recipe))
             check_shapes_match(shapes_of(model), {k: tuple(v) for k, v in marker["shapes"].items()}, resume_from)

@@ -150,7 +150,11 @@ def save_checkpoint(t: Trainer, blocking: bool = True) -> Path | None:
         t.saved,
         metadata(t.recipe, t.plan),
         # the model's shapes: a recipe for another model is refused before any worker starts
-        summary={"global_batch": t.plan.global_batch, "shapes": shapes_of(checkpointed_state(t.model))},
+        summary={
+            "global_batch": t.plan.global_batch,
+            "shapes": shapes_of(checkpointed_state(t.model)),
+            "peft": t.recipe.model.get("peft"),  # the adapters' config: a resume that changes it is refused
+        },
         blocking=blocking,
     )
     # after: a non-finite loss found while saving names the previous checkpoint as the intact one
@@ -213,8 +217,11 @@ def check_compatible(payload: Mapping[str, Any], path: Path, recipe: Recipe, pla
 
 
 def check_components(payload: Mapping[str, Any], path: Path, recipe: Recipe) -> None:
-    """The optimizer and scheduler whose state the checkpoint holds are the recipe's."""
+    """The optimizer and scheduler whose state the checkpoint holds are the recipe's, and so are the
+    adapters it holds."""
     old = payload.get("recipe", {})
+    if "recipe" in payload:
+        check_adapters((old.get("model") or {}).get("peft"), recipe.model.get("peft"), path)
     for key in ("optimizer", "scheduler"):
         before = (old.get(key) or {}).get("_component_")
         now = (getattr(recipe, key) or {}).get("_component_")
@@ -222,6 +229,27 @@ def check_components(payload: Mapping[str, Any], path: Path, recipe: Recipe) -> 
             raise RecipeError(
                 f"{key}._component_",
                 f"{path} holds the state of {before}, not {now}; resume with {key}._component_={before}, {_START_OVER}",
+            )
+
+
+# what may change between a LoRA run and its resume: dropout draws differently, the adapters mean the same
+_ADAPTER_FREE_KEYS = frozenset({"lora_dropout"})
+
+
+def check_adapters(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None, path: Path) -> None:
+    """model.peft as the checkpoint's adapters were trained: another rank or targets would not load,
+    another lora_alpha would rescale them mid-run (the same weights, another model)."""
+    if (saved is None) != (now is None):
+        was = "with adapters (model.peft)" if saved else "without adapters"
+        raise RecipeError("model.peft", f"{path} was trained {was}; resume as it was trained, {_START_OVER}")
+    if saved is None or now is None:
+        return
+    for key in sorted(set(saved) | set(now)):
+        if key not in _ADAPTER_FREE_KEYS and saved.get(key) != now.get(key):
+            raise RecipeError(
+                f"model.peft.{key}",
+                f"{path} holds adapters trained with {key}={saved.get(key)!r}, not {now.get(key)!r}: they would "
+                f"change mid-run; resume with model.peft.{key}={saved.get(key)!r}, {_START_OVER}",
             )
 
 
