@@ -304,15 +304,20 @@ def test_prompt_response_pairs_a_recipe_template_and_packing(hub, tmp_path, monk
         "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     )
-    pairs = ChatData(
-        files=files,
-        tokenizer=MODEL,
-        prompt_key="q",
-        response_key="a",
-        system="1+1=2",
-        chat_template=template,
-        cache_dir=str(tmp_path / "cache"),
-    )
+
+    def pairs_of(**kwargs) -> ChatData:
+        cache = str(tmp_path / "cache")
+        return ChatData(
+            files=files,
+            tokenizer=MODEL,
+            prompt_key="q",
+            response_key="a",
+            chat_template=template,
+            cache_dir=cache,
+            **kwargs,
+        )
+
+    pairs = pairs_of(system="1+1=2")
     decode = pairs.tokenizer.tok.decode
     first = pairs[0]
     text = "".join(decode([i]) for i in first["input_ids"].tolist())
@@ -323,23 +328,8 @@ def test_prompt_response_pairs_a_recipe_template_and_packing(hub, tmp_path, monk
         if label != IGNORE
     ]
     assert answered == ["3", "<|end|>"]
-    packed = ChatData(
-        files=files,
-        tokenizer=MODEL,
-        prompt_key="q",
-        response_key="a",
-        chat_template=template,
-        pack=2 * len(first["input_ids"]),
-        cache_dir=str(tmp_path / "cache"),
-    )
-    singles = ChatData(
-        files=files,
-        tokenizer=MODEL,
-        prompt_key="q",
-        response_key="a",
-        chat_template=template,
-        cache_dir=str(tmp_path / "cache"),
-    )
+
+    packed, singles = pairs_of(pack=2 * len(first["input_ids"])), pairs_of()
     assert len(packed) < len(singles)
     joined = [t for i in range(len(packed)) for t in packed[i]["labels"].tolist()]
     assert joined == [t for i in range(len(singles)) for t in singles[i]["labels"].tolist()]

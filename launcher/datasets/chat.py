@@ -102,17 +102,17 @@ class ChatData(Dataset):
         """The encoded rows kept; how many had no answer, how many lost theirs to the limit; how many in all."""
         datasets = require("datasets", "launcher.datasets.chat.ChatData")
         raw = self.source.load(datasets, cache_dir)
-        for field in self.fields[:2]:
-            if field is not None and field not in raw.column_names:
+        arguments = ("prompt_key", "response_key") if len(self.fields) > 1 else ("messages_key",)
+        for argument, field in zip(arguments, self.fields, strict=False):
+            if field not in raw.column_names:
                 raise ArgumentError(
-                    "prompt_key" if field == self.fields[0] and len(self.fields) > 1 else "messages_key",
-                    f"{self.source.describe()} has no {field!r} field; it has {raw.column_names}",
+                    argument, f"{self.source.describe()} has no {field!r} field; it has {raw.column_names}"
                 )
-            if field is not None and _mixed_json(raw.features[field]):
+            if _mixed_json(raw.features[field]):
                 # datasets reads a field whose rows mix text with numbers as JSON, and then decodes
                 # text such as "3" into the number 3: the error would name a row that is right
                 raise ArgumentError(
-                    "prompt_key" if field == self.fields[0] and len(self.fields) > 1 else "messages_key",
+                    argument,
                     f"{self.source.describe()}: the {field!r} field holds numbers, lists or objects where text "
                     "belongs in some rows (datasets then reads all of them as JSON); make every message's "
                     "content, or every prompt and response, a string",
