@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,7 @@ def worker_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SUPPORT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack: how `finish` shows a hang
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     env.update({k: str(v) for k, v in extra.items()})
@@ -90,21 +94,70 @@ def worker_env(**extra) -> dict:
 
 
 def launcher(*args, cwd=None, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:
-    """`python -m launcher ARGS` in a real subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "launcher", *map(str, args)],
-        cwd=cwd,
-        env=env or worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    """`python -m launcher ARGS` in a real subprocess. One that outlives `timeout` fails the test with
+    every one of its processes' Python stacks (see `finish`)."""
+    cmd = [sys.executable, "-m", "launcher", *map(str, args)]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env or worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    out, err = finish(proc, timeout)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"launcher {' '.join(map(str, args))} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            f"launcher {' '.join(map(str, args))} exited {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
         )
-    return proc
+    return result
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`proc.communicate(timeout)`; past the timeout, a hang: every Python process under `proc` (and
+    `proc` itself) prints all its threads' stacks (faulthandler, on in worker_env, answers SIGABRT),
+    then all are killed and the test fails with those stacks, so that a hang in CI is diagnosable
+    from its log alone."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    tree = [*reversed(descendants(proc.pid)), proc.pid]  # the workers first: their parent relays nothing
+    for pid in tree:
+        _signal(pid, signal.SIGABRT)
+        time.sleep(0.5)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        for pid in tree:
+            _signal(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    for pid in tree:
+        _signal(pid, signal.SIGKILL)
+    raise AssertionError(
+        f"{' '.join(map(str, proc.args))} did not finish in {timeout} s (a hang); each process's stacks follow\n"
+        f"stdout:\n{(out or '')[-5000:]}\nstderr:\n{(err or '')[-30000:]}"
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, parents before their children (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def load_weights(run_dir: Path) -> dict[str, torch.Tensor]:

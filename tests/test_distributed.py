@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import launcher, recipe_dict, worker_env, write_recipe
+from conftest import finish, launcher, recipe_dict, worker_env, write_recipe
 from runs import processes_with
 
 
@@ -110,7 +110,7 @@ def test_ctrl_c_stops_all_workers(tmp_path):
     )  # the first asks for a checkpoint at the end of the step, which rank 1 never ends
     time.sleep(1.0)  # a second press, not the same one passed on by the launcher
     os.killpg(proc.pid, signal.SIGINT)  # the second stops at once
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode != 0
     assert "Traceback" not in err, err
     deadline = time.monotonic() + 60

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
+from conftest import DELETE, finish, launcher, recipe_dict, tool, worker_env, write_recipe
 from runs import gate, start, wait_for
 
 
@@ -136,7 +136,7 @@ def test_a_long_step_shows_life_within_seconds(tmp_path):
         if "still running" in line:
             break
     until.touch()
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode == 0, err
     assert line.startswith("step 1/2: still running after "), line
 
@@ -153,7 +153,7 @@ def test_a_long_start_up_phase_says_what_it_does(tmp_path):
         if "still running" in line:
             break
     until.touch()
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode == 0, err
     assert line.startswith("reading the data (data.train, data.val): still running after "), line
     assert re.search(r"^reading the data \(data.train, data.val\): done in \d+ s$", out, re.M), out

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, load_weights, worker_env, write_recipe
+from conftest import finish, launcher, load_weights, worker_env, write_recipe
 from launcher.checkpoint import step_dirs
 from launcher.cluster.env import ClusterEnv
 from launcher.recipe.schema import validate
@@ -110,7 +110,7 @@ def test_preemption_signal_checkpoints_exits_with_requeue_code_and_resumes_exact
     )
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 75, err
     assert "preempted (SIGUSR1)" in err
     saved = step_dirs.find_latest(run_dir / "checkpoints")
@@ -130,7 +130,7 @@ def test_elastic_restart_after_sigkill_resumes_exactly(tmp_path, reference_w2):
     proc = start("run", "--nproc", "2", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 0, f"micro-step {at_call}\n{err}"
     assert "restart 1" in out  # the workers were restarted once...
     assert_identical(load_weights(run_dir), reference_w2)  # ...and finished exactly as if never interrupted
@@ -158,7 +158,7 @@ def test_async_checkpoints_are_written_while_training_goes_on_and_resume_exactly
         assert proc.poll() is None, proc.communicate()
     assert not (run_dir / "checkpoints" / "step_00000002").exists()  # held, while step 3 trained
     release.touch()
-    out, err = proc.communicate(timeout=300)
+    out, err = finish(proc, 300)
     assert proc.returncode == 0, err
     assert "written in the background" in out + err
     assert_identical(load_weights(run_dir), reference_w2)
@@ -272,7 +272,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_a_single_process(tmp_pat
     wait_for(waiting, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # DataLoader workers get it too, and must survive it
     until.touch()
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode == 75, err
     assert "preempted (SIGTERM)" in err and "Traceback" not in err
     assert step_dirs.find_latest(run_dir / "checkpoints") is not None

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launcher, load_weights, recipe_dict, worker_env, write_recipe
+from conftest import finish, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher.checkpoint import step_dirs
 from runs import gate, processes_with, wait_for
 
@@ -162,7 +162,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
         line = one_error(launcher(*args))
         assert line.startswith("error: run.dir: ") and f"pid {first.pid} on {socket.gethostname()}" in line, line
     until.touch()
-    out, err = first.communicate(timeout=120)
+    out, err = finish(first, 120)
     assert first.returncode == 0, err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # one run's history, whole
@@ -190,7 +190,7 @@ def test_sigterm_before_any_checkpoint_does_not_claim_one(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "the ranks never reached the gate"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # the workers die of it: they checkpoint nothing
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "no checkpoint was written" in err and "checkpointed" not in err
 
@@ -337,7 +337,7 @@ def test_an_elastic_restart_says_which_rank_died_and_how(tmp_path):
     )
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)
-    out, err = proc.communicate(timeout=180)
+    out, err = finish(proc, 180)
     assert proc.returncode == 0, err
     assert "warning: rank 1 (pid " in err and "was killed by SIGKILL; restarting the workers" in err, err
     assert "(restart 1 of 1)" in err
@@ -492,7 +492,7 @@ def test_ctrl_c_checkpoints_and_the_resumed_log_rows_match_an_uninterrupted_run(
     wait_for(waiting, first)
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole foreground group
     until.touch()
-    out, err = first.communicate(timeout=180)
+    out, err = finish(first, 180)
     assert first.returncode == 130, err
     assert "Traceback" not in err, err
     saved = step_dirs.find_latest(run_dir / "checkpoints")
@@ -529,7 +529,7 @@ def test_a_stop_signal_does_not_wait_for_a_long_evaluation_which_runs_again_on_r
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGTERM)
     until.touch()
-    out, err = proc.communicate(timeout=120)
+    out, err = finish(proc, 120)
     assert proc.returncode == 75, err
     saved = step_dirs.load(step_dirs.find_latest(run_dir / "checkpoints"))["train_state"]
     assert saved["step"] == 2 and saved["pending_eval"] is True  # stopped inside the evaluation

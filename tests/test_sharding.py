@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from conftest import assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
+from conftest import assert_close_rel, finish, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher.checkpoint import step_dirs
 from launcher.checkpoint.rundir import RunDir
 from launcher.cluster.env import ClusterEnv
@@ -219,7 +219,7 @@ def test_an_elastic_restart_after_sigkill_resumes_fsdp_bit_for_bit(tmp_path, gat
     proc = start("run", "--nproc", "2", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
-    out, err = proc.communicate(timeout=300)
+    out, err = finish(proc, 300)
     assert proc.returncode == 0, err
     assert "restart 1" in out
     assert_identical(load_weights(tmp_path / "run"), gated_reference)
@@ -326,7 +326,7 @@ def test_a_preemption_signal_checkpoints_fsdp_shards_and_the_requeued_run_resume
     proc = start("run", "--nproc", "2", path)
     wait_for(waiting, proc)
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1 would, to the launcher
-    _, err = proc.communicate(timeout=300)
+    _, err = finish(proc, 300)
     assert proc.returncode == 75, err
     saved = step_dirs.find_latest(tmp_path / "run" / "checkpoints")
     assert saved is not None and list((saved / "shards").glob("*.distcp"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_close_rel, launcher, load_weights, recipe_dict, worker_env, write_recipe
+from conftest import ROOT, assert_close_rel, finish, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher.commands import cli, slurm
 from launcher.recipe.schema import load
 from runs import assert_identical, free_port, gate, recipe
@@ -109,7 +109,7 @@ def test_per_gpu_mode_under_the_environment_srun_gives(tmp_path):
                 text=True,
             )
         )
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [finish(p, 300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "launched by            slurm" in outs[0][0] and "world size             2" in outs[0][0]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -150,7 +150,7 @@ def test_multi_node_rehearsal_two_torchruns_make_world_size_4(tmp_path):
         )
         for n in (0, 1)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [finish(p, 300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "world size             4" in outs[0][0] + outs[1][0]
     from launcher.cluster.env import ClusterEnv

@@ -10,7 +10,7 @@ import signal
 import pytest
 from torch.utils.data import DataLoader
 
-from conftest import assert_close_rel, launcher, load_weights, recipe_dict, write_recipe
+from conftest import assert_close_rel, finish, launcher, load_weights, recipe_dict, write_recipe
 from launcher.data.streaming import Stream
 from runs import assert_identical, gate, start, wait_for
 from testkit import NumberedStream
@@ -91,7 +91,7 @@ def test_a_sigkill_mid_stream_and_an_elastic_restart_end_bit_identical(tmp_path)
     proc = start("run", "--nproc", "2", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies in step 5 (micro-batch 9), mid-pass
-    out, err = proc.communicate(timeout=300)
+    out, err = finish(proc, 300)
     assert proc.returncode == 0, err
     assert "restart 1" in out
     assert_identical(load_weights(tmp_path / "run"), load_weights(reference))

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, assert_close_rel, launcher, load_weights
+from conftest import ROOT, assert_close_rel, finish, launcher, load_weights
 from launcher.parallel.sharding import MIN_TORCH, torch_version
 
 pytestmark = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="DTensor tensor parallelism needs torch >= 2.6")
@@ -287,7 +287,7 @@ def test_an_elastic_restart_after_sigkill_under_fsdp_x_tp_ends_bit_identical(tmp
     proc = start("run", "--nproc", "4", "--max-restarts", "1", path)
     wait_for(waiting, proc)
     os.kill(int(waiting.read_text()), signal.SIGKILL)  # rank 1 dies mid-step
-    out, err = proc.communicate(timeout=300)
+    out, err = finish(proc, 300)
     assert proc.returncode == 0, err
     assert "restart 1" in out
     assert_identical(load_weights(tmp_path / "run"), load_weights(tmp_path / "ref"))
