@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from launcher.cluster.env import ClusterEnv
-from launcher.errors import LaunchError
+from launcher.errors import LaunchError, TrainingError
 from launcher.observe.logs import log
 
 T = TypeVar("T")
+TIMEOUT_FOREVER_S = 7 * 24 * 3600.0  # "no limit" for gloo, which takes one on every wait (in int32 ms)
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,59 @@ def session(env: ClusterEnv, backend: str = "auto", timeout_s: float = 600.0) ->
     try:
         control = dist.new_group(backend="gloo")  # separate: usable even after the main group timed out
         yield Session(env, backend, device, control)
+        leave_together(control, env.rank, timeout_s)  # only after a body that ended without an error
     finally:
+        close(env.rank)
+
+
+# how long destroying the process group may take before this process exits without it
+CLOSE_LIMIT_S = 60.0
+_unclosed = threading.Event()  # set when it could not: the process must exit without waiting for it
+
+
+def leave_together(control: Any, rank: int, timeout_s: float) -> None:
+    """At the end of a run, every rank waits here for the others before the process group closes.
+
+    Rank 0 waits up to `timeout_s` (dist.timeout_s) and names the ranks that did not come: a rank
+    stuck after its work (in a user's hook, a finalizer, a dead file system) would otherwise keep the
+    job, and the allocation, waiting forever after rank 0 has ended. Its one line ends the run with
+    a failure, so that the launcher stops the stuck rank. The other ranks wait for rank 0 for as long
+    as it lives: it may legitimately take long (it alone writes the final weights and exports)."""
+    patience = timeout_s if rank == 0 else TIMEOUT_FOREVER_S
+    try:
+        dist.monitored_barrier(group=control, timeout=timedelta(seconds=patience), wait_all_ranks=True)
+    except RuntimeError as e:
+        if rank != 0:  # rank 0 has gone (it ended on an error of its own, which it reports)
+            return
+        raise TrainingError(
+            f"{_failed_to_pass(e)} did not reach the end of the run within dist.timeout_s={timeout_s:g}s after "
+            "rank 0 (stuck or much slower: see its stack or log); the checkpoints and weights were written"
+        ) from None
+
+
+def close(rank: int) -> None:
+    """Destroy the process group, but never wait for it for longer than CLOSE_LIMIT_S: a teardown that
+    cannot finish must not hang the job. Past the limit, one line says so and the process exits
+    (`must_exit_now`) without the group."""
+    done = threading.Event()
+
+    def destroy() -> None:
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="launcher-close", daemon=True).start()
+    if not done.wait(CLOSE_LIMIT_S):
+        _unclosed.set()
+        log.error(
+            f"[rank {rank}] the process group did not close within {CLOSE_LIMIT_S:g} s (a peer may be stuck); "
+            "exiting without it"
+        )
+
+
+def must_exit_now() -> bool:
+    """Did the process group fail to close (`close`)? Then the process must leave at once (os._exit):
+    an ordinary exit would wait for it again, in its destructors."""
+    return _unclosed.is_set()
 
 
 def own_group() -> Any:
@@ -227,18 +281,24 @@ def is_timeout(exc: BaseException) -> bool:
 def missing_ranks(group: dist.ProcessGroup | None, rank: int, timeout_s: float) -> str:
     """After a collective timed out: which ranks do not answer? (monitored_barrier on a gloo group
     made before the failure: creating one now would itself wait for the missing ranks)"""
-    import re
-
     try:
         dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as e:
-        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
-        if found:
-            return f"rank(s) {found.group(1).strip()} did not arrive"
+        if re.search(_FAILED_TO_PASS, str(e)):
+            return f"{_failed_to_pass(e)} did not arrive"
         if rank != 0:
             return "rank 0 did not answer (it may be the one that is stuck; see its log)"
         return str(e).splitlines()[0]
     return "every rank answered the check; the stuck collective may have been a mismatched one"
+
+
+_FAILED_TO_PASS = r"Ranks? ([\d, ]+) failed to pass"
+
+
+def _failed_to_pass(e: RuntimeError) -> str:
+    """'rank(s) 1, 3' from monitored_barrier's error on rank 0, or the error's first line."""
+    found = re.search(_FAILED_TO_PASS, str(e))
+    return f"rank(s) {found.group(1).strip()}" if found else str(e).splitlines()[0]
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")

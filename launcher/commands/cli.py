@@ -121,4 +121,11 @@ def entry() -> None:
     startup.mark("torch")
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    sys.exit(record(main)())
+    code = record(main)()
+    from launcher.cluster.distributed import must_exit_now
+
+    if must_exit_now():  # the process group would not close: exiting normally would wait for it again
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)

@@ -143,6 +143,32 @@ class GatedMLP(nn.Module):
         return previous
 
 
+class StuckAtExit(nn.Module):
+    """launcher.models.MLP whose last reference, on `rank`, parks the process until the file `until`
+    exists (creating `waiting` first): a rank stuck after its last step, before the end of the run
+    (as in a user's finalizer or a dead file system). SIGTERM ends it, as it would a process stuck in
+    user code that keeps no handler of its own."""
+
+    def __init__(self, sizes: list[int], rank: int = 1, until: str = "", waiting: str = ""):
+        super().__init__()
+        from launcher.models import MLP
+
+        self.net = MLP(sizes)
+        self.rank, self.until, self.waiting = rank, until, waiting
+        self.trained = False
+
+    def forward(self, x):
+        self.trained = self.trained or self.training
+        return self.net(x)
+
+    def __del__(self):
+        if self.trained and int(os.environ.get("RANK", 0)) == self.rank:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            Path(self.waiting).write_text(str(os.getpid()))
+            while not Path(self.until).exists():
+                time.sleep(0.05)
+
+
 class NaNOnRank(nn.Module):
     """An MLP whose output is NaN on `rank` at training forward call `at_call`."""
 
