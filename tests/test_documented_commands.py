@@ -62,6 +62,15 @@ def _launcher(args: list[str], command: str) -> tuple[list[str], str]:
         nproc = "2" if "--distributed" in rest else _option(rest, "--simulate-world-size", "1")
         rest = _drop([a for a in rest if a != "--distributed"], "--steps", "--simulate-world-size")
         return ["check", *rest, "--nproc", nproc], f"debug at world size {nproc} (tests/test_observability.py runs it)"
+    if sub == "verify":
+        nproc = str(max(_ranks(layout) for layout in rest[rest.index("--layouts") + 1 :] if not layout.startswith("-")))
+        rest = _drop(rest, "--steps", "--rtol")
+        rest = [
+            a
+            for a in rest[: rest.index("--layouts")] + rest[rest.index("--layouts") + 1 :]
+            if "=" in a or a.endswith(".yaml")
+        ]
+        return ["check", *rest, "--nproc", nproc], "verify's largest layout (tests/test_verify.py runs it)"
     if sub == "doctor":
         return [], "needs the job it checks (tests/test_launchers.py runs the doctor)"
     if sub == "plot":
@@ -71,6 +80,14 @@ def _launcher(args: list[str], command: str) -> tuple[list[str], str]:
     if sub == "tokenize":
         return [], "needs text and a tokenizer (tests/test_token_files.py tokenizes)"
     raise AssertionError(f"a documented command this test does not know how to check: {command}")
+
+
+def _ranks(layout: str) -> int:
+    """verify's layout `fsdp:2,tp:2`: 4 ranks; `1`: one; anything else: 1 (the option's value)."""
+    n = 1
+    for part in layout.split(","):
+        n *= int(part.partition(":")[2] or 1) if ":" in part else 1
+    return n
 
 
 def _option(words: list[str], name: str, default: str) -> str:

@@ -9,7 +9,8 @@ import argparse
 
 from launcher.errors import LaunchError
 
-NAMES = ("run", "check", "doctor", "debug", "plot", "convert", "tokenize", "slurm")  # in `launcher --help` order
+# in `launcher --help` order
+NAMES = ("run", "check", "verify", "doctor", "debug", "plot", "convert", "tokenize", "slurm")
 
 
 def positive(value: int | None, option: str) -> None:

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launcher.checkpoint import checkpointer, frozen, sharded_state, step_dirs
+    from launcher.checkpoint import step_dirs
+    from launcher.checkpoint.reading import model_weights
     from launcher.errors import RecipeError
     from launcher.storage import save_torch
 
@@ -43,13 +44,7 @@ def main(args: argparse.Namespace) -> int:
             "CHECKPOINT", f"{args.checkpoint!r} names no checkpoint; give a step_N directory or a directory of them"
         )
     try:
-        payload = checkpointer.read(path)
-        if "model" in payload.get("sharded", []):
-            weights = sharded_state.read_whole(path / step_dirs.SHARDS, "model")
-            partial = frozen.BASE_KEY in sharded_state.saved_keys(path / step_dirs.SHARDS, "model")
-        else:
-            weights = {k: v.cpu() for k, v in payload["model"].items() if hasattr(v, "cpu")}
-            partial = frozen.BASE_KEY in payload["model"]
+        weights, partial = model_weights(path)
     except RecipeError as e:
         raise LaunchError("CHECKPOINT", e.message) from None
     save_torch(weights, out)

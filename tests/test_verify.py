@@ -1,0 +1,56 @@
+"""`launcher verify`: a user's proof that their recipe keeps the promise (issue #35, item 2)."""
+
+from __future__ import annotations
+
+from conftest import ROOT, TINY_GPT_SHAPE, launcher, recipe_dict, write_recipe
+
+# the shipped GPT recipe, CPU-sized: a few hundred parameters' worth of text, a small batch
+CPU_GPT = [
+    *TINY_GPT_SHAPE,
+    "train.precision=fp32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.train.max_bytes=20000",
+    "data.val.max_bytes=20000",
+]
+
+
+def test_verify_passes_the_shipped_gpt_recipe_and_fails_it_with_dropout_naming_it(tmp_path):
+    """As shipped (AdamW, no dropout) every layout equals one process, exit 0, with the table; with
+    model.dropout=0.1 the ranks draw their own masks: exit 1, the first difference, and 'dropout'."""
+    gpt = ROOT / "recipes" / "gpt.yaml"
+    ok = launcher("verify", gpt, *CPU_GPT, "--layouts", "1", "ddp:2", "fsdp:2,tp:1", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "every layout equals 1 within rtol 1e-05 over 3 steps" in ok.stdout
+    rows = [line.split() for line in ok.stdout.splitlines() if line.startswith("  ddp:2") or line.startswith("  fsdp")]
+    assert len(rows) == 2 and all(r[-1] == "yes" for r in rows), ok.stdout
+
+    bad = launcher("verify", gpt, *CPU_GPT, "model.dropout=0.1", "--layouts", "1", "ddp:2", cwd=tmp_path)
+    assert bad.returncode == 1, bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("verify: ddp:2 differs from the reference first at step 1"), last
+    assert "dropout is on" in last and "(p=0.1)" in last
+    assert not list(tmp_path.iterdir()), "verify leaves its run directories behind"
+
+
+def test_verify_fails_a_loss_that_sums_and_says_so(tmp_path):
+    """reduction=sum: a window's micro-batches weigh by their sample counts, so a sum counts the samples
+    twice; the windows of 16 agree while every micro-batch holds 4, and step 3's last, partial window
+    of 5 (37 samples) splits 4 + 1 in one process and 3 + 2 over two ranks."""
+    recipe = write_recipe(
+        tmp_path / "sum.yaml",
+        recipe_dict(**{"loss.reduction": "sum", "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.01}}),
+    )
+    proc = launcher("verify", recipe, "--layouts", "1", "ddp:2")
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "differs from the reference first at step 3" in last and "reduction='sum'" in last, last
+
+
+def test_verify_refuses_a_layout_it_cannot_read_in_one_line():
+    proc = launcher("verify", ROOT / "recipes" / "gpt.yaml", "--layouts", "1", "pp:2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --layouts: 'pp:2': each part is ddp:N, fsdp:N, hsdp:N or tp:N (N ranks), joined by commas; "
+        "or 1 for one process"
+    ]
