@@ -483,6 +483,14 @@ def test_chat_data_mistakes_name_the_row_and_the_cause(hub, tmp_path, monkeypatc
     with pytest.raises(ArgumentError, match=r"nosuch/t.jinja does not exist") as e:
         chat([ok], chat_template="nosuch/t.jinja")
     assert e.value.argument == "chat_template"
+    # a template's raise_exception (roles must alternate) on a row: one line naming the row, not jinja's traceback
+    alternate = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    )
+    opening = {"messages": [{"role": "assistant", "content": "3"}, {"role": "user", "content": "What is 1+2?"}]}
+    with pytest.raises(ArgumentError, match=r"row 2: the chat template refuses the conversation \(TemplateError: Conv"):
+        chat([ok, opening], chat_template=alternate)
     # max_length is a cap, not a length: the longest real sample is what must fit the model
     capped, _ = chat([ok, ok], max_length=500)
     assert capped.max_sequence_length == len(capped[0]["input_ids"]) < 500

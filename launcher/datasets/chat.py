@@ -332,7 +332,16 @@ class ChatTokenizer:
         return probe[: probe.index(MARKER)]
 
     def _render(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
-        return str(self.tok.apply_chat_template(messages, tokenize=False, **kwargs))
+        try:
+            return str(self.tok.apply_chat_template(messages, tokenize=False, **kwargs))
+        except Exception as e:
+            if type(e).__module__.startswith("jinja2"):  # the template's raise_exception, or its own mistake
+                raise ArgumentError(
+                    "chat_template",
+                    f"the chat template refuses the conversation ({type(e).__name__}: {str(e)[:160]}); "
+                    "fix the row, or give a chat_template that accepts it",
+                ) from None
+            raise
 
     def save_into(self, directory: Path) -> None:
         """Beside a save_pretrained model: AutoTokenizer.from_pretrained(directory) gives this
