@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_close_rel, launcher, load_weights, recipe_dict, write_recipe
+import pytest
+
+from conftest import DELETE, assert_close_rel, launcher, load_weights, recipe_dict, write_recipe
 
 # the built-in GPT on padded token tuples; with data.shuffle off, rank r of W reads samples r, r+W, ...
 GPT = {"_component_": "launcher.models.GPT", "vocab_size": 32, "seq_len": 16, "d_model": 16, "n_layers": 1}
@@ -56,3 +58,29 @@ def test_a_window_without_labels_gives_zero_gradients_and_is_reported(tmp_path):
     assert all(got[k].equal(want[k]) for k in want)
     assert "step 1: no valid label in the whole window" in proc.stderr
     assert rows(run_dir, "loss") == [0.0, 0.0]
+
+
+def test_one_token_documents_add_nothing_to_a_models_own_loss_at_2_ranks(tmp_path):
+    """A transformers GPT-2 computing its own loss predicts labels[..., 1:]: a micro-batch of one
+    document of one token has no position to predict at all (it was a NaN loss at step 1), so it
+    must add exactly nothing, and 2 ranks x micro-batch 1 equal one process with micro-batch 2."""
+    from hfkit import tiny_gpt2
+
+    # with data.shuffle off, each step's pair is (rank 0's, rank 1's): one of them a single token
+    lengths = [6, 1, 4, 1, 1, 7, 9, 1]
+    changes = {
+        "model": tiny_gpt2(),
+        "data.train": {"_component_": "testkit.Documents", "lengths": lengths},
+        "data.val": DELETE,
+        "data.collate": {"_component_": "launcher.collate.PadToLongest"},
+        "loss": DELETE,
+        "train.loss_mean_over": "auto",
+        "train.global_batch_size": 2,
+        "train.epochs": 1,
+        "optimizer.momentum": 0.0,
+    }
+    one, _ = go(tmp_path, "one", **{**changes, "data.batch_size": 2})
+    ranks, _ = go(tmp_path, "w2", nproc=2, **{**changes, "data.batch_size": 1})
+    assert_close_rel(load_weights(ranks), load_weights(one), rtol=1e-5)
+    assert rows(ranks, "loss") == pytest.approx(rows(one, "loss"), rel=1e-5)
+    assert len(rows(one, "loss")) == 4

@@ -250,11 +250,122 @@ def test_only_the_assistants_tokens_are_labelled(hub, monkeypatch):
         {"role": "user", "content": "What is 10+20?"},
         {"role": "assistant", "content": "30"},
     ]
-    ids, labels = tok.encode(messages)
+    ids, labels = tok.encode(messages)[:2]
     assert len(ids) == len(labels)
     answered = [tok.tok.decode([i]) for i, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert answered == ["7", "<|end|>", "3", "0", "<|end|>"]
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels, strict=True))
+
+
+# a default system prompt where the conversation has none, as Qwen2.5's template adds one
+DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>1+1=2<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def answered_tokens(tok, ids, labels):
+    return [tok.tok.decode([i]) for i, label in zip(ids, labels, strict=True) if label != -100]
+
+
+def chat_data(tmp_path, rows, **kwargs):
+    """ChatData over these rows, written to a JSON lines file of their own."""
+    from launcher.datasets.chat import ChatData
+
+    path = tmp_path / f"{uuid.uuid4().hex}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ChatData(files=str(path), tokenizer=MODEL, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_a_conversation_opening_with_the_assistant_trains_on_its_answers_alone(hub, monkeypatch):
+    """Before a first message the template renders a default system prompt and the assistant's
+    header: none of that is the answer (it was all labelled)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.datasets.chat import ChatTokenizer
+
+    tok = ChatTokenizer.load(MODEL, None, DEFAULT_SYSTEM)
+    messages = [
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "What is 1+2?"},
+        {"role": "assistant", "content": "30"},
+    ]
+    ids, labels = tok.encode(messages)[:2]
+    assert "".join(tok.tok.decode([i]) for i in ids[:12]) == "<|system|>1+1=2<|end|><|assistant|>3<|end|><|user|>W"
+    assert answered_tokens(tok, ids, labels) == ["3", "<|end|>", "3", "0", "<|end|>"]
+    # the plain template: only the assistant's header comes before the first answer
+    plain = ChatTokenizer.load(MODEL, None, None)
+    ids, labels = plain.encode(messages)[:2]
+    assert answered_tokens(plain, ids, labels) == ["3", "<|end|>", "3", "0", "<|end|>"]
+
+
+def test_empty_answers_train_nothing_and_conversations_of_only_those_are_dropped(hub, tmp_path, monkeypatch):
+    """An empty (or blank) assistant turn labels nothing, not even its end-of-turn marker; a
+    conversation whose answers are all empty has none and is dropped and counted as such."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    from launcher.errors import ArgumentError
+
+    def conversation(*answers):
+        return {
+            "messages": [
+                m
+                for a in answers
+                for m in ({"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": a})
+            ]
+        }
+
+    with pytest.raises(ArgumentError, match=r"every conversation is dropped: 40 of 40 conversations have no assistant"):
+        chat_data(tmp_path, [conversation("")] * 40)
+    data = chat_data(tmp_path, [conversation("3"), conversation(""), conversation("", "3", " "), conversation(" ")])
+    assert len(data) == 2 and data.dropped == 2
+    assert data.notes == [
+        "2 of 4 conversations have no assistant answer to train on and are dropped (no assistant turn, or empty ones)"
+    ]
+    decode = data.tokenizer.tok.decode
+    for i in range(2):
+        sample = data[i]
+        answered = [
+            decode([t]) for t, label in zip(sample["input_ids"], sample["labels"], strict=True) if label != -100
+        ]
+        assert answered == ["3", "<|end|>"], i
+
+
+def test_a_long_conversation_is_not_rendered_past_max_length(hub, tmp_path, monkeypatch):
+    """Each answer is found by rendering the conversation up to it: a conversation of 3,000 messages
+    rendered every prefix (63 s); with max_length, the answers past the limit are not looked for."""
+    from huggingface_hub import constants
+    from transformers import PreTrainedTokenizerBase
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
+    render = PreTrainedTokenizerBase.apply_chat_template
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template", counted)
+    turns = [
+        m
+        for a, b in examples_sums(1500)
+        for m in ({"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)})
+    ]
+    long = chat_data(tmp_path, [{"messages": turns}], max_length=32)
+    assert len(calls) <= 20, len(calls)  # 1 + 2 per answer within the limit (3,001 before)
+    short = chat_data(tmp_path, [{"messages": turns[:10]}], max_length=32)  # renders every prefix
+    assert long[0]["input_ids"].tolist() == short[0]["input_ids"].tolist()
+    assert long[0]["labels"].tolist() == short[0]["labels"].tolist()
+    assert (long[0]["labels"] != -100).sum() > 0
+
+
+def examples_sums(n):
+    from launcher.datasets import examples
+
+    return examples._sums(n, seed=5)
 
 
 def test_the_loss_counts_the_answers_alone(hub, tmp_path, monkeypatch):
@@ -372,6 +483,14 @@ def test_chat_data_mistakes_name_the_row_and_the_cause(hub, tmp_path, monkeypatc
     with pytest.raises(ArgumentError, match=r"nosuch/t.jinja does not exist") as e:
         chat([ok], chat_template="nosuch/t.jinja")
     assert e.value.argument == "chat_template"
+    # a template's raise_exception (roles must alternate) on a row: one line naming the row, not jinja's traceback
+    alternate = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    )
+    opening = {"messages": [{"role": "assistant", "content": "3"}, {"role": "user", "content": "What is 1+2?"}]}
+    with pytest.raises(ArgumentError, match=r"row 2: the chat template refuses the conversation \(TemplateError: Conv"):
+        chat([ok, opening], chat_template=alternate)
     # max_length is a cap, not a length: the longest real sample is what must fit the model
     capped, _ = chat([ok, ok], max_length=500)
     assert capped.max_sequence_length == len(capped[0]["input_ids"]) < 500

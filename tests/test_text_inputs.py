@@ -74,9 +74,28 @@ def test_a_bad_row_deep_in_a_stream_names_its_line(tmp_path, tokenizer):
 
 
 def test_blank_lines_are_no_documents_in_text_files(tmp_path, tokenizer):
-    (tmp_path / "a.txt").write_text("w1 w2\n\n   \nw3\n")
+    (tmp_path / "a.txt").write_text("w1 w2\n\n   \nw3 w4\n")
     rows = TokenizedText(str(tmp_path / "a.txt"), str(tokenizer), cache_dir=str(tmp_path / "cache"))
     assert len(rows) == 2
+
+
+def test_documents_too_short_to_predict_anything_are_dropped_and_counted(tmp_path, tokenizer):
+    """A document of one token (or none) gives a causal LM no position to predict: dropped at build
+    time and counted in a note (the run's start and `launcher check` print it), not trained on."""
+    docs = ["w1 w2 w3", "w4", "w5 w6", "", "w7", "w8 w9"]
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    rows = TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), cache_dir=str(tmp_path / "cache"))
+    assert [rows[i]["input_ids"].numel() for i in range(len(rows))] == [3, 2, 2]
+    assert rows.notes == ["3 of 6 documents have fewer than 2 tokens (nothing to predict) and are dropped"]
+    cut = TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), max_length=2, cache_dir=str(tmp_path / "cache"))
+    assert len(cut) == 3 and cut.dropped == 3  # cut to 2 tokens, the longest document stays
+    write_jsonl(tmp_path / "short.jsonl", ["w1", "w2"])
+    with pytest.raises(ArgumentError, match=r"every document is dropped: 2 of 2 documents have fewer than 2"):
+        TokenizedText(str(tmp_path / "short.jsonl"), str(tokenizer), cache_dir=str(tmp_path / "cache"))
+    for key in ("max_length", "pack"):
+        with pytest.raises(ArgumentError, match="1 leaves samples of one token") as e:
+            TokenizedText(str(tmp_path / "a.jsonl"), str(tokenizer), **{key: 1})
+        assert e.value.argument == key
 
 
 @pytest.mark.parametrize("key, value", [("max_length", -3), ("max_length", 0), ("pack", 0), ("pack", -4)])

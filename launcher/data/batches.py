@@ -134,10 +134,15 @@ def valid_tokens(batch: Any, shift: bool) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def without_ignored_labels(batch: Any) -> Any:
+def without_ignored_labels(batch: Any, shift: bool = False) -> Any:
     """The batch with every ignored label made a valid class (0), for a micro-batch that counts no
-    token: its loss is then finite, and the loop weights it by exactly 0."""
+    token: its loss is then finite, and the loop weights it by exactly 0. `shift` (a causal LM's own
+    loss, which predicts labels[..., 1:] and pads the last position with -100): the model is given
+    `shift_labels` of 0 instead, as valid labels made so would still leave a micro-batch of
+    one-token sequences with no position to predict."""
     if is_mapping(batch):
+        if shift and SHIFTED_LABELS not in batch:
+            return {**batch, SHIFTED_LABELS: torch.zeros_like(batch[LABELS])}
         key = SHIFTED_LABELS if SHIFTED_LABELS in batch else LABELS
         return {**batch, key: batch[key].masked_fill(batch[key] == IGNORE_INDEX, 0)}
     return type(batch)([batch[0], batch[1].masked_fill(batch[1] == IGNORE_INDEX, 0), *batch[2:]])

@@ -15,13 +15,19 @@ the assistant's, after an optional `system` message), `dataset:` for a hub datas
 
 Which tokens are the assistant's: the conversation is rendered once whole, and once up to each
 assistant turn with and without it (the template's prefixes); the characters in between, the
-answer and its end-of-turn marker, are mapped to tokens through the fast tokenizer's offsets. A
-template that does not render a conversation's beginning as a prefix of the whole is refused.
+answer and its end-of-turn marker, are mapped to tokens through the fast tokenizer's offsets. Before
+a conversation's first message, what the template puts ahead of it (a default system prompt, the
+assistant's header) is found by rendering that message with a marker for its content, so it is
+never taken for the answer. A template that does not render a conversation's beginning as a prefix
+of the whole is refused. An empty (or blank) answer trains nothing, not even its end-of-turn marker.
+With `max_length` or `pack`, the answers that begin past the limit are not looked for: a long
+conversation costs renders up to the limit, not two per turn of the whole conversation.
 
 The loss is then the mean over answer tokens exactly, at any number of ranks and accumulation
 (launcher/data/batches.py counts labels that are not -100). A conversation cut by `max_length` so
 that no answer token is left would train on nothing: such conversations are dropped, counted, and
-named in a warning at the start of the run (and by `launcher check`).
+named in a warning at the start of the run (and by `launcher check`); so are conversations with no
+answer at all (no assistant turn, or only empty ones), counted apart.
 
 `pack: N` joins consecutive conversations into samples of at most N tokens (a conversation is never
 split; a longer one is cut to N). Attention is not blocked at the joins: a packed answer also sees
@@ -37,7 +43,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -89,7 +95,7 @@ class ChatData(Dataset):
         self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
         self.fields = (prompt_key, response_key, system) if prompt_key else (messages_key,)
         limit = self.pack or self.max_length
-        key = cache_key(self.source, "chat-v2", self.tokenizer.fingerprint, self.fields, limit, pack)
+        key = cache_key(self.source, "chat-v3", self.tokenizer.fingerprint, self.fields, limit, pack)
         with distributed.local_main_first(key):
             self.rows, unanswered, cut, total = self._encode(key, limit, cache_dir)
         self.dropped = unanswered + cut
@@ -126,10 +132,9 @@ class ChatData(Dataset):
             out: dict[str, list] = {"input_ids": [], "labels": [], DROPPED: []}
             for i, index in enumerate(indices):
                 try:
-                    ids, labels = encode(to_messages({k: v[i] for k, v in rows.items()}))
+                    ids, labels, answered = encode(to_messages({k: v[i] for k, v in rows.items()}), limit)
                 except ArgumentError as e:
                     raise ArgumentError(e.argument, f"{where}: row {index + 1}: {e}") from None
-                answered = any(label != IGNORE for label in labels[1:])  # the first label is never predicted
                 ids, labels = (ids[:limit], labels[:limit]) if limit else (ids, labels)
                 kept = any(label != IGNORE for label in labels[1:])
                 out["input_ids"].append(ids if kept else [])
@@ -279,36 +284,86 @@ class ChatTokenizer:
         digest.update(json.dumps(tok.chat_template).encode())
         return cls(tok, digest.hexdigest())
 
-    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """The conversation's token ids, and labels that are the ids on the assistant's turns and -100 elsewhere."""
+    def encode(self, messages: list[dict[str, str]], limit: int | None = None) -> Encoded:
+        """The conversation's token ids, and labels that are the ids on the assistant's answers and -100
+        elsewhere; with a `limit`, the answers past the first `limit` tokens are not looked for (their
+        labels stay -100: the sample is cut there), which keeps a long conversation's cost bounded."""
         _check_messages(messages)
-        render = self.tok.apply_chat_template
-        text = render(messages, tokenize=False)
-        spans = []
+        text = self._render(messages)
+        encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        # an answer beginning past the start of token `limit - 1` has no token within the limit
+        reach = offsets[limit - 1][0] if limit is not None and len(ids) > limit else None
+        spans: list[tuple[int, int]] = []
+        beyond = False  # an answer left unlooked-for past the limit
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            through = render(messages[: i + 1], tokenize=False)
-            if not (through.startswith(before) and text.startswith(through)):
+            if message["role"] != "assistant" or not message["content"].strip():
+                continue  # an empty answer trains nothing, not even its end-of-turn marker
+            before = self._before(messages, i)
+            if not text.startswith(before):
+                raise _not_prefixes()
+            if reach is not None and len(before) > reach:
+                beyond = True  # every later answer begins later still: the prefixes are not rendered
+                break
+            through = self._render(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)) or (spans and len(before) < spans[-1][1]):
+                raise _not_prefixes()
+            spans.append((len(before), len(through)))
+        labels = []
+        k = 0  # spans are in order and apart, as the tokens' offsets are: one pass over both
+        for token, (first, last) in zip(ids, offsets, strict=True):
+            while k < len(spans) and spans[k][1] < last:
+                k += 1
+            inside = k < len(spans) and spans[k][0] <= first and last <= spans[k][1] and last > first
+            labels.append(token if inside else IGNORE)
+        # the first label is never predicted (nothing comes before it)
+        return Encoded(ids, labels, beyond or any(label != IGNORE for label in labels[1:]))
+
+    def _before(self, messages: list[dict[str, str]], i: int) -> str:
+        """The text the template renders before the answer of assistant message i: the conversation
+        before it with the generation prompt; before a first message, what the template puts ahead of
+        any conversation (a default system prompt, the assistant's header), found by rendering the
+        message with a marker for its content."""
+        if i:
+            return self._render(messages[:i], add_generation_prompt=True)
+        probe = self._render([{**messages[0], "content": MARKER}])
+        if probe.count(MARKER) != 1:
+            raise _not_prefixes()
+        return probe[: probe.index(MARKER)]
+
+    def _render(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        try:
+            return str(self.tok.apply_chat_template(messages, tokenize=False, **kwargs))
+        except Exception as e:
+            if type(e).__module__.startswith("jinja2"):  # the template's raise_exception, or its own mistake
                 raise ArgumentError(
                     "chat_template",
-                    "the chat template does not render a conversation's first turns as the beginning of the whole "
-                    "conversation, so the answers cannot be found; give a chat_template that does",
-                )
-            spans.append((len(before), len(through)))
-        encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        labels = [
-            token if any(start <= first and last <= end for start, end in spans) and last > first else IGNORE
-            for token, (first, last) in zip(ids, encoded["offset_mapping"], strict=True)
-        ]
-        return ids, labels
+                    f"the chat template refuses the conversation ({type(e).__name__}: {str(e)[:160]}); "
+                    "fix the row, or give a chat_template that accepts it",
+                ) from None
+            raise
 
     def save_into(self, directory: Path) -> None:
         """Beside a save_pretrained model: AutoTokenizer.from_pretrained(directory) gives this
         tokenizer, its chat template included."""
         self.tok.save_pretrained(directory)
+
+
+class Encoded(NamedTuple):
+    ids: list[int]
+    labels: list[int]
+    answered: bool  # a label to train on (before any cut): else the conversation has no answer
+
+
+MARKER = "LAUNCHERANSWER7c1e9b"  # stands for a first answer's content, to find where the template puts it
+
+
+def _not_prefixes() -> ArgumentError:
+    return ArgumentError(
+        "chat_template",
+        "the chat template does not render a conversation's first turns as the beginning of the whole "
+        "conversation, so the answers cannot be found; give a chat_template that does",
+    )
 
 
 def _check_messages(messages: Any) -> None:

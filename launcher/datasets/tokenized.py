@@ -17,6 +17,10 @@ Tokenizing runs once: rank 0 (of each node) tokenizes into `datasets`' cache whi
 wait, then every rank opens the cached result. The cache key is the files' names, sizes and
 modification times, the tokenizer file's contents and the arguments, so changing any of them
 tokenizes again. `cache_dir` defaults to `datasets`' own (HF_DATASETS_CACHE).
+
+A document of fewer than 2 tokens (after `max_length`) has nothing a causal LM can predict: such
+documents are dropped, counted, and named in a warning at the start of the run (and by `launcher
+check`), as ChatData does with conversations that have no answer.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class TokenizedText(Dataset):
         self.max_length, self.pack = positive("max_length", max_length), positive("pack", pack)
         if max_length is not None and pack is not None:
             raise ArgumentError("pack", "give max_length (cut each document) or pack (join them), not both")
+        for argument, length in (("max_length", max_length), ("pack", pack)):
+            if length == 1:
+                raise ArgumentError(
+                    argument, f"1 leaves samples of one token, which predict nothing; give {MIN_TOKENS} or more"
+                )
         if tokenizer is None:
             raise ArgumentError("tokenizer", "name the tokenizer: a tokenizer.json file, a directory or a hub id")
         self.source = text_source(files, dataset, name, split, revision)
@@ -71,9 +80,19 @@ class TokenizedText(Dataset):
         self.needs_padding = pack is None  # documents cut, not packed: of different lengths
         key = cache_key(self.source, tok.fingerprint, text_key, max_length, pack)
         with distributed.local_main_first(key):
-            self.rows = self._tokenize(tok.encode, tok.eos, key, cache_dir)
+            self.rows, short, total = self._tokenize(tok.encode, tok.eos, key, cache_dir)
+        self.dropped = short
+        # said at the start of the run and by `launcher check` (launcher/data/fit.py)
+        self.notes = (
+            [f"{short} of {total} documents have fewer than {MIN_TOKENS} tokens (nothing to predict) and are dropped"]
+            if short
+            else []
+        )
+        if total and short == total:  # not "the dataset is empty": say why
+            raise ArgumentError("", f"{self.source.describe()}: every document is dropped: {self.notes[0]}")
 
-    def _tokenize(self, encode: Callable, eos: int | None, key: str, cache_dir: str | None) -> Any:
+    def _tokenize(self, encode: Callable, eos: int | None, key: str, cache_dir: str | None) -> tuple[Any, int, int]:
+        """The tokenized samples kept; how many documents were too short to keep; how many in all."""
         datasets = require("datasets", "launcher.datasets.tokenized.TokenizedText")
         source = self.source
         try:
@@ -110,7 +129,20 @@ class TokenizedText(Dataset):
             if bad is None:
                 raise
             raise bad from None
-        return rows.with_format("torch")
+        if pack is not None:
+            return rows.with_format("torch"), 0, len(rows)
+        import pyarrow.compute as pc  # installed with `datasets`
+
+        lengths = pc.list_value_length(rows.data.column("input_ids"))
+        short = int(pc.sum(pc.less(lengths, MIN_TOKENS)).as_py() or 0)
+        if short:
+            rows = rows.filter(
+                lambda ids: [len(x) >= MIN_TOKENS for x in ids],
+                input_columns="input_ids",
+                batched=True,
+                new_fingerprint=f"{key}-kept",
+            )
+        return rows.with_format("torch"), short, len(lengths)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -131,6 +163,9 @@ class TokenizedText(Dataset):
 
         column = self.rows.data.column("input_ids")
         return int(pc.max(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
+
+
+MIN_TOKENS = 2  # a causal LM predicts each token from those before it: one token predicts nothing
 
 
 class StreamedText:

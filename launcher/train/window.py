@@ -74,7 +74,7 @@ def token_weighted(
                 # its mean loss would be 0/0 = NaN, and NaN x a weight of 0 is still NaN: give the
                 # forward finite labels to compute (the same operators, so the same collectives)
                 # and weight it by exactly 0, which adds exactly 0 to the gradients and the log
-                batch = batches.without_ignored_labels(batch)
+                batch = batches.without_ignored_labels(batch, t.counting.shift)
             per_rank.append((rank, batch, tokens))
         real.append(per_rank)
     total = torch.tensor([sum(k for per_rank in real for _, _, k in per_rank)], dtype=torch.int64)

@@ -289,6 +289,24 @@ class UnlabelledTokens(PaddedTokens):
         return (x, torch.full_like(y, -100)) if i in self.empty else (x, y)
 
 
+class Documents(torch.utils.data.Dataset):
+    """`{"input_ids": ...}` documents of the given `lengths` (ids drawn from `seed`), as a tokenized
+    text dataset gives them but with nothing dropped: a document of one token is in the data."""
+
+    deterministic = True
+    needs_padding = True
+
+    def __init__(self, lengths: list[int], vocab_size: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.docs = [torch.randint(3, vocab_size, (n,), generator=g) for n in lengths]
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.docs[i]}
+
+
 class NumberedStream(torch.utils.data.IterableDataset):
     """Samples 0, 1, ..., size - 1 as (tensor([i.]), tensor(i)) (`regression`: tensor([i.]) targets)."""
 
