@@ -54,3 +54,24 @@ def test_verify_refuses_a_layout_it_cannot_read_in_one_line():
         "error: --layouts: 'pp:2': each part is ddp:N, fsdp:N, hsdp:N or tp:N (N ranks), joined by commas; "
         "or 1 for one process"
     ]
+
+
+def test_verify_names_batchnorm_config_dropout_and_an_unreduced_loss_before_training(tmp_path):
+    """The causes it sees in the recipe and the model alone (no run): the shipped ResNet-18's BatchNorm
+    at a data-parallel layout, a transformers config's dropout, a loss with reduction 'none'."""
+    from launcher.commands.verify import parse_layout, static_causes
+    from launcher.recipe import schema
+
+    resnet = schema.load(ROOT / "recipes" / "cifar10_resnet18.yaml")
+    causes = static_causes(resnet, [parse_layout("1"), parse_layout("ddp:2")])
+    assert any(c.startswith("BatchNorm (bn1, ...)") for c in causes), causes
+    assert not any("BatchNorm" in c for c in static_causes(resnet, [parse_layout("1"), parse_layout("tp:2")]))
+
+    gpt2 = {
+        "_component_": "launcher.models.hf.causal_lm",
+        "config": {"_component_": "transformers.GPT2Config", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 32},
+    }
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"model": gpt2, "loss.reduction": "none"}))
+    causes = static_causes(schema.load(path), [parse_layout("1"), parse_layout("ddp:2")])
+    assert any(c.startswith("dropout is on (transformer.drop (p=0.1)") for c in causes), causes
+    assert any("reduction='none'" in c for c in causes), causes
