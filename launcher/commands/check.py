@@ -12,9 +12,9 @@ from launcher.cluster.cpu import step_time_estimate, threads_per_rank
 from launcher.commands import add_recipe_arguments, positive
 from launcher.data import fit, streaming
 from launcher.data.batches import Counting
-from launcher.data.builders import build_collate, build_datasets, build_model, train_samples
+from launcher.data.builders import _first_sample, build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
-from launcher.errors import EXIT_OK, BuildError, LaunchError
+from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError
 from launcher.observe.logs import route_library_bars, shows_bars
 from launcher.parallel import memory, sharding, tensor, wrap
 from launcher.parallel.layout import Layout
@@ -48,7 +48,9 @@ def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
     return model
 
 
-def check_recipe(recipe: Recipe, world_size: int) -> str:
+def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None) -> tuple[str, bool]:
+    """The report (the resolved recipe, the plan, warnings), and whether each rank fits a GPU of
+    `gpu_memory_gib` (True when not asked)."""
     from launcher.cluster.distributed import pick_backend
 
     check_static(recipe, world_size)
@@ -77,8 +79,10 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     except LaunchError as e:
         backend, device = recipe.dist.backend, "unavailable here"
         notes.append(f"{e.key}: {e.message}")
+    sample = None  # the first training sample, for the activations' measure (--gpu-memory)
     try:
         train_set, val_set = build_datasets(recipe)
+        sample = _first_sample(train_set)
         fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
         plan = build_plan(
             recipe,
@@ -120,11 +124,17 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     memory_rows, memory_note = _memory_plan(recipe, model, strategy.layout, device)
     rows += memory_rows
     notes += memory_note
+    fits = True
+    if gpu_memory_gib is not None:
+        from launcher.commands.gpu_fit import gpu_fit
+
+        fits, line = gpu_fit(recipe, model, strategy.layout, sample, gpu_memory_gib)
+        rows.append((f"fits {gpu_memory_gib:g} GiB", line))
     width = max(len(k) for k, _ in rows)
     out = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# plan"]
     out += [f"{k:<{width}}  {v}" for k, v in rows]
     out += [f"warning: {n}" for n in notes]
-    return "\n".join(out)
+    return "\n".join(out), fits
 
 
 def _memory_plan(
@@ -189,6 +199,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--nproc", type=int, default=None, metavar="N", help="plan for N ranks (default: WORLD_SIZE if set, else 1)"
     )
+    check.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="say whether each rank fits a GPU of GIB GiB under this layout, and if not which change would "
+        "(exit 2 when it does not fit)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -197,8 +215,11 @@ def main(args: argparse.Namespace) -> int:
     positive(args.nproc, "--nproc")
     recipe = recipes.load(args.recipe, args.overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
-    print(check_recipe(recipe, world))
-    return EXIT_OK
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise LaunchError("--gpu-memory", f"a GPU's memory in GiB, above 0; got {args.gpu_memory:g}")
+    report, fits = check_recipe(recipe, world, args.gpu_memory)
+    print(report)
+    return EXIT_OK if fits else EXIT_USAGE
 
 
 def _async_save_notes(recipe: Recipe, state_bytes: int, pieces: int) -> list[str]:
