@@ -15,6 +15,8 @@ TINY_GPT2 = {"_component_": "transformers.GPT2Config", "n_embd": 8, "n_layer": 1
 TINY_GPT2 |= {"bos_token_id": 2, "eos_token_id": 2}  # within the vocabulary: transformers warns otherwise
 LORA = {"_component_": "peft.LoraConfig", "r": 4, "target_modules": "all-linear"}
 LORA_ON_QWEN_NAMES = {**LORA, "target_modules": ["q_proj", "v_proj"]}
+TINY_GPT = {"_component_": "launcher.models.GPT", "vocab_size": 16, "seq_len": 8, "d_model": 8, "n_layers": 1}
+TINY_GPT |= {"n_heads": 2}
 NOT_PEFT = {"_component_": "torch.nn.Linear", "in_features": 2, "out_features": 2}
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
@@ -157,6 +159,38 @@ BAD = [
         [],
         "model.peft._component_",
         "expected a peft config component",
+    ),
+    (
+        # built on the meta device at check, the run failed allocating its 2.8 TiB position embedding
+        "a position embedding no machine holds",
+        {"model": {**TINY_GPT, "d_model": 384}},
+        ["model.seq_len=2000000000"],
+        "model.seq_len",
+        "2,000,000,000 makes a 2,000,000,000 x 384 weight of 2.79 TiB",
+    ),
+    ("a vocabulary no machine holds", {"model": TINY_GPT}, ["model.vocab_size=50000000000"], "model.vocab_size", "TiB"),
+    ("a width no machine holds", {"model": TINY_GPT}, ["model.d_model=600000"], "model.d_model", "600,000 makes"),
+    (
+        "blocks no cluster holds",
+        {"model": {**TINY_GPT, "d_model": 200000}},
+        ["model.n_layers=100"],
+        "model.n_layers",
+        "far",
+    ),
+    ("blocks that take hours to build", {"model": TINY_GPT}, ["model.n_layers=1000000"], "model.n_layers", "hours"),
+    (
+        "any model's parameter no machine holds, named by the size that made it",
+        {"model": {"_component_": "launcher.models.MLP", "sizes": [8, 2**38, 1]}},
+        [],
+        "model.sizes",
+        "the parameter 1.weight alone is 274,877,906,944 x 8 float32",
+    ),
+    (
+        "any model's weights beyond any cluster",
+        {"model": {"_component_": "launcher.models.MLP", "sizes": [2**18] * 260}},
+        [],
+        "model",
+        "far beyond any cluster's memory",
     ),
     (
         "model that is not a module",

@@ -16,7 +16,7 @@ from launcher.data.builders import build_collate, build_datasets, build_model, t
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.errors import EXIT_OK, BuildError, LaunchError
 from launcher.observe.logs import route_library_bars, shows_bars
-from launcher.parallel import memory, sharding, tensor, wrap
+from launcher.parallel import memory, sharding, sizes, tensor, wrap
 from launcher.parallel.layout import Layout
 from launcher.parallel.memory import state_checkpoint_bytes
 from launcher.parallel.strategy import build_strategy, layout_for
@@ -59,6 +59,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
             raise error
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
     model = build_model_cheaply(recipe)
+    sizes.check(model, recipe.model)  # built on the meta device: the run would fail at the allocator
     ac = recipe.train.activation_checkpointing
     wrap.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     if ac.modules:
