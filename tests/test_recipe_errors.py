@@ -192,6 +192,24 @@ BAD = [
         "model",
         "far beyond any cluster's memory",
     ),
+    # a sum trained 4.5% apart on 2 ranks and on 1 (the loop weights each micro-batch's loss as a mean)
+    ("a loss that sums", {"loss.reduction": "sum"}, [], "loss.reduction", "'sum' is not a mean"),
+    ("a loss per element", {"loss.reduction": "none"}, [], "loss.reduction", "'none' gives a loss per element"),
+    ("a legacy argument that sums", {"loss.size_average": False}, [], "loss.reduction", "set loss.reduction=mean"),
+    (
+        "a loss of one's own that sums",
+        {"loss": {"_component_": "testkit.SummedSquaredError"}},
+        [],
+        "loss",
+        "testkit.SummedSquaredError returns a sum over the batch, not a mean",
+    ),
+    (
+        "a loss of one's own per sample",
+        {"loss": {"_component_": "testkit.SquaredErrorPerSample"}},
+        [],
+        "loss",
+        "testkit.SquaredErrorPerSample returns 2 numbers (shape (2,)) for a batch of 2, not one",
+    ),
     (
         "model that is not a module",
         {"model": {"_component_": "testkit.not_a_module"}},
@@ -246,6 +264,19 @@ def test_an_argument_the_component_lacks_is_the_same_line_at_run_as_at_check(tmp
         lines.append(said[0])
     assert lines[0] == lines[1] and lines[0].startswith("error: data.train.sizes: "), lines
     assert "takes no argument 'sizes'; did you mean 'size'?" in lines[0], lines[0]
+
+
+def test_a_loss_that_sums_is_the_same_line_at_run_as_at_check(tmp_path):
+    """The run builds the loss itself: a sum is refused there too, before the first step."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"loss.reduction": "sum", "run.dir": str(tmp_path / "run")}))
+    lines = []
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr
+        lines.append(said[0])
+    assert lines[0] == lines[1] and lines[0].startswith("error: loss.reduction: 'sum' is not a mean"), lines
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_overrides_are_yaml_typed():
@@ -375,3 +406,9 @@ def test_a_vision_recipe_without_torchvision_names_the_extra():
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("install the [vision] extra: pip install 'launcher[vision]'")
+
+
+def test_a_per_sample_loss_of_ones_own_passes_the_mean_probe(tmp_path, capsys):
+    """Summed over each sample, then the mean over the samples: a mean over the batch, as the loop needs."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(loss={"_component_": "testkit.PerSampleSquaredError"}))
+    assert cli.main(["check", str(path), "--nproc", "2"]) == 0, capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from launcher import hub
 from launcher.cluster.cpu import step_time_estimate, threads_per_rank
 from launcher.commands import add_recipe_arguments, positive
-from launcher.data import fit, streaming
+from launcher.data import fit, loss_mean, streaming
 from launcher.data.batches import Counting
 from launcher.data.builders import build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
@@ -22,6 +22,7 @@ from launcher.parallel.memory import state_checkpoint_bytes
 from launcher.parallel.strategy import build_strategy, layout_for
 from launcher.recipe import components
 from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
+from launcher.train import setup
 
 
 def check_static(recipe: Recipe, world_size: int) -> None:
@@ -58,6 +59,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         if certain:
             raise error
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
+    loss_fn = setup.loss(recipe)  # as the run builds it: not callable, or not a mean, is one line here
     model = build_model_cheaply(recipe)
     sizes.check(model, recipe.model)  # built on the meta device: the run would fail at the allocator
     ac = recipe.train.activation_checkpointing
@@ -81,6 +83,9 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
     try:
         train_set, val_set = build_datasets(recipe)
         fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
+        if recipe.loss and getattr(loss_fn, "reduction", None) is None and not streaming.is_stream(train_set):
+            # a loss of one's own says nothing of how it reduces: a sample once and twice over tells
+            loss_mean.probe(loss_fn, model, train_set, build_collate(recipe), recipe.loss["_component_"])
         plan = build_plan(
             recipe,
             strategy.layout,
