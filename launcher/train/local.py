@@ -138,11 +138,7 @@ def check_workers_import_this_launcher(directory: Path) -> None:
         if shadow.parent == directory.resolve() and shadow != ours:
             is_file = shadow.suffix == ".py"
             what = "a file named launcher.py" if is_file else "a folder named launcher"
-            fate = (
-                "run it instead of the launcher"
-                if is_file
-                else "import it instead of the launcher and die on an ImportError"
-            )
+            fate = f"{'run' if is_file else 'import'} it in place of the launcher this command runs ({ours})"
             raise LaunchError(
                 str(shadow),
                 f"{what} in the directory the workers start from, which `python -m launcher` puts first on the "
