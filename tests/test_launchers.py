@@ -154,3 +154,48 @@ def test_the_job_summary_names_the_rank_that_recorded_an_error_even_if_the_agent
     )
     assert _summarize(ChildFailedError("launcher", {0: stopped}), {}) == 1  # nothing recorded: the code passes on
     assert capsys.readouterr().err == ""
+
+
+def test_nproc_from_a_directory_holding_a_folder_named_launcher_is_one_line_before_any_worker(tmp_path):
+    """`python -m launcher` puts the directory it starts in first on the import path: the workers
+    imported a user's folder named launcher there and died on an ImportError, reported as "rank 0 was
+    killed by SIGTERM". So would a SLURM job submitted from there. The `launcher` command (its own
+    directory first on the path, as here) runs one process from there as it is."""
+    work = tmp_path / "work"
+    (work / "launcher").mkdir(parents=True)
+    (work / "launcher" / "__init__.py").write_text("")  # the user's own package of that name
+    command = tmp_path / "bin" / "launcher_command.py"  # what the console script `launcher` runs
+    command.parent.mkdir()
+    command.write_text("from launcher.commands.cli import entry\n\nraise SystemExit(entry())\n")
+    recipe = write_recipe(work / "r.yaml", recipe_dict(**{"train.epochs": 1}))
+
+    def launcher_command(*args: str) -> subprocess.CompletedProcess:
+        command_line = [sys.executable, str(command), *args, str(recipe), f"run.dir={tmp_path / 'run'}"]
+        return subprocess.run(command_line, cwd=work, env=worker_env(), capture_output=True, text=True, timeout=300)
+
+    for args in (["run", "--nproc", "2"], ["slurm", "--gpus-per-node", "2", "--submit"]):
+        proc = launcher_command(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith(f"error: {work / 'launcher'}: a folder named launcher in the directory the "), lines
+        assert lines[0].endswith("run from another directory, or rename it"), lines
+        assert not (tmp_path / "run").exists()
+    proc = launcher_command("run")
+    assert proc.returncode == 0 and "done: completed after" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_job_summary_names_the_rank_that_failed_not_one_the_agent_stopped_for_it(tmp_path, capsys):
+    """Nothing recorded (a worker that died before the launcher could record, e.g. on an import): the
+    rank that exited by itself is named, not a peer the agent stopped with SIGTERM in the same second."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launcher.train.local import _summarize
+
+    none = str(tmp_path / "none.json")
+    stopped = ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=none)
+    failed = ProcessFailure(local_rank=1, pid=101, exitcode=1, error_file=none)
+    failed.timestamp = stopped.timestamp
+    assert _summarize(ChildFailedError("launcher", {0: stopped, 1: failed}), {}) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: rank 1 exited with code 1 before recording a cause (its own output above says why)"
+    )

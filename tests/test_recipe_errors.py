@@ -15,6 +15,8 @@ TINY_GPT2 = {"_component_": "transformers.GPT2Config", "n_embd": 8, "n_layer": 1
 TINY_GPT2 |= {"bos_token_id": 2, "eos_token_id": 2}  # within the vocabulary: transformers warns otherwise
 LORA = {"_component_": "peft.LoraConfig", "r": 4, "target_modules": "all-linear"}
 LORA_ON_QWEN_NAMES = {**LORA, "target_modules": ["q_proj", "v_proj"]}
+TINY_GPT = {"_component_": "launcher.models.GPT", "vocab_size": 16, "seq_len": 8, "d_model": 8, "n_layers": 1}
+TINY_GPT |= {"n_heads": 2}
 NOT_PEFT = {"_component_": "torch.nn.Linear", "in_features": 2, "out_features": 2}
 BAD = [
     ("unknown top-level key", {"epochs": 3}, [], "epochs", "unknown key"),
@@ -159,6 +161,56 @@ BAD = [
         "expected a peft config component",
     ),
     (
+        # built on the meta device at check, the run failed allocating its 2.8 TiB position embedding
+        "a position embedding no machine holds",
+        {"model": {**TINY_GPT, "d_model": 384}},
+        ["model.seq_len=2000000000"],
+        "model.seq_len",
+        "2,000,000,000 makes a 2,000,000,000 x 384 weight of 2.79 TiB",
+    ),
+    ("a vocabulary no machine holds", {"model": TINY_GPT}, ["model.vocab_size=50000000000"], "model.vocab_size", "TiB"),
+    ("a width no machine holds", {"model": TINY_GPT}, ["model.d_model=600000"], "model.d_model", "600,000 makes"),
+    (
+        "blocks no cluster holds",
+        {"model": {**TINY_GPT, "d_model": 200000}},
+        ["model.n_layers=100"],
+        "model.n_layers",
+        "far",
+    ),
+    ("blocks that take hours to build", {"model": TINY_GPT}, ["model.n_layers=1000000"], "model.n_layers", "hours"),
+    (
+        "any model's parameter no machine holds, named by the size that made it",
+        {"model": {"_component_": "launcher.models.MLP", "sizes": [8, 2**38, 1]}},
+        [],
+        "model.sizes",
+        "the parameter 1.weight alone is 274,877,906,944 x 8 float32",
+    ),
+    (
+        "any model's weights beyond any cluster",
+        {"model": {"_component_": "launcher.models.MLP", "sizes": [2**18] * 260}},
+        [],
+        "model",
+        "far beyond any cluster's memory",
+    ),
+    # a sum trained 4.5% apart on 2 ranks and on 1 (the loop weights each micro-batch's loss as a mean)
+    ("a loss that sums", {"loss.reduction": "sum"}, [], "loss.reduction", "'sum' is not a mean"),
+    ("a loss per element", {"loss.reduction": "none"}, [], "loss.reduction", "'none' gives a loss per element"),
+    ("a legacy argument that sums", {"loss.size_average": False}, [], "loss.reduction", "set loss.reduction=mean"),
+    (
+        "a loss of one's own that sums",
+        {"loss": {"_component_": "testkit.SummedSquaredError"}},
+        [],
+        "loss",
+        "testkit.SummedSquaredError returns a sum over the batch, not a mean",
+    ),
+    (
+        "a loss of one's own per sample",
+        {"loss": {"_component_": "testkit.SquaredErrorPerSample"}},
+        [],
+        "loss",
+        "testkit.SquaredErrorPerSample returns 2 numbers (shape (2,)) for a batch of 2, not one",
+    ),
+    (
         "model that is not a module",
         {"model": {"_component_": "testkit.not_a_module"}},
         [],
@@ -212,6 +264,19 @@ def test_an_argument_the_component_lacks_is_the_same_line_at_run_as_at_check(tmp
         lines.append(said[0])
     assert lines[0] == lines[1] and lines[0].startswith("error: data.train.sizes: "), lines
     assert "takes no argument 'sizes'; did you mean 'size'?" in lines[0], lines[0]
+
+
+def test_a_loss_that_sums_is_the_same_line_at_run_as_at_check(tmp_path):
+    """The run builds the loss itself: a sum is refused there too, before the first step."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"loss.reduction": "sum", "run.dir": str(tmp_path / "run")}))
+    lines = []
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr
+        lines.append(said[0])
+    assert lines[0] == lines[1] and lines[0].startswith("error: loss.reduction: 'sum' is not a mean"), lines
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_overrides_are_yaml_typed():
@@ -341,3 +406,9 @@ def test_a_vision_recipe_without_torchvision_names_the_extra():
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=worker_env())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].endswith("install the [vision] extra: pip install 'launcher[vision]'")
+
+
+def test_a_per_sample_loss_of_ones_own_passes_the_mean_probe(tmp_path, capsys):
+    """Summed over each sample, then the mean over the samples: a mean over the batch, as the loop needs."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(loss={"_component_": "testkit.PerSampleSquaredError"}))
+    assert cli.main(["check", str(path), "--nproc", "2"]) == 0, capsys.readouterr().err

@@ -176,6 +176,18 @@ def test_debug_distributed_under_tensor_parallelism_runs_without_anomaly_detecti
             "dist.tp_plan: 1.mlp.0 is split colwise but no module beside it is split rowwise",
         ),
         (
+            # the styles inverted: each has its pair beside it, but the row-wise layer reads a whole input
+            ["dist.tensor_parallel=2", "dist.tp_plan={'*.mlp.0': rowwise, '*.mlp.2': colwise}"],
+            "dist.tp_plan: 1.mlp.0 (by '*.mlp.0') is split rowwise but no column-wise layer before it in 1.mlp "
+            "splits its input",
+        ),
+        (
+            # v split by heads, q and k whole: attention meets them before the row-wise proj joins the split
+            ["dist.tensor_parallel=2", "dist.tp_plan={'*.v': colwise, '*.proj': rowwise}"],
+            "dist.tp_plan: 1.q is left whole but reads the same input as 1.v (split colwise by '*.v') before "
+            "1.proj (rowwise) joins the split",
+        ),
+        (
             ["dist.tensor_parallel=2", "dist.tp_plan={'*.nothing': colwise}"],
             "dist.tp_plan: no module of GPTModel matches the tensor-parallel plan",
         ),

@@ -10,18 +10,19 @@ import torch
 from launcher import hub
 from launcher.cluster.cpu import step_time_estimate, threads_per_rank
 from launcher.commands import add_recipe_arguments, positive
-from launcher.data import fit, streaming
+from launcher.data import fit, loss_mean, streaming
 from launcher.data.batches import Counting
 from launcher.data.builders import _first_sample, build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError
 from launcher.observe.logs import route_library_bars, shows_bars
-from launcher.parallel import memory, sharding, tensor, wrap
+from launcher.parallel import memory, sharding, sizes, tensor, wrap
 from launcher.parallel.layout import Layout
 from launcher.parallel.memory import state_checkpoint_bytes
 from launcher.parallel.strategy import build_strategy, layout_for
 from launcher.recipe import components
 from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
+from launcher.train import setup
 
 
 def check_static(recipe: Recipe, world_size: int) -> None:
@@ -60,7 +61,9 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         if certain:
             raise error
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
+    loss_fn = setup.loss(recipe)  # as the run builds it: not callable, or not a mean, is one line here
     model = build_model_cheaply(recipe)
+    sizes.check(model, recipe.model)  # built on the meta device: the run would fail at the allocator
     ac = recipe.train.activation_checkpointing
     wrap.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
     if ac.modules:
@@ -84,6 +87,9 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         train_set, val_set = build_datasets(recipe)
         sample = _first_sample(train_set)
         fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
+        if recipe.loss and getattr(loss_fn, "reduction", None) is None and not streaming.is_stream(train_set):
+            # a loss of one's own says nothing of how it reduces: a sample once and twice over tells
+            loss_mean.probe(loss_fn, model, train_set, build_collate(recipe), recipe.loss["_component_"])
         plan = build_plan(
             recipe,
             strategy.layout,

@@ -158,6 +158,10 @@ def main(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         python=args.python,
     )
+    if args.submit:  # the job runs `python -m launcher` in this directory, as local workers do
+        from launcher.train.local import check_workers_import_this_launcher
+
+        check_workers_import_this_launcher(Path.cwd())
     path = recipe.run_dir / template_name(args.mode, args.nodes)
     job = write_and_submit(text, path, args.submit)
     print(path)

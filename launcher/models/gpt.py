@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.errors import ArgumentError
+from launcher.parallel import sizes
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, seq_len: int, d_model: int, dropout: float):
@@ -88,6 +91,7 @@ def GPT(
     n_heads: int = 6,
     dropout: float = 0.0,
 ) -> GPTModel:
+    _check_sizes(vocab_size, seq_len, d_model, n_layers)
     model = GPTModel(
         Embedding(vocab_size, seq_len, d_model, dropout),
         *[Block(d_model, n_heads, dropout) for _ in range(n_layers)],
@@ -101,3 +105,38 @@ def GPT(
     model.tokens_per_sample = seq_len
     model.vocab_size, model.max_positions = vocab_size, seq_len
     return model
+
+
+MAX_BLOCKS = 10_000
+
+
+def _check_sizes(vocab_size: int, seq_len: int, d_model: int, n_layers: int) -> None:
+    """Sizes no machine holds, by their argument, before anything is allocated: a built-in GPT with
+    a few zeros too many builds on the meta device at `launcher check` and would fail only in the run,
+    at the allocator (or, with millions of blocks, build for hours)."""
+    given = {"vocab_size": vocab_size, "seq_len": seq_len, "d_model": d_model, "n_layers": n_layers}
+    if n_layers > MAX_BLOCKS:  # each takes milliseconds to build, even on the meta device
+        raise ArgumentError(
+            "n_layers",
+            f"{n_layers:,} blocks would take hours to build, and the deepest transformers have a few hundred; "
+            "a few zeros too many?",
+        )
+    # the largest weights, float32: the token embedding and the head, the positions, the MLP's
+    for argument, rows in (("vocab_size", vocab_size), ("seq_len", seq_len), ("d_model", 4 * d_model)):
+        size = 4 * rows * d_model
+        if size > sizes.TENSOR_BYTES:
+            name = argument if given[argument] >= d_model else "d_model"
+            raise ArgumentError(
+                name,
+                f"{given[name]:,} makes a {rows:,} x {d_model:,} weight of {sizes.describe(size)}, more than "
+                "any device or host holds (the run would fail allocating it); a few zeros too many?",
+            )
+    terms = {"n_layers": n_layers * 12 * d_model * d_model, "vocab_size": 2 * vocab_size * d_model}
+    total = 4 * (sum(terms.values()) + seq_len * d_model)
+    if total > sizes.MODEL_BYTES:
+        name = max(terms, key=terms.__getitem__)
+        raise ArgumentError(
+            name,
+            f"{given[name]:,} makes {sizes.describe(total)} of weights, far beyond any cluster's memory; "
+            "a few zeros too many?",
+        )

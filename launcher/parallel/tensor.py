@@ -83,7 +83,7 @@ def check(model: nn.Module, plan: Mapping[str, str], tensor: int) -> None:
                 f"{name} ({style}) has {width} {side}, which do not split over {tensor} ranks; "
                 f"use a tensor_parallel that divides {width}",
             )
-    _check_pairs(found)
+    _check_pairs(model, plan, found)
     for label, heads in _heads(model):
         if heads % tensor:
             raise RecipeError(
@@ -93,23 +93,94 @@ def check(model: nn.Module, plan: Mapping[str, str], tensor: int) -> None:
             )
 
 
-def _check_pairs(found: Mapping[str, tuple[nn.Module, str]]) -> None:
+def _check_pairs(model: nn.Module, plan: Mapping[str, str], found: Mapping[str, tuple[nn.Module, str]]) -> None:
     """A column-wise layer leaves its output split by features, which only a row-wise layer reads
-    (and a row-wise one needs such input): each needs the other beside it, in the same parent module
-    (attention's q, k, v and its output projection; an MLP's two Linears). A plan without its pair
-    would pass every other check and fail at the first step on a shape."""
-    styles_by_parent: dict[str, set[str]] = {}
-    for name, (_, style) in found.items():
-        styles_by_parent.setdefault(name.rpartition(".")[0], set()).add(style)
-    for name, (_, style) in found.items():
-        other = "rowwise" if style == "colwise" else "colwise"
-        if other not in styles_by_parent[name.rpartition(".")[0]]:
-            reads = "reads its split output" if style == "colwise" else "splits its input"
+    (and a row-wise one needs such input): in each parent module (attention's q, k, v and its output
+    projection; an MLP's two Linears), in the order the parent holds its Linears (its forward order,
+    in torch's and transformers' models), each row-wise layer closes a region opened by column-wise
+    ones, one of which gives as many outputs as it reads. A Linear of that parent left whole that
+    reads the region's input (attention's q beside a split v) or its split output would meet the
+    split tensors whole. Each such plan would pass every other check and fail at the first step on
+    a shape."""
+    parents = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(parents)}
+    for parent_name in sorted({name.rpartition(".")[0] for name in found}, key=order.__getitem__):
+        linears = [
+            (f"{parent_name}.{child}" if parent_name else child, module)
+            for child, module in parents[parent_name].named_children()
+            if isinstance(module, nn.Linear)
+        ]
+        styles = {found[name][1] for name, _ in linears if name in found}
+        region: list[tuple[str, nn.Linear]] = []  # the column-wise layers since the last row-wise one
+        whole: list[tuple[str, nn.Linear, int]] = []  # the Linears left whole since then, after how many of those
+        for name, module in linears:
+            style = found[name][1] if name in found else None
+            if style is None:
+                whole.append((name, module, len(region)))
+                continue
+            if style == "colwise":
+                region.append((name, module))
+                continue
+            if not region:
+                hint = "swap the two styles" if "colwise" in styles else "add the Linear that splits its input"
+                raise RecipeError(
+                    "dist.tp_plan",
+                    f"{name} (by {_pattern(name, plan)!r}) is split rowwise but no column-wise layer before it in "
+                    f"{parent_name or 'the model'} splits its input: a row-wise layer reads the split output of a "
+                    f"column-wise one; {hint} (e.g. an MLP's first Linear colwise, its second rowwise)",
+                )
+            _check_region(plan, name, module, region, whole)
+            region, whole = [], []
+        if region:
+            name = region[-1][0]
+            if "rowwise" not in styles:
+                raise RecipeError(
+                    "dist.tp_plan",
+                    f"{name} is split colwise but no module beside it is split rowwise: add the Linear that "
+                    "reads its split output to the plan as rowwise (e.g. an MLP's second Linear to its first)",
+                )
             raise RecipeError(
                 "dist.tp_plan",
-                f"{name} is split {style} but no module beside it is split {other}: add the Linear that "
-                f"{reads} to the plan as {other} (e.g. an MLP's second Linear to its first)",
+                f"{name} (by {_pattern(name, plan)!r}) is split colwise but no row-wise layer after it in "
+                f"{parent_name or 'the model'} reads its split output: swap the two styles "
+                "(e.g. an MLP's first Linear colwise, its second rowwise)",
             )
+
+
+def _check_region(
+    plan: Mapping[str, str],
+    name: str,
+    rowwise: nn.Linear,
+    region: list[tuple[str, nn.Linear]],
+    whole: list[tuple[str, nn.Linear, int]],
+) -> None:
+    """The row-wise layer `name` reads what one of the column-wise `region` gives; no Linear left whole
+    beside them reads their input (its output would meet theirs split) or their split output."""
+    if not any(module.out_features == rowwise.in_features for _, module in region):
+        gives = ", ".join(f"{n} gives {m.out_features}" for n, m in region)
+        raise RecipeError(
+            "dist.tp_plan",
+            f"{name} (by {_pattern(name, plan)!r}) reads {rowwise.in_features} features split rowwise, but no "
+            f"column-wise layer before it gives that many ({gives}): pair it with the Linear whose output it reads",
+        )
+    for other, module, after in whole:
+        for i, (split, col) in enumerate(region):
+            reads_output = i < after and module.in_features == col.out_features != col.in_features
+            if module.in_features == col.in_features or reads_output:
+                reads = "the split output of" if reads_output else "the same input as"
+                pattern, leaf = _pattern(split, plan), split.rpartition(".")[2]
+                suggested = pattern[: -len(leaf)] + other.rpartition(".")[2] if pattern.endswith(leaf) else other
+                raise RecipeError(
+                    "dist.tp_plan",
+                    f"{other} is left whole but reads {reads} {split} (split colwise by {pattern!r}) before "
+                    f"{name} (rowwise) joins the split: whole and split tensors would meet (as attention's q and k "
+                    f"with its v); add {suggested!r}: colwise to the plan, or leave {split} whole too",
+                )
+
+
+def _pattern(name: str, plan: Mapping[str, str]) -> str:
+    """The plan's pattern that splits `name` (matched() takes the first)."""
+    return next(p for p, style in plan.items() if style in STYLES and fnmatch.fnmatchcase(name, p))
 
 
 def split_params(model: nn.Module, plan: Mapping[str, str]) -> frozenset[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.cluster import causes
+from launcher.errors import LaunchError
 
 if TYPE_CHECKING:  # torch's elastic modules are imported where used: they are slow to import
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -45,6 +46,7 @@ def elastic(
 
     from launcher.cluster.signals import parse_signal
 
+    check_workers_import_this_launcher(Path.cwd())
     os.environ[CHILD_ENV] = "1"  # workers stay quiet on fatal errors: _summarize prints one line
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers die with this process (signals.die_with_parent)
     launched_at = time.time()
@@ -112,6 +114,36 @@ def elastic(
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
     return 0
+
+
+def check_workers_import_this_launcher(directory: Path) -> None:
+    """`python -m launcher`, started in `directory`, puts it first on the import path: a folder
+    named `launcher` there (or a `launcher.py`) is what the workers would import as the launcher, and
+    each would die on an ImportError (or run that file) while this process, started by the
+    `launcher` command, imports the installed one. Only a folder that would win is refused: an empty
+    one loses to an installed package on the path (not to an editable install's import hook)."""
+    from importlib.machinery import PathFinder
+
+    import launcher
+
+    ours = Path(str(launcher.__file__)).resolve().parent  # this process imported the package itself
+    rest = [p for p in sys.path if p and Path(p).resolve() != directory.resolve()]
+    spec = PathFinder.find_spec("launcher", [str(directory), *rest])
+    if spec is None:  # found by a meta-path hook (an editable install's), as the workers will
+        return
+    where = [Path(spec.origin)] if spec.origin else [Path(p) for p in spec.submodule_search_locations or []]
+    for path in where:
+        found = path.resolve()
+        shadow = found.parent if found.name == "__init__.py" else found  # a package's folder, or launcher.py
+        if shadow.parent == directory.resolve() and shadow != ours:
+            is_file = shadow.suffix == ".py"
+            what = "a file named launcher.py" if is_file else "a folder named launcher"
+            fate = f"{'run' if is_file else 'import'} it in place of the launcher this command runs ({ours})"
+            raise LaunchError(
+                str(shadow),
+                f"{what} in the directory the workers start from, which `python -m launcher` puts first on the "
+                f"import path: the workers would {fate}; run from another directory, or rename it",
+            )
 
 
 def _checkpoint_since(directory: Path, since: float) -> Path | None:
@@ -190,10 +222,15 @@ def _summarize(e: ChildFailedError, recorded: dict[int, causes.Cause]) -> int:
         codes = {f.exitcode for f in failures.values()}
         if len(codes) == 1 and next(iter(codes)) > 0:
             return next(iter(codes))  # every rank chose this exit code (preemption, doctor): pass it on
-        rank = min(failures, key=lambda r: (failures[r].timestamp, r))
+        # the agent stops the others with SIGTERM once one fails (often within the same second):
+        # the rank that exited or died by itself is the one to name
+        stopped = -int(signal.SIGTERM)
+        rank = min(failures, key=lambda r: (failures[r].exitcode == stopped, failures[r].timestamp, r))
         failure = failures[rank]
         how = (
-            f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+            f"was killed by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode} before recording a cause (its own output above says why)"
         )
         print(f"error: rank {rank} {how}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1

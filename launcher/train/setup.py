@@ -15,6 +15,7 @@ from launcher import rng
 from launcher.checkpoint import frozen
 from launcher.cluster.distributed import Session
 from launcher.cluster.env import ClusterEnv
+from launcher.data import loss_mean
 from launcher.data.batches import LossFn
 from launcher.data.builders import build_model
 from launcher.data.plan import Plan
@@ -83,6 +84,7 @@ def loss(recipe: Recipe) -> LossFn | None:
             f"{recipe.loss['_component_']} built a {type(loss_fn).__name__}, which "
             "cannot be called; name a loss module or function",
         )
+    loss_mean.check_reduction(loss_fn)  # a sum (or none) would train differently on each layout
     return loss_fn
 
 

@@ -460,3 +460,24 @@ class ScanCountingTokenFile(TokenFile):
         with open(f"{self.path}.scans", "a") as f:
             f.write(f"{os.getpid()}\n")
         return super().max_token_id(vocab_size)
+
+
+class SummedSquaredError(nn.Module):
+    """A loss of one's own that returns the sum over the batch (no `reduction` to read)."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets).square().sum()
+
+
+class PerSampleSquaredError(nn.Module):
+    """A per-sample loss: summed over each sample's outputs, then the mean over the samples."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets).square().flatten(1).sum(1).mean()
+
+
+class SquaredErrorPerSample(nn.Module):
+    """A loss of one's own that returns one number per sample."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets).square().flatten(1).sum(1)
