@@ -33,18 +33,17 @@ def test_verify_passes_the_shipped_gpt_recipe_and_fails_it_with_dropout_naming_i
     assert not list(tmp_path.iterdir()), "verify leaves its run directories behind"
 
 
-def test_verify_fails_a_loss_that_sums_and_says_so(tmp_path):
-    """reduction=sum: a window's micro-batches weigh by their sample counts, so a sum counts the samples
-    twice; the windows of 16 agree while every micro-batch holds 4, and step 3's last, partial window
-    of 5 (37 samples) splits 4 + 1 in one process and 3 + 2 over two ranks."""
+def test_verify_refuses_a_loss_that_sums_before_training_and_says_so(tmp_path):
+    """reduction=sum would make the layouts differ (a window's micro-batches weigh by their sample
+    counts, so a sum counts them twice); launcher check refuses it, and so does verify, in its one line,
+    exit 2, before any layout trains."""
     recipe = write_recipe(
-        tmp_path / "sum.yaml",
-        recipe_dict(**{"loss.reduction": "sum", "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.01}}),
+        tmp_path / "sum.yaml", recipe_dict(**{"loss.reduction": "sum", "run.dir": str(tmp_path / "r")})
     )
     proc = launcher("verify", recipe, "--layouts", "1", "ddp:2")
-    assert proc.returncode == 1, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "differs from the reference first at step 3" in last and "reduction='sum'" in last, last
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: loss.reduction: 'sum' is not a mean"), proc.stderr
+    assert "training at" not in proc.stdout
 
 
 def test_verify_refuses_a_layout_it_cannot_read_in_one_line():
@@ -58,7 +57,7 @@ def test_verify_refuses_a_layout_it_cannot_read_in_one_line():
 
 def test_verify_names_batchnorm_config_dropout_and_an_unreduced_loss_before_training(tmp_path):
     """The causes it sees in the recipe and the model alone (no run): the shipped ResNet-18's BatchNorm
-    at a data-parallel layout, a transformers config's dropout, a loss with reduction 'none'."""
+    at a data-parallel layout, a transformers model's dropout."""
     from launcher.commands.verify import parse_layout, static_causes
     from launcher.recipe import schema
 
@@ -71,7 +70,6 @@ def test_verify_names_batchnorm_config_dropout_and_an_unreduced_loss_before_trai
         "_component_": "launcher.models.hf.causal_lm",
         "config": {"_component_": "transformers.GPT2Config", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 32},
     }
-    path = write_recipe(tmp_path / "r.yaml", recipe_dict(**{"model": gpt2, "loss.reduction": "none"}))
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(model=gpt2))
     causes = static_causes(schema.load(path), [parse_layout("1"), parse_layout("ddp:2")])
     assert any(c.startswith("dropout is on (transformer.drop (p=0.1)") for c in causes), causes
-    assert any("reduction='none'" in c for c in causes), causes

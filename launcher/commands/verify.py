@@ -6,7 +6,8 @@ temporary run directory of its own, with one global batch for all; then compares
 gradient norm of every step, and every weight after every step, with the first layout's, and prints a
 table and a verdict: exit 0 when every layout equals the first within --rtol, 1 otherwise, naming the
 first step and tensor that differ, and the causes it can see in the recipe and the model (dropout,
-BatchNorm, a loss that is not a mean, non-determinism, Adam on a parameter whose gradient is exactly 0).
+BatchNorm, non-determinism, Adam on a parameter whose gradient is exactly 0). What `launcher check`
+refuses, a loss that is not a mean among it, is refused first, in one line, exit 2.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def parse_layout(text: str) -> Layout:
 
 
 def main(args: argparse.Namespace) -> int:
+    from launcher.commands.check import check_recipe
     from launcher.recipe import schema as recipes
 
     positive(args.steps, "--steps")
@@ -99,7 +101,9 @@ def main(args: argparse.Namespace) -> int:
     layouts = [parse_layout(t) for t in args.layouts]
     if len(layouts) < 2:
         raise LaunchError("--layouts", "name two layouts or more: the first is compared with the others")
-    recipe = recipes.load(args.recipe, args.overrides)  # a bad recipe is one line here, not once per layout
+    recipe = recipes.load(args.recipe, args.overrides)
+    # what launcher check refuses (a loss that sums among it) is one line here, not once per layout
+    check_recipe(recipe, max(lay.nproc for lay in layouts))
     causes = static_causes(recipe, layouts)
     for cause in causes:
         print(f"warning: {cause}", file=sys.stderr, flush=True)
@@ -264,7 +268,6 @@ def print_table(reference: str, rows: list[tuple[str, Comparison]], rtol: float)
 def static_causes(recipe: Recipe, layouts: list[Layout]) -> list[str]:
     """What in the recipe and its model makes the layouts differ, seen before training."""
     from launcher.commands.check import build_model_cheaply
-    from launcher.recipe.components import instantiate
 
     model = build_model_cheaply(recipe)
     found = []
@@ -290,14 +293,7 @@ def static_causes(recipe: Recipe, layouts: list[Layout]) -> list[str]:
             f"BatchNorm ({norms[0]}{', ...' if len(norms) > 1 else ''}) normalises over each rank's micro-batch, "
             "not the global batch: layouts differ (torch.nn.SyncBatchNorm.convert_sync_batchnorm syncs them)"
         )
-    loss = instantiate(recipe.loss, "loss") if recipe.loss is not None else None
-    reduction = getattr(loss, "reduction", "mean")
-    if reduction != "mean":
-        found.append(
-            f"the loss takes reduction={reduction!r}: the launcher weighs each micro-batch's mean, so a sum "
-            "(or none) makes the update depend on the micro-batch size; use loss.reduction=mean"
-        )
-    return found
+    return found  # a loss that is not a mean: launcher check refuses it (launcher/data/loss_mean.py)
 
 
 def dynamic_causes(recipe: Recipe, ref: Run, runs: dict[str, Run], first: Difference) -> list[str]:
