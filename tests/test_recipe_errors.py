@@ -337,7 +337,16 @@ def test_check_tolerates_data_that_is_not_here(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", r)
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "steps per epoch" in out and "unknown" in out and "warning: data.train" in out
+    assert "steps per epoch" in out and "unknown" in out
+    # the last line says so (a long plan buried it as one warning among many), and --strict fails on it
+    assert out.strip().splitlines()[-1].startswith("check: NOT all checked: data.train: "), out
+    assert cli.main(["check", str(path), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith("error: data.train: ")
+        and err[0].endswith("(--strict: data that cannot be read here fails the check)")
+    )
 
 
 def test_duplicate_keys_binary_files_and_alias_bombs_are_one_line_errors(tmp_path, capsys):

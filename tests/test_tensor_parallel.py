@@ -214,13 +214,15 @@ def test_a_transformers_model_without_a_plan_is_one_line_naming_it(tmp_path):
     proc = launcher("check", recipe, "--nproc", "2", "dist.tensor_parallel=2")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "dist.tensor_parallel: GPT2LMHeadModel has no tensor-parallel plan" in last, last
+    # and no advice to write one: GPT-2's layers are Conv1D, which no plan can split
+    assert "Conv1D, which tensor parallelism cannot split" in last and "give one as dist.tp_plan" not in last, last
 
 
 def test_check_prints_the_mesh_and_the_memory_per_rank_of_the_layout():
     args = ["--nproc", "8", "dist.strategy=hsdp", "dist.tensor_parallel=2", "dist.fsdp.shard_group_size=2"]
     out = launcher("check", ROOT / "recipes" / "gpt.yaml", *TINY, *args, check=True).stdout
     assert re.search(r"^mesh +8 ranks = 2 replicate x 2 shard x 2 tensor$", out, re.M), out
-    assert "per rank, 8 ranks = 2 replicate x 2 shard x 2 tensor" in out, out
+    assert re.search(r"^per rank, hsdp 2 x 2 x tp 2 +\d", out, re.M), out
 
 
 def test_convert_joins_an_fsdp_x_tp_checkpoint_into_model_pt(tmp_path, fsdp_x_tp):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,7 @@ from launcher.data.batches import Counting
 from launcher.data.builders import _first_sample, build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
 from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError
+from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
 from launcher.parallel import memory, sharding, sizes, tensor, wrap
 from launcher.parallel.layout import Layout
@@ -49,9 +51,14 @@ def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
     return model
 
 
-def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None) -> tuple[str, bool]:
-    """The report (the resolved recipe, the plan, warnings), and whether each rank fits a GPU of
-    `gpu_memory_gib` (True when not asked)."""
+@dataclass(frozen=True)
+class Report:
+    text: str  # the resolved recipe, the plan, warnings and a summary line
+    fits: bool  # each rank fits the GPU memory asked for (True when not asked)
+    unread: list[str]  # data that could not be read here (`key: why`): the plan is partial
+
+
+def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None) -> Report:
     from launcher.cluster.distributed import pick_backend
 
     check_static(recipe, world_size)
@@ -83,6 +90,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         backend, device = recipe.dist.backend, "unavailable here"
         notes.append(f"{e.key}: {e.message}")
     sample = None  # the first training sample, for the activations' measure (--gpu-memory)
+    unread: list[str] = []
     try:
         train_set, val_set = build_datasets(recipe)
         sample = _first_sample(train_set)
@@ -103,8 +111,8 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         notes += plan_warnings(recipe, plan, device.split(":")[0]) + fit.notes(
             {"data.train": train_set, "data.val": val_set}
         )
-        flops = getattr(model, "flops_per_sample", None)
-        if device == "cpu" and isinstance(flops, (int, float)) and flops > 0:
+        flops = flops_per_sample(model, train_set)
+        if device == "cpu" and flops is not None:
             # as the run will: its ranks on this machine, each on its share of the cores
             threads = threads_per_rank(world_size)[0]
             estimate = step_time_estimate(flops, plan.global_batch, world_size, threads, recipe.train.precision)
@@ -113,6 +121,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         # data that lives only on the cluster is not a recipe error; anything else is
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
             raise
+        unread.append(f"{e.key}: {e.message}")
         shape = batch_shape(recipe, strategy.layout.dp_size)
         rows = [
             ("world size", str(world_size)),
@@ -122,7 +131,6 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
             ("global batch", str(shape.global_batch)),
             ("steps per epoch", "unknown: data not available here"),
         ]
-        notes.append(f"{e.key}: {e.message}")
     counting = Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=recipe.loss is None)
     rows.append(("loss: the mean over", counting.describe()))
     rows.append(("parameters", memory.describe_parameters(model)))
@@ -140,7 +148,19 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     out = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# plan"]
     out += [f"{k:<{width}}  {v}" for k, v in rows]
     out += [f"warning: {n}" for n in notes]
-    return "\n".join(out), fits
+    out.append(_summary(notes, unread))
+    return Report("\n".join(out), fits, unread)
+
+
+def _summary(notes: list[str], unread: list[str]) -> str:
+    """The last line: what check could not check, first (a long plan buries a warning)."""
+    warned = f"{len(notes)} warning{'s' if len(notes) != 1 else ''} above" if notes else "no warnings"
+    if unread:
+        return (
+            f"check: NOT all checked: {'; '.join(unread)} (the data is read where the run runs; the plan above is "
+            f"partial; {warned}; --strict makes this exit 2)"
+        )
+    return f"check: ok ({warned})"
 
 
 def _memory_plan(
@@ -150,14 +170,18 @@ def _memory_plan(
     a warning when ddp's would not fit this device (activations come on top)."""
     moments = memory.optimizer_moments(recipe.optimizer)
     group = layout.shard if layout.hybrid else layout.dp_size  # the ranks fsdp (or hsdp's group) shards over
-    plans = {
-        "ddp": memory.state_plan(model, moments, 1),
-        f"fsdp over {group}": memory.state_plan(model, moments, group),
-    }
+    plans = {"ddp": memory.state_plan(model, moments, 1)}
+    if group > 1:  # over one rank fsdp keeps what ddp does: no row of its own
+        plans[f"fsdp over {group}"] = memory.state_plan(model, moments, group)
+    splits: list[tuple[str, str]] = []
     if layout.tensor > 1:  # the chosen layout: the plan's layers split, then sharded (or replicated) over dp
-        split = tensor.split_params(model, tensor.plan_of(model, recipe.dist.tp_plan))
-        plans = {layout.describe(): memory.state_plan(model, moments, layout.shard, layout.tensor, split)} | plans
-    rows = [
+        plan = tensor.plan_of(model, recipe.dist.tp_plan)
+        split = tensor.split_params(model, plan)
+        dp = f"{layout.replicate} x {layout.shard}" if layout.hybrid else str(layout.dp_size)
+        chosen = f"{recipe.dist.strategy} {dp} x tp {layout.tensor}"  # short: the mesh row has the whole layout
+        plans = {chosen: memory.state_plan(model, moments, layout.shard, layout.tensor, split)} | plans
+        splits = [("tensor parallel", tensor.describe_split(model, plan, layout.tensor))]
+    rows = splits + [
         (
             f"per rank, {name}",
             f"{_size(p.total)} (parameters {_size(p.params)} + gradients {_size(p.grads)} "
@@ -213,6 +237,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="say whether each rank fits a GPU of GIB GiB under this layout, and if not which change would "
         "(exit 2 when it does not fit)",
     )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 2 when data files cannot be read here (for CI), instead of a partial plan and a summary",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -223,9 +252,12 @@ def main(args: argparse.Namespace) -> int:
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise LaunchError("--gpu-memory", f"a GPU's memory in GiB, above 0; got {args.gpu_memory:g}")
-    report, fits = check_recipe(recipe, world, args.gpu_memory)
-    print(report)
-    return EXIT_OK if fits else EXIT_USAGE
+    report = check_recipe(recipe, world, args.gpu_memory)
+    print(report.text, flush=True)
+    if args.strict and report.unread:
+        key, _, why = report.unread[0].partition(": ")
+        raise LaunchError(key, f"{why} (--strict: data that cannot be read here fails the check)")
+    return EXIT_OK if report.fits else EXIT_USAGE
 
 
 def _async_save_notes(recipe: Recipe, state_bytes: int, pieces: int) -> list[str]:

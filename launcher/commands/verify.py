@@ -103,7 +103,9 @@ def main(args: argparse.Namespace) -> int:
         raise LaunchError("--layouts", "name two layouts or more: the first is compared with the others")
     recipe = recipes.load(args.recipe, args.overrides)
     # what launcher check refuses (a loss that sums among it) is one line here, not once per layout
-    check_recipe(recipe, max(lay.nproc for lay in layouts))
+    if unread := check_recipe(recipe, max(lay.nproc for lay in layouts)).unread:
+        key, _, why = unread[0].partition(": ")
+        raise LaunchError(key, f"{why} (verify trains here: the data must be here)")
     causes = static_causes(recipe, layouts)
     for cause in causes:
         print(f"warning: {cause}", file=sys.stderr, flush=True)

@@ -38,6 +38,14 @@ def plan_of(model: nn.Module, recipe_plan: Mapping[str, str] | None) -> dict[str
         prefix = getattr(model, "base_model_prefix", "")
         base = prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
         return {(f"{base}.{k}" if base else k): v for k, v in config_plan.items()}
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        # GPT-2's attention and MLP: no plan can help, and "give one" would send the user on an errand
+        raise RecipeError(
+            KEY,
+            f"{type(model).__name__} has no tensor-parallel plan, and its layers are transformers' Conv1D, which "
+            "tensor parallelism cannot split (only Linear layers); pick a model with Linear layers (Llama, Qwen, "
+            "Mistral, the built-in GPT) or set dist.tensor_parallel=1",
+        )
     raise RecipeError(
         KEY,
         f"{type(model).__name__} has no tensor-parallel plan (no tp_plan, no transformers base_model_tp_plan); "
@@ -181,6 +189,16 @@ def _check_region(
 def _pattern(name: str, plan: Mapping[str, str]) -> str:
     """The plan's pattern that splits `name` (matched() takes the first)."""
     return next(p for p, style in plan.items() if style in STYLES and fnmatch.fnmatchcase(name, p))
+
+
+def describe_split(model: nn.Module, plan: Mapping[str, str], tensor: int) -> str:
+    """What the plan splits, per pattern: `*.attn.qkv colwise: 6 Linears, *.attn.proj rowwise: 6
+    Linears, ... over 2 ranks; the rest (embeddings, norms, head) whole on every rank`."""
+    counts = dict.fromkeys(plan, 0)
+    for name in matched(model, plan):  # each module by the first pattern that matches it, as matched() does
+        counts[next(p for p in plan if plan[p] in STYLES and fnmatch.fnmatchcase(name, p))] += 1
+    parts = [f"{pattern} {plan[pattern]}: {n} Linear{'s' if n != 1 else ''}" for pattern, n in counts.items() if n]
+    return f"{', '.join(parts)} split over {tensor} ranks; every other parameter whole on each rank"
 
 
 def split_params(model: nn.Module, plan: Mapping[str, str]) -> frozenset[int]:

@@ -29,7 +29,7 @@ from launcher.data import batches, fit, streaming
 from launcher.data.builders import build_collate, build_datasets, build_loaders, train_samples
 from launcher.data.plan import Plan, build_plan, plan_warnings
 from launcher.errors import EXIT_FAILED, EXIT_USAGE, DataRowError, Preempted, RecipeError, TrainingError, UserError
-from launcher.models import hf
+from launcher.models import flops, hf
 from launcher.observe import startup
 from launcher.observe.heartbeat import Heartbeat, phase
 from launcher.observe.logs import log, route_library_bars, setup_logging, shows_bars
@@ -203,7 +203,7 @@ def _train_locked(
         with phase(heartbeat, f"restoring {resume_from}"):
             resume.restore(payload, resume_from, saved, recipe, plan, sess)
     rank_rng = rng.streams_of_ranks(recipe.seed, trained) if simulate else None
-    flops_per_sample = _attr("flops_per_sample", model, train_set)
+    flops_per_sample = flops.flops_per_sample(model, train_set)  # the GPT's own, a transformers model's estimate
     counting = batches.Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=loss_fn is None)
     extra = [("threads per rank", threads), ("loss: the mean over", counting.describe())]
     estimate = None
