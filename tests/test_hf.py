@@ -364,3 +364,53 @@ def test_check_prints_the_trainable_parameters_of_an_adapted_model(material, tmp
     grads, moments = float(plan[1]) * mib[plan[2]], float(plan[3]) * mib[plan[4]]
     assert grads == pytest.approx(trained * 4 / 2**20, rel=0.01) and grads < total * 4 / 2**20 / 2
     assert moments == pytest.approx(grads, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "model_type,target,tying",
+    [
+        ("gpt2", "wte", {}),
+        ("gpt2", "lm_head", {}),
+        ("llama", "embed_tokens", {}),
+        ("llama", "lm_head", {}),
+        ("gpt2", "lm_head", {"ensure_weight_tying": True}),  # peft adapts the embedding too, tied to the head's
+    ],
+)
+def test_lora_on_a_tied_embedding_or_head_exports_a_merged_model_with_the_trained_logits(
+    tmp_path, model_type, target, tying
+):
+    """The embedding and the head share one matrix (GPT-2's, a Llama's with tie_word_embeddings):
+    merging an adapter into it changed the other as well (logits off by several); hf-merged/ now
+    holds an embedding and a head of their own, each as the trained model computed with it."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from launcher.models import hf
+
+    if model_type == "gpt2":
+        config = GPT2Config(**{k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"})
+    else:
+        small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        config = LlamaConfig(vocab_size=64, num_key_value_heads=1, tie_word_embeddings=True, **small)
+    torch.manual_seed(0)
+    trained = hf.with_adapters(
+        AutoModelForCausalLM.from_config(config), LoraConfig(r=4, lora_alpha=8, target_modules=[target], **tying)
+    )
+    base = trained.get_base_model()
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # tied, one side adapted
+    with torch.no_grad():  # as if trained: peft starts each adapter as a zero change
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    weights = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    whole = hf.merged(trained, weights)
+    hf.export(whole, whole.state_dict(), tmp_path / "hf-merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-merged", local_files_only=True)
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.eval()(ids).logits
+        torch.testing.assert_close(merged.eval()(ids).logits, expected)
+        with trained.disable_adapter():  # the adapter changes the logits: a merge that dropped it would fail
+            assert not torch.allclose(trained(ids).logits, expected, atol=1e-3)
+    # and it says so: loaded elsewhere, the head is not tied back to the embedding
+    assert json.loads((tmp_path / "hf-merged" / "config.json").read_text())["tie_word_embeddings"] is False
