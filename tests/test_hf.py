@@ -414,3 +414,83 @@ def test_lora_on_a_tied_embedding_or_head_exports_a_merged_model_with_the_traine
             assert not torch.allclose(trained(ids).logits, expected, atol=1e-3)
     # and it says so: loaded elsewhere, the head is not tied back to the embedding
     assert json.loads((tmp_path / "hf-merged" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def _saved_gpt2(directory, **config_changes):
+    """A tiny GPT-2 written by save_pretrained, its config.json then edited."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(**{k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"})
+    ).save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        # another architecture's config.json: nothing loads, and the run trained a random BertLMHeadModel
+        (
+            {"model_type": "bert", "architectures": None},
+            r"\(BertLMHeadModel, model_type bert\): \d+ of the model's missing from the files "
+            r"\(bert\.embeddings\.LayerNorm\.bias, .*; 28 in the files that the model has no place for "
+            r"\(transformer\.h\.0\.attn\.c_attn\.bias, ",
+        ),
+        # other sizes: transformers' 20-line table and a traceback
+        (
+            {"n_embd": 64},
+            r"\(GPT2LMHeadModel, model_type gpt2\): 28 of another shape in the files than by config\.json "
+            r"\(transformer\.h\.0\.attn\.c_attn\.bias \[96\] against \[192\], ",
+        ),
+    ],
+)
+def test_a_config_json_that_does_not_fit_its_weights_is_one_line_at_check_and_run(
+    material, tmp_path, changes, expected
+):
+    pre = _saved_gpt2(tmp_path / "pre", **changes)
+    model = {"_component_": "launcher.models.hf.causal_lm", "pretrained": str(pre)}
+    path = write_recipe(tmp_path / "r.yaml", changed(lm_recipe(material, tmp_path / "run"), model=model))
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2, (command, proc.stderr[-3000:])
+        assert last.startswith(f"error: model.pretrained: the weights in {pre} do not fit the model its config.json"), (
+            last
+        )
+        assert re.search(expected, last), last
+        assert last.endswith("(save_pretrained writes both), or fix config.json"), last
+        assert "Traceback" not in proc.stderr and "LOAD REPORT" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected"])
+def test_weights_missing_from_a_pretrained_directory_or_not_the_models_are_named(tmp_path, fault):
+    """Some keys only: `launcher check` reads headers and leaves these to the run, where transformers
+    says what it loaded (knowing its renames, and the head tied to the embedding that is not saved)."""
+    from safetensors.torch import load_file, save_file
+
+    from launcher.errors import ArgumentError
+    from launcher.models import hf
+
+    pre = _saved_gpt2(tmp_path / "pre")
+    hf.causal_lm(pretrained=str(pre))  # as saved: lm_head.weight is tied, not in the file, and not missing
+    file = pre / "model.safetensors"
+    weights = load_file(file)
+    if fault == "missing":
+        del weights["transformer.ln_f.weight"]
+    else:
+        weights["transformer.h.0.extra.weight"] = torch.zeros(2)
+    save_file(weights, file, metadata={"format": "pt"})
+    with torch.device("meta"):
+        hf.causal_lm(pretrained=str(pre))  # check: the headers agree on everything they can tell
+    with pytest.raises(ArgumentError) as e:
+        hf.causal_lm(pretrained=str(pre))
+    key = "transformer.ln_f.weight" if fault == "missing" else "transformer.h.0.extra.weight"
+    what = (
+        "of the model's missing from the files"
+        if fault == "missing"
+        else "in the files that the model has no place for"
+    )
+    assert e.value.argument == "pretrained" and f"1 {what} ({key})" in str(e.value), str(e.value)

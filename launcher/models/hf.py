@@ -14,11 +14,13 @@ the labels that are not -100, shifted by one: the launcher's token counting foll
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from launcher import hub
 from launcher.errors import ArgumentError
+from launcher.models import hf_weights
 from launcher.recipe.components import require
 
 
@@ -73,7 +76,10 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
                 "pretrained", f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again"
             )
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        if source.hub_id is None and (unfit := hf_weights.header_error(path, model)):
+            raise ArgumentError("pretrained", unfit)
+        return model
     if not any(path.glob("*.safetensors")):
         if source.hub_id is not None:
             raise hub.lacks(source, "pretrained", "*.safetensors weights (the launcher loads no pickles)")
@@ -81,9 +87,15 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
             "pretrained", f"{path} holds no *.safetensors weights: the launcher loads safetensors only (no pickles)"
         )
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
-        )
+        with _quiet(transformers):
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                attn_implementation=attn_implementation,
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # weights of another shape are reported below, in one line
+            )
     except Exception as e:
         # transformers names neither the file nor a way out; a damaged one is named here
         if damaged := damaged_weights(path):
@@ -92,6 +104,27 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
                 f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again",
             ) from None
         raise e
+    if unfit := hf_weights.load_error(path, model, info):
+        # transformers would train what it could not load from random weights (another architecture's
+        # config.json loads nothing), and exit 0
+        raise ArgumentError("pretrained", unfit)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers' table of the weights that did not load: hf_weights says it in one line. A filter,
+    not a level: transformers checks its tensor-parallel plan, and warns about it, when the level is set."""
+    logger = transformers.utils.logging.get_logger("transformers.modeling_utils")
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
 
 
 def with_adapters(model: nn.Module, config: Any) -> nn.Module:
