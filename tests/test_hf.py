@@ -494,3 +494,44 @@ def test_weights_missing_from_a_pretrained_directory_or_not_the_models_are_named
         else "in the files that the model has no place for"
     )
     assert e.value.argument == "pretrained" and f"1 {what} ({key})" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "variables,arguments,expected",
+    [
+        # datasets keeps its Arrow files under HF_HOME: the error named data.train and the path alone
+        ({"HF_HOME": "{blocked}/hf"}, {}, "HF_HOME: the Hugging Face datasets cache {blocked}/hf/datasets (HF_HOME="),
+        (
+            {"HF_DATASETS_CACHE": "{blocked}/ds"},
+            {},
+            "HF_DATASETS_CACHE: the Hugging Face datasets cache {blocked}/ds (",
+        ),
+        ({}, {"cache_dir": "{blocked}/c"}, "data.train.cache_dir: {blocked}/c cannot be written (NotADirectoryError"),
+        # a hub id downloads into the hub's cache when the hub is on (it is not reached: refused first)
+        (
+            {"HF_HOME": "{blocked}/hf", "HF_HUB_OFFLINE": None},
+            {"cache_dir": "{cache}", "tokenizer": "someone/tokenizer"},
+            "HF_HOME: the Hugging Face hub cache {blocked}/hf/hub (HF_HOME={blocked}/hf), which the hub id "
+            "someone/tokenizer writes into",
+        ),
+    ],
+)
+def test_a_hugging_face_cache_that_cannot_be_written_names_its_variable_at_check_and_run(
+    material, tmp_path, variables, arguments, expected
+):
+    blocked = tmp_path / "a-file"  # a directory below a file cannot be made, whoever runs the test
+    blocked.write_text("")
+    fill = {"blocked": blocked, "cache": tmp_path / "cache"}
+    recipe = lm_recipe(material, tmp_path / "run")
+    for split in ("train", "val"):
+        recipe["data"][split].pop("cache_dir")  # datasets' own cache, as a recipe has it by default
+        recipe["data"][split].update({k: v.format(**fill) for k, v in arguments.items()})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    env = worker_env(**{k: v.format(**fill) for k, v in variables.items() if v is not None})
+    for name in [k for k, v in variables.items() if v is None]:
+        env.pop(name, None)
+    for command in ("check", "run"):
+        proc = launcher(command, path, env=env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"error: {expected.format(**fill)}"), (command, last)
+        assert "Traceback" not in proc.stderr and "data.train.files" not in last, proc.stderr[-2000:]

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from launcher.errors import ArgumentError, BuildError, RecipeError
+from launcher.errors import ArgumentError, BuildError, LaunchError, RecipeError
 from launcher.recipe.schema import suggest
 
 TARGET = "_component_"
@@ -167,7 +167,7 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
         kwargs[name] = instantiate(value, f"{key}.{name}") if isinstance(value, dict) and TARGET in value else value
     try:
         return target(*args, **kwargs, **runtime)
-    except RecipeError:  # already names its key (a nested component, a missing extra)
+    except (RecipeError, LaunchError):  # already names its key (a nested component, a missing extra, a variable)
         raise
     except ArgumentError as e:  # a built-in component's complaint about one of its arguments
         raise BuildError(f"{key}.{e.argument}" if e.argument else key, str(e), e) from None
