@@ -475,6 +475,10 @@ def test_weights_missing_from_a_pretrained_directory_or_not_the_models_are_named
     from launcher.models import hf
 
     pre = _saved_gpt2(tmp_path / "pre")
+    # another file beside the weights, which transformers does not read (Mistral ships consolidated.safetensors)
+    save_file({"transformer.wte.weight": torch.zeros(3, 3)}, pre / "consolidated.safetensors")
+    with torch.device("meta"):
+        hf.causal_lm(pretrained=str(pre))
     hf.causal_lm(pretrained=str(pre))  # as saved: lm_head.weight is tied, not in the file, and not missing
     file = pre / "model.safetensors"
     weights = load_file(file)

@@ -10,6 +10,7 @@ where they plainly disagree: no weight in common, or a weight of another shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def header_error(directory: Path, model: nn.Module) -> str | None:
     if getattr(config, "quantization_config", None) is not None:  # quantized weights have shapes of their own
         return None
     saved: dict[str, tuple[int, ...]] = {}
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in weight_files(directory):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
                 saved[key] = tuple(f.get_slice(key).get_shape())
@@ -54,6 +55,21 @@ def header_error(directory: Path, model: nn.Module) -> str | None:
     missing = sorted(set(built) - set(found.values()))
     unexpected = sorted(set(saved) - set(found))
     return _describe(directory, model, missing, unexpected, mismatched)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers reads: those an index (model.safetensors.index.json) lists,
+    else model.safetensors, else every one (a directory may hold others: Mistral's consolidated.safetensors)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):  # transformers says what is wrong with it
+            return []
+        return [directory / name for name in sorted(names) if (directory / name).is_file()]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def _own_state(model: nn.Module) -> dict[str, tuple[int, ...]]:
