@@ -172,7 +172,7 @@ def writable_cache(cache: str, needed_by: str, cache_dir: str | None = None) -> 
     if cache_dir is not None:
         path, variable = Path(cache_dir).expanduser(), None
     elif cache == "hub":
-        path, variable = Path(_cache_dir()), _variable(cache)
+        path, variable = Path(_cache_dir()).expanduser(), _variable(cache)
     else:
         import datasets
 
@@ -188,7 +188,7 @@ def writable_cache(cache: str, needed_by: str, cache_dir: str | None = None) -> 
                 "cache_dir", f"{path} cannot be written ({why}): give a directory this process can write"
             ) from None
         placed = f"{variable}={os.environ[variable]}" if variable in os.environ else "the default, as HF_HOME is unset"
-        alternatives = ", ".join(v for v in _CACHE_VARIABLES[cache] if v != variable)
+        alternatives = ", ".join(v for v in _CACHE_VARIABLES[cache] if v not in (variable, "HUGGINGFACE_HUB_CACHE"))
         alternatives += ", or the dataset's cache_dir" if cache == "datasets" else ""
         raise LaunchError(
             variable,
