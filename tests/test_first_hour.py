@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DELETE, launcher, recipe_dict, tool, worker_env, write_recipe
+from conftest import DELETE, ROOT, launcher, recipe_dict, tool, worker_env, write_recipe
 from runs import gate, start, wait_for
 
 
@@ -260,9 +260,9 @@ def test_a_torchvision_that_does_not_match_torch_is_named_with_the_fix_by_doctor
     pin = f"torchvision=={matching_torchvision(torch_version)}"
     says = re.compile(
         rf"torchvision \S+ does not match torch {re.escape(torch_version)} \(importing it fails: RuntimeError: "
-        rf"operator torchvision::nms does not exist\), and transformers imports it whenever it is installed: "
-        rf"install the torchvision built for this torch \(pip install {re.escape(pin)}[^)]*\), or remove it "
-        r"\(pip uninstall torchvision\): only the vision recipes need it$"
+        rf"operator torchvision::nms does not exist\): install the torchvision built for this torch \(pip install "
+        rf"{re.escape(pin)}[^)]*\), or, where no recipe reads images, remove it \(pip uninstall torchvision\): "
+        r"only the vision recipes need it, but transformers imports it whenever it is installed$"
     )
     proc = launcher("doctor", env=env)
     rows = {line.split()[2]: line for line in proc.stdout.splitlines() if line.strip().startswith("FAIL import")}
@@ -275,6 +275,11 @@ def test_a_torchvision_that_does_not_match_torch_is_named_with_the_fix_by_doctor
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
         assert last.startswith("error: model: building launcher.models.hf.causal_lm failed: torchvision "), last
         assert says.search(last), last
+    # a vision recipe, whose model is torchvision's own, says the same
+    proc = launcher("check", ROOT / "recipes" / "cifar10_resnet18.yaml", env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: model._component_: importing torchvision.models"), last
+    assert says.search(last), last
 
 
 def test_another_model_in_the_same_run_directory_is_refused_before_any_worker_with_the_ways_on(tmp_path):

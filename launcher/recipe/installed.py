@@ -53,9 +53,10 @@ def _hint(error: Exception) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return (
         f"torchvision {version} does not match torch {torch_version} (importing it fails: {type(error).__name__}: "
-        f"{first}), and transformers imports it whenever it is installed: install the torchvision built for "
-        f"this torch (pip install {f'torchvision=={pin}' if pin else 'torchvision'}{index}), or remove it "
-        "(pip uninstall torchvision): only the vision recipes need it"
+        f"{first}): install the torchvision built for this torch (pip install "
+        f"{f'torchvision=={pin}' if pin else 'torchvision'}{index}), or, where no recipe reads images, remove it "
+        "(pip uninstall torchvision): only the vision recipes need it, but transformers imports it whenever it "
+        "is installed"
     )
 
 
