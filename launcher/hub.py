@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.cluster import distributed
-from launcher.errors import ArgumentError
+from launcher.errors import ArgumentError, LaunchError
 from launcher.recipe.components import require
 
 # what a model needs (weights as safetensors, config, tokenizer, chat template); never code
@@ -83,6 +84,8 @@ def resolve(
     if not is_hub_id(spec):
         raise ArgumentError(argument, f"{spec} does not exist: name {what}, or a hub id (org/name)")
     hub = require("huggingface_hub", f"the hub id {spec}")
+    if not offline(repo_type):  # online it downloads into the cache; offline it only reads
+        writable_cache("hub", f"the hub id {spec}")
     with distributed.local_main_first(f"hub/{repo_type}/{spec}/{revision}/{','.join(files or ['*'])}"):
         try:
             folder = hub.snapshot_download(
@@ -152,3 +155,48 @@ def _cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except ImportError:  # pragma: no cover - huggingface_hub comes with the [hf] extra
         return "~/.cache/huggingface/hub"
+
+
+# the variables that place each cache, most specific first; HF_HOME holds both by default
+_CACHE_VARIABLES = {
+    "hub": ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"),
+    "datasets": ("HF_DATASETS_CACHE", "HF_HOME"),
+}
+
+
+def writable_cache(cache: str, needed_by: str, cache_dir: str | None = None) -> None:
+    """The Hugging Face cache that `needed_by` writes into (`cache`: "hub", for downloads, or
+    "datasets", for the Arrow files datasets makes) must be a directory this process can write;
+    otherwise one line naming the variable that placed it. Without this the libraries fail later,
+    with an error that names the data file being read. A component's own `cache_dir` is its argument."""
+    if cache_dir is not None:
+        path, variable = Path(cache_dir).expanduser(), None
+    elif cache == "hub":
+        path, variable = Path(_cache_dir()).expanduser(), _variable(cache)
+    else:
+        import datasets
+
+        path, variable = Path(datasets.config.HF_DATASETS_CACHE), _variable(cache)
+    try:
+        path.mkdir(parents=True, exist_ok=True)  # as the library would, first thing
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = f"{type(e).__name__}: {e.strerror or e}"
+        if variable is None:
+            raise ArgumentError(
+                "cache_dir", f"{path} cannot be written ({why}): give a directory this process can write"
+            ) from None
+        placed = f"{variable}={os.environ[variable]}" if variable in os.environ else "the default, as HF_HOME is unset"
+        alternatives = ", ".join(v for v in _CACHE_VARIABLES[cache] if v not in (variable, "HUGGINGFACE_HUB_CACHE"))
+        alternatives += ", or the dataset's cache_dir" if cache == "datasets" else ""
+        raise LaunchError(
+            variable,
+            f"the Hugging Face {cache} cache {path} ({placed}), which {needed_by} writes into, cannot be written "
+            f"({why}): set {variable} to a directory this process can write (or {alternatives})",
+        ) from None
+
+
+def _variable(cache: str) -> str:
+    """The variable that placed `cache`: the first of its own that is set, else HF_HOME."""
+    return next((v for v in _CACHE_VARIABLES[cache] if os.environ.get(v)), "HF_HOME")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DELETE, finish, launcher, recipe_dict, tool, worker_env, write_recipe
+from conftest import DELETE, ROOT, finish, launcher, recipe_dict, tool, worker_env, write_recipe
 from runs import gate, start, wait_for
 
 
@@ -236,6 +236,50 @@ def test_doctor_imports_the_optional_stack_and_names_a_broken_package_with_its_c
     assert proc.returncode != 0, proc.stdout
     assert "import peft" in proc.stdout and "caused by RuntimeError: operator torchvision::nms" in proc.stdout
     assert "transformers" in proc.stdout and "all checks passed" not in proc.stdout
+
+
+def test_a_torchvision_that_does_not_match_torch_is_named_with_the_fix_by_doctor_and_a_transformers_recipe(
+    tmp_path,
+):
+    """A torchvision built for another torch raises this at import; transformers imports torchvision
+    whenever it is installed, so every transformers recipe failed with "Could not import module
+    'GPT2LMHeadModel'" and doctor said only FAIL import torchvision. A real import failure: a package
+    named torchvision, ahead on PYTHONPATH, whose import raises what a mismatched build raises."""
+    from hfkit import lm_recipe
+    from launcher.recipe.installed import matching_torchvision
+
+    assert (matching_torchvision("2.4.1"), matching_torchvision("2.9.0")) == ("0.19.1", "0.24.0")
+    fake = tmp_path / "shadow" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = worker_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(fake.parent), env["PYTHONPATH"]])
+    import torch
+
+    torch_version = torch.__version__
+    pin = f"torchvision=={matching_torchvision(torch_version)}"
+    says = re.compile(
+        rf"torchvision \S+ does not match torch {re.escape(torch_version)} \(importing it fails: RuntimeError: "
+        rf"operator torchvision::nms does not exist\): install the torchvision built for this torch \(pip install "
+        rf"{re.escape(pin)}[^)]*\), or, where no recipe reads images, remove it \(pip uninstall torchvision\): "
+        r"only the vision recipes need it, but transformers imports it whenever it is installed$"
+    )
+    proc = launcher("doctor", env=env)
+    rows = {line.split()[2]: line for line in proc.stdout.splitlines() if line.strip().startswith("FAIL import")}
+    assert proc.returncode == 1 and says.search(rows["torchvision"]), proc.stdout
+    assert rows["transformers"].endswith("fails because torchvision does not match torch (see import torchvision)")
+    path = write_recipe(tmp_path / "r.yaml", lm_recipe(tmp_path, tmp_path / "run"))
+    for command in ("check", "run"):
+        proc = launcher(command, path, env=env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
+        assert last.startswith("error: model: building launcher.models.hf.causal_lm failed: torchvision "), last
+        assert says.search(last), last
+    # a vision recipe, whose model is torchvision's own, says the same
+    proc = launcher("check", ROOT / "recipes" / "cifar10_resnet18.yaml", env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: model._component_: importing torchvision.models"), last
+    assert says.search(last), last
 
 
 def test_another_model_in_the_same_run_directory_is_refused_before_any_worker_with_the_ways_on(tmp_path):

@@ -364,3 +364,178 @@ def test_check_prints_the_trainable_parameters_of_an_adapted_model(material, tmp
     grads, moments = float(plan[1]) * mib[plan[2]], float(plan[3]) * mib[plan[4]]
     assert grads == pytest.approx(trained * 4 / 2**20, rel=0.01) and grads < total * 4 / 2**20 / 2
     assert moments == pytest.approx(grads, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "model_type,target,tying",
+    [
+        ("gpt2", "wte", {}),
+        ("gpt2", "lm_head", {}),
+        ("llama", "embed_tokens", {}),
+        ("llama", "lm_head", {}),
+        ("gpt2", "lm_head", {"ensure_weight_tying": True}),  # peft adapts the embedding too, tied to the head's
+    ],
+)
+def test_lora_on_a_tied_embedding_or_head_exports_a_merged_model_with_the_trained_logits(
+    tmp_path, model_type, target, tying
+):
+    """The embedding and the head share one matrix (GPT-2's, a Llama's with tie_word_embeddings):
+    merging an adapter into it changed the other as well (logits off by several); hf-merged/ now
+    holds an embedding and a head of their own, each as the trained model computed with it."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from launcher.models import hf
+
+    if model_type == "gpt2":
+        config = GPT2Config(**{k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"})
+    else:
+        small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        config = LlamaConfig(vocab_size=64, num_key_value_heads=1, tie_word_embeddings=True, **small)
+    torch.manual_seed(0)
+    trained = hf.with_adapters(
+        AutoModelForCausalLM.from_config(config), LoraConfig(r=4, lora_alpha=8, target_modules=[target], **tying)
+    )
+    base = trained.get_base_model()
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # tied, one side adapted
+    with torch.no_grad():  # as if trained: peft starts each adapter as a zero change
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    weights = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    whole = hf.merged(trained, weights)
+    hf.export(whole, whole.state_dict(), tmp_path / "hf-merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-merged", local_files_only=True)
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.eval()(ids).logits
+        torch.testing.assert_close(merged.eval()(ids).logits, expected)
+        with trained.disable_adapter():  # the adapter changes the logits: a merge that dropped it would fail
+            assert not torch.allclose(trained(ids).logits, expected, atol=1e-3)
+    # and it says so: loaded elsewhere, the head is not tied back to the embedding
+    assert json.loads((tmp_path / "hf-merged" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def _saved_gpt2(directory, **config_changes):
+    """A tiny GPT-2 written by save_pretrained, its config.json then edited."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(**{k: v for k, v in tiny_gpt2()["config"].items() if k != "_component_"})
+    ).save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        # another architecture's config.json: nothing loads, and the run trained a random BertLMHeadModel
+        (
+            {"model_type": "bert", "architectures": None},
+            r"\(BertLMHeadModel, model_type bert\): \d+ of the model's missing from the files "
+            r"\(bert\.embeddings\.LayerNorm\.bias, .*; 28 in the files that the model has no place for "
+            r"\(transformer\.h\.0\.attn\.c_attn\.bias, ",
+        ),
+        # other sizes: transformers' 20-line table and a traceback
+        (
+            {"n_embd": 64},
+            r"\(GPT2LMHeadModel, model_type gpt2\): 28 of another shape in the files than by config\.json "
+            r"\(transformer\.h\.0\.attn\.c_attn\.bias \[96\] against \[192\], ",
+        ),
+    ],
+)
+def test_a_config_json_that_does_not_fit_its_weights_is_one_line_at_check_and_run(
+    material, tmp_path, changes, expected
+):
+    pre = _saved_gpt2(tmp_path / "pre", **changes)
+    model = {"_component_": "launcher.models.hf.causal_lm", "pretrained": str(pre)}
+    path = write_recipe(tmp_path / "r.yaml", changed(lm_recipe(material, tmp_path / "run"), model=model))
+    for command in ("check", "run"):
+        proc = launcher(command, path)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2, (command, proc.stderr[-3000:])
+        assert last.startswith(f"error: model.pretrained: the weights in {pre} do not fit the model its config.json"), (
+            last
+        )
+        assert re.search(expected, last), last
+        assert last.endswith("(save_pretrained writes both), or fix config.json"), last
+        assert "Traceback" not in proc.stderr and "LOAD REPORT" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected"])
+def test_weights_missing_from_a_pretrained_directory_or_not_the_models_are_named(tmp_path, fault):
+    """Some keys only: `launcher check` reads headers and leaves these to the run, where transformers
+    says what it loaded (knowing its renames, and the head tied to the embedding that is not saved)."""
+    from safetensors.torch import load_file, save_file
+
+    from launcher.errors import ArgumentError
+    from launcher.models import hf
+
+    pre = _saved_gpt2(tmp_path / "pre")
+    # another file beside the weights, which transformers does not read (Mistral ships consolidated.safetensors)
+    save_file({"transformer.wte.weight": torch.zeros(3, 3)}, pre / "consolidated.safetensors")
+    with torch.device("meta"):
+        hf.causal_lm(pretrained=str(pre))
+    hf.causal_lm(pretrained=str(pre))  # as saved: lm_head.weight is tied, not in the file, and not missing
+    file = pre / "model.safetensors"
+    weights = load_file(file)
+    if fault == "missing":
+        del weights["transformer.ln_f.weight"]
+    else:
+        weights["transformer.h.0.extra.weight"] = torch.zeros(2)
+    save_file(weights, file, metadata={"format": "pt"})
+    with torch.device("meta"):
+        hf.causal_lm(pretrained=str(pre))  # check: the headers agree on everything they can tell
+    with pytest.raises(ArgumentError) as e:
+        hf.causal_lm(pretrained=str(pre))
+    key = "transformer.ln_f.weight" if fault == "missing" else "transformer.h.0.extra.weight"
+    what = (
+        "of the model's missing from the files"
+        if fault == "missing"
+        else "in the files that the model has no place for"
+    )
+    assert e.value.argument == "pretrained" and f"1 {what} ({key})" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "variables,arguments,expected",
+    [
+        # datasets keeps its Arrow files under HF_HOME: the error named data.train and the path alone
+        ({"HF_HOME": "{blocked}/hf"}, {}, "HF_HOME: the Hugging Face datasets cache {blocked}/hf/datasets (HF_HOME="),
+        (
+            {"HF_DATASETS_CACHE": "{blocked}/ds"},
+            {},
+            "HF_DATASETS_CACHE: the Hugging Face datasets cache {blocked}/ds (",
+        ),
+        ({}, {"cache_dir": "{blocked}/c"}, "data.train.cache_dir: {blocked}/c cannot be written (NotADirectoryError"),
+        # a hub id downloads into the hub's cache when the hub is on (it is not reached: refused first)
+        (
+            {"HF_HOME": "{blocked}/hf", "HF_HUB_OFFLINE": None},
+            {"cache_dir": "{cache}", "tokenizer": "someone/tokenizer"},
+            "HF_HOME: the Hugging Face hub cache {blocked}/hf/hub (HF_HOME={blocked}/hf), which the hub id "
+            "someone/tokenizer writes into",
+        ),
+    ],
+)
+def test_a_hugging_face_cache_that_cannot_be_written_names_its_variable_at_check_and_run(
+    material, tmp_path, variables, arguments, expected
+):
+    blocked = tmp_path / "a-file"  # a directory below a file cannot be made, whoever runs the test
+    blocked.write_text("")
+    fill = {"blocked": blocked, "cache": tmp_path / "cache"}
+    recipe = lm_recipe(material, tmp_path / "run")
+    for split in ("train", "val"):
+        recipe["data"][split].pop("cache_dir")  # datasets' own cache, as a recipe has it by default
+        recipe["data"][split].update({k: v.format(**fill) for k, v in arguments.items()})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    env = worker_env(**{k: v.format(**fill) for k, v in variables.items() if v is not None})
+    for name in [k for k, v in variables.items() if v is None]:
+        env.pop(name, None)
+    for command in ("check", "run"):
+        proc = launcher(command, path, env=env)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"error: {expected.format(**fill)}"), (command, last)
+        assert "Traceback" not in proc.stderr and "data.train.files" not in last, proc.stderr[-2000:]

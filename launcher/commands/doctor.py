@@ -47,6 +47,7 @@ def _optional_stack() -> list[tuple[str, bool, str]]:
     import importlib.util
 
     from launcher.recipe.components import first_line, root_cause, transformers_torch_off
+    from launcher.recipe.installed import blames_torchvision
 
     installed, broken = [], []
     torch_off = transformers_torch_off()
@@ -63,7 +64,10 @@ def _optional_stack() -> list[tuple[str, bool, str]]:
                 module.GPT2LMHeadModel  # noqa: B018 - its lazy import is where a broken dependency shows
             installed.append(f"{name} {getattr(module, '__version__', '?')}")
         except Exception as e:  # noqa: BLE001 - every failure is the finding
-            broken.append((f"import {name}", False, f"{type(e).__name__}: {first_line(e)}{root_cause(e)}"))
+            cause = blames_torchvision(e)
+            if cause is not None and name != "torchvision":  # said with the fix on torchvision's own row
+                cause = "fails because torchvision does not match torch (see import torchvision)"
+            broken.append((f"import {name}", False, cause or f"{type(e).__name__}: {first_line(e)}{root_cause(e)}"))
     found = [("optional packages", True, ", ".join(installed) or "none installed"), *broken]
     return found + ([("transformers on torch", True, torch_off)] if torch_off is not None else [])
 

@@ -33,6 +33,8 @@ class LocalFiles:
 
     def load(self, datasets: Any, cache_dir: str | None, streaming: bool = False) -> Any:
         files = [str(p) for p in self.paths]
+        if not streaming:  # the Arrow files datasets makes of them
+            hub.writable_cache("datasets", f"reading {self.describe()}", cache_dir)
         return datasets.load_dataset(
             self.format, data_files=files, split="train", cache_dir=cache_dir, streaming=streaming
         )
@@ -65,6 +67,8 @@ class NamedDataset:
         where: dict[str, Any] = {"path": str(self.source.path)}
         if self.remote:  # every rank reads the hub's files at the commit resolved once
             where = {"path": self.source.hub_id, "revision": self.source.commit}
+        elif not streaming:  # the Arrow files datasets makes of it
+            hub.writable_cache("datasets", f"reading {self.describe()}", cache_dir)
         try:
             return datasets.load_dataset(
                 **where, name=self.name, split=self.split, cache_dir=cache_dir, streaming=streaming or self.remote

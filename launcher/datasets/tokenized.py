@@ -41,7 +41,7 @@ from launcher import hub
 from launcher.cluster import distributed
 from launcher.datasets.documents import batched, documents
 from launcher.datasets.sources import LocalFiles, NamedDataset, cache_key, text_source
-from launcher.errors import ArgumentError, positive
+from launcher.errors import ArgumentError, LaunchError, positive
 from launcher.recipe.components import require
 
 
@@ -97,7 +97,7 @@ class TokenizedText(Dataset):
         source = self.source
         try:
             raw = source.load(datasets, cache_dir)
-        except ArgumentError:
+        except (ArgumentError, LaunchError):  # already one line (a cache that cannot be written names its variable)
             raise
         except Exception as e:
             raise _unreadable(source, self.text_key, e) from None

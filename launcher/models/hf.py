@@ -14,11 +14,13 @@ the labels that are not -100, shifted by one: the launcher's token counting foll
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from launcher import hub
 from launcher.errors import ArgumentError
+from launcher.models import hf_weights
 from launcher.recipe.components import require
 
 
@@ -73,7 +76,10 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
                 "pretrained", f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again"
             )
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        if source.hub_id is None and (unfit := hf_weights.header_error(path, model)):
+            raise ArgumentError("pretrained", unfit)
+        return model
     if not any(path.glob("*.safetensors")):
         if source.hub_id is not None:
             raise hub.lacks(source, "pretrained", "*.safetensors weights (the launcher loads no pickles)")
@@ -81,9 +87,15 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
             "pretrained", f"{path} holds no *.safetensors weights: the launcher loads safetensors only (no pickles)"
         )
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
-        )
+        with _quiet(transformers):
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                attn_implementation=attn_implementation,
+                dtype=torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # weights of another shape are reported below, in one line
+            )
     except Exception as e:
         # transformers names neither the file nor a way out; a damaged one is named here
         if damaged := damaged_weights(path):
@@ -92,6 +104,27 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
                 f"{damaged[0]} is damaged ({damaged[1]}): copy, download or save_pretrained it again",
             ) from None
         raise e
+    if unfit := hf_weights.load_error(path, model, info):
+        # transformers would train what it could not load from random weights (another architecture's
+        # config.json loads nothing), and exit 0
+        raise ArgumentError("pretrained", unfit)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """transformers' table of the weights that did not load: hf_weights says it in one line. A filter,
+    not a level: transformers checks its tensor-parallel plan, and warns about it, when the level is set."""
+    logger = transformers.utils.logging.get_logger("transformers.modeling_utils")
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
 
 
 def with_adapters(model: nn.Module, config: Any) -> nn.Module:
@@ -110,6 +143,8 @@ def with_adapters(model: nn.Module, config: Any) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         # and corrects fan_in_fan_out for GPT-2's Conv1D layers itself, saying so once per layer
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+        # and that adapting a tied embedding or head complicates merging: merged() unties them
+        warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
         try:
             return peft.get_peft_model(model, config)
         except Exception as e:  # peft's complaints about the config against this model, as one line
@@ -143,11 +178,45 @@ def merged(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     merged. It holds one more copy of the model in host memory, once, at the end."""
     transformers = require("transformers", "model.peft's merged export")
     base = model.get_base_model()  # type: ignore[operator]  # a PeftModel's
+    config = copy.deepcopy(base.config)
+    adapters: Any = copy.deepcopy(model.peft_config["default"])  # type: ignore[index]
+    tied = _adapted_tied_embeddings(base)
+    if tied:
+        # merging into the one matrix an embedding and its head share changes the other too: the merged
+        # model gets an embedding and a head of its own, each from the trained model's (its
+        # config.json says tie_word_embeddings false)
+        for each in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+            each.tie_word_embeddings = False
+        if getattr(adapters, "ensure_weight_tying", False):  # nothing tied is left to tie: the same layers
+            adapters.ensure_weight_tying = False
+            adapters.target_modules = sorted(_adapted_names(base))
     with torch.device("cpu"):
-        fresh = transformers.AutoModelForCausalLM.from_config(base.config)
-        adapted = with_adapters(fresh, copy.deepcopy(model.peft_config["default"]))  # type: ignore[index]
+        fresh = transformers.AutoModelForCausalLM.from_config(config)
+        if tied and fresh.get_input_embeddings().weight is fresh.get_output_embeddings().weight:
+            raise RuntimeError(f"{type(fresh).__name__} ties {' and '.join(tied)} whatever its config says")
+        adapted = with_adapters(fresh, adapters)
     adapted.load_state_dict(weights)
     return adapted.merge_and_unload()  # type: ignore[operator]  # a PeftModel's
+
+
+def _adapted_names(base: nn.Module) -> set[str]:
+    """The names of the layers that hold adapters (peft's tuner layers) in a peft model's base."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _adapted_tied_embeddings(base: nn.Module) -> list[str]:
+    """The embedding and head of a peft model's base, when they share one matrix (the config's
+    tie_word_embeddings) and adapters wrap either; [] otherwise."""
+    if not getattr(base.config.get_text_config(), "tie_word_embeddings", False):  # type: ignore[operator, union-attr]
+        return []
+    pair = {"embedding": base.get_input_embeddings(), "head": base.get_output_embeddings()}  # type: ignore[operator]
+    names = {id(module): name for name, module in base.named_modules()}
+    adapted = _adapted_names(base)
+    if not any(names.get(id(module)) in adapted for module in pair.values()):
+        return []
+    return [f"the {what} {names.get(id(module), '?')}" for what, module in pair.items()]
 
 
 def is_adapted(model: nn.Module) -> bool:

@@ -15,7 +15,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from launcher.errors import ArgumentError, BuildError, RecipeError
+from launcher.errors import ArgumentError, BuildError, LaunchError, RecipeError
+from launcher.recipe import installed
 from launcher.recipe.schema import suggest
 
 TARGET = "_component_"
@@ -43,9 +44,9 @@ def resolve(target: str, key: str) -> Callable:
         except Exception as e:  # the module exists but fails to import: report, do not hide it
             if debugging():
                 raise
-            torch_off = transformers_torch_off()
-            if torch_off is not None:  # behind peft's or a model's import error: the real cause
-                raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {torch_off}") from None
+            cause = transformers_torch_off() or installed.blames_torchvision(e)
+            if cause is not None:  # behind peft's or a model's import error: the real cause
+                raise RecipeError(f"{key}.{TARGET}", f"importing {target} failed: {cause}") from None
             raise RecipeError(
                 f"{key}.{TARGET}",
                 f"importing {'.'.join(parts[:cut])} failed at {where(e)}: "
@@ -167,13 +168,15 @@ def instantiate(spec: dict[str, Any], key: str, *args: Any, **runtime: Any) -> A
         kwargs[name] = instantiate(value, f"{key}.{name}") if isinstance(value, dict) and TARGET in value else value
     try:
         return target(*args, **kwargs, **runtime)
-    except RecipeError:  # already names its key (a nested component, a missing extra)
+    except (RecipeError, LaunchError):  # already names its key (a nested component, a missing extra, a variable)
         raise
     except ArgumentError as e:  # a built-in component's complaint about one of its arguments
         raise BuildError(f"{key}.{e.argument}" if e.argument else key, str(e), e) from None
     except Exception as e:
         if debugging():
             raise
+        if (broken := installed.blames_torchvision(e)) is not None:  # transformers imports torchvision
+            raise BuildError(key, f"building {spec[TARGET]} failed: {broken}", e) from None
         if isinstance(e, TypeError) and not runtime:
             # the recipe's arguments against the signature, as `launcher check` words it (an unknown
             # or missing argument), rather than Python's TypeError; passes if the cause lies deeper
