@@ -126,3 +126,69 @@ def test_every_package_says_what_it_owns():
         if not ast.get_docstring(ast.parse(init.read_text()))
     ]
     assert not silent, f"packages whose __init__ has no docstring: {silent}"
+
+
+# The real graph between packages, pinned (launcher.X -> the packages it imports; `launcher` is the
+# package's own __init__, its version): the layers above say what may import what, this says what
+# does. An import that adds an edge fails here, so that it is a decision, made in the diff, with
+# docs/architecture.md; an edge that goes away must be removed here too, so the pin stays the truth.
+PINNED: dict[str, set[str]] = {
+    "__main__": {"commands", "observe"},
+    "checkpoint": {"cluster", "errors", "observe", "storage"},
+    "cluster": {"errors", "observe", "storage"},
+    "collate": {"data", "errors"},
+    "commands": {
+        "checkpoint",
+        "cluster",
+        "data",
+        "datasets",
+        "errors",
+        "hub",
+        "launcher",
+        "models",
+        "observe",
+        "parallel",
+        "recipe",
+        "storage",
+        "train",
+    },
+    "data": {"cluster", "errors", "launcher", "models", "recipe", "rng"},
+    "datasets": {"cluster", "errors", "hub", "launcher", "recipe"},
+    "hub": {"cluster", "errors", "recipe"},
+    "models": {"errors", "hub", "launcher", "parallel", "recipe"},
+    "observe": {"errors", "recipe", "storage"},
+    "parallel": {"checkpoint", "cluster", "data", "errors", "observe", "recipe", "rng"},
+    "recipe": {"checkpoint", "errors"},
+    "rng": {"cluster"},
+    "storage": {"errors"},
+    "train": {
+        "checkpoint",
+        "cluster",
+        "data",
+        "errors",
+        "launcher",
+        "models",
+        "observe",
+        "parallel",
+        "recipe",
+        "rng",
+        "storage",
+    },
+}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_the_graph_between_packages_is_the_pinned_one(graph):
+    edges: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        for dep in deps:
+            if package_of(dep) != package_of(module):
+                edges.setdefault(package_of(module), set()).add(package_of(dep))
+    added = [f"{a} -> {b}" for a in sorted(edges) for b in sorted(edges[a] - PINNED.get(a, set()))]
+    gone = [f"{a} -> {b}" for a in sorted(PINNED) for b in sorted(PINNED[a] - edges.get(a, set()))]
+    assert not added, f"imports between packages not in tests/test_architecture.py PINNED: {added}"
+    assert not gone, f"edges PINNED that no import makes any more (remove them): {gone}"
