@@ -80,6 +80,24 @@ def first_bad_row(paths: list[Path], text_key: str) -> ArgumentError | None:
     return None
 
 
+def json_records(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, JSON text) of each record of a JSON lines file, unparsed; a file holding one
+    JSON array (as `datasets` also reads a .json file) gives its elements, each with line 0."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        text = _decoded(path, path.read_bytes(), 0)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArgumentError("files", f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix that line") from None
+        if isinstance(records, list):
+            for record in records:
+                yield 0, json.dumps(record)
+            return
+    yield from _lines(path)
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of every non-blank line, decoded as UTF-8."""
     with path.open("rb") as f:
