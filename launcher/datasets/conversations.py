@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from launcher.datasets.documents import json_records
+from launcher.datasets.documents import generated, json_records
 from launcher.errors import ArgumentError
 
 ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's role names
@@ -38,15 +38,7 @@ def read_local_json(datasets: Any, paths: list[Path], identity: list[Any], cache
     )
     # the identity (names, sizes, modification times) is in gen_kwargs so that an edited file is read anew
     kwargs = {"files": json.dumps([str(p) for p in paths]), "identity": json.dumps(identity)}
-    try:
-        return datasets.Dataset.from_generator(_rows, features=features, cache_dir=cache_dir, gen_kwargs=kwargs)
-    except Exception as e:  # datasets wraps the generator's errors in its own
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, ArgumentError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise cause from None
+    return generated(datasets, _rows, features, cache_dir, kwargs)
 
 
 def _rows(files: str, identity: str) -> Iterator[dict[str, Any]]:  # noqa: ARG001  # identity: the cache's key
