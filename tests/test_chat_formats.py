@@ -176,14 +176,14 @@ def test_chat_rows_at_fault_are_named_by_file_row_and_message(tmp_path, tokenize
     # numbers: datasets turns "3" into 3 in every row, so no row can be named; the field is refused
     directory = tmp_path / "mixed"
     directory.mkdir()
-    write_jsonl(directory, [ok, numbered])
+    mixed = write_jsonl(directory, [ok, numbered])
     from launcher.datasets.chat import ChatData
 
     with pytest.raises(ArgumentError, match=r"the 'messages' field holds numbers, lists or objects where text"):
         ChatData(dataset=str(directory), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"))
     # ... and one whose messages only differ in their keys reads (datasets reads each message whole)
+    mixed.unlink()
     write_jsonl(directory, [NAMED, *OPENAI])
-    (directory / next(p.name for p in directory.iterdir() if p.suffix == ".jsonl")).unlink()
     assert len(ChatData(dataset=str(directory), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"))) == 4
 
 
@@ -299,3 +299,30 @@ def test_a_tool_call_with_empty_content_is_an_answer(tmp_path, tokenizer):
     }
     data = chat(tmp_path, tokenizer, write_jsonl(tmp_path, [row]), chat_template=calls)
     assert answers(data, 0) == ["multiply()<|end|>", "It is 42.<|end|>"]
+
+
+def test_weight_0_where_the_blocks_cannot_be_told_apart_is_one_line(tmp_path, tokenizer):
+    """Two answers' {% generation %} blocks that touch (nothing between them) make one run of marked
+    tokens: which part is the weight-0 answer's cannot be said, so it is refused, naming the row;
+    without weights the run is labelled whole."""
+    from launcher.errors import ArgumentError
+
+    whole = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}<|assistant|>{{ m['content'] }}"
+        "{% if not loop.last and messages[loop.index0 + 1]['role'] == 'assistant' %} {% endif %}"
+        "{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    two = [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "3"},
+        {"role": "assistant", "content": "4"},
+    ]
+    data = chat(tmp_path, tokenizer, write_jsonl(tmp_path, [{"messages": two}]), chat_template=whole)
+    assert answers(data, 0) == ["<|assistant|>3 <|assistant|>4"]
+    weighted = [*two[:2], {**two[2], "weight": 0}]
+    path = write_jsonl(tmp_path, [{"messages": two}, {"messages": weighted}])
+    with pytest.raises(
+        ArgumentError, match=rf"^{path}:2: row 2: the chat template's {{% generation %}} blocks cannot"
+    ) as e:
+        chat(tmp_path, tokenizer, path, chat_template=whole)
+    assert e.value.argument == "chat_template"
