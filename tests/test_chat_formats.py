@@ -104,13 +104,16 @@ def test_openai_fine_tuning_files_train_the_answers_of_weight_1(tmp_path, tokeni
     # a template that renders `name`: where a message has none (Parquet gives it null), nothing is rendered
     named = (
         "{% for m in messages %}<|{{ m['role'] }}|>{% if m.name is defined %}{{ m.name }}: {% endif %}"
-        "{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        "{{ m['content'] }}{% if m.weight is defined %}(weight {{ m.weight }}){% endif %}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     for files in (write_jsonl(tmp_path, [NAMED]), write_parquet(tmp_path / "named.parquet", [NAMED, *OPENAI])):
         data = chat(tmp_path, tokenizer, files, chat_template=named)
         text = data.tokenizer.tok.decode(data[0]["input_ids"].tolist())
         assert text == "<|user|>alice: Hi, I am Alice.<|end|><|assistant|>Hello Alice.<|end|>", text
         assert answers(data, 0) == ["Hello Alice.<|end|>"]
+        # the weight is the launcher's, not the template's: never rendered
+        assert not any("(weight" in data.tokenizer.tok.decode(data[i]["input_ids"].tolist()) for i in range(len(data)))
 
 
 def test_sharegpt_rows_read_as_their_role_and_content(tmp_path, tokenizer):

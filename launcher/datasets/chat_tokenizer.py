@@ -77,8 +77,11 @@ class ChatTokenizer:
         labels stay -100: the sample is cut there), which keeps a long conversation's cost bounded.
         A template with `{% generation %}` markers says itself which tokens are answers."""
         messages = messages_of(messages)
+        answers = [trained(m) for m in messages]
+        # the weight is the launcher's (OpenAI's), not the template's to render
+        messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         if self.marked:
-            return self._encode_marked(messages)
+            return self._encode_marked(messages, answers)
         text = self._render(messages)
         encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
@@ -86,8 +89,8 @@ class ChatTokenizer:
         reach = offsets[limit - 1][0] if limit is not None and len(ids) > limit else None
         spans: list[tuple[int, int]] = []
         beyond = False  # an answer left unlooked-for past the limit
-        for i, message in enumerate(messages):
-            if not trained(message):
+        for i in range(len(messages)):
+            if not answers[i]:
                 continue  # not an answer, weight 0, or empty: trains nothing, not even its end-of-turn marker
             before = self._before(messages, i)
             if not text.startswith(before):
@@ -109,13 +112,13 @@ class ChatTokenizer:
         # the first label is never predicted (nothing comes before it)
         return Encoded(ids, labels, beyond or any(label != IGNORE for label in labels[1:]))
 
-    def _encode_marked(self, messages: list[dict[str, Any]]) -> Encoded:
+    def _encode_marked(self, messages: list[dict[str, Any]], answers: list[bool]) -> Encoded:
         """Labels from the template's `{% generation %}` blocks, as TRL's assistant_only_loss takes
         them (transformers' return_assistant_tokens_mask: every token overlapping a block); the
         blocks of assistant messages with weight 0, or empty, are not labelled."""
         ids, mask = self._masked(messages)
         runs = _runs(mask)
-        skipped = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not trained(m)]
+        skipped = [i for i, m in enumerate(messages) if m["role"] == "assistant" and not answers[i]]
         if skipped and runs:
             owners = self._owners(messages, len(runs))
             for (start, end), owner in zip(runs, owners, strict=True):
