@@ -465,9 +465,10 @@ def test_chat_data_mistakes_name_the_row_and_the_cause(hub, tmp_path, monkeypatc
     with pytest.raises(ArgumentError, match=r"row 3: the conversation is empty") as e:
         chat([ok, ok, {"messages": []}])
     assert e.value.argument == "messages_key"
-    # one content a number: datasets reads the field as JSON and would turn row 1's "3" into 3
+    # one content a number: named by its row (local JSON is read line by line, not by datasets,
+    # which reads such a field as JSON and turns row 1's "3" into 3; tests/test_chat_formats.py)
     numbered = {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "3"}]}
-    with pytest.raises(ArgumentError, match=r"the 'messages' field holds numbers, lists or objects where text"):
+    with pytest.raises(ArgumentError, match=r"row 2: message 1 \(user\): its content is 5, not text"):
         chat([ok, numbered])
     # no assistant turn anywhere: said as such (it was 'the training dataset is empty')
     with pytest.raises(ArgumentError, match=r"every conversation is dropped: 2 of 2 conversations have no assistant"):

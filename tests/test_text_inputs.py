@@ -4,6 +4,7 @@ with no partial output left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +39,25 @@ def test_json_lines_named_json_are_read_by_field_as_jsonl_is(tmp_path, tokenizer
     assert tokenize(tokenizer, tmp_path / "l.bin", tmp_path / "a.jsonl").returncode == 0
     assert tokenize(tokenizer, tmp_path / "j.bin", tmp_path / "a.json").returncode == 0
     assert (tmp_path / "l.bin").read_bytes() == (tmp_path / "j.bin").read_bytes()
+
+
+def test_json_lines_whose_other_fields_change_shape_are_read(tmp_path, tokenizer):
+    """TokenizedText reads the text field alone: a later file (or a row past a file's first 10 MB)
+    whose `meta` has other keys was datasets' cast error ("cannot read ...: DatasetGenerationError")."""
+    docs = documents(8, seed=5)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"text": d, "meta": {"page": i}}) + "\n" for i, d in enumerate(docs[:4])))
+    second.write_text("".join(json.dumps({"text": d, "meta": {"url": "x", "n": [1]}}) + "\n" for d in docs[4:]))
+    data = TokenizedText(files=[str(first), str(second)], tokenizer=str(tokenizer), cache_dir=str(tmp_path / "c"))
+    whole = write_jsonl(tmp_path / "whole.jsonl", docs)
+    same = TokenizedText(files=str(whole), tokenizer=str(tokenizer), cache_dir=str(tmp_path / "c"))
+    assert len(data) == len(same) == 8
+    assert all(data[i]["input_ids"].tolist() == same[i]["input_ids"].tolist() for i in range(8))
+    # a .json file holding one array of rows, as datasets reads it (and did for TokenizedText)
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": d} for d in docs], indent=1))
+    read = TokenizedText(files=str(array), tokenizer=str(tokenizer), cache_dir=str(tmp_path / "c"))
+    assert all(read[i]["input_ids"].tolist() == same[i]["input_ids"].tolist() for i in range(8))
 
 
 BAD_ROWS = {

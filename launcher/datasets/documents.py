@@ -1,8 +1,9 @@
-"""Local text documents, read one way everywhere: `launcher tokenize`, StreamedText, and the search
-for the bad row when `datasets` fails in TokenizedText.
+"""Local text documents, read one way everywhere: `launcher tokenize`, StreamedText, TokenizedText's
+JSON lines, and the search for the bad row when `datasets` fails in TokenizedText.
 
-Formats go by suffix: .jsonl and .json are JSON lines (a `text_key` field per line), .parquet a
-`text_key` column, .txt a document per non-blank line (or, `whole_files`, one per file). A bad row
+Formats go by suffix: .jsonl and .json are JSON lines (a `text_key` field per line; a file holding
+one JSON array is read as its elements, as `datasets` reads it), .parquet a `text_key` column,
+.txt a document per non-blank line (or, `whole_files`, one per file). A bad row
 is one line naming the file and the line (or Parquet row): broken JSON, a missing, null or non-text
 field, bytes that are not UTF-8. An empty file is named too. Blank lines are no documents, in every
 format.
@@ -11,7 +12,7 @@ format.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ def documents(paths: list[Path], text_key: str, whole_files: bool = False) -> It
             yield from _parquet(path, text_key)
         elif fmt == "text" and whole_files:
             yield _decoded(path, path.read_bytes(), 0)
+        elif fmt == "json":
+            for row, (number, text) in enumerate(json_records(path), 1):
+                yield _field(path, str(number) if number else f"row {row}", text, text_key)
         else:
-            for number, text in _lines(path):
-                yield _field(path, number, text, text_key) if fmt == "json" else text
+            for _, text in _lines(path):
+                yield text
 
 
 def batched(docs: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -80,6 +84,54 @@ def first_bad_row(paths: list[Path], text_key: str) -> ArgumentError | None:
     return None
 
 
+def json_texts(datasets: Any, paths: list[Path], text_key: str, identity: list[Any], cache_dir: str | None) -> Any:
+    """JSON lines files' `text_key` fields as a `datasets.Dataset` of that one column, read here and
+    not by datasets' JSON loader: it infers one schema from a file's first 10 MB and fails on a later
+    row whose other fields differ (a `meta` object with other keys), though the text is all we read."""
+    features = datasets.Features({text_key: datasets.Value("string")})
+    files = json.dumps([str(p) for p in paths])
+    # the identity (names, sizes, modification times) keys the cache: an edited file is read anew
+    kwargs = {"files": files, "text_key": text_key, "identity": json.dumps(identity)}
+    return generated(datasets, _json_texts, features, cache_dir, kwargs)
+
+
+def _json_texts(files: str, text_key: str, identity: str) -> Iterator[dict[str, str]]:  # noqa: ARG001  # the key
+    for text in documents([Path(p) for p in json.loads(files)], text_key):
+        yield {text_key: text}
+
+
+def generated(datasets: Any, generator: Callable, features: Any, cache_dir: str | None, kwargs: dict) -> Any:
+    """`datasets.Dataset.from_generator`, cached by the generator and its arguments; an ArgumentError
+    the generator raises (a bad row, named) is given back as it is, not as datasets' wrapper."""
+    try:
+        return datasets.Dataset.from_generator(generator, features=features, cache_dir=cache_dir, gen_kwargs=kwargs)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ArgumentError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def json_records(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, JSON text) of each record of a JSON lines file, unparsed; a file holding one
+    JSON array (as `datasets` also reads a .json file) gives its elements, each with line 0."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        text = _decoded(path, path.read_bytes(), 0)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArgumentError("files", f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix that line") from None
+        if isinstance(records, list):
+            for record in records:
+                yield 0, json.dumps(record)
+            return
+    yield from _lines(path)
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of every non-blank line, decoded as UTF-8."""
     with path.open("rb") as f:
@@ -100,17 +152,18 @@ def _decoded(path: Path, raw: bytes, number: int) -> str:
         ) from None
 
 
-def _field(path: Path, number: int, line: str, text_key: str) -> str:
+def _field(path: Path, where: str, line: str, text_key: str) -> str:
+    """A JSON record's text field; `where`: its line number, or `row N` in a JSON array file."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ArgumentError(
-            "files", f"{path}:{number}: not valid JSON lines ({e.msg}); fix or remove that line"
+            "files", f"{path}:{where}: not valid JSON lines ({e.msg}); fix or remove that line"
         ) from None
     if not isinstance(row, dict) or text_key not in row:
         have = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ArgumentError("text_key", f"{path}:{number}: no {text_key!r} field (the line has {have})")
-    return _text(path, f"{number}", row[text_key], text_key)
+        raise ArgumentError("text_key", f"{path}:{where}: no {text_key!r} field (the line has {have})")
+    return _text(path, where, row[text_key], text_key)
 
 
 def _text(path: Path, where: str, value: Any, text_key: str) -> str:

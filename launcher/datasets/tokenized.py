@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from launcher import hub
 from launcher.cluster import distributed
-from launcher.datasets.documents import batched, documents
+from launcher.datasets.documents import batched, documents, json_texts
 from launcher.datasets.sources import LocalFiles, NamedDataset, cache_key, text_source
 from launcher.errors import ArgumentError, LaunchError, positive
 from launcher.recipe.components import require
@@ -95,12 +95,7 @@ class TokenizedText(Dataset):
         """The tokenized samples kept; how many documents were too short to keep; how many in all."""
         datasets = require("datasets", "launcher.datasets.tokenized.TokenizedText")
         source = self.source
-        try:
-            raw = source.load(datasets, cache_dir)
-        except (ArgumentError, LaunchError):  # already one line (a cache that cannot be written names its variable)
-            raise
-        except Exception as e:
-            raise _unreadable(source, self.text_key, e) from None
+        raw = _raw(datasets, source, self.text_key, cache_dir)
         if self.text_key not in raw.column_names:
             raise ArgumentError(
                 "text_key", f"{source.describe()} has no {self.text_key!r} field; it has {raw.column_names}"
@@ -309,6 +304,17 @@ def _remove_stale_temporaries(cache_dir: Path) -> None:
         with contextlib.suppress(OSError):
             if leftover.is_file() and now - leftover.stat().st_mtime > STALE_S:
                 leftover.unlink()
+
+
+def _raw(datasets: Any, source: LocalFiles | NamedDataset, text_key: str, cache_dir: str | None) -> Any:
+    try:
+        if isinstance(source, LocalFiles) and source.format == "json":
+            return json_texts(datasets, source.paths, text_key, source.identity(), cache_dir)
+        return source.load(datasets, cache_dir)
+    except (ArgumentError, LaunchError):  # already one line (a cache that cannot be written names its variable)
+        raise
+    except Exception as e:
+        raise _unreadable(source, text_key, e) from None
 
 
 def _unreadable(source: LocalFiles | NamedDataset, text_key: str, error: Exception) -> ArgumentError:

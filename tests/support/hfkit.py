@@ -96,3 +96,28 @@ def lm_recipe(tmp: Path, run_dir: Path, **data) -> dict:
         "log": {"every_n_steps": 1},
         "run": {"dir": str(run_dir)},
     }
+
+
+CHAT_SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def byte_level_tokenizer(directory: Path, texts: list[str], vocab_size: int = 600) -> Path:
+    """A byte-level BPE tokenizer (every text encodes, and merges cross the chat template's seams, as
+    real ones do) trained on `texts`, with the example chat template's role markers as special
+    tokens; saved as a transformers tokenizer directory with that template. Returns the directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from launcher.datasets.examples import TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHAT_SPECIAL, initial_alphabet=alphabet)
+    tok.train_from_iterator(texts, trainer)
+    eos = CHAT_SPECIAL[0]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=eos)
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(directory)
+    return directory
