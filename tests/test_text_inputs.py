@@ -13,6 +13,7 @@ import pytest
 
 from conftest import launcher, worker_env
 from hfkit import documents, make_tokenizer, write_jsonl
+from launcher.checkpoint import step_dirs
 from launcher.datasets.tokenized import StreamedText, TokenizedText
 from launcher.errors import ArgumentError
 
@@ -175,7 +176,7 @@ def test_a_bad_row_met_while_training_is_one_line_after_saving_the_steps_before_
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert line.startswith(f"error: data.train.files: {stream}:151: 'text' is None, not text"), line
     assert line.endswith("(the 9 steps before it are saved: fix the row and run the same command)")
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000009"]
+    assert [p.name for p in step_dirs.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000009"]
 
 
 def test_a_killed_tokenizations_temporary_file_in_the_cache_is_removed(tmp_path, tokenizer):

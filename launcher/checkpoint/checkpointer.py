@@ -49,6 +49,8 @@ class Checkpointer:
     # checkpoint.async_save: a save that may (`blocking=False`) is staged in host memory and
     # written by a thread (launcher/checkpoint/background.py); None: every save is synchronous
     background: BackgroundWrite | None = None
+    # the run writing (its resolved run.dir), named in each marker: another run's checkpoints are never replaced
+    owner: str | None = None
 
     def save(
         self,
@@ -117,8 +119,8 @@ class Checkpointer:
         if self.is_writer:
             payload = {"format": FORMAT, **metadata, **states, "sharded": sorted(self.sharded)}
             marker = {**(summary or {}), "shard_sha256": digests} if digests is not None else dict(summary or {})
-            path = step_dirs.write_checkpoint(self.directory, step, payload, summary=marker, tmp=tmp)
-            step_dirs.prune(self.directory, self.keep_last)
+            path = step_dirs.write_checkpoint(self.directory, step, payload, summary=marker, tmp=tmp, owner=self.owner)
+            step_dirs.prune(self.directory, self.keep_last, self.owner)
         # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
         distributed.barrier(group)
         return path

@@ -7,9 +7,10 @@ into a hidden temporary directory (file fsynced), the COMPLETE marker (size and 
 state.pt) is written last, and only then is the directory renamed into place. A crash at any moment
 therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
 The marker also holds the sha256 of every shard file and of DCP's .metadata, checked before
-anything is read. Loading uses torch.load(weights_only=True), and a sharded checkpoint's metadata
-and values are read without unpickling anything but DCP's own types (launcher/checkpoint/dcp_safe.py): a
-checkpoint cannot run code.
+anything is read, and the run directory of the run that wrote it: a save never replaces, and
+pruning never deletes, another run's step directory. Loading uses torch.load(weights_only=True),
+and a sharded checkpoint's metadata and values are read without unpickling anything but DCP's own
+types (launcher/checkpoint/dcp_safe.py): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def write_checkpoint(
     payload: dict[str, Any],
     summary: dict[str, Any] | None = None,
     tmp: Path | None = None,
+    owner: str | None = None,
 ) -> Path:
     """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
     removes the partial directory and raises one line naming the path and the free space.
     `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt.
     `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
-    files' sizes, and counts them in."""
+    files' sizes, and counts them in. `owner`: the run writing it (its resolved run.dir), kept in
+    the marker; a step directory another run wrote is never replaced."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
     if tmp is None:
@@ -81,10 +84,18 @@ def write_checkpoint(
             "sha256": sha256_of(state_path),
             "shards": _shard_sizes(tmp),
             "time": time.time(),
+            **({"run_dir": owner} if owner is not None else {}),
             **(summary or {}),
         }
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
+            other = written_by_another(final, owner)
+            if other is not None:
+                raise RecipeError(
+                    "checkpoint.dir",
+                    f"{final} was written by another run ({other}); not replacing it: point checkpoint.dir "
+                    "at a directory of its own",
+                )
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException as e:
@@ -117,6 +128,18 @@ def _shard_sizes(step_dir: Path) -> dict[str, int]:
     if not shards.is_dir():
         return {}
     return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(shards.rglob("*")) if p.is_file()}
+
+
+def written_by_another(path: Path, owner: str | None) -> str | None:
+    """The run.dir of the run that wrote checkpoint `path`, if its marker names one other than
+    `owner` (None: this run's, one whose marker names no run, or `owner` unknown)."""
+    if owner is None:
+        return None
+    try:
+        written_by = json.loads((path / MARKER).read_text()).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return written_by if isinstance(written_by, str) and written_by != owner else None
 
 
 def read_marker(path: Path) -> dict[str, Any]:
@@ -227,9 +250,12 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE, map_location="cpu", weights_only=True)
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints. (A failed write removes its own temporary
-    directory; one left by a killed process goes at the next start, RunDir.remove_stale_temporaries.)"""
-    complete = [p for p in list_checkpoints(directory) if (p / MARKER).exists()]
+def prune(directory: Path, keep_last: int, owner: str | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints of this run (`owner`; another run's are
+    left alone). (A failed write removes its own temporary directory; one left by a killed process
+    goes at the next start, RunDir.remove_stale_temporaries.)"""
+    complete = [
+        p for p in list_checkpoints(directory) if (p / MARKER).exists() and written_by_another(p, owner) is None
+    ]
     for old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)

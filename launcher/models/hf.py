@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from launcher import hub
-from launcher.errors import ArgumentError
+from launcher.errors import ArgumentError, TrainingError
 from launcher.recipe.components import require
 
 
@@ -185,6 +185,11 @@ def export(
     the data's tokenizer (`save_tokenizer`), so that from_pretrained and generate work at once;
     written into a temporary directory beside `directory` and renamed over it: a kill leaves the
     previous export or none, never a config.json without its weights."""
+    if directory.is_symlink():  # RunDir.problems refuses it at start; one made since is not written through
+        raise TrainingError(
+            f"{directory} is a symbolic link; the export replaces it and never writes through a link: remove the "
+            "link (what it points to stays); the final weights are in model.pt beside it"
+        )
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -256,6 +256,7 @@ def _train_locked(
             group=sess.control,
             sharded=strategy.shards_in_checkpoint,
             background=_background_writes(recipe),
+            owner=recipe.layout.owner,
         ),
         preempt=preempt,
         agreement=Agreement(sess.control if env.world_size > 1 else None),
