@@ -4,6 +4,7 @@ preemption report that compares the checkpoints on disk, not clocks."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -101,3 +102,21 @@ def test_pruning_and_overwrite_leave_another_runs_checkpoints(tmp_path):
         b.clear_checkpoints()  # run.overwrite for b
     assert e.value.key == "checkpoint.dir" and f"the checkpoints of another run ({a.owner})" in e.value.message
     assert len(step_dirs.list_checkpoints(shared)) == 3
+
+
+# ---------------------------------------------------------------- preemption: was a checkpoint written?
+
+
+def test_a_checkpoint_written_by_workers_whose_clock_is_behind_counts_as_written(tmp_path):
+    from launcher.train.local import checkpoint_since, checkpoints_seen
+
+    directory = tmp_path / "ckpt"
+    _save(directory, 40, None)
+    before = checkpoints_seen(directory)
+    assert checkpoint_since(directory, before) is None  # nothing new
+    path = _save(directory, 56, None)
+    marker = step_dirs.read_marker(path)
+    marker["time"] -= 120  # the workers' clock, 2 minutes behind this process's
+    (path / step_dirs.MARKER).write_text(json.dumps(marker))
+    assert checkpoint_since(directory, before) == path
+    assert checkpoint_since(tmp_path / "none", {}) is None
