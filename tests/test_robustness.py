@@ -325,8 +325,10 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_checkpoint_sur
     if proc.returncode == 99:
         pytest.skip("cannot mount a tmpfs here")
     line = one_error(proc, code=1)
-    assert line.startswith(f"error: writing {mount / 'ckpt'}/step_") and "No space left on device" in line, line
-    assert "MiB free there" in line and "previous checkpoint is intact" in line
+    assert line.startswith(f"error: writing {mount / 'ckpt'}/step_") and f"no space left on {mount / 'ckpt'}" in line, (
+        line
+    )
+    assert "MiB free there" in line and "; the previous checkpoint (step_" in line and line.endswith(") is intact")
     latest = step_dirs.find_latest(tmp_path / "copy")
     assert latest is not None and step_dirs.verify(latest) is None
     assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]  # no half checkpoint

@@ -1,16 +1,21 @@
 """The directories a run writes, function by function: the locks that keep two runs out of each
 other's run.dir and checkpoint.dir, checkpoints that name the run that wrote them, and the
-preemption report that compares the checkpoints on disk, not clocks."""
+preemption report that compares the checkpoints on disk, not clocks; and a full or read-only
+filesystem, which is one line naming the path and what is left."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import worker_env
 from launcher.checkpoint import step_dirs
 from launcher.checkpoint.rundir import RunDir
 from launcher.errors import RecipeError
@@ -120,3 +125,75 @@ def test_a_checkpoint_written_by_workers_whose_clock_is_behind_counts_as_written
     (path / step_dirs.MARKER).write_text(json.dumps(marker))
     assert checkpoint_since(directory, before) == path
     assert checkpoint_since(tmp_path / "none", {}) is None
+
+
+# ---------------------------------------------------------------- a full or read-only filesystem
+
+_FAULTS = """
+import json, subprocess, sys
+from pathlib import Path
+import torch
+from launcher.checkpoint import step_dirs
+from launcher.checkpoint.checkpointer import Checkpointer
+from launcher.storage import atomic_write
+
+class Big:  # a Stateful whose state (4 MiB) does not fit in the 2 MiB filesystem
+    def state_dict(self):
+        return {"t": torch.zeros(1 << 20)}
+
+    def load_state_dict(self, state):
+        pass
+
+def error_of(write):
+    try:
+        write()
+    except BaseException as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({len(str(e).splitlines())} lines)"
+    return "no error"
+
+mount, found = Path(sys.argv[1]), {}
+found["ddp"] = error_of(lambda: step_dirs.write_checkpoint(mount / "full", 1, {"w": torch.zeros(1 << 20)}))
+found["fsdp"] = error_of(
+    lambda: Checkpointer(mount / "full", 1, is_writer=True, sharded=frozenset({"model"})).save(1, {"model": Big()}, {})
+)
+found["left"] = sorted(p.name for p in (mount / "full").iterdir())
+step_dirs.write_checkpoint(mount / "some", 1, {"w": torch.zeros(4)})
+(mount / "none").mkdir()
+subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+found["read-only, after one"] = error_of(lambda: step_dirs.write_checkpoint(mount / "some", 2, {"w": torch.zeros(4)}))
+found["read-only, the first"] = error_of(lambda: step_dirs.write_checkpoint(mount / "none", 1, {"w": torch.zeros(4)}))
+found["read-only file"] = error_of(lambda: atomic_write(mount / "startup.json", lambda f: f.write(b"{}")))
+print(json.dumps(found))
+"""
+
+
+def test_a_full_or_read_only_filesystem_is_one_line_naming_the_path_and_what_is_left(tmp_path):
+    """In a 2 MiB tmpfs: torch's own reasons ("unexpected pos", "CheckpointException ranks:...") were
+    given for a full disk once the partial checkpoint had been removed; a read-only directory was a
+    traceback (the temporary directory was made outside the try), or claimed a previous checkpoint
+    that did not exist."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare to mount a small filesystem")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    code = tmp_path / "faults.py"
+    code.write_text(_FAULTS)
+    script = f"mount -t tmpfs -o size=2m tmpfs {mount} || exit 99; exec {sys.executable} {code} {mount}"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=worker_env(), capture_output=True, text=True)
+    if proc.returncode == 99:
+        pytest.skip("cannot mount a tmpfs here")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind in ("ddp", "fsdp"):
+        assert found[kind].startswith(f"TrainingError: writing {mount}/full/step_00000001 failed: "), found
+        assert f"failed: no space left on {mount}/full (" in found[kind], found
+        assert found[kind].endswith(f"; no checkpoint was saved in {mount}/full before it (1 lines)"), found
+    assert found["left"] == [], found  # no partial checkpoint
+    for kind, directory in (("read-only, after one", "some"), ("read-only, the first", "none")):
+        assert found[kind].startswith(
+            f"TrainingError: writing {mount}/{directory}/step_0000000{1 + (directory == 'some')} failed: "
+            f"Read-only file system in {mount}/{directory} ("
+        ), found
+    assert found["read-only, after one"].endswith("; the previous checkpoint (step_00000001) is intact (1 lines)")
+    assert found["read-only, the first"].endswith(f"; no checkpoint was saved in {mount}/none before it (1 lines)")
+    assert found["read-only file"].startswith(f"TrainingError: writing {mount}/startup.json failed: Read-only file")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from launcher.cluster import distributed
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, TrainingError
 from launcher.observe.logs import log
 from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
 
@@ -66,10 +66,13 @@ def write_checkpoint(
     `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
     files' sizes, and counts them in. `owner`: the run writing it (its resolved run.dir), kept in
     the marker; a step directory another run wrote is never replaced."""
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
-    if tmp is None:
-        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    except OSError as e:  # a directory made read-only, or full, since the run started
+        raise checkpoint_write_failed(final, e) from None
     try:
         os.chmod(tmp, DIR_MODE)
         state_path = tmp / STATE
@@ -99,12 +102,28 @@ def write_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException as e:
+        # the reason first: the free space is measured before the partial checkpoint is removed
+        failed = checkpoint_write_failed(final, e) if isinstance(e, (OSError, RuntimeError, TrainingError)) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            raise write_failed(final, e) from None
+        if failed is not None:  # torch.save reports a full disk as a RuntimeError
+            raise failed from None
         raise
     fsync_dir(directory)
     return final
+
+
+def checkpoint_write_failed(final: Path, exc: BaseException) -> TrainingError:
+    """A checkpoint that could not be written, as one line: why, and which checkpoint is left to resume."""
+    if isinstance(exc, TrainingError):  # already a sentence (an atomic write inside the checkpoint)
+        return TrainingError(f"{exc}{_what_is_left(final)}")
+    return write_failed(final, exc, _what_is_left(final))
+
+
+def _what_is_left(final: Path) -> str:
+    previous = next((p for p in list_checkpoints(final.parent) if p != final and (p / MARKER).is_file()), None)
+    if previous is None:
+        return f"; no checkpoint was saved in {final.parent} before it"
+    return f"; the previous checkpoint ({previous.name}) is intact"
 
 
 def crash_point(name: str) -> None:

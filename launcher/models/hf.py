@@ -28,6 +28,7 @@ from torch import nn
 from launcher import hub
 from launcher.errors import ArgumentError, TrainingError
 from launcher.recipe.components import require
+from launcher.storage import write_failed
 
 
 def causal_lm(
@@ -199,5 +200,7 @@ def export(
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except OSError as e:  # a run directory made read-only, or full, since the run started
+        raise write_failed(directory, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
