@@ -256,6 +256,17 @@ def test_a_file_where_a_directory_must_be_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
 
 
+def test_check_refuses_a_resume_path_that_is_not_a_checkpoint_and_notes_a_missing_one(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    path = write_recipe(tmp_path / "c.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run")}))
+    line = one_error(launcher("check", path, f"checkpoint.resume={text}"))
+    assert line.startswith(f"error: checkpoint.resume: {text}: not a checkpoint"), line
+    proc = launcher("check", path, f"checkpoint.resume={tmp_path / 'on-the-cluster'}")  # may exist where it runs
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint.resume: {tmp_path / 'on-the-cluster'} does not exist" in proc.stdout + proc.stderr
+
+
 def test_an_unwritable_run_directory_fails_before_the_workers_start(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from launcher.data import fit, streaming
 from launcher.data.batches import Counting
 from launcher.data.builders import build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
-from launcher.errors import EXIT_OK, BuildError, LaunchError
+from launcher.errors import EXIT_OK, BuildError, LaunchError, RecipeError
 from launcher.observe.logs import route_library_bars, shows_bars
 from launcher.parallel import memory, sharding, tensor, wrap
 from launcher.parallel.layout import Layout
@@ -48,6 +49,29 @@ def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
     return model
 
 
+def _check_resume(recipe: Recipe, notes: list[str]) -> None:
+    """checkpoint.resume naming a path: what is there must be a checkpoint (or a directory of them).
+    A path missing here may exist where the run runs: a note, not an error."""
+    from launcher.checkpoint import step_dirs
+
+    resume = recipe.checkpoint.resume
+    if resume in ("auto", "none"):
+        return
+    try:
+        step_dirs.resolve_resume(resume, recipe.checkpoint_dir, warn=False, check=quick_verify)
+    except RecipeError as e:
+        if Path(resume).expanduser().exists():
+            raise
+        notes.append(f"{e.key}: {e.message}")
+
+
+def quick_verify(path: Path) -> str | None:
+    """A checkpoint's marker and sizes, without hashing its files (the run hashes them)."""
+    from launcher.checkpoint import step_dirs
+
+    return step_dirs.verify(path, hashes=False)
+
+
 def check_recipe(recipe: Recipe, world_size: int) -> str:
     from launcher.cluster.distributed import pick_backend
 
@@ -58,6 +82,7 @@ def check_recipe(recipe: Recipe, world_size: int) -> str:
         if certain:
             raise error
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
+    _check_resume(recipe, notes)
     model = build_model_cheaply(recipe)
     ac = recipe.train.activation_checkpointing
     wrap.check_segments(model, ac.segments if isinstance(ac.segments, int) else 0, ac.head_chunks)
