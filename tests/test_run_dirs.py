@@ -197,3 +197,19 @@ def test_a_full_or_read_only_filesystem_is_one_line_naming_the_path_and_what_is_
     assert found["read-only, after one"].endswith("; the previous checkpoint (step_00000001) is intact (1 lines)")
     assert found["read-only, the first"].endswith(f"; no checkpoint was saved in {mount}/none before it (1 lines)")
     assert found["read-only file"].startswith(f"TrainingError: writing {mount}/startup.json failed: Read-only file")
+
+
+# ---------------------------------------------------------------- a run directory named as a checkpoint
+
+
+def test_a_run_directory_names_its_newest_checkpoint_for_resume_and_convert(tmp_path):
+    default, elsewhere = tmp_path / "a", tmp_path / "b"
+    for step in (1, 2):
+        _save(default / "checkpoints", step, None)
+    (elsewhere / "ckpt").mkdir(parents=True)
+    _save(tmp_path / "shared", 5, None)
+    (elsewhere / "config.yaml").write_text(f"checkpoint:\n  dir: {tmp_path / 'shared'}\n")
+    assert step_dirs.resolve_resume(str(default), tmp_path / "unused") == default / "checkpoints" / "step_00000002"
+    assert step_dirs.resolve_resume(str(elsewhere), tmp_path / "unused") == tmp_path / "shared" / "step_00000005"
+    with pytest.raises(RecipeError, match="not a checkpoint"):  # no run's, no checkpoints
+        step_dirs.resolve_resume(str(elsewhere / "ckpt"), tmp_path / "unused")

@@ -265,9 +265,11 @@ def test_convert_joins_a_sharded_checkpoint_into_the_gathered_model_pt(tmp_path,
 def test_convert_copies_a_ddp_checkpoints_weights(tmp_path):
     run = ranks(tmp_path, "ddp", **{"train.max_steps": 2})
     out = tmp_path / "model.pt"
-    proc = launcher("convert", str(run / "checkpoints" / "step_00000002"), "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert_identical(torch.load(out, weights_only=True), load_weights(run))
+    for source in (run / "checkpoints" / "step_00000002", run):  # a run directory: its newest checkpoint
+        proc = launcher("convert", str(source), "-o", str(out), "--overwrite")
+        assert proc.returncode == 0, proc.stderr
+        assert f"from {run / 'checkpoints' / 'step_00000002'}" in proc.stdout, proc.stdout
+        assert_identical(torch.load(out, weights_only=True), load_weights(run))
 
 
 def test_check_prints_each_ranks_memory_under_ddp_and_fsdp_and_warns_when_ddp_cannot_fit(tmp_path):

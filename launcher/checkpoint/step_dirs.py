@@ -246,6 +246,8 @@ def resolve_resume(
     path = Path(resume).expanduser()
     if path.is_file() and path.name == STATE:
         path = path.parent
+    if path.is_dir() and not (path / MARKER).exists() and not list_checkpoints(path):
+        path = _checkpoints_of_run(path) or path  # a run directory: its checkpoints
     if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
         latest = find_latest(path, warn, check)  # a directory of checkpoints: its newest
         if latest is None:
@@ -261,11 +263,31 @@ def resolve_resume(
         )
     is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
     problem = (
-        check(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+        check(path)
+        if is_checkpoint
+        else f"not a checkpoint (expected a step_N/ directory with {STATE} and {MARKER}, a directory of them, "
+        "or a run directory)"
     )
     if problem:
         raise RecipeError("checkpoint.resume", f"{path}: {problem}")
     return path
+
+
+def _checkpoints_of_run(run_dir: Path) -> Path | None:
+    """The checkpoint directory of a run directory (one holding its config.yaml): the config's
+    checkpoint.dir, else <run_dir>/checkpoints; None if it holds no checkpoints or is no run's."""
+    import yaml
+
+    candidates = []
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        named = (config.get("checkpoint") or {}).get("dir")
+        if isinstance(named, str) and named:
+            candidates.append(Path(named).expanduser())
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        pass
+    candidates.append(run_dir / "checkpoints")
+    return next((c for c in candidates if list_checkpoints(c)), None)
 
 
 def load(path: Path) -> dict[str, Any]:
