@@ -75,6 +75,22 @@ def test_a_linked_hf_export_directory_is_refused_before_the_run(tmp_path):
     assert (elsewhere / "config.json").exists()
 
 
+def test_a_linked_metrics_log_is_refused_and_its_target_is_neither_written_nor_emptied(tmp_path):
+    from launcher.observe.metrics import JsonlSink
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (run_dir / "metrics.jsonl").symlink_to(target)
+    problems = RunDir(run_dir, run_dir / "checkpoints").problems()
+    assert [(e.key, certain) for e, certain in problems] == [("run.dir", True)]
+    assert f"{run_dir / 'metrics.jsonl'} is a symbolic link" in problems[0][0].message
+    with pytest.raises(RecipeError, match="is a symbolic link"):
+        JsonlSink(run_dir / "metrics.jsonl")  # a fresh start's: it once emptied the target
+    assert target.read_text() == "keep me\n"
+
+
 # ---------------------------------------------------------------- checkpoints that name their run
 
 

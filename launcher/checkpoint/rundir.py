@@ -120,6 +120,9 @@ class RunDir:
         for path, key in self.lock_files:
             if path.is_symlink() or (path.exists() and not path.is_file()):
                 found.append((_not_a_lock(path, key), True))
+        if self.metrics.is_symlink():  # appended to in place (and emptied by a fresh start): never through a link
+            why = "which the run would write through: remove it, or choose another run.dir"
+            found.append((RecipeError("run.dir", f"{self.metrics} is a symbolic link, {why}"), True))
         for export in (self.hf_model, self.hf_merged):
             if export.is_symlink():
                 why = "the run replaces it with its exported model and never writes through a link"
