@@ -179,6 +179,8 @@ subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
 found["read-only, after one"] = error_of(lambda: step_dirs.write_checkpoint(mount / "some", 2, {"w": torch.zeros(4)}))
 found["read-only, the first"] = error_of(lambda: step_dirs.write_checkpoint(mount / "none", 1, {"w": torch.zeros(4)}))
 found["read-only file"] = error_of(lambda: atomic_write(mount / "startup.json", lambda f: f.write(b"{}")))
+from launcher.train.assemble import _write_startup
+found["startup report"] = error_of(lambda: _write_startup(mount / "startup.json"))  # a report: it only warns
 print(json.dumps(found))
 """
 
@@ -213,6 +215,8 @@ def test_a_full_or_read_only_filesystem_is_one_line_naming_the_path_and_what_is_
     assert found["read-only, after one"].endswith("; the previous checkpoint (step_00000001) is intact (1 lines)")
     assert found["read-only, the first"].endswith(f"; no checkpoint was saved in {mount}/none before it (1 lines)")
     assert found["read-only file"].startswith(f"TrainingError: writing {mount}/startup.json failed: Read-only file")
+    assert found["startup report"] == "no error", found
+    assert f"writing {mount}/startup.json failed: Read-only file system in {mount} (" in proc.stderr
 
 
 # ---------------------------------------------------------------- a run directory named as a checkpoint
