@@ -313,8 +313,8 @@ def _not_a_lock(path: Path, key: str) -> RecipeError:
     what = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
     return RecipeError(
         key,
-        f"{path} is {what}, not the launcher's lock file (which it would write through); "
-        "remove it (the launcher makes its own), or choose another " + key,
+        f"{path} is {what}, not the launcher's lock file; remove it (the launcher makes its own, and "
+        f"never writes through a link), or choose another {key}",
     )
 
 
