@@ -109,6 +109,10 @@ def test_a_save_never_replaces_another_runs_step_directory(tmp_path):
     assert [p.name for p in shared.iterdir()] == ["step_00000003"]  # no temporary left behind
     _save(shared, 3, theirs, 4.0)  # the same run saving its step again (after a restart) replaces it
     assert torch.equal(step_dirs.load(path)["w"], torch.full((2,), 4.0))
+    (path / step_dirs.STATE).write_bytes(b"damaged")  # a copied run's checkpoint, resumed from the one before it
+    assert step_dirs.verify(path) is not None
+    _save(shared, 3, mine, 5.0)  # worth nothing: replaced
+    assert step_dirs.verify(path) is None and torch.equal(step_dirs.load(path)["w"], torch.full((2,), 5.0))
 
 
 def test_pruning_and_overwrite_leave_another_runs_checkpoints(tmp_path):

@@ -65,7 +65,7 @@ def write_checkpoint(
     `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt.
     `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
     files' sizes, and counts them in. `owner`: the run writing it (its resolved run.dir), kept in
-    the marker; a step directory another run wrote is never replaced."""
+    the marker; a complete, intact step directory another run wrote is never replaced."""
     final = directory / f"step_{step:08d}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def write_checkpoint(
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
             other = written_by_another(final, owner)
-            if other is not None:
+            if other is not None and verify(final) is None:  # a damaged one (a copy, say) is worth nothing
                 raise RecipeError(
                     "checkpoint.dir",
                     f"{final} was written by another run ({other}); not replacing it: point checkpoint.dir "
