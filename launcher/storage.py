@@ -4,6 +4,7 @@ umask, and one-line errors for a full disk. Everything the launcher writes goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -41,8 +42,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call write(file) on a temp file in the same directory, fsync it, then rename it over `path`.
     A failed write (disk full, I/O error) leaves `path` as it was and raises one line naming it."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        # in the try: a directory made read-only (or full) since the run started is one line too
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -50,10 +53,13 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise write_failed(path, e) from None
+        # the reason first: a full disk has room again once the partial file is removed
+        failed = write_failed(path, e) if isinstance(e, (OSError, RuntimeError)) else None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if failed is not None:
+            raise failed from None
         raise
     fsync_dir(path.parent)
 
@@ -92,21 +98,59 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(nearest_existing(path)).free
 
 
-def write_failed(path: Path, exc: BaseException) -> TrainingError:
-    """A failed checkpoint write (disk full, quota, I/O error): one line naming the path and the free space."""
-    return TrainingError(f"{why_write_failed(path, exc)}; the previous checkpoint is intact")
+def write_failed(path: Path, exc: BaseException, after: str = "") -> TrainingError:
+    """A failed write (disk full, quota, a read-only directory, I/O error): one line naming the path,
+    the reason and the free space, then `after` (what is left, say)."""
+    return TrainingError(f"{why_write_failed(path, exc)}{after}")
+
+
+# a write that ran out of room: the disk, or the user's quota
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def why_write_failed(path: Path, exc: BaseException) -> str:
-    """A failed write as a phrase naming the path, the reason and the free space there."""
+    """A failed write as a phrase naming the path, the reason and the free space there. Call it before
+    removing what the write left: a full disk has room again once its partial file is gone."""
     try:
         free: int | None = free_bytes(path)
     except OSError:
         free = None
-    reason = getattr(exc, "strerror", None)
-    if reason is None:
-        # torch.save reports a full disk from C++ ("[enforce fail at inline_container.cc] unexpected pos")
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        reason = "No space left on device" if free is not None and free < 2**20 else text
+    os_error = os_error_in(exc)
+    if (os_error is not None and os_error.errno in _NO_SPACE) or (
+        os_error is None and free is not None and free < 2**20
+    ):
+        # torch.save reports a full disk from C++ without an errno ("[enforce fail at
+        # inline_container.cc] unexpected pos"); DCP wraps each rank's failure in its own exception
+        reason = f"no space left on {nearest_existing(path.parent)}"
+    elif os_error is not None and os_error.strerror:
+        reason = os_error.strerror
+        if os_error.filename and Path(os_error.filename) != path:
+            # a temporary file or directory of the write: the directory it was made in says where
+            where = Path(os_error.filename)
+            reason += f" in {where.parent if where.name.endswith('.tmp') else where}"
+    else:
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
     room = f"{free / 2**20:,.1f} MiB free there" if free is not None else "free space unknown"
     return f"writing {path} failed: {reason} ({room})"
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, its cause or context, or one rank's failure inside DCP's
+    CheckpointException (whose `failures` maps each rank to (exception, traceback))."""
+    seen: list[object] = [exc]
+    visited: set[int] = set()
+    while seen:
+        e = seen.pop()
+        if isinstance(e, tuple) and e:
+            e = e[0]
+        if not isinstance(e, BaseException) or id(e) in visited:
+            continue
+        visited.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            seen += list(failures.values())
+    return None

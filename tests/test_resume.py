@@ -337,7 +337,7 @@ def test_bad_resume_paths_and_other_models_are_one_line_errors(tmp_path):
     in_process(run_dir, **{"train.max_steps": 2})
     for override, phrase in [
         (f"checkpoint.resume={tmp_path / 'nope'}", "does not exist"),
-        (f"checkpoint.resume={tmp_path}", "not a checkpoint directory"),
+        (f"checkpoint.resume={tmp_path}", "not a checkpoint (expected a step_N/ directory"),
         (
             "model.sizes=[8,32,1]",
             "was saved from a different model: unexpected keys [net.7.weight, net.7.bias]; "

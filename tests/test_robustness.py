@@ -22,7 +22,7 @@ import torch
 
 from conftest import finish, launcher, load_weights, recipe_dict, worker_env, write_recipe
 from launcher.checkpoint import step_dirs
-from runs import gate, processes_with, wait_for
+from runs import assert_identical, gate, processes_with, wait_for
 
 
 def errors_of(proc) -> list[str]:
@@ -168,6 +168,40 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # one run's history, whole
 
 
+def test_a_run_that_shares_a_running_runs_checkpoint_dir_is_refused_and_deletes_nothing(tmp_path):
+    """B names A's checkpoint.dir while A trains: B once resumed A's checkpoints, or with
+    run.overwrite deleted them, and A's last step directory was replaced by B's."""
+    shared = tmp_path / "shared"
+    until, waiting, model = gate(tmp_path, rank=0, at_call=9)  # parked in step 3: steps 1 and 2 saved
+    changes = {"checkpoint.dir": str(shared), "checkpoint.every_n_steps": 1, "checkpoint.keep_last": 9}
+    a = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher",
+            "run",
+            str(write_recipe(tmp_path / "a.yaml", recipe_dict(**{"run.dir": str(tmp_path / "a"), **changes, **model}))),
+        ],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(waiting, a)
+    saved = {p.name: (p / "COMPLETE").read_bytes() for p in step_dirs.list_checkpoints(shared)}
+    assert sorted(saved) == ["step_00000001", "step_00000002"]
+    b = recipe_dict(**{"run.dir": str(tmp_path / "b"), **changes, "run.overwrite": True, "checkpoint.resume": "none"})
+    line = one_error(launcher("run", write_recipe(tmp_path / "b.yaml", b)))
+    assert line.startswith(f"error: checkpoint.dir: {shared} is in use by pid {a.pid} on "), line
+    assert {p.name: (p / "COMPLETE").read_bytes() for p in step_dirs.list_checkpoints(shared)} == saved
+    until.touch()
+    out, err = a.communicate(timeout=120)
+    assert a.returncode == 0, err
+    latest = step_dirs.find_latest(shared)
+    assert step_dirs.read_marker(latest)["run_dir"] == str((tmp_path / "a").resolve())
+    assert_identical(load_weights(tmp_path / "a"), step_dirs.load(latest)["model"])  # A's weights are its checkpoint's
+
+
 def test_sigterm_before_any_checkpoint_does_not_claim_one(tmp_path):
     until, waiting = tmp_path / "release", tmp_path / "waiting"
     r = recipe_dict(
@@ -220,6 +254,17 @@ def test_a_file_where_a_directory_must_be_fails_before_training(tmp_path):
         line = one_error(launcher("check", write_recipe(tmp_path / "c.yaml", recipe_dict(**changes))))
         assert line.startswith(f"error: {key}: "), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_check_refuses_a_resume_path_that_is_not_a_checkpoint_and_notes_a_missing_one(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    path = write_recipe(tmp_path / "c.yaml", recipe_dict(**{"run.dir": str(tmp_path / "run")}))
+    line = one_error(launcher("check", path, f"checkpoint.resume={text}"))
+    assert line.startswith(f"error: checkpoint.resume: {text}: not a checkpoint"), line
+    proc = launcher("check", path, f"checkpoint.resume={tmp_path / 'on-the-cluster'}")  # may exist where it runs
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint.resume: {tmp_path / 'on-the-cluster'} does not exist" in proc.stdout + proc.stderr
 
 
 def test_an_unwritable_run_directory_fails_before_the_workers_start(tmp_path):
@@ -291,8 +336,10 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_checkpoint_sur
     if proc.returncode == 99:
         pytest.skip("cannot mount a tmpfs here")
     line = one_error(proc, code=1)
-    assert line.startswith(f"error: writing {mount / 'ckpt'}/step_") and "No space left on device" in line, line
-    assert "MiB free there" in line and "previous checkpoint is intact" in line
+    assert line.startswith(f"error: writing {mount / 'ckpt'}/step_") and f"no space left on {mount / 'ckpt'}" in line, (
+        line
+    )
+    assert "MiB free there" in line and "; the previous checkpoint (step_" in line and line.endswith(") is intact")
     latest = step_dirs.find_latest(tmp_path / "copy")
     assert latest is not None and step_dirs.verify(latest) is None
     assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]  # no half checkpoint

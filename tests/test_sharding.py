@@ -265,9 +265,11 @@ def test_convert_joins_a_sharded_checkpoint_into_the_gathered_model_pt(tmp_path,
 def test_convert_copies_a_ddp_checkpoints_weights(tmp_path):
     run = ranks(tmp_path, "ddp", **{"train.max_steps": 2})
     out = tmp_path / "model.pt"
-    proc = launcher("convert", str(run / "checkpoints" / "step_00000002"), "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert_identical(torch.load(out, weights_only=True), load_weights(run))
+    for source in (run / "checkpoints" / "step_00000002", run):  # a run directory: its newest checkpoint
+        proc = launcher("convert", str(source), "-o", str(out), "--overwrite")
+        assert proc.returncode == 0, proc.stderr
+        assert f"from {run / 'checkpoints' / 'step_00000002'}" in proc.stdout, proc.stdout
+        assert_identical(torch.load(out, weights_only=True), load_weights(run))
 
 
 def test_check_prints_each_ranks_memory_under_ddp_and_fsdp_and_warns_when_ddp_cannot_fit(tmp_path):
@@ -494,9 +496,15 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_leaves_no_partial(tmp
         pytest.skip("cannot mount a tmpfs here")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert f"writing {mount / 'ckpt'}/step_" in line and "No space left on device" in line, line
-    assert "MiB free there" in line and "previous checkpoint is intact" in line
-    assert not [n for n in (tmp_path / "left.txt").read_text().split() if n.endswith(".tmp")]
+    assert f"writing {mount / 'ckpt'}/step_" in line and f"no space left on {mount / 'ckpt'}" in line, line
+    left = (tmp_path / "left.txt").read_text().split()
+    steps = sorted(n for n in left if n.startswith("step_"))
+    # which checkpoint is left, truly: the newest, or none (it once claimed one that did not exist)
+    kept = (
+        f"the previous checkpoint ({steps[-1]}) is intact" if steps else f"no checkpoint was saved in {mount / 'ckpt'}"
+    )
+    assert "MiB free there" in line and kept in line, line
+    assert not [n for n in left if n.endswith(".tmp")]
 
 
 @needs_fsdp

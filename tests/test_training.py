@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_close_rel, load_weights, recipe_dict
+from launcher.checkpoint import step_dirs
 from launcher.cluster.env import ClusterEnv
 from launcher.recipe.schema import validate
 from launcher.train import assemble
@@ -112,7 +113,9 @@ def test_rerun_resumes_and_fresh_start_needs_overwrite(tmp_path):
     with pytest.raises(RecipeError, match="run.dir.*already holds a run.*checkpoint.resume=auto"):
         run(tmp_path, "x", **{"checkpoint.resume": "none"})
     run(tmp_path, "x", **{"checkpoint.resume": "none", "run.overwrite": True, "train.epochs": 1})
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]  # the old run's are gone
+    assert [p.name for p in step_dirs.list_checkpoints(run_dir / "checkpoints")] == [
+        "step_00000003"
+    ]  # the old run's are gone
 
 
 def test_accumulation_alone_is_exact(tmp_path):

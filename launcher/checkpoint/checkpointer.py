@@ -26,7 +26,7 @@ from launcher.checkpoint.background import BackgroundWrite
 from launcher.cluster import distributed
 from launcher.errors import RecipeError
 from launcher.observe.logs import log
-from launcher.storage import sha256_of, write_failed
+from launcher.storage import sha256_of
 
 FORMAT = 2
 
@@ -49,6 +49,8 @@ class Checkpointer:
     # checkpoint.async_save: a save that may (`blocking=False`) is staged in host memory and
     # written by a thread (launcher/checkpoint/background.py); None: every save is synchronous
     background: BackgroundWrite | None = None
+    # the run writing (its resolved run.dir), named in each marker: another run's checkpoints are never replaced
+    owner: str | None = None
 
     def save(
         self,
@@ -117,8 +119,8 @@ class Checkpointer:
         if self.is_writer:
             payload = {"format": FORMAT, **metadata, **states, "sharded": sorted(self.sharded)}
             marker = {**(summary or {}), "shard_sha256": digests} if digests is not None else dict(summary or {})
-            path = step_dirs.write_checkpoint(self.directory, step, payload, summary=marker, tmp=tmp)
-            step_dirs.prune(self.directory, self.keep_last)
+            path = step_dirs.write_checkpoint(self.directory, step, payload, summary=marker, tmp=tmp, owner=self.owner)
+            step_dirs.prune(self.directory, self.keep_last, self.owner)
         # nobody leaves (and, under torchrun, gets its peers killed) before the checkpoint is on disk
         distributed.barrier(group)
         return path
@@ -135,10 +137,12 @@ class Checkpointer:
         try:
             mine = sharded_state.save(shards, states, dcp_group)
         except (Exception, CheckpointException) as e:
+            # the reason first: a full disk has room again once the partial checkpoint is removed
+            failed = step_dirs.checkpoint_write_failed(self.directory / f"step_{step:08d}", e)
             distributed.barrier(group)  # every rank is out of the save before the writer removes it
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failed(self.directory / f"step_{step:08d}", _os_error(e) or e) from None
+            raise failed from None
         gathered = distributed.gather_objects(mine, group)  # also: every rank's shards are on disk
         if gathered is None:
             return None
@@ -146,20 +150,6 @@ class Checkpointer:
         metadata = shards / ".metadata"  # the coordinator's, written once every rank's files are
         digests[f"{step_dirs.SHARDS}/{metadata.name}"] = sha256_of(metadata)
         return digests
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError inside DCP's wrapping (CheckpointException lists each rank's failure), if any."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        e = seen.pop()
-        if isinstance(e, OSError):
-            return e
-        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            seen += [f for f in failures.values() if isinstance(f, BaseException)]
-    return None
 
 
 def read(path: Path) -> dict[str, Any]:

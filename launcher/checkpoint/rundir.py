@@ -3,14 +3,19 @@ fresh start may delete.
 
 Layout of <run.dir>: config.yaml, metrics.jsonl, model.pt, hf/ (a transformers model's
 save_pretrained), startup.json, wandb_run_id, .lock, checkpoints/ (unless checkpoint.dir points
-elsewhere), profile/, tensorboard/, wandb/.
+elsewhere; it holds a .lock too), profile/, tensorboard/, wandb/.
 
 Policies:
 - Nothing outside what the launcher itself writes is ever deleted. `run.overwrite` deletes only
   checkpoint directories of the launcher's own shape (step_N/ holding state.pt and COMPLETE) and
   its own temporary files; a checkpoint directory holding anything else is refused.
-- One run at a time: the process that writes (rank 0) holds an exclusive `flock` on <run.dir>/.lock
-  for the whole run. The kernel releases it when the process dies, however it dies.
+- One run at a time in every directory a run writes: the process that writes (rank 0) holds an
+  exclusive `flock` on <run.dir>/.lock and on <checkpoint.dir>/.lock for the whole run, so a second
+  run that shares either directory (another run.dir, the same checkpoint.dir) is refused. The kernel
+  releases them when the process dies, however it dies. A `.lock` that is a link or a directory is
+  refused (opened with O_NOFOLLOW: the launcher never writes through a link it did not make).
+- A checkpoint directory is shared by one run at a time: a step directory whose COMPLETE marker
+  names another run.dir is never replaced, pruned or deleted by run.overwrite.
 - Every path the run will write is checked before the first step: a file where a directory must be,
   a directory that cannot be written, a disk too full for one checkpoint.
 """
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,6 +85,20 @@ class RunDir:
         return self.root / LOCK
 
     @property
+    def lock_files(self) -> tuple[tuple[Path, str], ...]:
+        """Every lock the run holds, with the key that names its directory: run.dir's, and
+        checkpoint.dir's (also where it is the default <run.dir>/checkpoints: another run may name
+        it as its checkpoint.dir)."""
+        ckpt_key = "checkpoint.dir" if self.checkpoints.parent != self.root else "run.dir"
+        locks = ((self.lock_file, "run.dir"), (self.checkpoints / LOCK, ckpt_key))
+        return tuple((path, key) for i, (path, key) in enumerate(locks) if not _same_file(path, locks[:i]))
+
+    @property
+    def owner(self) -> str:
+        """How the markers of this run's checkpoints name the run that wrote them."""
+        return str(self.root.resolve())
+
+    @property
     def outputs(self) -> tuple[Path, ...]:
         """Files whose presence means a previous run wrote here."""
         return self.metrics, self.weights
@@ -97,6 +117,17 @@ class RunDir:
                 found.append((e, False))
             except RecipeError as e:
                 found.append((e, True))
+        for path, key in self.lock_files:
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                found.append((_not_a_lock(path, key), True))
+        if self.metrics.is_symlink():  # appended to in place (and emptied by a fresh start): never through a link
+            why = "which the run would write through: remove it, or choose another run.dir"
+            found.append((RecipeError("run.dir", f"{self.metrics} is a symbolic link, {why}"), True))
+        for export in (self.hf_model, self.hf_merged):
+            if export.is_symlink():
+                why = "the run replaces it with its exported model and never writes through a link"
+                fix = "remove the link (what it points to stays) or choose another run.dir"
+                found.append((RecipeError("run.dir", f"{export} is a symbolic link; {why}: {fix}"), True))
         return found
 
     def preflight(self) -> None:
@@ -120,18 +151,22 @@ class RunDir:
     # ------------------------------------------------------------ fresh starts
 
     def foreign_checkpoint_entries(self) -> list[Path]:
-        """What in the checkpoint directory the launcher did not write (and so must never delete)."""
+        """What in the checkpoint directory this run did not write (and so must never delete): anything
+        but the launcher's checkpoints and lock, and checkpoints whose marker names another run.dir."""
         if not self.checkpoints.is_dir():
             return []
         foreign = []
         for entry in sorted(self.checkpoints.iterdir()):
             if _STEP_TMP.match(entry.name) and entry.is_dir():
                 continue
+            if entry.name == LOCK and entry.is_file() and not entry.is_symlink():
+                continue
             if (
                 _STEP_DIR.match(entry.name)
                 and entry.is_dir()
                 and not entry.is_symlink()
                 and {p.name for p in entry.iterdir()} <= CHECKPOINT_FILES
+                and step_dirs.written_by_another(entry, self.owner) is None
             ):
                 continue
             foreign.append(entry)
@@ -141,17 +176,24 @@ class RunDir:
         """run.overwrite: delete this launcher's checkpoints, and nothing else."""
         foreign = self.foreign_checkpoint_entries()
         if foreign:
+            others = sorted({o for p in foreign if (o := step_dirs.written_by_another(p, self.owner)) is not None})
+            what = (
+                f"the checkpoints of another run ({', '.join(others)})"
+                if others
+                else "files the launcher did not write"
+            )
             raise RecipeError(
                 "checkpoint.dir",
-                f"{self.checkpoints} also holds files the launcher did not write "
+                f"{self.checkpoints} also holds {what} "
                 f"({', '.join(p.name for p in foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                "run.overwrite deletes only launcher checkpoints: point checkpoint.dir at a "
+                "run.overwrite deletes only this run's checkpoints: point checkpoint.dir at a "
                 "directory of its own",
             )
         if not self.checkpoints.is_dir():
             return
         for entry in self.checkpoints.iterdir():
-            shutil.rmtree(entry)
+            if entry.name != LOCK:  # held by this run
+                shutil.rmtree(entry)
         if self.checkpoints != self.root:
             with contextlib.suppress(OSError):
                 self.checkpoints.rmdir()  # ours only if now empty
@@ -213,18 +255,18 @@ class RunDir:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the run directory's lock, or raise naming the process that holds it."""
+        """Hold the locks of every directory the run writes, or raise naming the process that holds one."""
         self.preflight()  # before the lock file makes the directory: a file in the way is named as such
-        handle = acquire_lock(self.lock_file)
-        try:
+        with contextlib.ExitStack() as held:
+            for path, key in self.lock_files:
+                held.enter_context(acquire_lock(path, key, self.root))  # closing it releases the flock
             yield
-        finally:
-            handle.close()  # releases the flock
 
     def check_unlocked(self) -> None:
-        """Fail now if another run holds the lock (without keeping it: the workers take it)."""
-        if self.lock_file.is_file():
-            acquire_lock(self.lock_file).close()
+        """Fail now if another run holds a lock (without keeping it: the workers take it)."""
+        for path, key in self.lock_files:
+            if os.path.lexists(path):
+                acquire_lock(path, key, self.root).close()
 
 
 def _logged_a_step(metrics: Path) -> bool:
@@ -234,9 +276,21 @@ def _logged_a_step(metrics: Path) -> bool:
     return False
 
 
-def acquire_lock(path: Path) -> IO[str]:
+def acquire_lock(path: Path, key: str = "run.dir", run_dir: Path | None = None) -> IO[str]:
+    """Take the exclusive lock `path` (made if missing), writing who holds it; or raise naming the
+    holder. `key` names the directory's recipe key; `run_dir`: the run taking it, written beside its pid."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open: the lock lives as long as it
+    try:
+        # O_NOFOLLOW: a link is refused, never written through; O_NONBLOCK: a FIFO cannot hang the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise _not_a_lock(path, key) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock(path, key)
+    handle = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -246,13 +300,28 @@ def acquire_lock(path: Path) -> IO[str]:
         if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
             raise
         raise RecipeError(
-            "run.dir", f"{path.parent} is in use by {holder}; wait for that run to end, or choose another run.dir"
+            key, f"{path.parent} is in use by {holder}; wait for that run to end, or choose another {key}"
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}{f' (run.dir {run_dir})' if run_dir else ''}\n")
     handle.flush()
     return handle
+
+
+def _not_a_lock(path: Path, key: str) -> RecipeError:
+    what = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a regular file"
+    return RecipeError(
+        key,
+        f"{path} is {what}, not the launcher's lock file; remove it (the launcher makes its own, and "
+        f"never writes through a link), or choose another {key}",
+    )
+
+
+def _same_file(path: Path, others: tuple[tuple[Path, str], ...]) -> bool:
+    """Is `path` one of `others` (a checkpoint.dir that is the run.dir, or a link to it)?"""
+    here = path.parent.resolve() / path.name  # the lock itself may be a link: its directory counts
+    return any(here == other.parent.resolve() / other.name for other, _ in others)
 
 
 class _NotWritable(RecipeError):

@@ -7,9 +7,10 @@ into a hidden temporary directory (file fsynced), the COMPLETE marker (size and 
 state.pt) is written last, and only then is the directory renamed into place. A crash at any moment
 therefore leaves every earlier checkpoint untouched and loadable, and a half-written one invisible.
 The marker also holds the sha256 of every shard file and of DCP's .metadata, checked before
-anything is read. Loading uses torch.load(weights_only=True), and a sharded checkpoint's metadata
-and values are read without unpickling anything but DCP's own types (launcher/checkpoint/dcp_safe.py): a
-checkpoint cannot run code.
+anything is read, and the run directory of the run that wrote it: a save never replaces, and
+pruning never deletes, another run's step directory. Loading uses torch.load(weights_only=True),
+and a sharded checkpoint's metadata and values are read without unpickling anything but DCP's own
+types (launcher/checkpoint/dcp_safe.py): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from launcher.cluster import distributed
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, TrainingError
 from launcher.observe.logs import log
 from launcher.storage import DIR_MODE, atomic_write, fsync_dir, sha256_of, write_failed
 
@@ -57,16 +58,21 @@ def write_checkpoint(
     payload: dict[str, Any],
     summary: dict[str, Any] | None = None,
     tmp: Path | None = None,
+    owner: str | None = None,
 ) -> Path:
     """Write <directory>/step_<step> atomically; returns its path. A failed write (disk full)
     removes the partial directory and raises one line naming the path and the free space.
     `summary`: small facts kept in the COMPLETE marker too, readable without loading state.pt.
     `tmp`: a shared_temporary the ranks have written their shards into; the marker lists their
-    files' sizes, and counts them in."""
-    directory.mkdir(parents=True, exist_ok=True)
+    files' sizes, and counts them in. `owner`: the run writing it (its resolved run.dir), kept in
+    the marker; a complete, intact step directory another run wrote is never replaced."""
     final = directory / f"step_{step:08d}"
-    if tmp is None:
-        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    except OSError as e:  # a directory made read-only, or full, since the run started
+        raise checkpoint_write_failed(final, e) from None
     try:
         os.chmod(tmp, DIR_MODE)
         state_path = tmp / STATE
@@ -81,19 +87,43 @@ def write_checkpoint(
             "sha256": sha256_of(state_path),
             "shards": _shard_sizes(tmp),
             "time": time.time(),
+            **({"run_dir": owner} if owner is not None else {}),
             **(summary or {}),
         }
         atomic_write(tmp / MARKER, lambda f: f.write(json.dumps(marker).encode()))
         if final.exists():  # an earlier attempt at this very step (e.g. before a restart): replace it
+            other = written_by_another(final, owner)
+            if other is not None and verify(final) is None:  # a damaged one (a copy, say) is worth nothing
+                raise RecipeError(
+                    "checkpoint.dir",
+                    f"{final} was written by another run ({other}); not replacing it: point checkpoint.dir "
+                    "at a directory of its own",
+                )
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException as e:
+        # the reason first: the free space is measured before the partial checkpoint is removed
+        failed = checkpoint_write_failed(final, e) if isinstance(e, (OSError, RuntimeError, TrainingError)) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            raise write_failed(final, e) from None
+        if failed is not None:  # torch.save reports a full disk as a RuntimeError
+            raise failed from None
         raise
     fsync_dir(directory)
     return final
+
+
+def checkpoint_write_failed(final: Path, exc: BaseException) -> TrainingError:
+    """A checkpoint that could not be written, as one line: why, and which checkpoint is left to resume."""
+    if isinstance(exc, TrainingError):  # already a sentence (an atomic write inside the checkpoint)
+        return TrainingError(f"{exc}{_what_is_left(final)}")
+    return write_failed(final, exc, _what_is_left(final))
+
+
+def _what_is_left(final: Path) -> str:
+    previous = next((p for p in list_checkpoints(final.parent) if p != final and (p / MARKER).is_file()), None)
+    if previous is None:
+        return f"; no checkpoint was saved in {final.parent} before it"
+    return f"; the previous checkpoint ({previous.name}) is intact"
 
 
 def crash_point(name: str) -> None:
@@ -119,15 +149,28 @@ def _shard_sizes(step_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(shards.rglob("*")) if p.is_file()}
 
 
+def written_by_another(path: Path, owner: str | None) -> str | None:
+    """The run.dir of the run that wrote checkpoint `path`, if its marker names one other than
+    `owner` (None: this run's, one whose marker names no run, or `owner` unknown)."""
+    if owner is None:
+        return None
+    try:
+        written_by = json.loads((path / MARKER).read_text()).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return written_by if isinstance(written_by, str) and written_by != owner else None
+
+
 def read_marker(path: Path) -> dict[str, Any]:
     """The COMPLETE marker of a verified checkpoint directory: its step, time and summary."""
     return json.loads((path / MARKER).read_text())
 
 
-def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+def verify(path: Path, share: tuple[int, int] = (0, 1), hashes: bool = True) -> str | None:
     """None if the checkpoint directory is complete and intact, else what is wrong with it. The
     marker and every size are checked; the files are hashed only where `share` (index, count) says:
-    every count-th of them, from index (the ranks of a job split the reading, `verify_together`)."""
+    every count-th of them, from index (the ranks of a job split the reading, `verify_together`),
+    and not at all without `hashes` (`launcher check`: quick, the run hashes them)."""
     marker_path, state_path = path / MARKER, path / STATE
     if not marker_path.is_file():
         return "incomplete (no COMPLETE marker: the write was interrupted)"
@@ -147,6 +190,8 @@ def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
             return f"shard {name} has {shard.stat().st_size} bytes, the marker says {size}"
     # state.pt, every shard file and DCP's .metadata, hashed by the ranks that wrote them (damage
     # that keeps a file's size is found before anything is unpickled or loaded)
+    if not hashes:
+        return None
     digests = [(STATE, marker.get("sha256")), *sorted((marker.get("shard_sha256") or {}).items())]
     index, count = share
     for name, digest in digests[index::count]:
@@ -201,6 +246,8 @@ def resolve_resume(
     path = Path(resume).expanduser()
     if path.is_file() and path.name == STATE:
         path = path.parent
+    if path.is_dir() and not (path / MARKER).exists() and not list_checkpoints(path):
+        path = _checkpoints_of_run(path) or path  # a run directory: its checkpoints
     if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
         latest = find_latest(path, warn, check)  # a directory of checkpoints: its newest
         if latest is None:
@@ -216,20 +263,43 @@ def resolve_resume(
         )
     is_checkpoint = path.is_dir() and ((path / STATE).exists() or (path / MARKER).exists())
     problem = (
-        check(path) if is_checkpoint else f"not a checkpoint directory (expected step_N/ with {STATE} and {MARKER})"
+        check(path)
+        if is_checkpoint
+        else f"not a checkpoint (expected a step_N/ directory with {STATE} and {MARKER}, a directory of them, "
+        "or a run directory)"
     )
     if problem:
         raise RecipeError("checkpoint.resume", f"{path}: {problem}")
     return path
 
 
+def _checkpoints_of_run(run_dir: Path) -> Path | None:
+    """The checkpoint directory of a run directory (one holding its config.yaml): the config's
+    checkpoint.dir, else <run_dir>/checkpoints; None if it holds no checkpoints or is no run's."""
+    import yaml
+
+    candidates = []
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        named = (config.get("checkpoint") or {}).get("dir")
+        if isinstance(named, str) and named:
+            candidates.append(Path(named).expanduser())
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        pass
+    candidates.append(run_dir / "checkpoints")
+    return next((c for c in candidates if list_checkpoints(c)), None)
+
+
 def load(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE, map_location="cpu", weights_only=True)
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints. (A failed write removes its own temporary
-    directory; one left by a killed process goes at the next start, RunDir.remove_stale_temporaries.)"""
-    complete = [p for p in list_checkpoints(directory) if (p / MARKER).exists()]
+def prune(directory: Path, keep_last: int, owner: str | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints of this run (`owner`; another run's are
+    left alone). (A failed write removes its own temporary directory; one left by a killed process
+    goes at the next start, RunDir.remove_stale_temporaries.)"""
+    complete = [
+        p for p in list_checkpoints(directory) if (p / MARKER).exists() and written_by_another(p, owner) is None
+    ]
     for old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)

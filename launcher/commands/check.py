@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,7 @@ from launcher.data import fit, loss_mean, streaming
 from launcher.data.batches import Counting
 from launcher.data.builders import _first_sample, build_collate, build_datasets, build_model, train_samples
 from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnings
-from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError
+from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError, RecipeError
 from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
 from launcher.parallel import memory, sharding, sizes, tensor, wrap
@@ -51,6 +52,29 @@ def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
     return model
 
 
+def _check_resume(recipe: Recipe, notes: list[str]) -> None:
+    """checkpoint.resume naming a path: what is there must be a checkpoint (or a directory of them).
+    A path missing here may exist where the run runs: a note, not an error."""
+    from launcher.checkpoint import step_dirs
+
+    resume = recipe.checkpoint.resume
+    if resume in ("auto", "none"):
+        return
+    try:
+        step_dirs.resolve_resume(resume, recipe.checkpoint_dir, warn=False, check=quick_verify)
+    except RecipeError as e:
+        if Path(resume).expanduser().exists():
+            raise
+        notes.append(f"{e.key}: {e.message}")
+
+
+def quick_verify(path: Path) -> str | None:
+    """A checkpoint's marker and sizes, without hashing its files (the run hashes them)."""
+    from launcher.checkpoint import step_dirs
+
+    return step_dirs.verify(path, hashes=False)
+
+
 @dataclass(frozen=True)
 class Report:
     text: str  # the resolved recipe, the plan, warnings and a summary line
@@ -68,6 +92,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         if certain:
             raise error
         notes.append(f"{error.key}: {error.message}")  # this machine may not be the one that runs it
+    _check_resume(recipe, notes)
     loss_fn = setup.loss(recipe)  # as the run builds it: not callable, or not a mean, is one line here
     model = build_model_cheaply(recipe)
     sizes.check(model, recipe.model)  # built on the meta device: the run would fail at the allocator

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from launcher import hub
-from launcher.errors import ArgumentError
+from launcher.errors import ArgumentError, TrainingError
 from launcher.models import hf_weights
 from launcher.recipe.components import require
+from launcher.storage import write_failed
 
 
 def causal_lm(
@@ -254,6 +255,11 @@ def export(
     the data's tokenizer (`save_tokenizer`), so that from_pretrained and generate work at once;
     written into a temporary directory beside `directory` and renamed over it: a kill leaves the
     previous export or none, never a config.json without its weights."""
+    if directory.is_symlink():  # RunDir.problems refuses it at start; one made since is not written through
+        raise TrainingError(
+            f"{directory} is a symbolic link; the export replaces it and never writes through a link: remove the "
+            "link (what it points to stays); the final weights are in model.pt beside it"
+        )
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -263,5 +269,7 @@ def export(
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except OSError as e:  # a run directory made read-only, or full, since the run started
+        raise write_failed(directory, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

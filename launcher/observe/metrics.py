@@ -6,6 +6,7 @@ SLURM logs), TensorBoard (log.tensorboard) and wandb (log.wandb, launcher/observ
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from launcher.errors import RecipeError
 from launcher.observe.logs import LevelFormatter, log, shows_bars
 from launcher.storage import atomic_write
 
@@ -30,7 +32,17 @@ class JsonlSink:
 
     def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC), 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        try:
+            # O_NOFOLLOW: a link is never written through (nor, on a fresh start, its target truncated)
+            self._fd = os.open(path, flags | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RecipeError(
+                "run.dir",
+                f"{path} is a symbolic link, which the run would write through: remove it, or choose another run.dir",
+            ) from None
 
     def __call__(self, row: dict) -> None:
         data = (json.dumps(row, allow_nan=True) + "\n").encode()

@@ -43,7 +43,7 @@ from launcher.parallel import memory, sharding
 from launcher.parallel.layout import node_warning
 from launcher.parallel.strategy import build_strategy
 from launcher.recipe.schema import Recipe
-from launcher.storage import save_torch
+from launcher.storage import atomic_write, save_torch
 from launcher.train import loop, resume, setup
 from launcher.train.loop_state import LogWindow, Trainer, TrainState
 from launcher.train.optim import build_optimizer, build_scheduler
@@ -256,6 +256,7 @@ def _train_locked(
             group=sess.control,
             sharded=strategy.shards_in_checkpoint,
             background=_background_writes(recipe),
+            owner=recipe.layout.owner,
         ),
         preempt=preempt,
         agreement=Agreement(sess.control if env.world_size > 1 else None),
@@ -360,8 +361,13 @@ def _profiler(recipe: Recipe, env: ClusterEnv, device: torch.device) -> StepProf
 
 
 def _write_startup(path: Path) -> None:
+    """startup.json, the start-up timings: a report, so a failed write (a run directory made
+    read-only, a full disk) is a warning, and the run goes on to save its checkpoint."""
     report = startup.report()
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        atomic_write(path, lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    except TrainingError as e:
+        log.warning(f"{e}; the start-up report is not saved")
     if "launcher_s" in report:
         log.info(
             f"first optimizer step {report['first_step_s']:.2f} s after process start: import torch "

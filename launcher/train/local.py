@@ -11,7 +11,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,8 @@ def elastic(
 ) -> int:
     """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent.
     `checkpoint_dir`: where the workers checkpoint when stopped by a signal; the requeue exit code
-    is returned only if a checkpoint was written there since the launch."""
+    is returned only if a checkpoint was written there since the launch (told by the checkpoints
+    there before and after, not by clocks: the workers' may differ from this one's)."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -49,7 +49,7 @@ def elastic(
     check_workers_import_this_launcher(Path.cwd())
     os.environ[CHILD_ENV] = "1"  # workers stay quiet on fatal errors: _summarize prints one line
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # workers die with this process (signals.die_with_parent)
-    launched_at = time.time()
+    before = checkpoints_seen(checkpoint_dir) if checkpoint_dir is not None else {}
     # a restarted worker group can read the previous attempt's addresses from a store shared with
     # the rendezvous and fail to connect (pytorch/pytorch#135712); a store per attempt avoids it
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -92,7 +92,7 @@ def elastic(
     except ChildFailedError as e:
         return _summarize(e, causes.last_attempt(log_dir))
     except SignalException as e:  # the agent stopped the workers, passing them the signal
-        saved = _checkpoint_since(checkpoint_dir, launched_at) if checkpoint_dir is not None else None
+        saved = checkpoint_since(checkpoint_dir, before) if checkpoint_dir is not None else None
         if saved is None:
             after = "; no checkpoint was written (nothing to resume from this attempt)" if checkpoint_dir else ""
             print(f"stopped by {e.sigval.name}{after}", file=sys.stderr, flush=True)
@@ -146,18 +146,33 @@ def check_workers_import_this_launcher(directory: Path) -> None:
             )
 
 
-def _checkpoint_since(directory: Path, since: float) -> Path | None:
-    """The newest intact checkpoint in `directory` completed at or after `since` (time.time())."""
-    from launcher.checkpoint.step_dirs import find_latest, read_marker
+def checkpoints_seen(directory: Path) -> dict[str, bytes]:
+    """The checkpoint directories in `directory` now, with their COMPLETE markers' bytes (b"" for none)."""
+    from launcher.checkpoint.step_dirs import MARKER, list_checkpoints
+
+    seen = {}
+    for path in list_checkpoints(directory):
+        try:
+            seen[path.name] = (path / MARKER).read_bytes()
+        except OSError:
+            seen[path.name] = b""
+    return seen
+
+
+def checkpoint_since(directory: Path, before: dict[str, bytes]) -> Path | None:
+    """The newest intact checkpoint in `directory` if it was written after `before` (checkpoints_seen
+    then): a new step directory, or one whose marker changed (a step saved again). Compares what is on
+    disk, never the time a worker wrote into the marker with this process's clock."""
+    from launcher.checkpoint.step_dirs import MARKER, find_latest
 
     latest = find_latest(directory, warn=False)
     if latest is None:
         return None
     try:
-        written = read_marker(latest)["time"]
-    except (OSError, ValueError, KeyError):
+        marker = (latest / MARKER).read_bytes()
+    except OSError:
         return None
-    return latest if written >= since else None
+    return latest if before.get(latest.name) != marker else None
 
 
 class _RestartReporter(logging.Handler):
