@@ -155,7 +155,7 @@ PINNED: dict[str, set[str]] = {
     "data": {"cluster", "errors", "launcher", "models", "recipe", "rng"},
     "datasets": {"cluster", "errors", "hub", "launcher", "recipe"},
     "hub": {"cluster", "errors", "recipe"},
-    "models": {"errors", "hub", "launcher", "parallel", "recipe"},
+    "models": {"errors", "hub", "launcher", "parallel", "recipe", "storage"},
     "observe": {"errors", "recipe", "storage"},
     "parallel": {"checkpoint", "cluster", "data", "errors", "observe", "recipe", "rng"},
     "recipe": {"checkpoint", "errors"},
