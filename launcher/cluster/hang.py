@@ -30,6 +30,9 @@ from launcher.cluster import trail
 
 REPORT_SIGNAL = signal.SIGUSR2
 SECTION = "=== "
+# set for the workers by the process that gathers their reports (the --nproc parent): its pid, which
+# a rank whose collective timed out asks for every rank's report (unset: nobody would answer)
+REPORTER_ENV = "LAUNCHER_HANG_REPORTER"
 
 
 def stacks_path(directory: Path, rank: int) -> Path:
@@ -72,7 +75,7 @@ class Armed:
             faulthandler.register(REPORT_SIGNAL, file=self._stacks, all_threads=True, chain=False)
         trail.install(trail.Trail(trail_path(directory, rank), rank))
 
-    def timed_out(self, exc: BaseException, parent_pid: int | None) -> None:
+    def timed_out(self, exc: BaseException) -> None:
         """A collective of this rank timed out: write where it waited, and ask the parent for every
         rank's report (the rank that holds the others up has no timeout of its own)."""
         with contextlib.suppress(OSError):
@@ -81,9 +84,10 @@ class Armed:
             self._stacks.write(f"{SECTION}{time.time():.3f} timed out: {first[:300]}\n")
             self._stacks.write("Timed out here (most recent call first):\n" + "".join(frames) + "\n")
             self._stacks.flush()
-        if parent_pid is not None:
+        reporter = os.environ.get(REPORTER_ENV, "")
+        if reporter.isdigit():
             with contextlib.suppress(OSError):
-                os.kill(parent_pid, REPORT_SIGNAL)
+                os.kill(int(reporter), REPORT_SIGNAL)
 
     def disarm(self) -> None:
         """Stop recording, and remove the files this run made if no report was written: a run that

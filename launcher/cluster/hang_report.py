@@ -238,10 +238,13 @@ class Reporter:
         self._thread: threading.Thread | None = None
         self._states: dict[int, str] = {}  # each rank's process when last asked: running, stopped
         self._previous = signal.signal(REPORT_SIGNAL, self.on_signal) if directory is not None else None
+        if directory is not None:
+            os.environ[hang.REPORTER_ENV] = str(os.getpid())  # the workers' timeouts ask here
 
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(REPORT_SIGNAL, self._previous)
+            os.environ.pop(hang.REPORTER_ENV, None)
 
     def on_signal(self, _signum: int, _frame: object) -> None:
         if self._thread is not None and self._thread.is_alive():

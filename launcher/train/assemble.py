@@ -45,7 +45,6 @@ from launcher.parallel.strategy import build_strategy
 from launcher.recipe.schema import Recipe
 from launcher.storage import save_torch
 from launcher.train import loop, resume, setup
-from launcher.train.local import PARENT_PID_ENV
 from launcher.train.loop_state import LogWindow, Trainer, TrainState
 from launcher.train.optim import build_optimizer, build_scheduler
 
@@ -83,8 +82,7 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> TrainSt
             traceback.clear_frames(e.__traceback__)
             if env.world_size > 1 and distributed.is_timeout(e):
                 if report is not None:  # where this rank waited, and every rank's report (the parent asks them)
-                    parent = os.environ.get(PARENT_PID_ENV, "")
-                    report.timed_out(e, int(parent) if parent.isdigit() else None)
+                    report.timed_out(e)
                 who = distributed.missing_ranks(sess.control, env.rank, min(recipe.dist.timeout_s, 30.0))
                 timeout = TrainingError(
                     f"[rank {env.rank}] a collective timed out after dist.timeout_s={recipe.dist.timeout_s:g}s: {who}"
