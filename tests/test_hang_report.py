@@ -16,7 +16,7 @@ from pathlib import Path
 from conftest import finish, recipe_dict, worker_env, write_recipe
 from runs import processes_with, start, wait_for
 
-TIMEOUT_S = 10  # dist.timeout_s: long enough that a loaded machine's start-up does not time out
+TIMEOUT_S = 5  # dist.timeout_s: long enough that a loaded machine's start-up does not time out (others use 3)
 
 
 def _start(tmp_path: Path, marker: str, timeout_s: float = TIMEOUT_S, **changes):
