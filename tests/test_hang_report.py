@@ -149,3 +149,21 @@ def test_the_trail_keeps_the_last_collectives_and_their_callers(tmp_path):
     first = recorded.entries[0]
     assert (first.at, first.state) == (f"{__file__}:{line}", "done")
     assert first.fn == "test_the_trail_keeps_the_last_collectives_and_their_callers"
+
+
+def test_a_rank_writes_its_stacks_on_sigusr2_and_a_late_one_does_not_kill_it(tmp_path):
+    """Armed: SIGUSR2 writes every thread's stack (faulthandler, from its signal handler). Disarmed
+    (the run is over, the report kept): a late SIGUSR2 from the parent is ignored, not fatal."""
+    from launcher.cluster import hang
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        armed = hang.Armed(tmp_path / "hang", 3, on_signal=True)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        armed.disarm()
+        os.kill(os.getpid(), signal.SIGUSR2)  # this process lives on
+        stacks = (tmp_path / "hang" / "rank3.stacks.txt").read_text()
+        assert "in test_a_rank_writes_its_stacks_on_sigusr2_and_a_late_one_does_not_kill_it" in stacks
+        assert (tmp_path / "hang" / "rank3.collectives.txt").exists()  # kept beside the report
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -72,6 +72,9 @@ class Armed:
         self._stacks: IO[str] = open(stacks_path(directory, rank), "a")  # noqa: SIM115 - open for the run's life
         self._on_signal = on_signal
         if on_signal:
+            # ignored underneath: what faulthandler puts back when it lets go, so that a report
+            # signal that comes late (the process is leaving) is not its default action, death
+            signal.signal(REPORT_SIGNAL, signal.SIG_IGN)
             faulthandler.register(REPORT_SIGNAL, file=self._stacks, all_threads=True, chain=False)
         trail.install(trail.Trail(trail_path(directory, rank), rank))
 
@@ -94,8 +97,7 @@ class Armed:
         ended (well or on an error of its own) leaves nothing; one killed or hung leaves its trail.
         Later report signals are ignored (this process is leaving)."""
         if self._on_signal:
-            faulthandler.unregister(REPORT_SIGNAL)
-            signal.signal(REPORT_SIGNAL, signal.SIG_IGN)  # not its default action, which is to die
+            faulthandler.unregister(REPORT_SIGNAL)  # back to ignored
         trail.uninstall()
         self._stacks.close()
         with contextlib.suppress(OSError):
