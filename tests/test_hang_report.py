@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 from conftest import finish, recipe_dict, worker_env, write_recipe
+from launcher.cluster import trail
+from launcher.parallel.sharding import MIN_TORCH, torch_version
 from runs import processes_with, start, wait_for
 
 TIMEOUT_S = 5  # dist.timeout_s: long enough that a loaded machine's start-up does not time out (others use 3)
@@ -110,9 +112,11 @@ def test_a_stopped_rank_is_named_as_stopped(tmp_path):
 def test_sigusr2_to_the_parent_reports_and_the_run_goes_on(tmp_path):
     """SIGUSR2 to `launcher run --nproc` while rank 1 sleeps in its dataset: every rank writes its
     report, the parent prints the verdict (and keeps it in hang/verdict.txt), and the run, released,
-    ends well."""
+    ends well. Under FSDP (torch >= 2.6), whose collectives torch calls from Python, the trail holds
+    its all-gathers, each with the launcher's line that led to it (not torch's)."""
     marker = f"LAUNCHER_TEST_{uuid.uuid4().hex}"
-    proc = _start(tmp_path, marker, timeout_s=600, **_sleeper(tmp_path))
+    strategy = "fsdp" if torch_version() >= MIN_TORCH else "ddp"
+    proc = _start(tmp_path, marker, timeout_s=600, **{"dist.strategy": strategy}, **_sleeper(tmp_path))
     hang = tmp_path / "run" / "hang"
     wait_for(tmp_path / "waiting", proc)
     os.kill(proc.pid, signal.SIGUSR2)
@@ -124,6 +128,11 @@ def test_sigusr2_to_the_parent_reports_and_the_run_goes_on(tmp_path):
     assert f"  rank 1: not in a collective, at tests/support/testkit.py:{sleeps + 1} in __getitem__" in err
     assert "in __getitem__" in (hang / "rank1.stacks.txt").read_text()
     assert "in __getitem__" in (hang / "verdict.txt").read_text()
+    if strategy == "fsdp":
+        fsdp_ops = ("all_gather_single", "all_gather_into_tensor")  # newer torch, older torch
+        gathers = [e for e in trail.read(hang / "rank0.collectives.txt").entries if e.op in fsdp_ops]
+        launcher = str(Path(trail.__file__).parent.parent) + os.sep
+        assert gathers and all(e.at.startswith(launcher) for e in gathers), gathers  # the caller, not torch
     assert processes_with(marker) == []
 
 
@@ -131,8 +140,6 @@ def test_the_trail_keeps_the_last_collectives_and_their_callers(tmp_path):
     """The ring: 40 collectives leave the last 32, oldest first, each with its group's sequence
     number, its shapes, its state and the line that called it, readable from the file alone."""
     import torch
-
-    from launcher.cluster import trail
 
     t = trail.Trail(tmp_path / "rank0.collectives.txt", 0)
     for _ in range(40):

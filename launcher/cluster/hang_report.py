@@ -255,6 +255,9 @@ class Reporter:
     def _answer(self) -> None:
         with self._lock:
             asked = ask(self.directory)
+            if not asked:
+                self._print("hang report: no worker can report yet (they are starting, or have ended)")
+                return
             wait_for(self.directory, asked)
             self._states = {rank: _state(trail.read(hang.trail_path(self.directory, rank)).pid) for rank in asked}
             if not self._timed_out():  # else the run is ending: its verdict comes last (`final`)

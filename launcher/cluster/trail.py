@@ -37,25 +37,35 @@ _STATE_AT, _STATE_WIDTH = len('{"state": "'), 9  # each slot begins with its fix
 
 # the Python collectives recorded (those this torch has)
 COLLECTIVES = (
-    "all_reduce",
     "all_gather",
+    "all_gather_coalesced",
     "all_gather_into_tensor",
     "all_gather_object",
+    "all_gather_single",  # FSDP2's, from torch 2.12 or so
+    "all_reduce",
+    "all_reduce_coalesced",
     "all_to_all",
     "all_to_all_single",
     "barrier",
+    "batch_isend_irecv",
     "broadcast",
     "broadcast_object_list",
     "gather",
+    "gather_into_tensor",
     "gather_object",
+    "gather_single",
+    "irecv",
+    "isend",
+    "recv",
+    "recv_object_list",
     "reduce",
     "reduce_scatter",
+    "reduce_scatter_single",
     "reduce_scatter_tensor",
     "scatter",
     "scatter_object_list",
     "send",
-    "recv",
-    "batch_isend_irecv",
+    "send_object_list",
 )
 # frames that are not "the line that called it": torch itself, and the launcher's one-line helpers
 _HELPERS = (
@@ -210,7 +220,7 @@ def _recorded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if trail is None:
             return fn(*args, **kwargs)
         group = kwargs.get("group", args[at_group] if at_group is not None and len(args) > at_group else None)
-        offset = trail.enter(name, group, args[0] if args else None)
+        offset = trail.enter(name, group, args[0] if args else next(iter(kwargs.values()), None))
         try:
             out = fn(*args, **kwargs)
         except BaseException as e:
