@@ -80,6 +80,7 @@ def test_successful_run_leaves_no_process_and_no_warning(tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr
     assert processes_with(marker) == []
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run" / "hang").exists()  # a run no one asked for a hang report leaves none
 
 
 def test_ctrl_c_stops_all_workers(tmp_path):

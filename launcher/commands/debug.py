@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = distributed_debug_level()
         if recipe.dist.backend != "gloo" and gpus_for(2):
             os.environ["NCCL_DEBUG"] = "INFO"
-        return elastic(["debug", "--in-job", args.recipe, *args.overrides, "--steps", str(args.steps)], 2)
+        worker_args = ["debug", "--in-job", args.recipe, *args.overrides, "--steps", str(args.steps)]
+        return elastic(worker_args, 2, hang_dir=recipe.run_dir / "debug" / "hang")  # as main() below writes
     import torch
 
     from launcher.cluster.env import ClusterEnv

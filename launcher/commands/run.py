@@ -103,4 +103,5 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
         preempt=recipe.checkpoint.preempt_signal,
         requeue_exit_code=recipe.checkpoint.requeue_exit_code,
         checkpoint_dir=recipe.checkpoint_dir,
+        hang_dir=recipe.run_dir / "hang",
     )

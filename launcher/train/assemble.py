@@ -20,7 +20,7 @@ from launcher import rng
 from launcher.checkpoint import step_dirs
 from launcher.checkpoint.background import BackgroundWrite
 from launcher.checkpoint.checkpointer import Checkpointer
-from launcher.cluster import causes, distributed
+from launcher.cluster import causes, distributed, hang
 from launcher.cluster.cpu import step_time_estimate, threads_per_rank
 from launcher.cluster.distributed import Session
 from launcher.cluster.env import ClusterEnv
@@ -70,6 +70,9 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> TrainSt
     # installed first: a preemption signal during start-up is remembered, not fatal
     with (
         PreemptionFlag(list(dict.fromkeys(signals))) as preempt,
+        hang.reporting(
+            recipe.run_dir / "hang", env.rank, env.world_size, on_signal=hang.REPORT_SIGNAL not in signals
+        ) as report,
         distributed.session(env, recipe.dist.backend, recipe.dist.timeout_s) as sess,
     ):
         try:
@@ -78,6 +81,8 @@ def run(recipe: Recipe, env: ClusterEnv, simulate: int | None = None) -> TrainSt
             # the traceback pins the frames that hold DDP; free them so it goes before the process group
             traceback.clear_frames(e.__traceback__)
             if env.world_size > 1 and distributed.is_timeout(e):
+                if report is not None:  # where this rank waited, and every rank's report (the parent asks them)
+                    report.timed_out(e)
                 who = distributed.missing_ranks(sess.control, env.rank, min(recipe.dist.timeout_s, 30.0))
                 timeout = TrainingError(
                     f"[rank {env.rank}] a collective timed out after dist.timeout_s={recipe.dist.timeout_s:g}s: {who}"

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.cluster import causes
+from launcher.cluster import causes, hang_report
 from launcher.errors import LaunchError
 
 if TYPE_CHECKING:  # torch's elastic modules are imported where used: they are slow to import
@@ -35,11 +35,13 @@ def elastic(
     preempt: str | None = None,
     requeue_exit_code: int | None = None,
     checkpoint_dir: Path | None = None,
+    hang_dir: Path | None = None,
 ) -> int:
     """Start `python -m launcher WORKER_ARGS` in `nproc` local workers under torch's elastic agent.
     `checkpoint_dir`: where the workers checkpoint when stopped by a signal; the requeue exit code
     is returned only if a checkpoint was written there since the launch (told by the checkpoints
-    there before and after, not by clocks: the workers' may differ from this one's)."""
+    there before and after, not by clocks: the workers' may differ from this one's). `hang_dir`: where
+    the workers write their hang reports (cluster/hang.py); SIGUSR2 here asks each of them for one."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -87,10 +89,19 @@ def elastic(
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)),
         **extra,
     )
+    # SIGUSR2 asks every worker for its hang report (unless it is the preemption signal)
+    reporter = hang_report.Reporter(
+        hang_dir if preempt_sig != hang_report.REPORT_SIGNAL else None,
+        nproc,
+        lambda line: print(line, file=sys.stderr, flush=True),
+    )
     try:
         elastic_launch(config, sys.executable)("-m", "launcher", *worker_args)
     except ChildFailedError as e:
-        return _summarize(e, causes.last_attempt(log_dir))
+        code = _summarize(e, causes.last_attempt(log_dir))
+        for line in reporter.final():
+            print(line, file=sys.stderr, flush=True)  # last: where each rank was, when a collective timed out
+        return code
     except SignalException as e:  # the agent stopped the workers, passing them the signal
         saved = checkpoint_since(checkpoint_dir, before) if checkpoint_dir is not None else None
         if saved is None:
@@ -113,6 +124,7 @@ def elastic(
         return 128 + int(e.sigval)
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
+        reporter.uninstall()
     return 0
 
 

@@ -481,3 +481,50 @@ class SquaredErrorPerSample(nn.Module):
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (outputs - targets).square().flatten(1).sum(1)
+
+
+class SleepsOnRank(NoisyRegression):
+    """NoisyRegression that, on `rank`, sleeps inside its `at_fetch`-th fetch until the file `until`
+    exists (a user's dataset stuck on a slow read), creating `waiting` (holding its pid) first."""
+
+    def __init__(self, rank: int, at_fetch: int, until: str, waiting: str, **kwargs):
+        super().__init__(**kwargs)
+        self.rank, self.at_fetch, self.until, self.waiting, self.fetches = rank, at_fetch, until, waiting, 0
+
+    def __getitem__(self, i):
+        self.fetches += 1
+        if self.fetches == self.at_fetch and int(os.environ.get("RANK", 0)) == self.rank:
+            Path(self.waiting).write_text(str(os.getpid()))
+            while not Path(self.until).exists():  # SleepsOnRank
+                time.sleep(0.05)
+        return super().__getitem__(i)
+
+
+class ExtraCollective(nn.Module):
+    """launcher.models.MLP whose training forward, on `rank` at call `at_call`, makes a collective
+    that no other rank makes (an all-reduce on a group of its own, which every rank creates): the
+    other ranks skip it, and the ranks then wait in different collectives. `timeout_s`: the group's."""
+
+    def __init__(self, sizes: list[int], rank: int = 1, at_call: int = 3, timeout_s: float = 600):
+        super().__init__()
+        import datetime
+
+        import torch.distributed as dist
+
+        from launcher.models import MLP
+
+        self.net, self.rank, self.at_call, self.calls = MLP(sizes), rank, at_call, 0
+        self.side = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            if dist.is_initialized()
+            else None
+        )
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at_call and int(os.environ.get("RANK", 0)) == self.rank:
+                import torch.distributed as dist
+
+                dist.all_reduce(torch.zeros(1), group=self.side)
+        return self.net(x)
