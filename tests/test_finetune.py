@@ -539,9 +539,18 @@ def test_the_sft_lora_recipe_runs_as_shipped_and_exports_adapter_and_merged_mode
     tok = AutoTokenizer.from_pretrained(run_dir / "hf-merged")
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True)
     ids = torch.tensor([prompt if isinstance(prompt, list) else prompt["input_ids"]])
-    assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    # generation stops at the template's end of turn (<|end|>), not only at eos (<|endoftext|>)
+    answer = merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert 1 < len(answer) < 12 and answer[-1] == end and end not in answer[:-1], tok.decode(answer)
     assert isinstance(adapted, PeftModel)
     assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template == tok.chat_template
+    # nothing that names this machine's way of loading; an adapter without a named base says what to load
+    for export in ("hf", "hf-merged"):
+        settings = json.loads((run_dir / export / "tokenizer_config.json").read_text())
+        assert not {"local_files_only", "is_local"} & set(settings), settings
+    assert json.loads((run_dir / "hf" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert "built from a config" in (run_dir / "hf" / "README.md").read_text().split("\n")[0]
 
 
 def test_the_hf_causal_lm_recipe_runs_as_shipped_on_two_ranks(tmp_path):
