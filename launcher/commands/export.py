@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from launcher.checkpoint import checkpointer, frozen
-    from launcher.checkpoint.reading import model_weights
+    from launcher.checkpoint.reading import model_state
     from launcher.data.builders import build_model
     from launcher.errors import RecipeError
     from launcher.models import hf
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     step = _step_dir(args.source)
     try:
         payload = checkpointer.read(step)
-        weights, partial = model_weights(step, payload)
+        weights, saved_base = model_state(step, payload)
     except RecipeError as e:
         raise LaunchError("SOURCE", e.message) from None
     if not isinstance(payload.get("recipe"), dict):
@@ -65,10 +65,9 @@ def main(args: argparse.Namespace) -> int:
     recipe = schema.validate(payload["recipe"])
     with torch.device("cpu"):
         model = build_model(recipe)
-    saved_base = payload["model"].get(frozen.BASE_KEY) if isinstance(payload.get("model"), dict) else None
+    partial = saved_base is not None  # a LoRA run's: the trainable parameters only
     frozen.check_base(saved_base, frozen.fingerprint(model) if partial else None, str(step))
     expected = model.state_dict()
-    weights = {k: v for k, v in weights.items() if k != frozen.BASE_KEY}
     if unknown := sorted(set(weights) - set(expected)):
         raise LaunchError("SOURCE", f"{step} holds weights the recipe's model has not: {', '.join(unknown[:3])}")
     missing = sorted(set(expected) - set(weights) - (frozen.frozen_names(model) if partial else set()))
