@@ -77,6 +77,8 @@ def _launcher(args: list[str], command: str) -> tuple[list[str], str]:
         return [], "needs finished runs (tests/test_observability.py plots them)"
     if sub == "convert":
         return [], "needs a checkpoint (tests/test_sharding.py converts them)"
+    if sub == "export":
+        return [], "needs a run's checkpoints (tests/test_finetune.py exports them)"
     if sub == "tokenize":
         return [], "needs text and a tokenizer (tests/test_token_files.py tokenizes)"
     raise AssertionError(f"a documented command this test does not know how to check: {command}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_close_rel, changed, launcher, load_weights, worker_env, write_recipe
+from hfkit import assert_same_export
 from hubkit import add_repo, write_parquet
 from launcher.parallel.sharding import MIN_TORCH, torch_version
 
@@ -540,9 +541,22 @@ def test_the_sft_lora_recipe_runs_as_shipped_and_exports_adapter_and_merged_mode
     tok = AutoTokenizer.from_pretrained(run_dir / "hf-merged")
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True)
     ids = torch.tensor([prompt if isinstance(prompt, list) else prompt["input_ids"]])
-    assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    # generation stops at the template's end of turn (<|end|>), not only at eos (<|endoftext|>)
+    answer = merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert 1 < len(answer) < 12 and answer[-1] == end and end not in answer[:-1], tok.decode(answer)
     assert isinstance(adapted, PeftModel)
     assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template == tok.chat_template
+    # nothing that names this machine's way of loading; an adapter without a named base says what to load
+    for export in ("hf", "hf-merged"):
+        settings = json.loads((run_dir / export / "tokenizer_config.json").read_text())
+        assert not {"local_files_only", "is_local"} & set(settings), settings
+    assert json.loads((run_dir / "hf" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert "built from a config" in (run_dir / "hf" / "README.md").read_text().split("\n")[0]
+    # launcher export, as README says: the run's newest checkpoint is its own merged export
+    proc = launcher("export", "runs/sft_lora", "sft_lora_merged", "--merged", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_export(tmp_path / "sft_lora_merged", run_dir / "hf-merged")
 
 
 def test_the_hf_causal_lm_recipe_runs_as_shipped_on_two_ranks(tmp_path):
@@ -616,3 +630,65 @@ def test_a_sharded_lora_checkpoint_resumes_in_one_process_on_its_base_only(hub, 
     resumed = launcher("run", write_recipe(tmp_path / "same.yaml", recipe), env=hub["env"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_close_rel(load_weights(first), load_weights(whole), rtol=1e-5)
+
+
+def export(*args, env, expect=0):
+    proc = launcher("export", *args, env=env)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    if expect:
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        return lines[0]
+    return proc
+
+
+@pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6")
+def test_launcher_export_writes_a_checkpoint_as_the_runs_own_export(hub, tmp_path):
+    """A LoRA run on the hub model, fsdp on 2 ranks, a checkpoint every step: its adapter names the
+    hub id and commit (not the cache's path); `launcher export` of the run directory equals its hf/,
+    with --merged its hf-merged/; an earlier step's sharded checkpoint exports its own adapters."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launcher.checkpoint.reading import model_weights
+
+    lora = {"model.peft": LORA, "dist.strategy": "fsdp", "dist.fsdp.units": ["GPT2Block"]}
+    run_dir = run(hub, tmp_path, "lora", "--nproc", "2", **lora, **{"checkpoint.every_n_steps": 1})
+    adapter = json.loads((run_dir / "hf" / "adapter_config.json").read_text())
+    commit = next((hub["cache"] / f"models--{MODEL.replace('/', '--')}" / "snapshots").iterdir()).name
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == (MODEL, commit), adapter
+    env = hub["env"]
+    export(run_dir, tmp_path / "adapter", env=env)
+    assert_same_export(tmp_path / "adapter", run_dir / "hf")
+    export(run_dir / "checkpoints", tmp_path / "merged", "--merged", env=env)
+    assert_same_export(tmp_path / "merged", run_dir / "hf-merged")
+    step = run_dir / "checkpoints" / "step_00000003"
+    assert list((step / "shards").glob("*.distcp"))
+    export(step, tmp_path / "step3", env=env)
+    saved, partial = model_weights(step)
+    exported = load_file(tmp_path / "step3" / "adapter_model.safetensors")
+    assert partial and exported and len(exported) == len([k for k in saved if "lora_" in k])
+    for name, tensor in exported.items():  # peft saves base_model.model.X.lora_A.weight for X.lora_A.default.weight
+        assert torch.equal(tensor, saved[name.replace(".weight", ".default.weight")]), name
+    final = load_file(run_dir / "hf" / "adapter_model.safetensors")
+    assert any(not torch.equal(exported[k], final[k]) for k in final)
+    base = AutoModelForCausalLM.from_pretrained(hub["cache"].parent / "model")
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "step3"), PeftModel)
+    # refused in one line: an OUT that exists, --overwrite of what is no export, a SOURCE that is no checkpoint
+    said = export(run_dir, tmp_path / "adapter", env=env, expect=2)
+    assert "exists; pass --overwrite" in said, said
+    (tmp_path / "mine").mkdir()
+    said = export(run_dir, tmp_path / "mine", "--overwrite", env=env, expect=2)
+    assert "is not an earlier export" in said, said
+    said = export(tmp_path, tmp_path / "x", env=env, expect=2)
+    assert said.startswith("error: SOURCE: ") and not (tmp_path / "x").exists(), said
+    export(run_dir, tmp_path / "adapter", "--overwrite", env=env)
+
+
+def test_launcher_export_of_a_full_fine_tune_equals_its_export_and_refuses_merged(hub, one_process, tmp_path):
+    """A one-process (ddp) checkpoint of a full fine-tune: the whole model, as the run's hf/."""
+    export(one_process, tmp_path / "out", env=hub["env"])
+    assert_same_export(tmp_path / "out", one_process / "hf")
+    said = export(one_process, tmp_path / "merged", "--merged", env=hub["env"], expect=2)
+    assert "no adapters to merge" in said, said

@@ -539,3 +539,34 @@ def test_a_hugging_face_cache_that_cannot_be_written_names_its_variable_at_check
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith(f"error: {expected.format(**fill)}"), (command, last)
         assert "Traceback" not in proc.stderr and "data.train.files" not in last, proc.stderr[-2000:]
+
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template,end", [(QWEN_TEMPLATE, "<|im_end|>"), ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", None)]
+)
+def test_the_end_of_turn_token_is_read_from_the_chat_template(tmp_path, template, end):
+    """Qwen's turns end with <|im_end|> (eos is <|endoftext|>): the export's generation stops there
+    too; a template that writes no special token after an answer adds no stop."""
+    from transformers import AutoTokenizer
+
+    from launcher.datasets import examples
+    from launcher.models import hf
+
+    tok = examples._tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path / "source")
+    # loaded as the launcher loads it (local files only), and saved beside the model as an export does
+    tok = AutoTokenizer.from_pretrained(tmp_path / "source", local_files_only=True)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}))
+    hf.portable(tmp_path, torch.nn.Linear(1, 1))
+    stops = json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == ([tok.eos_token_id, tok.convert_tokens_to_ids(end)] if end else tok.eos_token_id), stops
+    assert not {"local_files_only", "is_local"} & set(json.loads((tmp_path / "tokenizer_config.json").read_text()))

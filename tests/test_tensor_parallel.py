@@ -230,6 +230,10 @@ def test_convert_joins_an_fsdp_x_tp_checkpoint_into_model_pt(tmp_path, fsdp_x_tp
     launcher("convert", fsdp_x_tp / "checkpoints" / "step_00000004", "-o", out, check=True)
     joined = torch.load(out, weights_only=True)
     assert_close_rel(joined, load_weights(fsdp_x_tp), rtol=0.0)
+    # launcher export of the run directory: the built-in GPT is no transformers model, so OUT/model.pt
+    launcher("export", fsdp_x_tp, tmp_path / "exported", check=True)
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["model.pt"]
+    assert_close_rel(load_weights(tmp_path / "exported"), load_weights(fsdp_x_tp), rtol=0.0)
 
 
 def test_a_tensor_parallel_group_across_nodes_is_warned_about():
@@ -245,7 +249,7 @@ def test_a_transformers_llama_split_by_its_base_model_tp_plan_equals_one_process
     x tp 2, on padded documents with the model's own token-exact loss; and its checkpoint of step 2
     continued in one process."""
     from conftest import changed, write_recipe
-    from hfkit import lm_recipe
+    from hfkit import assert_same_export, lm_recipe
 
     config = {"_component_": "transformers.LlamaConfig", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64}
     config |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -269,6 +273,9 @@ def test_a_transformers_llama_split_by_its_base_model_tp_plan_equals_one_process
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = tmp_path / name
     assert_equal_to(runs["tp"], runs["one"])
+    # launcher export of the fsdp x tp run: its own hf/, from the checkpoint's joined shards
+    launcher("export", runs["tp"], tmp_path / "exported", check=True)
+    assert_same_export(tmp_path / "exported", runs["tp"] / "hf")
     resumed = tmp_path / "resumed"
     shutil.copytree(runs["tp"], resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000003")

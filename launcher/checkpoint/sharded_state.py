@@ -167,13 +167,18 @@ def full_model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]
 def read_whole(directory: Path, name: str) -> dict[str, torch.Tensor]:
     """One object's state from a sharded checkpoint, every tensor whole, in this one process (the
     conversion to a single file; DCP's format_utils reads the same way)."""
+    return {k: v for k, v in read_whole_state(directory, name).items() if isinstance(v, torch.Tensor)}
+
+
+def read_whole_state(directory: Path, name: str) -> dict[str, Any]:
+    """read_whole, with the values that are no tensors (the frozen base's fingerprint)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     dcp_safe.check_metadata(directory, "CHECKPOINT")
     state: dict[str, Any] = {}
     planner = dcp_safe.planner(empty=True, keys={name})  # builds the tensors from the metadata
     _load_state_dict(state, storage_reader=dcp_safe.reader(str(directory)), planner=planner, no_dist=True)
-    return {k: v for k, v in state[name].items() if isinstance(v, torch.Tensor)}
+    return dict(state[name])
 
 
 def load_whole_model(model: nn.Module, state: Mapping[str, Any]) -> None:

@@ -10,7 +10,7 @@ import argparse
 from launcher.errors import LaunchError
 
 # in `launcher --help` order
-NAMES = ("run", "check", "verify", "doctor", "debug", "plot", "convert", "tokenize", "slurm")
+NAMES = ("run", "check", "verify", "doctor", "debug", "plot", "convert", "export", "tokenize", "slurm")
 
 
 def positive(value: int | None, option: str) -> None:

@@ -53,6 +53,6 @@ def main(args: argparse.Namespace) -> int:
         print(
             "note: the checkpoint holds the trainable parameters only (its frozen base is not checkpointed): "
             "load them over the base with load_state_dict(strict=False); the run's model.pt and hf-merged/ hold "
-            "the whole model"
+            "the whole model, and `launcher export CHECKPOINT OUT --merged` writes it from this checkpoint"
         )
     return EXIT_OK

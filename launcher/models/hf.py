@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import shutil
@@ -68,6 +69,15 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
     source = hub.resolve(
         spec, "pretrained", what=what, revision=revision, files=hub.CONFIG_FILES if on_meta else hub.MODEL_FILES
     )
+    model = _load_pretrained(transformers, source, what, attn_implementation, on_meta)
+    if source.hub_id is not None:
+        # the hub id and commit, not this machine's cache path: what an exported adapter names as its base
+        model.config._name_or_path = source.hub_id
+        model.launcher_hub_revision = source.commit or revision
+    return model
+
+
+def _load_pretrained(transformers: Any, source: hub.Source, what: str, attn_implementation: str, on_meta: bool) -> Any:
     path = source.path
     if not (path / "config.json").is_file():
         raise ArgumentError("pretrained", f"{path} has no config.json: name {what}, or a hub id")
@@ -139,6 +149,8 @@ def with_adapters(model: nn.Module, config: Any) -> nn.Module:
     rank = getattr(config, "r", 1)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:  # peft's own check fails on a string
         raise ArgumentError("r", f"the adapters' rank must be a positive whole number, got {rank!r}")
+    if getattr(config, "revision", None) is None and (revision := getattr(model, "launcher_hub_revision", None)):
+        config.revision = revision  # saved in adapter_config.json beside the hub id
     with warnings.catch_warnings():
         # peft reads transformers' deprecated is_gradient_checkpointing: its noise, not the recipe's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -254,7 +266,9 @@ def export(
     """`save_pretrained` with the run's final (whole, CPU) weights: safetensors and config.json, and
     the data's tokenizer (`save_tokenizer`), so that from_pretrained and generate work at once;
     written into a temporary directory beside `directory` and renamed over it: a kill leaves the
-    previous export or none, never a config.json without its weights."""
+    previous export or none, never a config.json without its weights. The files are made to
+    behave like the base's (`portable`): generation stops at the chat template's end of turn, an
+    adapter names its base by hub id, and nothing names this machine."""
     if directory.is_symlink():  # RunDir.problems refuses it at start; one made since is not written through
         raise TrainingError(
             f"{directory} is a symbolic link; the export replaces it and never writes through a link: remove the "
@@ -266,6 +280,7 @@ def export(
         model.save_pretrained(tmp, state_dict=weights)  # type: ignore[operator]  # a PreTrainedModel's
         if save_tokenizer is not None:
             save_tokenizer(tmp)
+        portable(tmp, model)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -273,3 +288,75 @@ def export(
         raise write_failed(directory, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# what transformers writes into tokenizer_config.json about how this machine loaded it
+_LOCAL_TOKENIZER_KEYS = ("local_files_only", "is_local", "cache_dir", "name_or_path", "_commit_hash", "token")
+
+
+def portable(directory: Path, model: nn.Module) -> None:
+    """An export's files made to load and generate elsewhere as the base does: no machine-local
+    settings in tokenizer_config.json; generation_config.json stopping at the chat template's
+    end-of-turn token as well as at eos; an adapter's base named by hub id (with its revision), or,
+    for a base built from a config, a README note that the adapter needs that very base."""
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text())
+        kept = {k: v for k, v in settings.items() if k not in _LOCAL_TOKENIZER_KEYS}
+        if kept != settings:
+            tokenizer_config.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+    generation_config = directory / "generation_config.json"
+    if generation_config.is_file() and (stops := end_of_turn_ids(directory)):
+        settings = json.loads(generation_config.read_text())
+        eos = settings.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        settings["eos_token_id"] = eos + [i for i in stops if i not in eos]
+        generation_config.write_text(json.dumps(settings, indent=2) + "\n")
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.is_file():
+        settings = json.loads(adapter_config.read_text())
+        base = model.get_base_model() if is_adapted(model) else model  # type: ignore[operator]
+        name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        settings["base_model_name_or_path"] = name
+        adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        if name is None:
+            _note_unnamed_base(directory / "README.md")
+
+
+def _note_unnamed_base(readme: Path) -> None:
+    note = (
+        "# An adapter for a base built from a config\n\n"
+        "This LoRA adapter was trained on a base model built from a config (`model.config` in the recipe), "
+        "not loaded from the hub or a directory, so `base_model_name_or_path` is null and no published model "
+        "is its base: loaded over any other model of the same shapes (`PeftModel.from_pretrained(other, this "
+        "directory)`), it gives garbage without an error. Use the merged model instead (`hf-merged/` beside a "
+        "run's `hf/`, or `launcher export RUN OUT --merged`), which holds that base with the adapter in it.\n\n"
+    )
+    readme.write_text(note + (readme.read_text() if readme.is_file() else ""))
+
+
+def end_of_turn_ids(directory: Path) -> list[int]:
+    """The token(s) the tokenizer saved in `directory` ends an assistant's turn with, by its chat
+    template (Qwen's <|im_end|>, Llama 3's <|eot_id|>): the first special or added token the template
+    writes after an answer. [] without a tokenizer, a template, or such a token."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return []
+    transformers = require("transformers", "the export's generation config")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if not getattr(tok, "chat_template", None):
+            return []
+        answer = "LAUNCHERANSWER7c1e9b"
+        text = str(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "1"}, {"role": "assistant", "content": answer}], tokenize=False
+            )
+        )
+    except Exception:  # a template that refuses this conversation (one that must open with a system turn)
+        return []
+    if answer not in text:
+        return []
+    after = tok(text[text.index(answer) + len(answer) :], add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | {int(i) for i in getattr(tok, "added_tokens_decoder", {})}
+    special -= {tok.unk_token_id, tok.pad_token_id}  # text the vocabulary lacks, or padding: no end of turn
+    return next(([int(i)] for i in after if int(i) in special), [])

@@ -121,3 +121,17 @@ def byte_level_tokenizer(directory: Path, texts: list[str], vocab_size: int = 60
     fast.chat_template = TEMPLATE
     fast.save_pretrained(directory)
     return directory
+
+
+def assert_same_export(out, expected) -> None:
+    """Two save_pretrained directories hold the same files, tensors and settings."""
+    import torch
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for file in expected.iterdir():
+        if file.suffix == ".safetensors":
+            a, b = load_file(out / file.name), load_file(file)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file.name
+        else:
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
