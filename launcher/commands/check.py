@@ -179,13 +179,13 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
 
 def _summary(notes: list[str], unread: list[str]) -> str:
     """The last line: what check could not check, first (a long plan buries a warning)."""
-    warned = f"{len(notes)} warning{'s' if len(notes) != 1 else ''} above" if notes else "no warnings"
+    warned = f"; {len(notes)} warning{'s' if len(notes) != 1 else ''} above" if notes else ""
     if unread:
         return (
             f"check: NOT all checked: {'; '.join(unread)} (the data is read where the run runs; the plan above is "
-            f"partial; {warned}; --strict makes this exit 2)"
+            f"partial{warned}; --strict makes this exit 2)"
         )
-    return f"check: ok ({warned})"
+    return f"check: ok{warned}"
 
 
 def _memory_plan(
