@@ -38,7 +38,7 @@ def read_local_json(datasets: Any, paths: list[Path], identity: list[Any], cache
     )
     # the identity (names, sizes, modification times) is in gen_kwargs so that an edited file is read anew
     kwargs = {"files": json.dumps([str(p) for p in paths]), "identity": json.dumps(identity)}
-    return generated(datasets, _rows, features, cache_dir, kwargs)
+    return generated(datasets, _rows, features, cache_dir, kwargs, paths)
 
 
 def _rows(files: str, identity: str) -> Iterator[dict[str, Any]]:  # noqa: ARG001  # identity: the cache's key

@@ -92,7 +92,7 @@ def json_texts(datasets: Any, paths: list[Path], text_key: str, identity: list[A
     files = json.dumps([str(p) for p in paths])
     # the identity (names, sizes, modification times) keys the cache: an edited file is read anew
     kwargs = {"files": files, "text_key": text_key, "identity": json.dumps(identity)}
-    return generated(datasets, _json_texts, features, cache_dir, kwargs)
+    return generated(datasets, _json_texts, features, cache_dir, kwargs, paths)
 
 
 def _json_texts(files: str, text_key: str, identity: str) -> Iterator[dict[str, str]]:  # noqa: ARG001  # the key
@@ -100,9 +100,15 @@ def _json_texts(files: str, text_key: str, identity: str) -> Iterator[dict[str, 
         yield {text_key: text}
 
 
-def generated(datasets: Any, generator: Callable, features: Any, cache_dir: str | None, kwargs: dict) -> Any:
+def generated(
+    datasets: Any, generator: Callable, features: Any, cache_dir: str | None, kwargs: dict, paths: list[Path]
+) -> Any:
     """`datasets.Dataset.from_generator`, cached by the generator and its arguments; an ArgumentError
-    the generator raises (a bad row, named) is given back as it is, not as datasets' wrapper."""
+    the generator raises (a bad row, named) is given back as it is, not as datasets' wrapper. The
+    cache it writes into (`paths`' Arrow files) must be writable: else one line naming its variable."""
+    from launcher import hub
+
+    hub.writable_cache("datasets", f"reading {', '.join(str(p) for p in paths[:3])}", cache_dir)
     try:
         return datasets.Dataset.from_generator(generator, features=features, cache_dir=cache_dir, gen_kwargs=kwargs)
     except Exception as e:

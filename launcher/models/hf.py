@@ -318,6 +318,8 @@ def portable(directory: Path, model: nn.Module) -> None:
         base = model.get_base_model() if is_adapted(model) else model  # type: ignore[operator]
         name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         settings["base_model_name_or_path"] = name
+        if isinstance(settings.get("target_modules"), list):  # peft keeps a set: its order varied per process
+            settings["target_modules"] = sorted(settings["target_modules"])
         adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         if name is None:
             _note_unnamed_base(directory / "README.md")

@@ -134,4 +134,7 @@ def assert_same_export(out, expected) -> None:
             a, b = load_file(out / file.name), load_file(file)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file.name
         else:
-            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+            mine, theirs = (out / file.name).read_bytes(), file.read_bytes()
+            assert mine == theirs, (
+                f"{file.name}:\n{mine.decode(errors='replace')}\nvs\n{theirs.decode(errors='replace')}"
+            )
