@@ -247,7 +247,7 @@ def resolve_resume(
     if path.is_file() and path.name == STATE:
         path = path.parent
     if path.is_dir() and not (path / MARKER).exists() and not list_checkpoints(path):
-        path = _checkpoints_of_run(path) or path  # a run directory: its checkpoints
+        path = checkpoints_of_run(path) or path  # a run directory: its checkpoints
     if path.is_dir() and not (path / MARKER).exists() and list_checkpoints(path):
         latest = find_latest(path, warn, check)  # a directory of checkpoints: its newest
         if latest is None:
@@ -273,7 +273,7 @@ def resolve_resume(
     return path
 
 
-def _checkpoints_of_run(run_dir: Path) -> Path | None:
+def checkpoints_of_run(run_dir: Path) -> Path | None:
     """The checkpoint directory of a run directory (one holding its config.yaml): the config's
     checkpoint.dir, else <run_dir>/checkpoints; None if it holds no checkpoints or is no run's."""
     import yaml

@@ -121,9 +121,9 @@ def _step_dir(source: str) -> Path:
         raise LaunchError("SOURCE", f"{path} does not exist; name a run directory or a step_N checkpoint directory")
     named = str(path)
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / step_dirs.MARKER).exists():
-        checkpoints = _checkpoint_dir(path)
-        if not step_dirs.list_checkpoints(checkpoints):
-            raise LaunchError("SOURCE", f"the run directory {path} has no checkpoints (in {checkpoints})")
+        checkpoints = step_dirs.checkpoints_of_run(path)  # as checkpoint.resume and convert read a run directory
+        if checkpoints is None:
+            raise LaunchError("SOURCE", f"the run directory {path} has no checkpoints")
         named = str(checkpoints)
     try:
         step = step_dirs.resolve_resume(named, Path(named), warn=True)
@@ -132,19 +132,6 @@ def _step_dir(source: str) -> Path:
     if step is None:
         raise LaunchError("SOURCE", f"{source!r} names no checkpoint; give a run directory or a step_N directory")
     return step
-
-
-def _checkpoint_dir(run_dir: Path) -> Path:
-    import yaml
-
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        named = (config.get("checkpoint") or {}).get("dir")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        named = None
-    if isinstance(named, str) and named and Path(named).expanduser().is_dir():
-        return Path(named).expanduser()
-    return run_dir / "checkpoints"
 
 
 def _tokenizer_saver(recipe: Any) -> Callable[[Path], None] | None:
