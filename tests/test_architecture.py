@@ -192,3 +192,44 @@ def test_the_graph_between_packages_is_the_pinned_one(graph):
     gone = [f"{a} -> {b}" for a in sorted(PINNED) for b in sorted(PINNED[a] - edges.get(a, set()))]
     assert not added, f"imports between packages not in tests/test_architecture.py PINNED: {added}"
     assert not gone, f"edges PINNED that no import makes any more (remove them): {gone}"
+
+
+# What the loop may not read: a parallel dimension other than the data-parallel size and rank (the
+# strategy answers for them), or a checkpoint format key (checkpoint/ answers for those).
+SEAM_BREACHES = (
+    r"(?<!torch)\.(tensor|tp|cp|pp|dp_shard|dp_replicate|hybrid|layout)\b(?!_)",
+    r"[\"']sharded[\"']",
+    r"\bcopies\b",
+    r"isinstance\([^)]*(DistributedDataParallel|FSDPModule|DTensor)",
+)
+
+
+def test_the_loop_names_no_parallel_dimension_and_no_checkpoint_format_key():
+    import re
+
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+        for path in sorted((PACKAGE / "train").glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if any(re.search(p, line.split("#")[0]) for p in SEAM_BREACHES) and "recipe.layout" not in line
+    ]
+    assert not found, "launcher/train reads what the strategy or the checkpointer owns:\n" + "\n".join(found)
+
+
+def test_parallel_dims_give_each_rank_its_coordinates_in_mesh_order():
+    from launcher.parallel.dims import ParallelDims
+
+    dims = ParallelDims(dp_replicate=2, dp_shard=2, cp=1, tp=2, pp=2)
+    assert dims.world_size == 16 and dims.dp_size == 4 and dims.loss_size == 4 and dims.copies == 4
+    # row-major over pp, dp_replicate, dp_shard, cp, tp: tp innermost, pp outermost
+    assert dims.coords(0) == dict(pp=0, dp_replicate=0, dp_shard=0, cp=0, tp=0)
+    assert (
+        dims.coords(1)["tp"] == 1
+        and dims.coords(8)["pp"] == 1
+        and dims.coords(13) == dict(pp=1, dp_replicate=1, dp_shard=0, cp=0, tp=1)
+    )
+    assert [dims.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert dims.dp_rank(8) == 0  # the second stage of the first pipeline reads its batch too
+    assert dims.loss_ranks() == [8, 10, 12, 14]  # the last stage, one rank of each tensor-parallel group
+    assert ParallelDims(dp_shard=2, cp=2).loss_size == 4  # context-parallel ranks read different tokens
+    assert dims.describe() == "16 ranks = 2 pipeline x 2 replicate x 2 shard x 2 tensor"

@@ -12,7 +12,7 @@ from conftest import recipe_dict
 from launcher.data.loading import SeededDataset, ShardSampler
 from launcher.data.plan import build_plan
 from launcher.errors import RecipeError
-from launcher.parallel.layout import Layout
+from launcher.parallel.dims import ParallelDims
 from launcher.recipe.schema import validate
 
 
@@ -27,7 +27,7 @@ def plan_for(n, b, W, A, drop_last=False, epochs=1):
             }
         )
     )
-    return build_plan(r, Layout(replicate=W, shard=1), n, None, "gloo", "cpu")
+    return build_plan(r, ParallelDims(dp_replicate=W), n, None, "gloo", "cpu")
 
 
 def windows(n, b, W, A, drop_last, epoch=0, seed=0):

@@ -237,10 +237,10 @@ def test_convert_joins_an_fsdp_x_tp_checkpoint_into_model_pt(tmp_path, fsdp_x_tp
 
 
 def test_a_tensor_parallel_group_across_nodes_is_warned_about():
-    from launcher.parallel.layout import Layout, node_warning
+    from launcher.parallel.dims import ParallelDims, node_warning
 
-    assert node_warning(Layout(replicate=1, shard=2, tensor=4), local_world_size=8) is None
-    warning = node_warning(Layout(replicate=1, shard=3, tensor=4), local_world_size=6)
+    assert node_warning(ParallelDims(dp_shard=2, tp=4), local_world_size=8) is None
+    warning = node_warning(ParallelDims(dp_shard=3, tp=4), local_world_size=6)
     assert warning is not None and "some tensor-parallel groups span nodes" in warning
 
 

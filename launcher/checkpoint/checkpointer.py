@@ -165,9 +165,25 @@ def restore(payload: Mapping[str, Any], objects: Mapping[str, Stateful | None]) 
             obj.load_state_dict(payload[name])
 
 
+def in_shards(payload: Mapping[str, Any], name: str) -> bool:
+    """Does the checkpoint keep object `name` in its DCP shards (not in state.pt)? The format's own
+    question: nothing outside this package reads the key that answers it."""
+    return name in payload.get("sharded", [])
+
+
+def has_shards(payload: Mapping[str, Any]) -> bool:
+    """Does the checkpoint keep any object in DCP shards (a sharded run's)?"""
+    return bool(payload.get("sharded"))
+
+
+def whole_state(payload: Mapping[str, Any], name: str) -> Any:
+    """Object `name`'s state as state.pt holds it, whole; None where the shards hold it instead."""
+    return None if in_shards(payload, name) else payload.get(name)
+
+
 def restore_sharded(path: Path, payload: Mapping[str, Any], objects: Mapping[str, Stateful]) -> None:
     """Every rank: load the objects a sharded checkpoint keeps in its shards (at any world size)."""
-    names = [name for name in payload.get("sharded", []) if name in objects]
+    names = [name for name in objects if in_shards(payload, name)]
     if names:
         sharded_state.load(path / step_dirs.SHARDS, {name: objects[name] for name in names})
 

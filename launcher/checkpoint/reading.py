@@ -24,7 +24,7 @@ def model_state(step_dir: Path, payload: dict[str, Any] | None = None) -> tuple[
     """(the model's full state dict on the CPU, the fingerprint of its frozen base): the fingerprint
     is None unless the checkpoint holds the trainable parameters only (launcher/checkpoint/frozen.py)."""
     payload = checkpointer.read(step_dir) if payload is None else payload
-    if "model" in payload.get("sharded", []):
+    if checkpointer.in_shards(payload, "model"):
         state = sharded_state.read_whole_state(step_dir / step_dirs.SHARDS, "model")
     else:
         state = payload["model"]

@@ -20,24 +20,26 @@ from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError, Recipe
 from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
 from launcher.parallel import memory, sharding, sizes, tensor, wrap
-from launcher.parallel.layout import Layout
+from launcher.parallel.dims import ParallelDims, dims_for
 from launcher.parallel.memory import state_checkpoint_bytes
-from launcher.parallel.strategy import build_strategy, layout_for
+from launcher.parallel.strategy import build_strategy
 from launcher.recipe import components
 from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
 from launcher.train import setup
 
 
-def check_static(recipe: Recipe, world_size: int) -> None:
-    """Checks that need neither data nor a model: component signatures, the batch arithmetic, ranks."""
+def check_static(recipe: Recipe, world_size: int) -> ParallelDims:
+    """Checks that need neither data nor a model: component signatures, the batch arithmetic, ranks.
+    Returns the recipe's parallel dimensions over `world_size` ranks."""
     for key, n_runtime in COMPONENT_KEYS.items():
         spec = component_spec(recipe, key)
         if spec is not None:
             components.check(spec, key, n_runtime)
     sharding.check(recipe)
-    layout = layout_for(recipe, world_size)  # a layout that does not multiply to the world size is refused
-    batch_shape(recipe, layout.dp_size)
+    dims = dims_for(recipe, world_size)  # dimensions that do not multiply to the world size are refused
+    batch_shape(recipe, dims.dp_size)
     check_ranks(recipe, world_size)
+    return dims
 
 
 def build_model_cheaply(recipe: Recipe) -> torch.nn.Module:
@@ -85,7 +87,7 @@ class Report:
 def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None) -> Report:
     from launcher.cluster.distributed import pick_backend
 
-    check_static(recipe, world_size)
+    dims = check_static(recipe, world_size)
     route_library_bars(shows_bars(recipe.log.progress))
     notes = []
     for error, certain in recipe.layout.problems():
@@ -101,12 +103,12 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     if ac.modules:
         wrap.checkpointed_modules(model, ac.modules)
     # as the run does: a class the model lacks, tied units (the strategy as if a process group ran it)
-    strategy = build_strategy(recipe, world_size, world_size, torch.device("cpu"), has_process_group=True)
+    strategy = build_strategy(recipe, dims, torch.device("cpu"), has_process_group=True)
     strategy.prepare(model)
     space = recipe.layout.space_warning(state_checkpoint_bytes(model))
     if space:
         notes.append(f"checkpoint.dir: {space}")
-    pieces = strategy.layout.shard * strategy.layout.tensor
+    pieces = dims.dp_shard * dims.tp
     notes += _async_save_notes(recipe, memory.checkpointed_state_bytes(model), pieces)
     try:
         backend, torch_device = pick_backend(recipe.dist.backend, 0, world_size)
@@ -125,8 +127,8 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
             loss_mean.probe(loss_fn, model, train_set, build_collate(recipe), recipe.loss["_component_"])
         plan = build_plan(
             recipe,
-            strategy.layout,
-            train_samples(recipe, train_set, strategy.layout.dp_size),
+            dims,
+            train_samples(recipe, train_set, dims.dp_size),
             len(val_set) if val_set is not None else None,
             backend,
             device,
@@ -147,7 +149,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
         if not (e.key.startswith("data.") and isinstance(e.cause, FileNotFoundError)):
             raise
         unread.append(f"{e.key}: {e.message}")
-        shape = batch_shape(recipe, strategy.layout.dp_size)
+        shape = batch_shape(recipe, dims.dp_size)
         rows = [
             ("world size", str(world_size)),
             ("backend / device", f"{backend} / {device}"),
@@ -160,14 +162,14 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     rows.append(("loss: the mean over", counting.describe()))
     rows.append(("parameters", memory.describe_parameters(model)))
     rows += [("from the hub", source.describe()) for source in hub.resolved.values()]
-    memory_rows, memory_note = _memory_plan(recipe, model, strategy.layout, device)
+    memory_rows, memory_note = _memory_plan(recipe, model, dims, device)
     rows += memory_rows
     notes += memory_note
     fits = True
     if gpu_memory_gib is not None:
         from launcher.commands.gpu_fit import gpu_fit
 
-        fits, line = gpu_fit(recipe, model, strategy.layout, sample, gpu_memory_gib)
+        fits, line = gpu_fit(recipe, model, dims, sample, gpu_memory_gib)
         rows.append((f"fits {gpu_memory_gib:g} GiB", line))
     width = max(len(k) for k, _ in rows)
     out = ["# resolved recipe", recipe.to_yaml().rstrip(), "", "# plan"]
@@ -189,23 +191,23 @@ def _summary(notes: list[str], unread: list[str]) -> str:
 
 
 def _memory_plan(
-    recipe: Recipe, model: torch.nn.Module, layout: Layout, device: str
+    recipe: Recipe, model: torch.nn.Module, dims: ParallelDims, device: str
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Bytes per rank kept between steps under ddp and under fsdp (hsdp: over its shard group), and
     a warning when ddp's would not fit this device (activations come on top)."""
     moments = memory.optimizer_moments(recipe.optimizer)
-    group = layout.shard if layout.hybrid else layout.dp_size  # the ranks fsdp (or hsdp's group) shards over
+    group = dims.dp_shard if dims.hybrid else dims.dp_size  # the ranks fsdp (or hsdp's group) shards over
     plans = {"ddp": memory.state_plan(model, moments, 1)}
     if group > 1:  # over one rank fsdp keeps what ddp does: no row of its own
         plans[f"fsdp over {group}"] = memory.state_plan(model, moments, group)
     splits: list[tuple[str, str]] = []
-    if layout.tensor > 1:  # the chosen layout: the plan's layers split, then sharded (or replicated) over dp
+    if dims.tp > 1:  # the chosen layout: the plan's layers split, then sharded (or replicated) over dp
         plan = tensor.plan_of(model, recipe.dist.tp_plan)
         split = tensor.split_params(model, plan)
-        dp = f"{layout.replicate} x {layout.shard}" if layout.hybrid else str(layout.dp_size)
-        chosen = f"{recipe.dist.strategy} {dp} x tp {layout.tensor}"  # short: the mesh row has the whole layout
-        plans = {chosen: memory.state_plan(model, moments, layout.shard, layout.tensor, split)} | plans
-        splits = [("tensor parallel", tensor.describe_split(model, plan, layout.tensor))]
+        dp = f"{dims.dp_replicate} x {dims.dp_shard}" if dims.hybrid else str(dims.dp_size)
+        chosen = f"{recipe.dist.strategy} {dp} x tp {dims.tp}"  # short: the mesh row has the whole layout
+        plans = {chosen: memory.state_plan(model, moments, dims.dp_shard, dims.tp, split)} | plans
+        splits = [("tensor parallel", tensor.describe_split(model, plan, dims.tp))]
     rows = splits + [
         (
             f"per rank, {name}",
@@ -214,7 +216,7 @@ def _memory_plan(
         )
         for name, p in plans.items()
     ]
-    capacity = _device_bytes(device, layout.world_size)
+    capacity = _device_bytes(device, dims.world_size)
     notes = []
     if capacity is not None and plans["ddp"].total > capacity:
         notes.append(

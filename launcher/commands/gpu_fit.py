@@ -12,12 +12,12 @@ from launcher.data.builders import build_collate
 from launcher.data.plan import batch_shape
 from launcher.errors import RecipeError
 from launcher.parallel import budget, memory, tensor
-from launcher.parallel.layout import Layout
+from launcher.parallel.dims import ParallelDims
 from launcher.recipe.components import instantiate
 from launcher.recipe.schema import Recipe
 
 
-def gpu_fit(recipe: Recipe, model: nn.Module, layout: Layout, sample: Any, gib: float) -> tuple[bool, str]:
+def gpu_fit(recipe: Recipe, model: nn.Module, dims: ParallelDims, sample: Any, gib: float) -> tuple[bool, str]:
     """(fits, one line). `model` on the meta device (check builds it there); `sample` the training
     set's first sample (None: activations are not measured)."""
     moments = memory.optimizer_moments(recipe.optimizer)
@@ -46,14 +46,14 @@ def gpu_fit(recipe: Recipe, model: nn.Module, layout: Layout, sample: Any, gib: 
 
     ac = recipe.train.activation_checkpointing
     segments = ac.segments if isinstance(ac.segments, int) else 0
-    micro = batch_shape(recipe, layout.dp_size).micro_batch
-    shard = layout.shard if layout.hybrid else layout.dp_size
-    state = state_for(recipe.dist.strategy, shard, layout.tensor)
+    micro = batch_shape(recipe, dims.dp_size).micro_batch
+    shard = dims.dp_shard if dims.hybrid else dims.dp_size
+    state = state_for(recipe.dist.strategy, shard, dims.tp)
     assert state is not None, "check has applied the recipe's own tensor-parallel plan already"
     current = budget.Setting("", budget.Need(state, activations_for(micro, segments)))
     body = len(model) - 1 if isinstance(model, nn.Sequential) and recipe.loss is not None else 0
     tried = budget.alternatives(
-        state_for, activations_for, recipe.dist.strategy, shard, layout.tensor, layout.world_size, micro, segments, body
+        state_for, activations_for, recipe.dist.strategy, shard, dims.tp, dims.world_size, micro, segments, body
     )
     return budget.verdict(gib, current, tried)
 

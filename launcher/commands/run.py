@@ -69,7 +69,6 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     from launcher.checkpoint.step_dirs import read_marker
     from launcher.commands.check import build_model_cheaply, check_static
     from launcher.data.plan import batch_shape
-    from launcher.parallel.strategy import layout_for
     from launcher.train.resume import (
         check_adapters,
         check_global_batch,
@@ -79,7 +78,7 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
     )
 
     # fail here, once, before any worker starts, on everything that can be known without data
-    check_static(recipe, args.nproc)
+    dims = check_static(recipe, args.nproc)
     recipe.layout.preflight()
     recipe.layout.check_unlocked()  # another run in this directory: say so now (the main worker takes the lock)
     # validate only; the workers' main process acts on it
@@ -88,7 +87,7 @@ def launch_local(recipe: Recipe, args: argparse.Namespace) -> int:
         marker = read_marker(resume_from)
         check_global_batch(
             marker.get("global_batch"),
-            batch_shape(recipe, layout_for(recipe, args.nproc).dp_size).global_batch,
+            batch_shape(recipe, dims.dp_size).global_batch,
             resume_from,
         )
         if "peft" in marker:  # markers written before it was kept have none

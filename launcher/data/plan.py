@@ -20,7 +20,7 @@ from launcher.errors import RecipeError
 from launcher.recipe.schema import ActivationCheckpointing, Recipe
 
 if TYPE_CHECKING:
-    from launcher.parallel.layout import Layout
+    from launcher.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -138,19 +138,19 @@ def check_ranks(recipe: Recipe, world_size: int) -> None:
 
 def build_plan(
     recipe: Recipe,
-    layout: Layout,
+    dims: ParallelDims,
     train_samples: int,
     val_samples: int | None,
     backend: str,
     device: str,
     streamed: bool = False,
 ) -> Plan:
-    W, t = layout.dp_size, recipe.train
+    W, t = dims.dp_size, recipe.train
     shape = batch_shape(recipe, W)
     G, A, b = shape.global_batch, shape.accumulation, shape.micro_batch
     if train_samples <= 0:
         raise RecipeError("data.train", "the training dataset is empty")
-    check_ranks(recipe, layout.world_size)
+    check_ranks(recipe, dims.world_size)
     if recipe.data.drop_last:
         steps_per_epoch = train_samples // G
         if steps_per_epoch == 0:
@@ -169,9 +169,9 @@ def build_plan(
         assert t.epochs is not None  # the recipe's rules require one of the two
         total = t.epochs * steps_per_epoch
     return Plan(
-        world_size=layout.world_size,
+        world_size=dims.world_size,
         dp_size=W,
-        mesh=layout.describe(),
+        mesh=dims.describe(),
         micro_batch=b,
         accumulation=A,
         global_batch=G,

@@ -23,7 +23,6 @@ from launcher.parallel import wrap
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from launcher.parallel.layout import Layout
     from launcher.recipe.schema import FSDP, Recipe
 
 MIN_TORCH = (2, 6)
@@ -38,7 +37,7 @@ def torch_version() -> tuple[int, int]:
 
 def check(recipe: Recipe) -> None:
     """What can be refused before any process group exists: the torch version, a probe of the whole
-    model. (The hsdp shape: parallel/layout.py.)"""
+    model. (The hsdp shape: parallel/dims.py.)"""
     strategy = recipe.dist.strategy
     if recipe.dist.tensor_parallel > 1 and torch_version() < MIN_TORCH:
         raise RecipeError(
@@ -59,27 +58,6 @@ def check(recipe: Recipe) -> None:
             "train.activation_checkpointing.segments",
             f"auto probes the whole model on one device, which {strategy} exists to avoid; set a number of segments",
         )
-
-
-def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
-    """The device mesh: data-parallel shard (fsdp), or replicate x shard (hsdp, and ddp with tensor
-    parallelism: FSDP replicating), then tensor (innermost: a group's ranks are consecutive); always
-    with an explicit device type: left to guess on a machine with GPUs, a gloo run moved parameters
-    to CUDA (pytorch #132471)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    dims = [("dp_replicate", layout.replicate)] if layout.replicate > 1 or layout.hybrid else []
-    dims.append(("dp_shard", layout.shard))
-    if layout.tensor > 1:
-        dims.append(("tp", layout.tensor))
-    return init_device_mesh(kind, tuple(n for _, n in dims), mesh_dim_names=tuple(name for name, _ in dims))
-
-
-def data_parallel(mesh: DeviceMesh) -> DeviceMesh:
-    """The data-parallel part of `mesh`, which FSDP shards (and, under hsdp, replicates) over."""
-    names = tuple(n for n in mesh.mesh_dim_names or () if n != "tp")
-    return mesh if len(names) == len(mesh.mesh_dim_names or ()) else mesh[names]
 
 
 def units(model: nn.Module, spec: str | list[str], keep_last_in_root: bool = False) -> list[nn.Module]:

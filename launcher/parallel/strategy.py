@@ -5,16 +5,18 @@ the loop and the checkpointer call it and never ask which kind they have.
 - `Replicated`: dist.strategy=ddp on several ranks: DDP, every rank a whole replica.
 - `Sharded`: dist.strategy=fsdp/hsdp (FSDP2 on a device mesh), at any world size, even one.
 
-Each answers: its layout (the data-parallel size and rank everything about data uses), whether the
-model is built on the meta device, the checks made before its weights move, how the step's module
-is wrapped (activation checkpointing, then DDP or FSDP, then compile, in torchtitan's order), the
-autocast around the forward, what a checkpoint keeps in DCP shards, the whole model's weights for
-model.pt, and the module evaluation calls."""
+Each answers everything the loop asks, without the loop knowing the layout: its parallel dimensions
+(`dims`: the data-parallel size and rank everything about data uses), whether the model is built on
+the meta device, the checks made before its weights move, how the step's module is wrapped
+(activation checkpointing, then DDP or FSDP, then compile, in torchtitan's order), gradient sync on
+or off for a micro-step, the autocast around the forward, the sums over the ranks that read
+different data (token counts, evaluation totals, the logged loss), the gradient norm and clipping,
+what a checkpoint keeps in DCP shards, the whole model's weights for model.pt, and the module
+evaluation calls."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
 from collections.abc import Callable
@@ -24,14 +26,13 @@ import torch
 from torch import nn
 
 from launcher.checkpoint import frozen, sharded_state
+from launcher.cluster import distributed
 from launcher.errors import RecipeError
 from launcher.parallel import gradients, sharding, tensor, wrap
-from launcher.parallel.layout import Layout, build_layout
+from launcher.parallel.dims import ParallelDims, whole
 from launcher.parallel.precision import autocast
 
 if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
-
     from launcher.data.batches import LossFn
     from launcher.recipe.schema import Recipe
 
@@ -44,8 +45,8 @@ class Strategy:
     meta_init = False  # build the model on the meta device (shards are initialised once they exist)
     shards_in_checkpoint: frozenset[str] = frozenset()  # names the checkpointer writes with DCP
 
-    def __init__(self, layout: Layout, precision: str, device: torch.device) -> None:
-        self.layout, self.precision, self.device = layout, precision, device
+    def __init__(self, dims: ParallelDims, precision: str, device: torch.device) -> None:
+        self.dims, self.precision, self.device = dims, precision, device
 
     @property
     def describe(self) -> str:
@@ -56,6 +57,35 @@ class Strategy:
         """The ranks the gradient reduction averages over (the loss weights multiply by it): none in
         one process, simulated ranks included, which sums theirs itself."""
         return 1
+
+    def sum_over_data(self, totals: torch.Tensor) -> torch.Tensor:
+        """Sum `totals` (in place) over the ranks that read different tokens, each counted once: the
+        window's valid labels, evaluation's sums. Every rank of one replica holds its replica's
+        value alike (a tensor-parallel group reads one batch), so the sum over all is divided by
+        the copies of each."""
+        distributed.all_reduce(totals)
+        copies = self.dims.copies
+        if copies > 1:
+            totals.div_(copies, rounding_mode=None if totals.is_floating_point() else "floor")
+        return totals
+
+    def loss_ranks(self) -> list[int]:
+        """The ranks whose logged loss counts, one per replica (each of a tensor-parallel group
+        computes it alike)."""
+        return self.dims.loss_ranks()
+
+    def gradient_sync(
+        self,
+        train_model: nn.Module,  # noqa: ARG002 - the interface: one process reduces nothing
+        enabled: bool,  # noqa: ARG002
+    ) -> contextlib.AbstractContextManager[None]:
+        """Around a micro-step's backward: reduce the gradients over the data-parallel ranks or not
+        (accumulation reduces on a window's last micro-batch only)."""
+        return contextlib.nullcontext()
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The gradients' total 2-norm over the whole model, whatever holds which piece of it."""
+        return gradients.grad_norm(params)
 
     def prepare(self, model: nn.Module) -> None:
         """Checks made on the built model before its weights move (a meta-device one too)."""
@@ -95,21 +125,29 @@ class Distributed(Strategy):
 
     @property
     def gradient_mean_over(self) -> int:
-        return self.layout.dp_size
+        return self.dims.dp_size
 
 
 class Replicated(Distributed):
     """dist.strategy=ddp on several ranks: DDP's all-reduce averages the gradients over the replicas."""
 
     def __init__(
-        self, layout: Layout, precision: str, device: torch.device, recipe: Recipe, comm_hook: Callable[..., Any] | None
+        self,
+        dims: ParallelDims,
+        precision: str,
+        device: torch.device,
+        recipe: Recipe,
+        comm_hook: Callable[..., Any] | None,
     ) -> None:
-        super().__init__(layout, precision, device)
+        super().__init__(dims, precision, device)
         self.ddp_cfg, self.comm_hook = recipe.dist.ddp, comm_hook
 
     @property
     def describe(self) -> str:
-        return f"ddp: {self.layout.describe()}"
+        return f"ddp: {self.dims.describe()}"
+
+    def gradient_sync(self, train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        return wrap.ddp_gradient_sync(train_model, enabled)
 
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
@@ -126,19 +164,18 @@ class Sharded(Distributed):
 
     shards_in_checkpoint = CHECKPOINT_SHARDS
 
-    def __init__(self, layout: Layout, precision: str, device: torch.device, recipe: Recipe) -> None:
-        super().__init__(layout, precision, device)
+    def __init__(self, dims: ParallelDims, precision: str, device: torch.device, recipe: Recipe) -> None:
+        super().__init__(dims, precision, device)
         self.cfg, self.strategy = recipe.dist.fsdp, recipe.dist.strategy
         self.meta_init = recipe.dist.fsdp.meta_init
-        self.mesh: DeviceMesh | None = None  # built by wrap
         self.tp_plan = recipe.dist.tp_plan  # None: the model's own (tensor.plan_of)
         # FSDP imports it (~100 MB) on first use: imported now, it is not counted as the model's memory
         importlib.import_module("torch._dynamo")
 
     @property
     def describe(self) -> str:
-        tp = f" x tensor parallel {self.layout.tensor}" if self.layout.tensor > 1 else ""
-        return f"{self.strategy}{tp}: {self.layout.describe()}"
+        tp = f" x tensor parallel {self.dims.tp}" if self.dims.enabled("tp") else ""
+        return f"{self.strategy}{tp}: {self.dims.describe()}"
 
     def prepare(self, model: nn.Module) -> None:
         sharding.units(model, self.cfg.units)  # a wrong class name or a tied unit fails at any world size
@@ -152,23 +189,25 @@ class Sharded(Distributed):
                 "a meta-device build draws afresh per shard and checkpoints leave out, so a resume at another "
                 "layout could not rebuild them; set dist.fsdp.meta_init=false",
             )
-        if self.layout.tensor > 1:
-            tensor.check(model, tensor.plan_of(model, self.tp_plan), self.layout.tensor)
+        if self.dims.enabled("tp"):
+            tensor.check(model, tensor.plan_of(model, self.tp_plan), self.dims.tp)
 
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
     ) -> nn.Module:
-        mesh = self.mesh = sharding.build_mesh(self.layout, self.device)
-        if self.layout.tensor > 1:  # first: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks
-            tensor.apply(model, tensor.plan_of(model, self.tp_plan), mesh["tp"])
-        dp_mesh = sharding.data_parallel(mesh)
+        if self.dims.enabled("tp"):  # first: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks
+            tensor.apply(model, tensor.plan_of(model, self.tp_plan), self.dims.sub_mesh(self.device, ("tp",)))
+        dp_mesh = self.dims.sub_mesh(self.device, ("dp_replicate", "dp_shard"))
         shard = lambda root: sharding.shard(root, model, self.cfg, dp_mesh, self.precision, head_chunks)  # noqa: E731
         return wrap.wrap(
             model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_, distribute=shard
         )
 
+    def gradient_sync(self, train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+        return wrap.fsdp_gradient_sync(train_model, enabled)
+
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-        if self.layout.tensor == 1:
+        if not self.dims.enabled("tp"):
             return super().clip_grad_norm(params, max_norm)
         return gradients.clip_norm_(list(params), max_norm)  # gradients on two meshes: torch's cannot stack them
 
@@ -179,8 +218,7 @@ class Sharded(Distributed):
         if whole_state is not None:  # a whole (ddp) checkpoint: every rank keeps its own pieces
             sharded_state.load_whole_model(model, whole_state)
         else:  # drawn per rank: the copies of one piece made equal
-            assert self.mesh is not None, "materialize follows wrap"
-            sharding.agree_replicas(model, self.mesh)
+            sharding.agree_replicas(model, self.dims.mesh(self.device))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -209,43 +247,31 @@ class WholeOfSharded(Strategy):
     model trains whole, and its sharding units are still checked, so a wrong class name fails at
     any world size."""
 
-    def __init__(self, layout: Layout, precision: str, device: torch.device, recipe: Recipe) -> None:
-        super().__init__(layout, precision, device)
+    def __init__(self, dims: ParallelDims, precision: str, device: torch.device, recipe: Recipe) -> None:
+        super().__init__(dims, precision, device)
         self.cfg = recipe.dist.fsdp
 
     def prepare(self, model: nn.Module) -> None:
         sharding.units(model, self.cfg.units)
 
 
-def layout_for(recipe: Recipe, world_size: int, local_world_size: int | None = None) -> Layout:
-    """This recipe's layout of `world_size` ranks (hsdp's shard groups: the recipe's size, else one
-    node's ranks)."""
-    tensor = recipe.dist.tensor_parallel
-    group = None
-    if recipe.dist.strategy == "hsdp":
-        # the recipe's size (in data-parallel ranks), else one node's data-parallel ranks
-        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // tensor)
-    return build_layout(recipe.dist.strategy, world_size, tensor, group)
-
-
 def build_strategy(
     recipe: Recipe,
-    world_size: int,
-    local_world_size: int,
+    dims: ParallelDims,
     device: torch.device,
     has_process_group: bool,
     comm_hook: Callable[..., Any] | None = None,
 ) -> Strategy:
-    """The strategy for this process. FSDP needs a process group (torchrun starts one even for one
-    rank); without one (a plain single process, or simulated ranks) the model trains whole."""
-    layout = layout_for(recipe, world_size, local_world_size)
+    """The strategy for this process, over the recipe's dimensions (`dims_for`). FSDP needs a
+    process group (torchrun starts one even for one rank); without one (a plain single process, or
+    simulated ranks) the model trains whole."""
     precision = recipe.train.precision
     if not has_process_group:  # the model trains whole: tensor parallelism splits nothing, its arithmetic is dp's
-        layout = dataclasses.replace(layout, tensor=1)
-    if (recipe.dist.strategy != "ddp" or layout.tensor > 1) and has_process_group:
-        return Sharded(layout, precision, device, recipe)
-    if world_size > 1 and has_process_group:
-        return Replicated(layout, precision, device, recipe, comm_hook)
+        dims = whole(dims)
+    if (recipe.dist.strategy != "ddp" or dims.enabled("tp")) and has_process_group:
+        return Sharded(dims, precision, device, recipe)
+    if dims.world_size > 1 and has_process_group:
+        return Replicated(dims, precision, device, recipe, comm_hook)
     if recipe.dist.strategy != "ddp":
-        return WholeOfSharded(layout, precision, device, recipe)
-    return Strategy(layout, precision, device)
+        return WholeOfSharded(dims, precision, device, recipe)
+    return Strategy(dims, precision, device)

@@ -192,14 +192,19 @@ def eval_model(model: nn.Module, train_model: nn.Module) -> nn.Module:
     return Outputs(root) if isinstance(root, TrainModule) and _is_fsdp(root) else model
 
 
-def gradient_sync(train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """Turn off the gradient reduction for all but a window's last micro-batch: DDP's no_sync, or
-    FSDP's set_requires_gradient_sync (gradients then accumulate unsharded until the last)."""
+def ddp_gradient_sync(train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """DDP's no_sync for all but a window's last micro-batch."""
+    root = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+    assert isinstance(root, DistributedDataParallel), type(root)
+    return contextlib.nullcontext() if enabled else root.no_sync()
+
+
+def fsdp_gradient_sync(train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """FSDP's set_requires_gradient_sync: gradients accumulate unsharded until a window's last
+    micro-batch, which reduce-scatters them."""
     root = getattr(train_model, "_orig_mod", train_model)
-    if isinstance(root, DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else root.no_sync()
     # the setter walks every unit's state (0.3 ms a call on bench/fsdp.py's CPU GPT): call it on a change only
-    if _is_fsdp(root) and getattr(root, _SYNC_ATTR, None) is not enabled:
+    if getattr(root, _SYNC_ATTR, None) is not enabled:
         root.set_requires_gradient_sync(enabled)  # type: ignore[operator]  # an FSDPModule's method
         setattr(root, _SYNC_ATTR, enabled)
     return contextlib.nullcontext()

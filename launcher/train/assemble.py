@@ -12,7 +12,7 @@ import signal
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,13 +40,13 @@ from launcher.observe.metrics import (
     peak_flops,
 )
 from launcher.parallel import memory, sharding
-from launcher.parallel.layout import node_warning
-from launcher.parallel.strategy import build_strategy
+from launcher.parallel.dims import dims_for, node_warning
+from launcher.parallel.strategy import Strategy, build_strategy
 from launcher.recipe.schema import Recipe
 from launcher.storage import atomic_write, save_torch
 from launcher.train import loop, resume, setup
-from launcher.train.loop_state import LogWindow, Trainer, TrainState
-from launcher.train.optim import build_optimizer, build_scheduler
+from launcher.train.loop_state import Control, Data, LogWindow, Modules, Observers, Optimization, Trainer, TrainState
+from launcher.train.optim import build_optimization
 
 if TYPE_CHECKING:
     from launcher.observe.profiling import StepProfiler
@@ -126,33 +126,19 @@ def _train_locked(
     threads: str,
     heartbeat: Heartbeat | None,
 ) -> TrainState:
-    layout = recipe.layout
     # every rank hashes its share of a checkpoint's files (not all of them), and all agree on it
     check = step_dirs.verify_together()
-    resume_from = layout.prepare(
+    resume_from = recipe.layout.prepare(
         recipe.checkpoint.resume, recipe.run.overwrite, env.restart_count, act=env.is_main, check=check
     )
     route_library_bars(env.is_main and shows_bars(recipe.log.progress))
     with phase(heartbeat, "reading the data (data.train, data.val)"):
         train_set, val_set = build_datasets(recipe)
-    sharding.check(recipe)
-    # FSDP needs a process group (torchrun starts one even for one rank); a plain single process, or
-    # simulated ranks, trains the model whole
-    strategy = build_strategy(
-        recipe,
-        simulate or env.world_size,
-        env.local_world_size,
-        sess.device,
-        has_process_group=distributed.is_initialized() and not simulate,
-        comm_hook=setup.comm_hook(recipe),
-    )
-    ranks = strategy.layout
-    if env.is_main and (warning := node_warning(ranks, env.local_world_size)):
-        log.warning(warning)
+    strategy = _strategy(recipe, env, sess, simulate)
     plan = build_plan(
         recipe,
-        ranks,
-        train_samples(recipe, train_set, ranks.dp_size),
+        strategy.dims,
+        train_samples(recipe, train_set, strategy.dims.dp_size),
         len(val_set) if val_set is not None else None,
         sess.backend,
         str(sess.device),
@@ -161,29 +147,11 @@ def _train_locked(
     model, payload, base = setup.model(recipe, env, sess, plan, resume_from, strategy, heartbeat=heartbeat)
     fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
     loss_fn = setup.loss(recipe)
-    # the data-parallel ranks this process trains: its own, or every simulated one
-    dp_rank = ranks.dp_rank(env.rank)
-    trained = list(range(ranks.dp_size)) if simulate else [dp_rank]
-    shards, val_loader = build_loaders(
-        recipe,
-        plan,
-        train_set,
-        val_set,
-        ranks=trained,
-        rank=dp_rank,
-        world_size=ranks.dp_size if not simulate else 1,
-        device=sess.device,
-        signals=preempt.signals,
-    )
+    data = _data(recipe, plan, train_set, val_set, strategy, env.rank, sess, preempt, simulate, model, loss_fn)
     with phase(heartbeat, f"wrapping the model ({strategy.describe})"):
-        train_model = setup.train_module(recipe, sess.device, model, loss_fn, shards[0][2], strategy)
-        setup.materialize(recipe, env.rank, strategy, model, payload)
+        modules = setup.modules(recipe, env.rank, sess.device, model, loss_fn, data.shards[0][2], strategy, payload)
     # after sharding: FSDP replaces the parameters with their shards, which the optimizer then holds
-    startup.mark("optimizer_start")
-    optimizer = build_optimizer(recipe, model)
-    startup.mark("optimizer")
-    scheduler = build_scheduler(recipe, optimizer)
-    scaler = torch.amp.GradScaler(sess.device.type) if recipe.train.precision == "fp16" else None
+    optim = build_optimization(recipe, model, sess.device)
 
     # the loop's state: fresh, or restored from the checkpoint
     state, window, logger_ids = (
@@ -191,26 +159,135 @@ def _train_locked(
         LogWindow.for_run(recipe.log.every_n_steps, plan.total_steps, sess.device),
         LoggerIds(),
     )
-    model_state, optimizer_state = strategy.checkpointed(model, optimizer, base)
+    control = _control(recipe, env, sess, preempt, modules, optim, base, state, window, logger_ids)
+    if payload is not None and resume_from is not None:
+        with phase(heartbeat, f"restoring {resume_from}"):
+            resume.restore(payload, resume_from, control.saved, recipe, plan, sess)
+    observers = _observers(recipe, env, sess, data, model, train_set, val_set, simulate, threads, heartbeat)
+    if env.is_main:
+        observers.log = build_sinks(
+            recipe,
+            plan,
+            state.step,
+            logger_ids,
+            resumed=resume_from is not None,
+            continuing=resume_from is not None or env.restart_count > 0,
+        )
+    if payload is not None:
+        resume.restore_rng(payload, control.saved)  # last: these are the streams the loop continues
+        del payload
+    t = Trainer(recipe, sess, state, window, modules, optim, data, observers, control)
+    # a tokenizer the data was read with goes beside a transformers model's export
+    return _fit(t, env, getattr(getattr(train_set, "tokenizer", None), "save_into", None))
+
+
+def _strategy(recipe: Recipe, env: ClusterEnv, sess: Session, simulate: int | None) -> Strategy:
+    """The strategy over the recipe's parallel dimensions, built once for this process. FSDP needs a
+    process group (torchrun starts one even for one rank); a plain single process, or simulated
+    ranks, trains the model whole."""
+    sharding.check(recipe)
+    strategy = build_strategy(
+        recipe,
+        dims_for(recipe, simulate or env.world_size, env.local_world_size),
+        sess.device,
+        has_process_group=distributed.is_initialized() and not simulate,
+        comm_hook=setup.comm_hook(recipe),
+    )
+    if env.is_main and (warning := node_warning(strategy.dims, env.local_world_size)):
+        log.warning(warning)
+    return strategy
+
+
+def _data(
+    recipe: Recipe,
+    plan: Plan,
+    train_set: Any,
+    val_set: Any,
+    strategy: Strategy,
+    rank: int,
+    sess: Session,
+    preempt: PreemptionFlag,
+    simulate: int | None,
+    model: torch.nn.Module,
+    loss_fn: batches.LossFn | None,
+) -> Data:
+    """The loaders of the data-parallel ranks this process trains (its own, or every simulated one),
+    and what the loss's mean is over."""
+    dims = strategy.dims
+    dp_rank = dims.dp_rank(rank)
+    trained = list(range(dims.dp_size)) if simulate else [dp_rank]
+    shards, val_loader = build_loaders(
+        recipe,
+        plan,
+        train_set,
+        val_set,
+        ranks=trained,
+        rank=dp_rank,
+        world_size=dims.dp_size if not simulate else 1,
+        device=sess.device,
+        signals=preempt.signals,
+    )
+    counting = batches.Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=loss_fn is None)
+    rank_rng = rng.streams_of_ranks(recipe.seed, trained) if simulate else None
+    return Data(plan, shards, val_loader, counting, rank_rng)
+
+
+def _control(
+    recipe: Recipe,
+    env: ClusterEnv,
+    sess: Session,
+    preempt: PreemptionFlag,
+    modules: Modules,
+    optim: Optimization,
+    base: str | None,
+    state: TrainState,
+    window: LogWindow,
+    logger_ids: LoggerIds,
+) -> Control:
+    """What a checkpoint holds and who writes it; the stop signals and the ranks' agreement on them."""
+    strategy = modules.strategy
+    model_state, optimizer_state = strategy.checkpointed(modules.model, optim.optimizer, base)
     saved = resume.saved_objects(
         model_state,
         optimizer_state,
-        scheduler,
-        scaler,
+        optim.scheduler,
+        optim.scaler,
         state,
         window,
         sess,
         logger_ids,
         recipe.train.on_nonfinite,
-        copies=ranks.tensor,
+        loss_ranks=strategy.loss_ranks(),
     )
-    if payload is not None and resume_from is not None:
-        with phase(heartbeat, f"restoring {resume_from}"):
-            resume.restore(payload, resume_from, saved, recipe, plan, sess)
-    rank_rng = rng.streams_of_ranks(recipe.seed, trained) if simulate else None
+    checkpointer = Checkpointer(
+        recipe.checkpoint_dir,
+        recipe.checkpoint.keep_last,
+        is_writer=env.is_main,
+        group=sess.control,
+        sharded=strategy.shards_in_checkpoint,
+        background=_background_writes(recipe),
+        owner=recipe.layout.owner,
+    )
+    return Control(checkpointer, saved, preempt, Agreement(sess.control if env.world_size > 1 else None))
+
+
+def _observers(
+    recipe: Recipe,
+    env: ClusterEnv,
+    sess: Session,
+    data: Data,
+    model: torch.nn.Module,
+    train_set: Any,
+    val_set: Any,
+    simulate: int | None,
+    threads: str,
+    heartbeat: Heartbeat | None,
+) -> Observers:
+    """The profiler, the heartbeat and the figures the log rows need; the plan printed, with its
+    warnings. The metrics sinks come last (the main process's, once the checkpoint is restored)."""
+    plan = data.plan
     flops_per_sample = flops.flops_per_sample(model, train_set)  # the GPT's own, a transformers model's estimate
-    counting = batches.Counting.of(recipe.train.loss_mean_over, model, model_computes_loss=loss_fn is None)
-    extra = [("threads per rank", threads), ("loss: the mean over", counting.describe())]
+    extra = [("threads per rank", threads), ("loss: the mean over", data.counting.describe())]
     estimate = None
     if env.is_main and sess.device.type == "cpu" and flops_per_sample:
         # simulated ranks run one after another in this process
@@ -225,59 +302,15 @@ def _train_locked(
             {"data.train": train_set, "data.val": val_set}
         ):
             log.warning(warning)
-    metrics = Metrics([])
-    if env.is_main:
-        metrics = build_sinks(
-            recipe,
-            plan,
-            state.step,
-            logger_ids,
-            resumed=resume_from is not None,
-            continuing=resume_from is not None or env.restart_count > 0,
-        )
-    if payload is not None:
-        resume.restore_rng(payload, saved)  # last: these are the streams the loop continues
-        del payload
-    t = Trainer(
-        recipe,
-        plan,
-        sess,
-        model,
-        train_model,
-        loss_fn,
-        optimizer,
-        scheduler,
-        scaler,
-        shards,
-        val_loader,
-        log=metrics,
-        state=state,
-        window=window,
-        saved=saved,
-        checkpointer=Checkpointer(
-            recipe.checkpoint_dir,
-            recipe.checkpoint.keep_last,
-            is_writer=env.is_main,
-            group=sess.control,
-            sharded=strategy.shards_in_checkpoint,
-            background=_background_writes(recipe),
-            owner=recipe.layout.owner,
-        ),
-        preempt=preempt,
-        agreement=Agreement(sess.control if env.world_size > 1 else None),
+    return Observers(
+        Metrics([]),
         profiler=_profiler(recipe, env, sess.device),
         heartbeat=heartbeat,
         tokens_per_sample=_attr("tokens_per_sample", model, train_set),
         flops_per_sample=flops_per_sample,
         step_time_estimate=estimate,
         peak_flops=peak_flops(sess.device, recipe.train.precision),
-        rank_rng=rank_rng,
-        eval_model=strategy.eval_model(model, train_model),
-        strategy=strategy,
-        counting=counting,
     )
-    # a tokenizer the data was read with goes beside a transformers model's export
-    return _fit(t, env, getattr(getattr(train_set, "tokenizer", None), "save_into", None))
 
 
 def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | None = None) -> TrainState:
@@ -296,14 +329,14 @@ def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | N
         ok = True
     finally:
         if not ok:  # a periodic checkpoint being written may still finish (else the one before it stands)
-            t.checkpointer.settle(timeout_s=60.0)
-        stopped = ok and t.stop_signal is not None
-        for sink in t.log.sinks:
+            t.control.checkpointer.settle(timeout_s=60.0)
+        stopped = ok and t.control.stop_signal is not None
+        for sink in t.observe.log.sinks:
             if stopped and hasattr(sink, "preempting"):
                 sink.preempting()
-        t.log.close(ok and not stopped)
+        t.observe.log.close(ok and not stopped)
     if stopped:
-        if t.stop_signal == signal.SIGINT:  # Ctrl-C: the user stops; nothing to requeue
+        if t.control.stop_signal == signal.SIGINT:  # Ctrl-C: the user stops; nothing to requeue
             raise Preempted(
                 f"{state.stop_reason} at step {state.step}: checkpoint saved; run the same command to continue",
                 128 + signal.SIGINT,
@@ -313,15 +346,15 @@ def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | N
             f"{state.stop_reason} at step {state.step}: checkpoint saved, exiting with {code} to be requeued", code
         )
     # CPU tensors: loadable on any machine without map_location (sharded: every rank gathers)
-    weights = t.strategy.full_state(t.model)
+    weights = t.modules.strategy.full_state(t.modules.model)
     if env.is_main:
         save_torch(weights, recipe.layout.weights)
         where = str(recipe.layout.weights)
-        if hf.is_pretrained(t.model):
-            hf.export(t.model, weights, recipe.layout.hf_model, save_tokenizer)
+        if hf.is_pretrained(t.modules.model):
+            hf.export(t.modules.model, weights, recipe.layout.hf_model, save_tokenizer)
             where += f" and {recipe.layout.hf_model} (from_pretrained)"
-            if hf.is_adapted(t.model):  # hf/ holds the adapter; the merged model beside it
-                whole = hf.merged(t.model, weights)
+            if hf.is_adapted(t.modules.model):  # hf/ holds the adapter; the merged model beside it
+                whole = hf.merged(t.modules.model, weights)
                 hf.export(whole, whole.state_dict(), recipe.layout.hf_merged, save_tokenizer)
                 where += f", the adapter merged in {recipe.layout.hf_merged}"
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {where}")

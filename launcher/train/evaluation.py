@@ -29,7 +29,7 @@ def evaluate(
     max_batches: int | None,
     should_stop: Callable[[], bool],
     every_rank_forwards: bool = False,
-    copies: int = 1,
+    sum_over_data: Callable[[torch.Tensor], torch.Tensor] = distributed.all_reduce,
 ) -> dict[str, float] | None:
     """Sharded evaluation over `loader` (a ShardSampler's shard of `val_samples` samples);
     DistributedSampler's padding is dropped so each sample counts once. `val_loss` is the mean
@@ -82,8 +82,7 @@ def evaluate(
                 totals[2] += ((logits.argmax(-1) == targets) & valid).sum()
                 totals[3] += valid.sum()
     model.train(was_training)
-    distributed.all_reduce(totals)
-    totals /= copies  # a tensor-parallel group's ranks evaluate the same batches: counted once
+    sum_over_data(totals)  # the strategy's: over the ranks that read different data, each once
     loss_sum, count, correct, predictions, weight = totals.tolist()
     metrics = {"val_loss": loss_sum / max(weight, 1), "val_samples": int(count)}
     if predictions:

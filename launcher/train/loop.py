@@ -28,7 +28,7 @@ from launcher.data.loading import Batch, to_device, workers_stopped_on_error
 from launcher.errors import ArgumentError, DataRowError, TrainingError
 from launcher.observe import startup
 from launcher.observe.logs import log
-from launcher.parallel import gradients, memory, wrap
+from launcher.parallel import memory
 from launcher.rng import capture_rng_state, restore_rng_state
 from launcher.train import resume, window
 from launcher.train.evaluation import evaluate
@@ -36,40 +36,40 @@ from launcher.train.loop_state import Trainer, TrainState
 
 
 def fit(t: Trainer) -> TrainState:
-    s, p = t.state, t.plan
+    s, p = t.state, t.data.plan
     startup.mark("loop")  # from here to the first step's end: the step itself (startup.report)
     t.window.started_at = time.perf_counter()
-    t.train_model.train()
-    if t.profiler is not None:
-        t.profiler.after_step(s.step)  # start_step may be 0, or where a resumed run starts
-    if t.heartbeat is not None:
-        t.heartbeat.start()
+    t.modules.train_model.train()
+    if t.observe.profiler is not None:
+        t.observe.profiler.after_step(s.step)  # start_step may be 0, or where a resumed run starts
+    if t.observe.heartbeat is not None:
+        t.observe.heartbeat.start()
     try:
-        if s.pending_eval and t.val_loader is not None:
+        if s.pending_eval and t.data.val_loader is not None:
             evaluate_and_maybe_stop(t)  # the one a stop signal interrupted, before the checkpoint
         while s.step < p.total_steps and s.stop_reason is None:
             train_epoch(t)
-        if t.profiler is not None:
-            t.profiler.close()
-        if t.agreement is not None:
-            t.agreement.drain()
+        if t.observe.profiler is not None:
+            t.observe.profiler.close()
+        if t.control.agreement is not None:
+            t.control.agreement.drain()
         if s.stop_reason is None:
             s.stop_reason = "completed"
-        if t.val_loader is not None and s.last_eval_step != s.step and t.stop_signal is None:
+        if t.data.val_loader is not None and s.last_eval_step != s.step and t.control.stop_signal is None:
             evaluate_and_maybe_stop(t)
     finally:
-        if t.heartbeat is not None:
-            t.heartbeat.stop()
+        if t.observe.heartbeat is not None:
+            t.observe.heartbeat.stop()
     return s
 
 
 def train_epoch(t: Trainer) -> None:
-    s, p = t.state, t.plan
+    s, p = t.state, t.data.plan
     if s.step_in_epoch >= p.steps_per_epoch:  # resume.check_compatible refuses such a checkpoint
         raise RuntimeError(f"step {s.step_in_epoch} of an epoch of {p.steps_per_epoch} steps")
     micro_index = s.step_in_epoch * p.accumulation
     shards: list[tuple[int, Iterator[Batch]]] = []
-    for rank, sampler, loader in t.shards:
+    for rank, sampler, loader in t.data.shards:
         sampler.set_epoch(s.epoch)  # without it every epoch would see the same order
         sampler.set_start(micro_index * p.micro_batch)
         shards.append((rank, iter(loader)))
@@ -81,10 +81,10 @@ def train_epoch(t: Trainer) -> None:
 
 
 def _train_windows(t: Trainer, shards: list[tuple[int, Iterator[Batch]]], micro_index: int) -> None:
-    s, p = t.state, t.plan
+    s, p = t.state, t.data.plan
     while s.step_in_epoch < p.steps_per_epoch and s.step < p.total_steps and s.stop_reason is None:
-        if t.heartbeat is not None:
-            t.heartbeat.mark(f"step {s.step + 1}/{p.total_steps}")
+        if t.observe.heartbeat is not None:
+            t.observe.heartbeat.mark(f"step {s.step + 1}/{p.total_steps}")
         # one window: n_micro micro-batches on every rank, gradients all-reduced on the last
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
@@ -110,14 +110,14 @@ def after_step(t: Trainer, log_now: bool, end_of_epoch: bool) -> None:
         if t.device.type == "cuda":
             torch.cuda.synchronize(t.device)  # once: the step has really happened
         startup.mark("first_step")
-    t.log.advance(s.step)
-    if t.profiler is not None:
-        t.window.profiled |= t.profiler.active
-        t.profiler.after_step(s.step)
+    t.observe.log.advance(s.step)
+    if t.observe.profiler is not None:
+        t.window.profiled |= t.observe.profiler.active
+        t.observe.profiler.after_step(s.step)
     if log_now:
         log_train(t)
     every = t.recipe.train.eval_every_steps
-    if t.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
+    if t.data.val_loader is not None and ((every and s.step % every == 0) or (not every and end_of_epoch)):
         evaluate_and_maybe_stop(t)
     if end_of_epoch:
         s.epoch, s.step_in_epoch = s.epoch + 1, 0  # before saving: a resume starts the next epoch
@@ -129,11 +129,11 @@ def after_step(t: Trainer, log_now: bool, end_of_epoch: bool) -> None:
 
 def stop_agreed(t: Trainer) -> bool:
     """Have the ranks agreed to stop on a signal? Every rank calls this at the same points."""
-    if t.agreement is None:
+    if t.control.agreement is None:
         return False
-    agreed = t.agreement.poll(t.preempt.signum or 0 if t.preempt is not None else 0)
-    if agreed and t.stop_signal is None:
-        t.stop_signal = agreed
+    agreed = t.control.agreement.poll(t.control.preempt.signum or 0 if t.control.preempt is not None else 0)
+    if agreed and t.control.stop_signal is None:
+        t.control.stop_signal = agreed
         kind = "interrupted" if agreed == signal.SIGINT else "preempted"
         t.state.stop_reason = f"{kind} ({signal.Signals(agreed).name})"
     return bool(agreed)
@@ -142,14 +142,14 @@ def stop_agreed(t: Trainer) -> bool:
 @contextlib.contextmanager
 def _rng_of(t: Trainer, rank: int) -> Iterator[None]:
     """When simulating ranks, run with `rank`'s own RNG streams (dropout masks then match the real run)."""
-    if t.rank_rng is None:
+    if t.data.rank_rng is None:
         yield
         return
-    restore_rng_state(t.rank_rng[rank])
+    restore_rng_state(t.data.rank_rng[rank])
     try:
         yield
     finally:
-        t.rank_rng[rank] = capture_rng_state()
+        t.data.rank_rng[rank] = capture_rng_state()
 
 
 def micro_step(
@@ -158,15 +158,16 @@ def micro_step(
     """Forward and backward of one micro-batch: its mean loss x `weight` (which includes the number
     of ranks DDP or FSDP averages over: 1 when ranks are only simulated); gradients are reduced
     only when `sync`. The log adds the loss x `log_weight`: the window's mean x its samples, over all."""
+    m, scaler = t.modules, t.optim.scaler
     batch = to_device(batch, t.device)
     if t.recipe.train.channels_last and isinstance(batch, (tuple, list)) and getattr(batch[0], "ndim", 0) == 4:
         batch = [batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]]
-    with wrap.gradient_sync(t.train_model, sync):
-        with t.autocast():
-            loss = t.train_model(batch)  # the model and the loss, in one module
+    with m.strategy.gradient_sync(m.train_model, sync):
+        with m.autocast():
+            loss = m.train_model(batch)  # the model and the loss, in one module
         # 1.0 in every full window of samples without accumulation: no extra operator
         weighted = loss if isinstance(weight, float) and weight == 1.0 else loss * weight
-        (t.scaler.scale(weighted) if t.scaler is not None else weighted).backward()
+        (scaler.scale(weighted) if scaler is not None else weighted).backward()
     # read at log steps and before saves, never here: a NaN is found there, with its step
     if isinstance(log_weight, torch.Tensor):
         t.window.loss_sums[t.window.steps].add_(loss.detach() * log_weight)
@@ -176,17 +177,17 @@ def micro_step(
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
     """`want_norm`: also measure the gradient norm (for the log), if clipping does not already."""
-    cfg = t.recipe.train
-    if t.scaler is not None:
-        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-    params = t.params
+    cfg, o, strategy = t.recipe.train, t.optim, t.modules.strategy
+    if o.scaler is not None:
+        o.scaler.unscale_(o.optimizer)  # clip the true gradients, not the scaled ones
+    params = t.modules.params
     norm = None
     if cfg.grad_clip_norm is not None:
-        norm = t.strategy.clip_grad_norm(params, cfg.grad_clip_norm)
+        norm = strategy.clip_grad_norm(params, cfg.grad_clip_norm)
     elif cfg.grad_clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
     if norm is None and (want_norm or cfg.on_nonfinite == "skip"):
-        norm = gradients.grad_norm(params)  # before value clipping
+        norm = strategy.grad_norm(params)  # before value clipping
     t.window.grad_norm = norm if want_norm else None  # kept only for the log row: no tensor outlives the step
     # after the all-reduce every rank holds the same gradients, so all decide alike; this is
     # the one mode that syncs with the device every step
@@ -194,14 +195,14 @@ def optimizer_step(t: Trainer, want_norm: bool = False) -> None:
         _skip_step(t)
         return
     t.state.consecutive_skips = 0
-    if t.scaler is not None:
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
+    if o.scaler is not None:
+        o.scaler.step(o.optimizer)
+        o.scaler.update()
     else:
-        t.optimizer.step()
-    if t.scheduler is not None:
-        t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
+        o.optimizer.step()
+    if o.scheduler is not None:
+        o.scheduler.step()
+    o.optimizer.zero_grad(set_to_none=True)
 
 
 def _skip_step(t: Trainer) -> None:
@@ -218,17 +219,17 @@ def _skip_step(t: Trainer) -> None:
             f"nothing after it was saved and {kept}"
         )
     log.warning(f"step {s.step + 1}: non-finite gradients, step skipped ({s.skipped_steps} so far)")
-    if t.scaler is not None:
-        t.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
-    if t.scheduler is not None:
-        t.scheduler.step()  # the schedule follows the step count
-    t.optimizer.zero_grad(set_to_none=True)
+    if t.optim.scaler is not None:
+        t.optim.scaler.update()  # lowers the scale, as a GradScaler-skipped step does
+    if t.optim.scheduler is not None:
+        t.optim.scheduler.step()  # the schedule follows the step count
+    t.optim.optimizer.zero_grad(set_to_none=True)
 
 
 def log_train(t: Trainer) -> None:
     """The log step: the only place the training loop synchronises with the device and the ranks."""
     s = t.state
-    after_first_row = t.startup_logged  # this process's first row holds its first step (warm-up, compile)
+    after_first_row = t.observe.startup_logged  # this process's first row holds its first step (warm-up, compile)
     per_rank = resume.check_finite(t)  # [ranks, steps since the last log]; raises on a non-finite loss
     w = t.window
     label_counts = torch.cat(w.label_counts).tolist() if w.label_counts else []  # token-weighted runs
@@ -243,13 +244,13 @@ def log_train(t: Trainer) -> None:
         "epoch": s.epoch,
         "loss": loss_sum / w.samples,
         "samples": w.samples,
-        "lr": t.optimizer.param_groups[0]["lr"],
+        "lr": t.optim.optimizer.param_groups[0]["lr"],
     }
     if w.grad_norm is not None:
         row["grad_norm"] = w.grad_norm.item()
     row["samples_per_s"] = samples_per_s
-    if t.tokens_per_sample:
-        row["tokens_per_s"] = samples_per_s * t.tokens_per_sample
+    if t.observe.tokens_per_sample:
+        row["tokens_per_s"] = samples_per_s * t.observe.tokens_per_sample
     elif label_counts:  # samples of different lengths: the tokens the loss counted (labels), per second
         row["tokens_per_s"] = sum(label_counts) / elapsed
     row["step_time_s"] = elapsed / max(timed_steps, 1)
@@ -258,26 +259,26 @@ def log_train(t: Trainer) -> None:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
     else:  # the process's peak resident memory
         row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if t.flops_per_sample and t.peak_flops:
-        row["mfu"] = t.flops_per_sample * samples_per_s / (t.peak_flops * t.plan.world_size)
+    if t.observe.flops_per_sample and t.observe.peak_flops:
+        row["mfu"] = t.observe.flops_per_sample * samples_per_s / (t.observe.peak_flops * t.data.plan.world_size)
     if s.skipped_steps:
         row["skipped_steps"] = s.skipped_steps
     if w.profiled:
         row["profiled"] = True  # the profiler's overhead is in this row's times
-    if "first_step" in startup.marks and not t.startup_logged:
+    if "first_step" in startup.marks and not t.observe.startup_logged:
         row["startup_s"] = startup.report()["first_step_s"]  # process start to the end of the first step
         # once the optimizer holds its state: what this rank keeps between steps (its shards under FSDP)
-        row["state_mib"] = memory.local_state_bytes(t.params, t.optimizer) / 2**20
-        t.startup_logged = True
-    t.log(row)
-    if t.step_time_estimate is not None and after_first_row and timed_steps > 0:
+        row["state_mib"] = memory.local_state_bytes(t.modules.params, t.optim.optimizer) / 2**20
+        t.observe.startup_logged = True
+    t.observe.log(row)
+    if t.observe.step_time_estimate is not None and after_first_row and timed_steps > 0:
         # the first window without this process's first step: the real figure beside the plan's
-        e = t.step_time_estimate
+        e = t.observe.step_time_estimate
         log.info(
             f"step time: {duration(row['step_time_s'])} measured over steps {s.step - timed_steps + 1}-{s.step}, "
             f"{row['step_time_s'] / e.seconds:.1f}x the plan's estimate of {e.describe()}"
         )
-        t.step_time_estimate = None
+        t.observe.step_time_estimate = None
     w.reset()
 
 
@@ -294,8 +295,8 @@ def _report_unlabelled(step: int, label_counts: list[int]) -> None:
 
 def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     s = t.state
-    if t.heartbeat is not None:
-        t.heartbeat.mark(f"evaluation at step {s.step}")
+    if t.observe.heartbeat is not None:
+        t.observe.heartbeat.mark(f"evaluation at step {s.step}")
     try:
         metrics = _evaluate(t)
     except ArgumentError as e:  # a bad validation row (of a custom dataset: built-in ones check theirs when built)
@@ -304,7 +305,7 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
     if metrics is None:
         return None
     s.last_eval_step = s.step
-    t.log({"step": s.step, "epoch": s.epoch, **metrics})
+    t.observe.log({"step": s.step, "epoch": s.epoch, **metrics})
     es = t.recipe.train.early_stopping
     if es is not None and es.metric in metrics:
         value = metrics[es.metric]
@@ -322,17 +323,17 @@ def evaluate_and_maybe_stop(t: Trainer) -> dict[str, float] | None:
 
 
 def _evaluate(t: Trainer) -> dict[str, float] | None:
-    assert t.val_loader is not None and t.plan.val_samples is not None
+    assert t.data.val_loader is not None and t.data.plan.val_samples is not None
     return evaluate(
-        t.eval_model or t.model,
-        t.val_loader,
-        t.loss_fn,
-        t.counting,
-        t.plan.val_samples,
+        t.modules.eval_model or t.modules.model,
+        t.data.val_loader,
+        t.modules.loss_fn,
+        t.data.counting,
+        t.data.plan.val_samples,
         t.device,
-        t.autocast,
+        t.modules.autocast,
         t.recipe.train.eval_max_batches,
         should_stop=lambda: stop_agreed(t),
-        every_rank_forwards=t.eval_model not in (None, t.model),
-        copies=t.strategy.layout.tensor,
+        every_rank_forwards=t.modules.eval_model not in (None, t.modules.model),
+        sum_over_data=t.modules.strategy.sum_over_data,
     )

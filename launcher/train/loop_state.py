@@ -17,7 +17,6 @@ from launcher.cluster.distributed import Session
 from launcher.data.batches import Counting, LossFn
 from launcher.data.loading import Positioned
 from launcher.data.plan import Plan
-from launcher.parallel.layout import Layout
 from launcher.parallel.strategy import Strategy
 from launcher.recipe.schema import Recipe
 
@@ -104,28 +103,50 @@ class LogWindow:
 
 
 @dataclass
-class Trainer:
-    """What the loop works on, built complete by `launcher.train.assemble`; no logic beyond the loop's own."""
+class Modules:
+    """The model and what wraps it (built by launcher/train/setup.py and the strategy)."""
 
-    recipe: Recipe
-    plan: Plan
-    session: Session
     model: nn.Module  # the user's model, unwrapped: eval and saving use it
-    train_model: nn.Module  # activation checkpointing and DDP wrappers around `model`
+    train_model: nn.Module  # activation checkpointing and DDP or FSDP around `model`: what the step calls
     loss_fn: LossFn | None  # None: the model computes its own
+    # how the model is spread over the ranks (parallel/strategy.py): what the loop asks instead of the layout
+    strategy: Strategy
+    eval_model: nn.Module | None = None  # what evaluation calls, if not `model` (FSDP: the root's outputs)
+    params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
+
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())  # once: no per-step Python work that grows with the model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return self.strategy.autocast()
+
+
+@dataclass
+class Optimization:
+    """What steps the weights (launcher/train/optim.py)."""
+
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler | None
-    scaler: torch.amp.GradScaler | None
+    scaler: torch.amp.GradScaler | None  # fp16 only
+
+
+@dataclass
+class Data:
+    """What the loop reads (launcher/data/builders.py): the plan, and each trained rank's loader."""
+
+    plan: Plan
     # (rank, sampler, loader) for each rank this process trains: its own, or every simulated rank's
     shards: list[tuple[int, Positioned, DataLoader]]
     val_loader: DataLoader | None
+    counting: Counting  # what the loss's mean is over: samples or tokens
+    rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
+
+
+@dataclass
+class Observers:
+    """What watches the run (launcher/observe/): metrics, profiler, heartbeat and the figures its rows need."""
+
     log: Metrics  # rank 0 writes, the others have no sinks
-    state: TrainState  # where the run is (restored from a checkpoint, or fresh)
-    window: LogWindow  # what accumulates between two log rows
-    checkpointer: Checkpointer
-    saved: Mapping[str, Stateful | None]  # what a checkpoint holds, by name (resume.saved_objects)
-    preempt: PreemptionFlag | None = None
-    agreement: Agreement | None = None
     profiler: StepProfiler | None = None  # when log.profile is on for this rank
     heartbeat: Heartbeat | None = None  # the main process: says it is alive when a step or an evaluation takes long
     tokens_per_sample: float | None = None  # for tokens/s
@@ -133,25 +154,35 @@ class Trainer:
     # the plan's CPU estimate, shown once next to the measured step time (then None)
     step_time_estimate: StepTimeEstimate | None = None
     peak_flops: float | None = None  # per device, for MFU
-    rank_rng: dict[int, dict[str, Any]] | None = None  # simulating ranks: each one's RNG streams, swapped in and out
-    eval_model: nn.Module | None = None  # what evaluation calls, if not `model` (FSDP: the root's outputs)
-    # how the model is spread over the ranks (parallel/strategy.py); None: one process, the whole model
-    strategy: Strategy = None  # type: ignore[assignment]  # filled in __post_init__
-    counting: Counting = Counting(tokens=False)  # what the loss's mean is over: samples or tokens
-    # set by the loop itself
-    stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...)
     startup_logged: bool = False  # the first log row carries the start-up time, once
-    params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
 
-    def __post_init__(self) -> None:
-        # once: no per-step Python work that grows with the model
-        self.params = list(self.model.parameters())
-        if self.strategy is None:
-            self.strategy = Strategy(Layout(replicate=1, shard=1), self.recipe.train.precision, self.device)
+
+@dataclass
+class Control:
+    """Saving and stopping: the checkpointer and what it saves, the stop signals and the ranks' agreement."""
+
+    checkpointer: Checkpointer
+    saved: Mapping[str, Stateful | None]  # what a checkpoint holds, by name (resume.saved_objects)
+    preempt: PreemptionFlag | None = None
+    agreement: Agreement | None = None
+    stop_signal: int | None = None  # the signal the ranks agreed to stop on (SIGINT, SIGTERM, ...): set by the loop
+
+
+@dataclass
+class Trainer:
+    """What the loop works on, built complete by `launcher.train.assemble` from bundles that their
+    subsystems build; no logic beyond the loop's own."""
+
+    recipe: Recipe
+    session: Session
+    state: TrainState  # where the run is (restored from a checkpoint, or fresh)
+    window: LogWindow  # what accumulates between two log rows
+    modules: Modules
+    optim: Optimization
+    data: Data
+    observe: Observers
+    control: Control
 
     @property
     def device(self) -> torch.device:
         return self.session.device
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return self.strategy.autocast()

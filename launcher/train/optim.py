@@ -7,8 +7,20 @@ import warnings
 import torch
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, SequentialLR
 
+from launcher.observe import startup
 from launcher.recipe.components import instantiate
 from launcher.recipe.schema import Recipe
+from launcher.train.loop_state import Optimization
+
+
+def build_optimization(recipe: Recipe, model: torch.nn.Module, device: torch.device) -> Optimization:
+    """The optimizer over the model's trainable parameters as they are now (FSDP's shards, once
+    sharded), its schedule, and fp16's gradient scaler."""
+    startup.mark("optimizer_start")
+    optimizer = build_optimizer(recipe, model)
+    startup.mark("optimizer")
+    scaler = torch.amp.GradScaler(device.type) if recipe.train.precision == "fp16" else None
+    return Optimization(optimizer, build_scheduler(recipe, optimizer), scaler)
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:

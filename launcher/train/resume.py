@@ -35,24 +35,24 @@ if TYPE_CHECKING:  # annotations only: the loop calls into this module
     from launcher.observe.metrics import LoggerIds
 
 
-def gather_loss_sums(window: LogWindow, session: Session, copies: int = 1) -> torch.Tensor:
+def gather_loss_sums(window: LogWindow, session: Session, loss_ranks: list[int] | None = None) -> torch.Tensor:
     """Every data-parallel replica's per-step loss sums since the last log ([replicas, steps], on
-    the CPU). Syncs. `copies`: consecutive ranks that compute each replica's loss alike (a
-    tensor-parallel group), of which the first is kept."""
+    the CPU). Syncs. `loss_ranks`: the ranks whose sums count, one per replica (the strategy's:
+    a tensor-parallel group's ranks compute one loss alike); None: all."""
     mine = window.loss_sums[: window.steps].detach()
     if distributed.is_initialized() and session.world_size > 1:
         import torch.distributed as dist
 
         gathered = [torch.empty_like(mine) for _ in range(session.world_size)]
         dist.all_gather(gathered, mine.contiguous())
-        return torch.stack(gathered[::copies]).cpu()
+        return torch.stack(gathered if loss_ranks is None else [gathered[r] for r in loss_ranks]).cpu()
     return mine.cpu().unsqueeze(0)
 
 
 def check_finite(t: Trainer) -> torch.Tensor:
     """`gather_loss_sums`, checked (`raise_if_nonfinite`): at log steps. Saving checks too, in
     LogWindowState, so that nothing corrupt is written."""
-    per_rank = gather_loss_sums(t.window, t.session, t.strategy.layout.tensor)
+    per_rank = gather_loss_sums(t.window, t.session, t.modules.strategy.loss_ranks())
     raise_if_nonfinite(per_rank, t.window, t.state, t.recipe.train.on_nonfinite)
     return per_rank
 
@@ -79,13 +79,18 @@ class LogWindowState:
     the sums it gathers (`raise_if_nonfinite`) before anything is written."""
 
     def __init__(
-        self, window: LogWindow, session: Session, state: TrainState, on_nonfinite: str, copies: int = 1
+        self,
+        window: LogWindow,
+        session: Session,
+        state: TrainState,
+        on_nonfinite: str,
+        loss_ranks: list[int] | None = None,
     ) -> None:
         self.window, self.session, self.state, self.on_nonfinite = window, session, state, on_nonfinite
-        self.copies = copies  # ranks that compute one replica's loss alike (tensor parallelism)
+        self.loss_ranks = loss_ranks  # the ranks whose loss counts, one per replica (the strategy's)
 
     def state_dict(self) -> dict[str, Any]:
-        per_rank = gather_loss_sums(self.window, self.session, self.copies)
+        per_rank = gather_loss_sums(self.window, self.session, self.loss_ranks)
         raise_if_nonfinite(per_rank, self.window, self.state, self.on_nonfinite)
         return {"loss_sums": per_rank.sum(0), "samples": self.window.samples}
 
@@ -106,7 +111,7 @@ def saved_objects(
     session: Session,
     logger_ids: LoggerIds,
     on_nonfinite: str,
-    copies: int = 1,
+    loss_ranks: list[int] | None = None,
 ) -> dict[str, Stateful | None]:
     """What a checkpoint holds, by name. The model and optimizer as the strategy saves them
     (`Strategy.checkpointed`): the user's unwrapped model, or under FSDP by parameter name, as DCP
@@ -117,7 +122,7 @@ def saved_objects(
         "scheduler": scheduler,
         "scaler": scaler,
         "train_state": state,
-        "log_window": LogWindowState(window, session, state, on_nonfinite, copies),
+        "log_window": LogWindowState(window, session, state, on_nonfinite, loss_ranks),
         "rng": RankStreams(session.rank, session.control),
         "loggers": logger_ids,
     }
@@ -143,16 +148,16 @@ def save_checkpoint(t: Trainer, blocking: bool = True) -> Path | None:
     s = t.state
     if s.last_checkpoint_step == s.step:
         if blocking:
-            t.checkpointer.wait()  # this step's checkpoint may still be being written
+            t.control.checkpointer.wait()  # this step's checkpoint may still be being written
         return None
-    path = t.checkpointer.save(
+    path = t.control.checkpointer.save(
         s.step,
-        t.saved,
-        metadata(t.recipe, t.plan),
+        t.control.saved,
+        metadata(t.recipe, t.data.plan),
         # the model's shapes: a recipe for another model is refused before any worker starts
         summary={
-            "global_batch": t.plan.global_batch,
-            "shapes": shapes_of(checkpointed_state(t.model)),
+            "global_batch": t.data.plan.global_batch,
+            "shapes": shapes_of(checkpointed_state(t.modules.model)),
             "peft": t.recipe.model.get("peft"),  # the adapters' config: a resume that changes it is refused
         },
         blocking=blocking,
@@ -173,7 +178,7 @@ def load_for_resume(
     `base`: the fingerprint of the model's frozen parameters as built, checked against the saved one."""
     payload = checkpointer.read(path)
     check_compatible(payload, path, recipe, plan)
-    if "model" in payload.get("sharded", []):  # loaded into the shards once they exist (restore)
+    if checkpointer.in_shards(payload, "model"):  # loaded into the shards once they exist (restore)
         saved_shapes = sharded_state.saved_shapes(path / step_dirs.SHARDS, "model")
         check_model_matches(
             checkpointed_state(model), {k: torch.empty(v, device="meta") for k, v in saved_shapes.items()}, path
@@ -282,7 +287,7 @@ def restore(
     continues), and but a whole model (restored before wrapping, load_for_resume). A sharded
     checkpoint's model and optimizer load here, into this run's shards or whole tensors."""
     try:
-        if payload.get("sharded"):
+        if checkpointer.has_shards(payload):
             checkpointer.restore_sharded(path, payload, _by_name(saved, str(path)))
         checkpointer.restore(payload, {"optimizer": saved["optimizer"]})
     except (KeyError, ValueError, RuntimeError) as e:

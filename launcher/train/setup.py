@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from launcher import rng
-from launcher.checkpoint import frozen
+from launcher.checkpoint import checkpointer, frozen
 from launcher.cluster.distributed import Session
 from launcher.cluster.env import ClusterEnv
 from launcher.data import loss_mean
@@ -30,6 +30,7 @@ from launcher.parallel.strategy import Strategy
 from launcher.recipe.components import instantiate, resolve_callable
 from launcher.recipe.schema import Recipe
 from launcher.train import resume
+from launcher.train.loop_state import Modules
 
 
 def model(
@@ -69,7 +70,7 @@ def model(
         model.to(memory_format=torch.channels_last)
     # same initial weights on every rank (above); per-replica streams for dropout and the like (below):
     # the ranks of one tensor-parallel group compute one replica, alike
-    rng.seed_everything(recipe.seed + strategy.layout.dp_rank(env.rank))
+    rng.seed_everything(recipe.seed + strategy.dims.dp_rank(env.rank))
     return model, payload, base
 
 
@@ -104,6 +105,23 @@ def train_module(
     return strategy.wrap(model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=recipe.train.compile)
 
 
+def modules(
+    recipe: Recipe,
+    rank: int,
+    device: torch.device,
+    model: torch.nn.Module,
+    loss_fn: LossFn | None,
+    loader: torch.utils.data.DataLoader,
+    strategy: Strategy,
+    payload: dict[str, Any] | None,
+) -> Modules:
+    """The model, wrapped as the strategy says (and, built on the meta device, given its weights),
+    with the module evaluation calls."""
+    train_model = train_module(recipe, device, model, loss_fn, loader, strategy)
+    materialize(recipe, rank, strategy, model, payload)
+    return Modules(model, train_model, loss_fn, strategy, eval_model=strategy.eval_model(model, train_model))
+
+
 def comm_hook(recipe: Recipe) -> Callable[..., Any] | None:
     """dist.ddp.comm_hook, resolved (a function DDP calls on each gradient bucket)."""
     if recipe.dist.ddp.comm_hook is None:
@@ -118,8 +136,6 @@ def materialize(
     if not strategy.meta_init:
         return
     rng.seed_everything(rng.derive_seed(recipe.seed, f"init rank {rank}"))  # each shard its own draws
-    whole = payload["model"] if payload is not None and not payload.get("sharded") else None
+    whole = checkpointer.whole_state(payload, "model") if payload is not None else None
     strategy.materialize(model, whole)
-    rng.seed_everything(
-        recipe.seed + strategy.layout.dp_rank(rank)
-    )  # the streams the loop starts from, as without meta_init
+    rng.seed_everything(recipe.seed + strategy.dims.dp_rank(rank))  # the loop's streams, as without meta_init

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import torch
 
-from launcher.cluster import distributed
 from launcher.data import batches
 from launcher.data.loading import Batch, batch_size_of, slice_batch
 from launcher.train.loop_state import Trainer
@@ -26,7 +25,7 @@ def micro_batches(
     t: Trainer, streams: list[tuple[int, Iterator[Batch]]], n_micro: int, micro_index: int, n_window: int
 ) -> Iterator[Micro]:
     """The window's micro-batches in training order: index m, then rank."""
-    if not t.counting.tokens:
+    if not t.data.counting.tokens:
         return sample_weighted(t, streams, n_micro, micro_index, n_window)
     fetched = [(rank, [_next(t, stream) for _ in range(n_micro)]) for rank, stream in streams]
     return token_weighted(t, fetched, micro_index, n_window)
@@ -49,7 +48,7 @@ def sample_weighted(
     t: Trainer, streams: list[tuple[int, Iterator[Batch]]], n_micro: int, micro_index: int, n_window: int
 ) -> Iterator[Micro]:
     """Micro-batch i holds n_i real samples of the window's n_window: its mean loss x n_i * W / n_window."""
-    p, world = t.plan, t.strategy.gradient_mean_over
+    p, world = t.data.plan, t.modules.strategy.gradient_mean_over
     for m in range(n_micro):
         for rank, stream in streams:
             n_real = p.real_in_micro_batch(micro_index + m, rank)
@@ -62,26 +61,25 @@ def token_weighted(
     """Micro-batch i holds k_i valid tokens of the window's K (all ranks): its mean loss x k_i * W / K.
     K is counted on the CPU from the labels and summed over ranks in one all-reduce on the device,
     which the host never waits for. In the log, the window's token mean counts for its samples."""
-    p, world = t.plan, t.strategy.gradient_mean_over
+    p, world = t.data.plan, t.modules.strategy.gradient_mean_over
     real: list[list[tuple[int, Batch, int]]] = []  # per rank: (rank, batch without padding, valid tokens)
     for rank, window in fetched:
         per_rank = []
         for m, batch in enumerate(window):
             n_real = p.real_in_micro_batch(micro_index + m, rank)
             batch = _real(batch, n_real)
-            tokens = batches.valid_tokens(batch, t.counting.shift) if n_real else 0
+            tokens = batches.valid_tokens(batch, t.data.counting.shift) if n_real else 0
             if tokens == 0:
                 # its mean loss would be 0/0 = NaN, and NaN x a weight of 0 is still NaN: give the
                 # forward finite labels to compute (the same operators, so the same collectives)
                 # and weight it by exactly 0, which adds exactly 0 to the gradients and the log
-                batch = batches.without_ignored_labels(batch, t.counting.shift)
+                batch = batches.without_ignored_labels(batch, t.data.counting.shift)
             per_rank.append((rank, batch, tokens))
         real.append(per_rank)
     total = torch.tensor([sum(k for per_rank in real for _, _, k in per_rank)], dtype=torch.int64)
     if t.device.type == "cuda":
         total = total.pin_memory().to(t.device, non_blocking=True)
-    distributed.all_reduce(total)
-    total //= t.strategy.layout.tensor  # a tensor-parallel group's ranks read the same batch: counted once
+    t.modules.strategy.sum_over_data(total)  # over the ranks that read different tokens, each token once
     t.window.label_counts.append(total)  # read at the log step: a window of no labels is reported there
     # a window of only padding labels: every weight is 0, so zero gradients, not NaN
     total_f = total.clamp(min=1).to(torch.float32).reshape(())
