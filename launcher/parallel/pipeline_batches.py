@@ -1,7 +1,9 @@
 """A window's micro-batches as one batch of one shape, for a pipeline schedule.
 
 torch's pipeline stages infer the shapes they send and receive at the first step and keep their
-buffers: every micro-batch of every step must have the same shape. So the launcher, under pipeline
+buffers: every micro-batch of every step must have the same shape (measured on torch 2.14.1 with gloo:
+a second step 12 tokens long after one of 8 aborts the receiving rank, "Received data size doesn't
+match expected size"). So the launcher, under pipeline
 parallelism, gives each step's schedule one batch of n_micro x rows sequences of `length` tokens, which
 the schedule splits into its n_micro micro-batches along the first dimension:
 
