@@ -68,6 +68,9 @@ class GPTModel(nn.Sequential):
     # dist.tensor_parallel (launcher/parallel/tensor.py): attention and MLP column-wise, then row-wise
     tp_plan = {"*.q": "colwise", "*.k": "colwise", "*.v": "colwise", "*.proj": "rowwise"}
     tp_plan |= {"*.mlp.0": "colwise", "*.mlp.2": "rowwise"}
+    # dist.pipeline_parallel (launcher/parallel/pipeline_split.py): the children before the blocks
+    # (the embedding, on stage 0) and after them (the norm and head, on the last stage)
+    pipeline_ends = (1, 2)
 
     def init_weights(self) -> None:
         """GPT-2 init; residual projections scaled down by depth. Also what dist.fsdp.meta_init
