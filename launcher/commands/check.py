@@ -19,10 +19,10 @@ from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnin
 from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError, RecipeError
 from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
-from launcher.parallel import memory, sharding, sizes, tensor, wrap
+from launcher.parallel import memory, pipelined, sharding, sizes, tensor, wrap
+from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import ParallelDims, dims_for
 from launcher.parallel.memory import state_checkpoint_bytes
-from launcher.parallel.strategy import build_strategy
 from launcher.recipe import components
 from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
 from launcher.train import setup
@@ -36,6 +36,7 @@ def check_static(recipe: Recipe, world_size: int) -> ParallelDims:
         if spec is not None:
             components.check(spec, key, n_runtime)
     sharding.check(recipe)
+    pipelined.check(recipe)
     dims = dims_for(recipe, world_size)  # dimensions that do not multiply to the world size are refused
     batch_shape(recipe, dims.dp_size)
     check_ranks(recipe, world_size)

@@ -39,9 +39,10 @@ from launcher.observe.metrics import (
     build_sinks,
     peak_flops,
 )
-from launcher.parallel import memory, sharding
+from launcher.parallel import memory, pipelined, sharding
+from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import dims_for, node_warning
-from launcher.parallel.strategy import Strategy, build_strategy
+from launcher.parallel.strategy import Strategy
 from launcher.recipe.schema import Recipe
 from launcher.storage import atomic_write, save_torch
 from launcher.train import loop, resume, setup
@@ -151,7 +152,7 @@ def _train_locked(
     with phase(heartbeat, f"wrapping the model ({strategy.describe})"):
         modules = setup.modules(recipe, env.rank, sess.device, model, loss_fn, data.shards[0][2], strategy, payload)
     # after sharding: FSDP replaces the parameters with their shards, which the optimizer then holds
-    optim = build_optimization(recipe, model, sess.device)
+    optim = build_optimization(recipe, modules.model, sess.device)
 
     # the loop's state: fresh, or restored from the checkpoint
     state, window, logger_ids = (
@@ -186,6 +187,7 @@ def _strategy(recipe: Recipe, env: ClusterEnv, sess: Session, simulate: int | No
     process group (torchrun starts one even for one rank); a plain single process, or simulated
     ranks, trains the model whole."""
     sharding.check(recipe)
+    pipelined.check(recipe)
     strategy = build_strategy(
         recipe,
         dims_for(recipe, simulate or env.world_size, env.local_world_size),

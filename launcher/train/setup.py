@@ -119,7 +119,8 @@ def modules(
     with the module evaluation calls."""
     train_model = train_module(recipe, device, model, loss_fn, loader, strategy)
     materialize(recipe, rank, strategy, model, payload)
-    return Modules(model, train_model, loss_fn, strategy, eval_model=strategy.eval_model(model, train_model))
+    eval_model = strategy.eval_model(model, train_model)
+    return Modules(strategy.held(model, train_model), train_model, loss_fn, strategy, eval_model=eval_model)
 
 
 def comm_hook(recipe: Recipe) -> Callable[..., Any] | None:
