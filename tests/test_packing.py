@@ -1,7 +1,8 @@
 """Packed samples keep attention inside each document (issue #33): packed training, whole documents
 with their position ids, equals unpacked padded training on the same documents, to 1e-5, for text
 and chat data, on the built-in GPT and on transformers' GPT-2 and Llama. The training step is the
-launcher's own (PadToLongest, TrainModule, token-weighted accumulation), run in this process."""
+launcher's own (PadToLongest, TrainModule, token-weighted accumulation), run in this process; one
+launcher run shows it wired end to end."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import random
 import pytest
 import torch
 
-from conftest import assert_close_rel
-from hfkit import documents, make_tokenizer, write_jsonl
+from conftest import assert_close_rel, changed, launcher, load_weights, write_recipe
+from hfkit import documents, lm_recipe, make_tokenizer, write_jsonl
 from launcher.collate import PadToLongest
 from launcher.data import batches
 from launcher.errors import ArgumentError
@@ -195,3 +196,51 @@ def test_a_packing_setting_that_is_not_one_names_its_key(material, kwargs, key):
     with pytest.raises(ArgumentError) as e:
         dataset(material, "text", **kwargs)
     assert e.value.argument == key
+
+
+def test_a_packed_launcher_run_equals_unpacked_training_and_logs_its_padding(material, tmp_path):
+    """`launcher run`, one process: the built-in GPT on whole documents packed with their masks
+    (no loss component: the GPT computes its next-token loss from the labels) trains as the unpacked
+    documents do, and logs the padding fraction and the real tokens per second."""
+    from launcher.models import GPT
+
+    text = {
+        "_component_": "launcher.datasets.tokenized.TokenizedText",
+        "files": str(material / "text.jsonl"),
+        "tokenizer": str(material / "text-tokenizer"),
+        "cache_dir": str(material / "cache"),
+        "pack": PACK,
+        "pack_documents": "whole",
+    }
+    gpt = {"_component_": "launcher.models.GPT", "vocab_size": 64, "seq_len": PACK, "d_model": 32, "n_layers": 2}
+    recipe = changed(
+        lm_recipe(material, tmp_path / "run"),
+        **{
+            "model": {**gpt, "n_heads": 2},
+            "data.train": text,
+            "data.val": text,
+            "data.shuffle": False,
+            "optimizer": {"_component_": "torch.optim.SGD", "lr": LR},
+            "train": {"max_steps": STEPS, "global_batch_size": MICRO * PER_MICRO},
+            "data.batch_size": PER_MICRO,
+        },
+    )
+    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    data = dataset(material, "text", pack=PACK)
+    steps = packed_steps(data)
+    unpacked = [[[d for sample in micro for d in split(sample)] for micro in step] for step in steps]
+    torch.manual_seed(0)  # the launcher draws the model's weights from the seed, right before building it
+    loss, norm, weights = train(GPT(**{k: v for k, v in gpt.items() if k != "_component_"}, n_heads=2), unpacked)
+    assert [r["loss"] for r in logged] == pytest.approx(loss, rel=1e-5)
+    assert [r["grad_norm"] for r in logged] == pytest.approx(norm, rel=1e-5)
+    assert_close_rel(load_weights(tmp_path / "run"), weights, rtol=1e-5)
+    real = [sum(len(d["input_ids"]) for micro in step for d in micro) for step in unpacked]
+    positions = [sum(PER_MICRO * max(len(s["input_ids"]) for s in micro) for micro in step) for step in steps]
+    assert [r["padding"] for r in logged] == pytest.approx([1 - a / b for a, b in zip(real, positions, strict=True)])
+    # tokens/s counts the labels the loss counted, not the model's context per sample (the GPT's seq_len)
+    labelled = [sum(len(d["input_ids"]) - 1 for micro in step for d in micro) for step in unpacked]
+    ratios = [r["tokens_per_s"] / r["real_tokens_per_s"] for r in logged]
+    assert ratios == pytest.approx([a / b for a, b in zip(labelled, real, strict=True)])

@@ -10,10 +10,10 @@ A batch is a tuple `(inputs, targets)` or a mapping of named tensors (transforme
   models do when given `labels`).
 
 A mapping with `position_ids` holds packed documents (launcher/datasets/packing.py): the model is
-given no `attention_mask` (which marks only the padding at the right there), so that it keeps
-attention inside each document from the position ids, as transformers models do only without a
-mask and without a generation cache (`use_cache=False` is passed to a model whose config would make
-one).
+given no `attention_mask` (which marks only the padding at the right there, and is kept in the
+batch to count real tokens), so that it keeps attention inside each document from the position
+ids, as transformers models do only without a mask and without a generation cache
+(`use_cache=False` is passed to a model whose config would make one).
 
 Every loss is a mean over what it counts. The loop makes each optimizer step's loss the mean over
 the whole window (every micro-batch of every rank) by weighting each micro-batch's mean with its
@@ -150,6 +150,15 @@ def valid_tokens(batch: Any, shift: bool) -> int:
     if shift:
         labels = labels[..., 1:]
     return int((labels != IGNORE_INDEX).sum())
+
+
+def real_tokens(batch: Any) -> tuple[int, int] | None:
+    """(real tokens, token positions) of a padded mapping batch on the CPU, from its attention mask
+    (the padding fraction in the metrics); None for a batch without one."""
+    if not is_mapping(batch) or not isinstance(batch.get(ATTENTION_MASK), torch.Tensor):
+        return None
+    mask = batch[ATTENTION_MASK]
+    return int(mask.count_nonzero()), mask.numel()
 
 
 def without_ignored_labels(batch: Any, shift: bool = False) -> Any:
