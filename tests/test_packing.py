@@ -199,11 +199,10 @@ def test_a_packing_setting_that_is_not_one_names_its_key(material, kwargs, key):
 
 
 def test_a_packed_launcher_run_equals_unpacked_training_and_logs_its_padding(material, tmp_path):
-    """`launcher run`, one process: the built-in GPT on whole documents packed with their masks
-    (no loss component: the GPT computes its next-token loss from the labels) trains as the unpacked
-    documents do, and logs the padding fraction and the real tokens per second."""
-    from launcher.models import GPT
-
+    """`launcher run` on 2 ranks (DDP, gloo): the built-in GPT on whole documents packed with their
+    masks (no loss component: the GPT computes its next-token loss from the labels) trains as the
+    unpacked documents do in one process, and logs the padding fraction and the real tokens per
+    second of both ranks."""
     text = {
         "_component_": "launcher.datasets.tokenized.TokenizedText",
         "files": str(material / "text.jsonl"),
@@ -222,23 +221,24 @@ def test_a_packed_launcher_run_equals_unpacked_training_and_logs_its_padding(mat
             "data.shuffle": False,
             "optimizer": {"_component_": "torch.optim.SGD", "lr": LR},
             "train": {"max_steps": STEPS, "global_batch_size": MICRO * PER_MICRO},
-            "data.batch_size": PER_MICRO,
+            "data.batch_size": PER_MICRO,  # one micro-batch per rank and step
         },
     )
-    proc = launcher("run", write_recipe(tmp_path / "r.yaml", recipe), timeout=300)
+    proc = launcher("run", "--nproc", str(MICRO), write_recipe(tmp_path / "r.yaml", recipe), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "loss" in r]
     data = dataset(material, "text", pack=PACK)
     steps = packed_steps(data)
     unpacked = [[[d for sample in micro for d in split(sample)] for micro in step] for step in steps]
-    torch.manual_seed(0)  # the launcher draws the model's weights from the seed, right before building it
-    loss, norm, weights = train(GPT(**{k: v for k, v in gpt.items() if k != "_component_"}, n_heads=2), unpacked)
+    loss, norm, weights = train(model_of("gpt"), unpacked)  # the launcher's weights too: drawn from seed 0
     assert [r["loss"] for r in logged] == pytest.approx(loss, rel=1e-5)
     assert [r["grad_norm"] for r in logged] == pytest.approx(norm, rel=1e-5)
     assert_close_rel(load_weights(tmp_path / "run"), weights, rtol=1e-5)
     real = [sum(len(d["input_ids"]) for micro in step for d in micro) for step in unpacked]
-    positions = [sum(PER_MICRO * max(len(s["input_ids"]) for s in micro) for micro in step) for step in steps]
+    # with data.shuffle off, rank r reads a step's samples r, r + 2, ...: its micro-batch is padded to their longest
+    ranks = [[[s for i, s in enumerate(sum(step, [])) if i % MICRO == r] for r in range(MICRO)] for step in steps]
+    positions = [sum(PER_MICRO * max(len(s["input_ids"]) for s in micro) for micro in step) for step in ranks]
     assert [r["padding"] for r in logged] == pytest.approx([1 - a / b for a, b in zip(real, positions, strict=True)])
     # tokens/s counts the labels the loss counted, not the model's context per sample (the GPT's seq_len)
     labelled = [sum(len(d["input_ids"]) - 1 for micro in step for d in micro) for step in unpacked]
