@@ -123,13 +123,8 @@ class TokenizedText(Dataset):
             raise ArgumentError(
                 "text_key", f"{source.describe()} has no {self.text_key!r} field; it has {raw.column_names}"
             )
-        max_length, pack, text_key, documents, whole = (
-            self.max_length,
-            self.pack,
-            self.text_key,
-            self.documents,
-            self.whole,
-        )
+        max_length, pack, text_key = self.max_length, self.pack, self.text_key
+        documents, whole = self.documents, self.whole
         fmt = getattr(source, "format", "")
         if raw.cache_files:
             _remove_stale_temporaries(Path(raw.cache_files[0]["filename"]).parent)
