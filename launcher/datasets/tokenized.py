@@ -12,8 +12,8 @@ Hugging Face `datasets` (the [hf] extra).
 or `pack: 512` to join the documents (each followed by the tokenizer's end-of-text token, if it has
 one) into samples of 512 tokens, in one of two ways (`pack_documents`):
 
-- `split` (the default): the stream of documents cut every 512 tokens. No padding, every token
-  counts, but a document may run on into the next sample (1000 documents at a time; each
+- `split` (the default): the stream of documents cut every 512 tokens. No padding, but a document
+  may run on into the next sample (1000 documents at a time; each
   thousand's last partial sample is dropped).
 - `whole`: consecutive documents joined while they fit in 512 tokens, never split (a longer one is
   cut to 512), and the samples padded to the longest of their batch. With document attention
