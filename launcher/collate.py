@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-from launcher.data.batches import IGNORE_INDEX, LABELS
+from launcher.data.batches import ATTENTION_MASK, IGNORE_INDEX, LABELS, POSITION_IDS
 from launcher.errors import ArgumentError
 
 INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
 
 
 class PadToLongest:
@@ -23,7 +22,13 @@ class PadToLongest:
     padded on the right to the batch's longest sample (rounded up to `multiple_of`):
     `input_ids` (padded with `pad_id`), `attention_mask` (1 on tokens, 0 on padding) and `labels`
     (-100 on padding, which no loss counts; a sample without labels is labelled by its input_ids,
-    as a causal LM's are). Any other key is padded with 0."""
+    as a causal LM's are). Any other key is padded with 0.
+
+    Packed samples (`position_ids` restarting at 0 at each document, launcher/datasets/packing.py):
+    each document's first token is labelled -100 (nothing before it in its document predicts it),
+    and the batch keeps its `position_ids`, from which the model keeps attention inside each document
+    (launcher/data/batches.py then gives the model no `attention_mask`, which here only marks the
+    padding: at the right, no real token attends to it under causal attention)."""
 
     def __init__(self, pad_id: int = 0, multiple_of: int = 1) -> None:
         if multiple_of < 1:
@@ -37,6 +42,8 @@ class PadToLongest:
         rows = [{k: torch.as_tensor(v) for k, v in s.items()} for s in samples]
         for row in rows:
             row.setdefault(LABELS, row[INPUT_IDS])
+            if POSITION_IDS in row:
+                row[LABELS] = row[LABELS].masked_fill(row[POSITION_IDS] == 0, IGNORE_INDEX)
             row.setdefault(ATTENTION_MASK, torch.ones_like(row[INPUT_IDS]))
         longest = max(len(row[INPUT_IDS]) for row in rows)
         length = -(-longest // self.multiple_of) * self.multiple_of

@@ -9,6 +9,12 @@ A batch is a tuple `(inputs, targets)` or a mapping of named tensors (transforme
 - a mapping and no loss component: the model computes it, `model(**batch).loss` (transformers
   models do when given `labels`).
 
+A mapping with `position_ids` holds packed documents (launcher/datasets/packing.py): the model is
+given no `attention_mask` (which marks only the padding at the right there, and is kept in the
+batch to count real tokens), so that it keeps attention inside each document from the position
+ids, as transformers models do only without a mask and without a generation cache
+(`use_cache=False` is passed to a model whose config would make one).
+
 Every loss is a mean over what it counts. The loop makes each optimizer step's loss the mean over
 the whole window (every micro-batch of every rank) by weighting each micro-batch's mean with its
 count: its real samples, or its valid tokens (labels that are not `IGNORE_INDEX`).
@@ -26,6 +32,8 @@ from torch import nn
 from launcher.errors import RecipeError
 
 LABELS = "labels"
+POSITION_IDS = "position_ids"  # packed documents: they restart at 0 at each one
+ATTENTION_MASK = "attention_mask"
 SHIFTED_LABELS = "shift_labels"  # transformers' name for labels already aligned with the logits
 IGNORE_INDEX = -100  # torch's cross_entropy default, and transformers' padding label
 
@@ -39,6 +47,8 @@ def is_mapping(batch: Any) -> bool:
 def features_and_targets(batch: Any, model_computes_loss: bool) -> tuple[Any, Any]:
     """What the model is called with, and what the loss component compares its output with."""
     if is_mapping(batch):
+        if POSITION_IDS in batch and ATTENTION_MASK in batch:  # packed: the mask would hide the documents
+            batch = {k: v for k, v in batch.items() if k != ATTENTION_MASK}
         if model_computes_loss:
             return batch, None
         if LABELS not in batch:
@@ -61,7 +71,12 @@ def no_loss_for(sample: Any) -> RecipeError:
 
 
 def call(model: nn.Module | Callable[..., Any], features: Any) -> Any:
-    return model(**features) if is_mapping(features) else model(features)
+    if not is_mapping(features):
+        return model(features)
+    if POSITION_IDS in features and getattr(getattr(model, "config", None), "use_cache", False):
+        # transformers builds no document mask beside a generation cache, which training does not use
+        return model(**features, use_cache=False)
+    return model(**features)
 
 
 def logits_of(outputs: Any) -> Any:
@@ -104,7 +119,10 @@ class Counting:
 
 def _shifts_labels(model: nn.Module) -> bool:
     """Does the model's own loss predict labels[..., 1:]? transformers' causal LMs (GPT2LMHeadModel,
-    LlamaForCausalLM, ...) compute theirs with `ForCausalLMLoss`."""
+    LlamaForCausalLM, ...) compute theirs with `ForCausalLMLoss`; other models say so with a
+    `shifts_labels` attribute (the built-in GPT)."""
+    if getattr(model, "shifts_labels", False) is True:
+        return True
     try:
         loss_function = getattr(model, "loss_function", None)  # a transformers model's property
     except Exception:  # a model whose attribute raises has no such loss
@@ -132,6 +150,15 @@ def valid_tokens(batch: Any, shift: bool) -> int:
     if shift:
         labels = labels[..., 1:]
     return int((labels != IGNORE_INDEX).sum())
+
+
+def real_tokens(batch: Any) -> tuple[int, int] | None:
+    """(real tokens, token positions) of a padded mapping batch on the CPU, from its attention mask
+    (the padding fraction in the metrics); None for a batch without one."""
+    if not is_mapping(batch) or not isinstance(batch.get(ATTENTION_MASK), torch.Tensor):
+        return None
+    mask = batch[ATTENTION_MASK]
+    return int(mask.count_nonzero()), mask.numel()
 
 
 def without_ignored_labels(batch: Any, shift: bool = False) -> Any:

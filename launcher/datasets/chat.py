@@ -34,16 +34,16 @@ named in a warning at the start of the run (and by `launcher check`); so are con
 answer at all (no assistant turn, or only empty ones), counted apart.
 
 `pack: N` joins consecutive conversations into samples of at most N tokens (a conversation is never
-split; a longer one is cut to N). Attention is not blocked at the joins: a packed answer also sees
-the conversations before it in its sample, as in TRL's packing without padding-free attention.
-What it buys: fewer, fuller samples (less padding, so fewer FLOPs per answer token); what it costs:
-a little cross-conversation context, and results that are not those of unpacked training. The loss
-stays the exact mean over answer tokens either way.
+split; a longer one is cut to N). Each conversation's tokens attend only to its own (packing.py):
+its position ids restart at 0, so a packed sample trains exactly as its conversations would
+unpacked, with less padding (fewer FLOPs per answer token). `pack_attention: cross` lets attention
+cross the joins instead, as before (TRL's packing without padding-free attention): a packed answer
+then also sees the conversations before it in its sample, and results differ from unpacked training.
+The loss stays the exact mean over answer tokens either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from launcher.cluster import distributed
 from launcher.datasets.chat_tokenizer import IGNORE, ChatTokenizer
 from launcher.datasets.conversations import Place, ambiguous, read_local_json, row_reader
+from launcher.datasets.packing import DOCUMENT, POSITION_IDS, attention, packer
 from launcher.datasets.sources import LocalFiles, cache_key, text_source
 from launcher.errors import ArgumentError, positive
 from launcher.recipe.components import require
@@ -72,6 +73,7 @@ class ChatData(Dataset):
         chat_template: str | None = None,
         max_length: int | None = None,
         pack: int | None = None,
+        pack_attention: str = DOCUMENT,
         cache_dir: str | None = None,
         dataset: str | None = None,
         name: str | None = None,
@@ -90,12 +92,13 @@ class ChatData(Dataset):
             raise ArgumentError(
                 "pack", "give max_length (cut each conversation) or pack (which cuts at pack), not both"
             )
+        self.documents = attention(pack_attention, pack)  # packed with position ids that restart
         self.source = text_source(files, dataset, name, split, revision)
         self.tokenizer = ChatTokenizer.load(tokenizer, tokenizer_revision, chat_template)
         self.vocab_size = self.tokenizer.vocab_size  # the ids it can produce (launcher/data/fit.py)
         self.fields = (prompt_key, response_key, system) if prompt_key else (messages_key,)
         limit = self.pack or self.max_length
-        key = cache_key(self.source, "chat-v4", self.tokenizer.fingerprint, self.fields, limit, pack)
+        key = cache_key(self.source, "chat-v4", self.tokenizer.fingerprint, self.fields, limit, pack, self.documents)
         with distributed.local_main_first(key):
             self.rows, unanswered, cut, total = self._encode(key, limit, cache_dir)
         self.dropped = unanswered + cut
@@ -141,7 +144,11 @@ class ChatData(Dataset):
         rows = rows.remove_columns(DROPPED)
         if self.pack:
             rows = rows.map(
-                _packer(self.pack), new_fingerprint=f"{key}-packed", desc="packing", batched=True, batch_size=1000
+                packer(self.pack, self.documents),
+                new_fingerprint=f"{key}-packed",
+                desc="packing",
+                batched=True,
+                batch_size=1000,
             )
         return rows.with_format("torch"), unanswered, cut, len(raw)
 
@@ -179,7 +186,7 @@ class ChatData(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = self.rows[index]
-        return {"input_ids": row["input_ids"], "labels": row["labels"]}
+        return {k: row[k] for k in ("input_ids", "labels", POSITION_IDS) if k in row}
 
     @property
     def max_sequence_length(self) -> int:
@@ -207,24 +214,3 @@ def _drop_notes(unanswered: int, cut: int, total: int, limit: int | None, limit_
             f"and are dropped (they would train on nothing); raise {limit_key} to keep them"
         )
     return notes
-
-
-def _packer(size: int) -> Callable[[dict[str, list]], dict[str, list]]:
-    """Consecutive conversations joined while they fit in `size` tokens (each already at most `size`)."""
-
-    def pack(rows: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": []}
-        ids: list[int] = []
-        labels: list[int] = []
-        for more_ids, more_labels in zip(rows["input_ids"], rows["labels"], strict=True):
-            if ids and len(ids) + len(more_ids) > size:
-                out["input_ids"].append(ids)
-                out["labels"].append(labels)
-                ids, labels = [], []
-            ids, labels = ids + list(more_ids), labels + list(more_labels)
-        if ids:
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-        return out
-
-    return pack

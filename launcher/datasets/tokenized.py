@@ -9,9 +9,19 @@ Hugging Face `datasets` (the [hf] extra).
         max_length: 512                  # longer documents are cut
       collate: {_component_: launcher.collate.PadToLongest}
 
-or `pack: 512` to concatenate the documents (each followed by the tokenizer's end-of-text token, if
-it has one) and cut the stream into samples of exactly 512 tokens: no padding, every label counts
-(1000 documents at a time; each thousand's last partial sample is dropped).
+or `pack: 512` to join the documents (each followed by the tokenizer's end-of-text token, if it has
+one) into samples of 512 tokens, in one of two ways (`pack_documents`):
+
+- `split` (the default): the stream of documents cut every 512 tokens. No padding, but a document
+  may run on into the next sample (1000 documents at a time; each
+  thousand's last partial sample is dropped).
+- `whole`: consecutive documents joined while they fit in 512 tokens, never split (a longer one is
+  cut to 512), and the samples padded to the longest of their batch. With document attention
+  below, training then equals unpacked training on the same documents (tests/test_packing.py).
+
+Either way each token attends only to its own document (packing.py: position ids that restart at 0
+at each document, and at the start of a sample that a document runs on into); `pack_attention:
+cross` lets attention cross the joins instead, as before.
 
 Tokenizing runs once: rank 0 (of each node) tokenizes into `datasets`' cache while the other ranks
 wait, then every rank opens the cached result. The cache key is the files' names, sizes and
@@ -40,9 +50,12 @@ from torch.utils.data import Dataset
 from launcher import hub
 from launcher.cluster import distributed
 from launcher.datasets.documents import batched, documents, json_texts
+from launcher.datasets.packing import DOCUMENT, POSITION_IDS, attention, packer, positions
 from launcher.datasets.sources import LocalFiles, NamedDataset, cache_key, text_source
 from launcher.errors import ArgumentError, LaunchError, positive
 from launcher.recipe.components import require
+
+SPLIT, WHOLE = "split", "whole"  # pack_documents' values
 
 
 class TokenizedText(Dataset):
@@ -55,6 +68,8 @@ class TokenizedText(Dataset):
         text_key: str = "text",
         max_length: int | None = None,
         pack: int | None = None,
+        pack_documents: str = SPLIT,
+        pack_attention: str = DOCUMENT,
         cache_dir: str | None = None,
         dataset: str | None = None,
         name: str | None = None,
@@ -72,13 +87,21 @@ class TokenizedText(Dataset):
                 )
         if tokenizer is None:
             raise ArgumentError("tokenizer", "name the tokenizer: a tokenizer.json file, a directory or a hub id")
+        if pack_documents not in (SPLIT, WHOLE):
+            raise ArgumentError(
+                "pack_documents",
+                f"{pack_documents!r} is not a way to pack: give {SPLIT!r} (the stream of documents cut every pack "
+                f"tokens; the default) or {WHOLE!r} (whole documents joined while they fit, never split)",
+            )
+        self.whole = pack is not None and pack_documents == WHOLE
+        self.documents = attention(pack_attention, pack)  # packed with position ids that restart
         self.source = text_source(files, dataset, name, split, revision)
         self.text_key = text_key
         tok = load_tokenizer(tokenizer, tokenizer_revision)
         self.tokenizer = tok  # saved beside the model at the end (hf/: AutoTokenizer loads it)
         self.vocab_size = tok.vocab_size  # the ids it can produce (launcher/data/fit.py)
-        self.needs_padding = pack is None  # documents cut, not packed: of different lengths
-        key = cache_key(self.source, tok.fingerprint, text_key, max_length, pack)
+        self.needs_padding = pack is None or self.whole  # samples of different lengths
+        key = cache_key(self.source, tok.fingerprint, text_key, max_length, pack, self.whole, self.documents)
         with distributed.local_main_first(key):
             self.rows, short, total = self._tokenize(tok.encode, tok.eos, key, cache_dir)
         self.dropped = short
@@ -101,6 +124,7 @@ class TokenizedText(Dataset):
                 "text_key", f"{source.describe()} has no {self.text_key!r} field; it has {raw.column_names}"
             )
         max_length, pack, text_key = self.max_length, self.pack, self.text_key
+        documents, whole = self.documents, self.whole
         fmt = getattr(source, "format", "")
         if raw.cache_files:
             _remove_stale_temporaries(Path(raw.cache_files[0]["filename"]).parent)
@@ -112,8 +136,10 @@ class TokenizedText(Dataset):
             ids = encode([x for x in texts if x.strip()] if fmt == "text" else texts)  # blank lines: no documents
             if pack is None:
                 return {"input_ids": [x[:max_length] if max_length else x for x in ids]}
-            stream = [t for x in ids for t in (x + [eos] if eos is not None else x)]
-            return {"input_ids": [stream[i : i + pack] for i in range(0, len(stream) - pack + 1, pack)]}
+            ended = [x + [eos] if eos is not None else x for x in ids]
+            if whole:  # documents cut to pack here, dropped if short and joined below
+                return {"input_ids": [x[:pack] for x in ended]}
+            return _stream_cut(ended, pack, documents)
 
         # packing works on batches of documents: a batch's last partial sample is dropped
         kwargs: dict[str, Any] = {"batched": True, "batch_size": 1000, "new_fingerprint": key}
@@ -124,7 +150,7 @@ class TokenizedText(Dataset):
             if bad is None:
                 raise
             raise bad from None
-        if pack is not None:
+        if pack is not None and not whole:
             return rows.with_format("torch"), 0, len(rows)
         import pyarrow.compute as pc  # installed with `datasets`
 
@@ -137,17 +163,21 @@ class TokenizedText(Dataset):
                 batched=True,
                 new_fingerprint=f"{key}-kept",
             )
+        if whole:
+            assert pack is not None
+            rows = rows.map(packer(pack, documents), batched=True, batch_size=1000, new_fingerprint=f"{key}-packed")
         return rows.with_format("torch"), short, len(lengths)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[index]["input_ids"]}
+        row = self.rows[index]
+        return {k: row[k] for k in ("input_ids", POSITION_IDS) if k in row}
 
     @property
-    def tokens_per_sample(self) -> int | None:  # for tokens/s in the metrics (packed samples only)
-        return self.pack
+    def tokens_per_sample(self) -> int | None:  # for tokens/s in the metrics (samples of pack tokens only)
+        return None if self.whole else self.pack
 
     @property
     def max_sequence_length(self) -> int:
@@ -158,6 +188,25 @@ class TokenizedText(Dataset):
 
         column = self.rows.data.column("input_ids")
         return int(pc.max(pc.list_value_length(column)).as_py() or 0) if len(column) else 0
+
+
+def _stream_cut(ended: list[list[int]], pack: int, documents: bool) -> dict[str, list]:
+    """Documents (end-of-text tokens included) joined and cut every `pack` tokens (the last partial
+    sample dropped); `documents`: with position ids restarting at each document and each sample."""
+    stream = [t for x in ended for t in x]
+    starts = range(0, len(stream) - pack + 1, pack)
+    out = {"input_ids": [stream[i : i + pack] for i in starts]}
+    if documents:
+        at = positions([len(x) for x in ended])
+        out[POSITION_IDS] = [_restarted(at[i : i + pack]) for i in starts]
+    return out
+
+
+def _restarted(at: list[int]) -> list[int]:
+    """A sample's position ids, those of the document it begins inside restarting at 0 too."""
+    first = at[0]
+    run = next((i for i, p in enumerate(at) if p == 0), len(at))
+    return [p - first for p in at[:run]] + at[run:]
 
 
 MIN_TOKENS = 2  # a causal LM predicts each token from those before it: one token predicts nothing

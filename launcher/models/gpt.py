@@ -1,19 +1,28 @@
 """A GPT as an nn.Sequential: [embedding, block x n_layers, final norm, head].
 
 Attention is torch's fused scaled_dot_product_attention (causal). Being a Sequential, the model
-works with checkpoint_sequential as it is.
+works with checkpoint_sequential as it is: given a tensor of token ids, it runs as one.
+
+Given a mapping batch (`model(input_ids=..., labels=..., position_ids=...)`: TokenizedText or
+ChatData through launcher.collate.PadToLongest), it computes its own next-token loss, as transformers'
+causal LMs do, and with `position_ids` (packed documents, launcher/datasets/packing.py) each token
+attends only to the tokens of its own document: a document starts where the position ids do not
+go up by one, as transformers reads them. The document-causal mask is a boolean one for SDPA.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.errors import ArgumentError
+from launcher.errors import ArgumentError, RecipeError
 from launcher.parallel import sizes
+
+IGNORE_INDEX = -100  # labels no loss counts (padding, prompts, each document's first token)
 
 
 class Embedding(nn.Module):
@@ -23,8 +32,8 @@ class Embedding(nn.Module):
         self.pos = nn.Embedding(seq_len, d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.size(1), device=idx.device)
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        pos = torch.arange(idx.size(1), device=idx.device) if positions is None else positions
         return self.drop(self.tok(idx) + self.pos(pos))
 
 
@@ -48,18 +57,32 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: [B, 1, T, T], True where a query may attend (document-causal); None: causal."""
         B, T, _ = x.shape
         h = self.ln1(x)
         # -1 heads: all of them, or under tensor parallelism this rank's share
         q, k, v = (m(h).view(B, T, -1, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if mask is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, -1)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+class CausalLMOutput(NamedTuple):
+    """What the GPT gives a mapping batch with labels (the loop reads `.loss`, evaluation `.logits`)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
 class GPTModel(nn.Sequential):
     """The Sequential, with the figures the metrics read (tokens/s, MFU)."""
+
+    shifts_labels = True  # its own loss predicts labels[..., 1:] (launcher/data/batches.py counts those)
 
     flops_per_sample: float  # forward + backward
     tokens_per_sample: int
@@ -71,6 +94,35 @@ class GPTModel(nn.Sequential):
     # dist.pipeline_parallel (launcher/parallel/pipeline_split.py): the children before the blocks
     # (the embedding, on stage 0) and after them (the norm and head, on the last stage)
     pipeline_ends = (1, 2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | CausalLMOutput:
+        """Token ids -> logits, as the Sequential; with `labels`, the mean next-token loss too.
+        `attention_mask` marks padding, which PadToLongest puts at the right: under causal attention no
+        real token attends to it, and its labels are -100, so it changes nothing here."""
+        if position_ids is None and labels is None and attention_mask is None:
+            return super().forward(input_ids)  # the Sequential, as checkpoint_sequential runs it
+        if labels is None:
+            raise RecipeError(
+                "loss",
+                "the built-in GPT given a mapping batch computes its own next-token loss from its labels: "
+                "remove the recipe's loss component",
+            )
+        blocks = [m for m in self if isinstance(m, Block)]
+        mask = None if position_ids is None else document_causal_mask(position_ids)
+        x = self[0](input_ids, position_ids)
+        for block in blocks:
+            x = block(x, mask)
+        logits = self[-1](self[-2](x))
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return CausalLMOutput(loss, logits)
 
     def init_weights(self) -> None:
         """GPT-2 init; residual projections scaled down by depth. Also what dist.fsdp.meta_init
@@ -108,6 +160,17 @@ def GPT(
     model.tokens_per_sample = seq_len
     model.vocab_size, model.max_positions = vocab_size, seq_len
     return model
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T], True where query i may attend to key j: j <= i, in the same document. A
+    document starts where the position ids do not go up by one (transformers'
+    `find_packed_sequence_indices`), so padding of position 0 is one-token documents of its own."""
+    first = position_ids[:, :1] - 1
+    document = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    T = position_ids.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
 
 
 MAX_BLOCKS = 10_000

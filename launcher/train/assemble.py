@@ -308,7 +308,10 @@ def _observers(
         Metrics([]),
         profiler=_profiler(recipe, env, sess.device),
         heartbeat=heartbeat,
-        tokens_per_sample=_attr("tokens_per_sample", model, train_set),
+        # padded samples are shorter than the model's context: their tokens are counted, not assumed
+        tokens_per_sample=_attr(
+            "tokens_per_sample", *([] if getattr(train_set, "needs_padding", False) else [model]), train_set
+        ),
         flops_per_sample=flops_per_sample,
         step_time_estimate=estimate,
         peak_flops=peak_flops(sess.device, recipe.train.precision),

@@ -268,6 +268,7 @@ def log_train(t: Trainer) -> None:
         row["tokens_per_s"] = samples_per_s * t.observe.tokens_per_sample
     elif label_counts:  # samples of different lengths: the tokens the loss counted (labels), per second
         row["tokens_per_s"] = sum(label_counts) / elapsed
+    row |= window.padding_metrics(w.token_tallies, elapsed)
     row["step_time_s"] = elapsed / max(timed_steps, 1)
     row["data_wait"] = w.data_wait_s / elapsed
     if t.device.type == "cuda":

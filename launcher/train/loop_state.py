@@ -75,6 +75,7 @@ class LogWindow:
     # a token-weighted run's valid labels of each step since the last log row, over all ranks (on
     # the device until the log step reads them, with the loss)
     label_counts: list[torch.Tensor] = field(default_factory=list)
+    token_tallies: list[torch.Tensor] = field(default_factory=list)  # [real tokens, positions] per step, likewise
 
     def add_step(self, samples: int) -> None:
         self.steps += 1
@@ -94,6 +95,7 @@ class LogWindow:
         self.data_wait_s = 0.0
         self.profiled = False
         self.label_counts.clear()
+        self.token_tallies.clear()
         self.started_at = time.perf_counter()
 
     @classmethod

@@ -63,6 +63,7 @@ def token_weighted(
     which the host never waits for. In the log, the window's token mean counts for its samples."""
     p, world = t.data.plan, t.modules.strategy.gradient_mean_over
     real: list[list[tuple[int, Batch, int]]] = []  # per rank: (rank, batch without padding, valid tokens)
+    tally = [0, 0]  # real tokens and token positions (padding included) of the mapping batches with a mask
     for rank, window in fetched:
         per_rank = []
         for m, batch in enumerate(window):
@@ -75,12 +76,17 @@ def token_weighted(
                 # and weight it by exactly 0, which adds exactly 0 to the gradients and the log
                 batch = batches.without_ignored_labels(batch, t.data.counting.shift)
             per_rank.append((rank, batch, tokens))
+            counted = batches.real_tokens(batch) if n_real else None
+            if counted is not None:
+                tally = [tally[0] + counted[0], tally[1] + counted[1]]
         real.append(per_rank)
-    total = torch.tensor([sum(k for per_rank in real for _, _, k in per_rank)], dtype=torch.int64)
+    total = torch.tensor([sum(k for per_rank in real for _, _, k in per_rank), *tally], dtype=torch.int64)
     if t.device.type == "cuda":
         total = total.pin_memory().to(t.device, non_blocking=True)
     t.modules.strategy.sum_over_data(total)  # over the ranks that read different tokens, each token once
+    total, tallied = total[:1], total[1:]
     t.window.label_counts.append(total)  # read at the log step: a window of no labels is reported there
+    t.window.token_tallies.append(tallied)
     # a window of only padding labels: every weight is 0, so zero gradients, not NaN
     total_f = total.clamp(min=1).to(torch.float32).reshape(())
     for m in range(len(fetched[0][1])):
@@ -88,3 +94,13 @@ def token_weighted(
             rank, batch, tokens = per_rank[m]
             weight = tokens * world / total_f
             yield m, rank, batch, weight, weight * (n_window / world)
+
+
+def padding_metrics(token_tallies: list[torch.Tensor], elapsed_s: float) -> dict[str, float]:
+    """`padding` (the fraction of token positions that are padding) and `real_tokens_per_s` (tokens
+    that are not, per second, over all ranks) of a log row's windows, where the batches say (a mask)."""
+    counts = torch.stack(token_tallies).sum(0).tolist() if token_tallies else [0, 0]
+    real, positions = counts
+    if not positions:
+        return {}
+    return {"padding": 1 - real / positions, "real_tokens_per_s": real / elapsed_s}
