@@ -66,7 +66,24 @@ class OptimizerState:
         options = None
         if any(isinstance(k, int) for k in state_dict.get("state", {})) or _positional_groups(state_dict):
             state_dict, options = self._by_name(state_dict), StateDictOptions(full_state_dict=True)
+        else:
+            state_dict = self._own_groups(state_dict)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=options)
+
+    def _own_groups(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """DCP keeps one copy of the param groups, the first rank's: under pipeline parallelism they
+        name another stage's parameters. Each group's settings are the saved ones (the learning rate
+        where the schedule left it), its parameters this optimizer's own, group by group."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        saved: list[dict[str, Any]] = list(state_dict.get("param_groups") or [])
+        mine: list[dict[str, Any]] = list(get_optimizer_state_dict(self.model, self.optimizer)["param_groups"])  # type: ignore[arg-type]
+        if len(saved) != len(mine):
+            return state_dict
+        pairs = list(zip(saved, mine, strict=True))
+        if all(set(g["params"]) == set(m["params"]) for g, m in pairs):
+            return state_dict
+        return dict(state_dict, param_groups=[dict(g, params=m["params"]) for g, m in pairs])
 
     def _by_name(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """torch's optimizer format numbers parameters in the order of the param groups; this

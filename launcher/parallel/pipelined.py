@@ -58,6 +58,7 @@ class Pipelined(Distributed):
 
     shards_in_checkpoint = CHECKPOINT_SHARDS
     runs_windows = True
+    holds_whole_model = False
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device, recipe: Recipe) -> None:
         super().__init__(dims, precision, device)
@@ -180,3 +181,35 @@ def _context_length(model: nn.Module) -> int:
         "dist.pipeline_parallel",
         f"{type(model).__name__} does not say its longest sequence, which pipeline stages need",
     )
+
+
+def plan_rows(recipe: Recipe, model: nn.Module, dims: ParallelDims, n_micro: int) -> list[tuple[str, str]]:
+    """`launcher check`'s lines for pipeline parallelism: the schedule and its bubble, then each
+    stage's layers, its rank and its state per rank (weights, gradients and optimizer state, sharded
+    over the stage's data-parallel ranks under fsdp and hsdp)."""
+    from launcher.parallel import memory
+
+    cfg = recipe.dist.pipeline
+    layers = pipeline.stage_layers(pipeline_split.n_blocks(model), dims.pp, cfg.stages_per_rank, cfg.split)
+    pipeline.check_micro_batches(cfg.schedule, dims.pp, cfg.stages_per_rank, n_micro)
+    bubble = pipeline.bubble_fraction(cfg.schedule, dims.pp, cfg.stages_per_rank, n_micro)
+    ranks = pipeline_eval.stage_ranks(dims.pp, cfg.stages_per_rank, cfg.schedule)
+    per_rank = f", {cfg.stages_per_rank} stages per rank" if cfg.stages_per_rank > 1 else ""
+    rows = [("pipeline", f"{cfg.schedule}{per_rank}, {n_micro} micro-batches a step, bubble {bubble:.0%} of a step")]
+    moments = memory.optimizer_moments(recipe.optimizer)
+    shard = 1 if recipe.dist.strategy == "ddp" else (dims.dp_shard if dims.hybrid else dims.dp_size)
+    for s, blocks in enumerate(layers):
+        (stage,) = pipeline_split.split_model(model, layers, [s])
+        held = [name for name in ("embeddings",) if s == 0]
+        held.append(f"blocks {blocks.start}-{blocks.stop - 1}" if len(blocks) > 1 else f"block {blocks.start}")
+        if len(blocks) == 0:
+            held.pop()
+        if s == len(layers) - 1:
+            held.append("norm, head")
+        state = memory.state_plan(stage, moments, shard, dims.tp)
+        rows.append((f"stage {s} (pipeline rank {ranks[s]})", f"{', '.join(held)}: {_mib(state.total)} per rank"))
+    return rows
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"

@@ -44,6 +44,7 @@ class Strategy:
 
     meta_init = False  # build the model on the meta device (shards are initialised once they exist)
     runs_windows = False  # the loop hands `step_window` whole windows (a pipeline's schedule), not micro-batches
+    holds_whole_model = True  # False: `held` is some of the model (its weights whole only once gathered)
     shards_in_checkpoint: frozenset[str] = frozenset()  # names the checkpointer writes with DCP
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device) -> None:
