@@ -12,6 +12,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from conftest import ROOT, assert_close_rel, launcher, load_weights
 from launcher.errors import RecipeError
@@ -93,8 +94,12 @@ def test_two_stages_equal_one_process(tmp_path, one_process, changes):
     assert_equal_to(run(tmp_path / "pp", "dist.pipeline_parallel=2", *changes, nproc=2), one_process)
 
 
-def test_pp_2_x_fsdp_2_equals_one_process(pp_x_fsdp, one_process):
+def test_pp_2_x_fsdp_2_equals_one_process_and_converts_to_its_weights(tmp_path, pp_x_fsdp, one_process):
     assert_equal_to(pp_x_fsdp, one_process)
+    step = pp_x_fsdp / "checkpoints" / "step_00000004"  # every stage's shards, joined in one file
+    proc = launcher("convert", step, "--output", tmp_path / "converted.pt", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_close_rel(torch.load(tmp_path / "converted.pt", weights_only=True), load_weights(pp_x_fsdp), rtol=0)
 
 
 @pytest.mark.parametrize(
