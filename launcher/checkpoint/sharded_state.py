@@ -47,8 +47,13 @@ class OptimizerState:
     """Stateful over DCP's get/set_optimizer_state_dict. Also loads a DDP checkpoint's optimizer
     state (torch's own format, keyed by position) into a sharded optimizer."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, positional_names: list[str] | None = None
+    ) -> None:
         self.model, self.optimizer = model, optimizer
+        # the names behind torch's positional format, where `model` holds only some of the model's
+        # parameters (a pipeline stage's): the whole model's trainable ones, in order
+        self.positional_names = positional_names
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -61,16 +66,41 @@ class OptimizerState:
         options = None
         if any(isinstance(k, int) for k in state_dict.get("state", {})) or _positional_groups(state_dict):
             state_dict, options = self._by_name(state_dict), StateDictOptions(full_state_dict=True)
+        else:
+            state_dict = self._own_groups(state_dict)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=options)
+
+    def _own_groups(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """DCP keeps one copy of the param groups, the first rank's: under pipeline parallelism they
+        name another stage's parameters. Each group's settings are the saved ones (the learning rate
+        where the schedule left it), its parameters this optimizer's own, group by group."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        saved: list[dict[str, Any]] = list(state_dict.get("param_groups") or [])
+        mine: list[dict[str, Any]] = list(get_optimizer_state_dict(self.model, self.optimizer)["param_groups"])  # type: ignore[arg-type]
+        if len(saved) != len(mine):
+            return state_dict
+        pairs = list(zip(saved, mine, strict=True))
+        if all(set(g["params"]) == set(m["params"]) for g, m in pairs):
+            return state_dict
+        return dict(state_dict, param_groups=[dict(g, params=m["params"]) for g, m in pairs])
 
     def _by_name(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """torch's optimizer format numbers parameters in the order of the param groups; this
         optimizer was built the same way over the same model, so position i is the same parameter."""
         names = {p: n for n, p in self.model.named_parameters()}
-        order = [names[p] for group in self.optimizer.param_groups for p in group["params"]]
+        if self.positional_names is None:
+            order = [names[p] for group in self.optimizer.param_groups for p in group["params"]]
+            return {
+                "state": {order[i]: v for i, v in state_dict["state"].items()},
+                "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state_dict["param_groups"]],
+            }
+        order, mine = self.positional_names, set(names.values())
         return {
-            "state": {order[i]: v for i, v in state_dict["state"].items()},
-            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in state_dict["param_groups"]],
+            "state": {order[i]: v for i, v in state_dict["state"].items() if order[i] in mine},
+            "param_groups": [
+                dict(g, params=[order[i] for i in g["params"] if order[i] in mine]) for g in state_dict["param_groups"]
+            ],
         }
 
 
@@ -152,16 +182,18 @@ def saved_keys(directory: Path, name: str) -> set[str]:
     return {key[len(prefix) :] for key in metadata.state_dict_metadata if key.startswith(prefix)}
 
 
-def full_model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+def full_model_state(model: nn.Module, sharded: bool, every_rank: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU, for model.pt. Sharded: every rank calls it; torch
     gathers one parameter at a time into rank 0's host memory (the others get {}), so no rank
-    ever holds more than one full copy."""
+    ever holds more than one full copy; `every_rank`: each rank gets them (a pipeline stage's, which
+    the stage's ranks then send on)."""
     if not sharded:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    full = get_model_state_dict(model, options=options)
+    return {k: v.detach().cpu() for k, v in full.items() if isinstance(v, torch.Tensor)}
 
 
 def read_whole(directory: Path, name: str) -> dict[str, torch.Tensor]:

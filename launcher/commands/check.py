@@ -19,10 +19,10 @@ from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnin
 from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError, RecipeError
 from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
-from launcher.parallel import memory, sharding, sizes, tensor, wrap
+from launcher.parallel import memory, pipeline, pipelined, sharding, sizes, tensor, wrap
+from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import ParallelDims, dims_for
 from launcher.parallel.memory import state_checkpoint_bytes
-from launcher.parallel.strategy import build_strategy
 from launcher.recipe import components
 from launcher.recipe.schema import COMPONENT_KEYS, Recipe, component_spec
 from launcher.train import setup
@@ -36,8 +36,12 @@ def check_static(recipe: Recipe, world_size: int) -> ParallelDims:
         if spec is not None:
             components.check(spec, key, n_runtime)
     sharding.check(recipe)
+    pipelined.check(recipe)
     dims = dims_for(recipe, world_size)  # dimensions that do not multiply to the world size are refused
-    batch_shape(recipe, dims.dp_size)
+    shape = batch_shape(recipe, dims.dp_size)
+    if dims.enabled("pp"):  # a window's micro-batches must fill the schedule
+        cfg = recipe.dist.pipeline
+        pipeline.check_micro_batches(cfg.schedule, dims.pp, cfg.stages_per_rank, shape.accumulation)
     check_ranks(recipe, world_size)
     return dims
 
@@ -162,9 +166,12 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     rows.append(("loss: the mean over", counting.describe()))
     rows.append(("parameters", memory.describe_parameters(model)))
     rows += [("from the hub", source.describe()) for source in hub.resolved.values()]
-    memory_rows, memory_note = _memory_plan(recipe, model, dims, device)
-    rows += memory_rows
-    notes += memory_note
+    if dims.enabled("pp"):  # each stage's state per rank, in place of the whole model's
+        rows += pipelined.plan_rows(recipe, model, dims, batch_shape(recipe, dims.dp_size).accumulation)
+    else:
+        memory_rows, memory_note = _memory_plan(recipe, model, dims, device)
+        rows += memory_rows
+        notes += memory_note
     fits = True
     if gpu_memory_gib is not None:
         from launcher.commands.gpu_fit import gpu_fit

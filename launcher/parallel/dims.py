@@ -145,41 +145,50 @@ class ParallelDims:
                 assert mesh.get_local_rank(name) == mine[name], (name, mesh.get_local_rank(name), mine)
 
 
-def build_dims(strategy: str, world_size: int, tensor: int, shard_group: int | None) -> ParallelDims:
-    """The dimensions of `world_size` ranks under dist.strategy and dist.tensor_parallel; `shard_group`:
-    hsdp's ranks per shard group (already resolved: the recipe's, or one node's data-parallel ranks).
-    Dimensions that do not multiply to the world size are one line naming the key."""
+def build_dims(strategy: str, world_size: int, tensor: int, shard_group: int | None, pipeline: int = 1) -> ParallelDims:
+    """The dimensions of `world_size` ranks under dist.strategy, dist.tensor_parallel and
+    dist.pipeline_parallel; `shard_group`: hsdp's ranks per shard group (already resolved: the
+    recipe's, or one node's data-parallel ranks). Dimensions that do not multiply to the world size
+    are one line naming the key."""
+    divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
     if world_size % tensor:
         raise RecipeError(
             "dist.tensor_parallel",
-            f"{tensor} does not divide the world size {world_size}; use a divisor of {world_size} "
-            f"({', '.join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)})",
+            f"{tensor} does not divide the world size {world_size}; use a divisor of {world_size} ({divisors})",
         )
-    dp = world_size // tensor
+    if world_size % (tensor * pipeline):
+        within = f"the {world_size // tensor} ranks left by dist.tensor_parallel={tensor}" if tensor > 1 else ""
+        raise RecipeError(
+            "dist.pipeline_parallel",
+            f"{pipeline} does not divide {within or f'the world size {world_size}'}; the world size must be "
+            f"pipeline_parallel x tensor_parallel x the data-parallel ranks (divisors of {world_size}: {divisors})",
+        )
+    dp = world_size // (tensor * pipeline)
     if strategy == "ddp":
-        return ParallelDims(dp_replicate=dp, tp=tensor)
+        return ParallelDims(dp_replicate=dp, tp=tensor, pp=pipeline)
     if strategy == "fsdp":
-        return ParallelDims(dp_shard=dp, tp=tensor)
+        return ParallelDims(dp_shard=dp, tp=tensor, pp=pipeline)
     group = shard_group or dp
     if dp % group:
+        model = tensor * pipeline
         ranks = (
-            f"the world size {world_size}" if tensor == 1 else f"the {dp} data-parallel ranks ({world_size} / {tensor})"
+            f"the world size {world_size}" if model == 1 else f"the {dp} data-parallel ranks ({world_size} / {model})"
         )
         raise RecipeError(
             "dist.fsdp.shard_group_size",
             f"{group} does not divide {ranks}; hsdp needs whole shard groups (replicas x shard_group_size ranks)",
         )
-    return ParallelDims(dp_replicate=dp // group, dp_shard=group, tp=tensor, hybrid=True)
+    return ParallelDims(dp_replicate=dp // group, dp_shard=group, tp=tensor, pp=pipeline, hybrid=True)
 
 
 def dims_for(recipe: Recipe, world_size: int, local_world_size: int | None = None) -> ParallelDims:
     """This recipe's dimensions over `world_size` ranks (hsdp's shard groups: the recipe's size, else
     one node's data-parallel ranks)."""
-    tensor = recipe.dist.tensor_parallel
+    tensor, pipeline = recipe.dist.tensor_parallel, recipe.dist.pipeline_parallel
     group = None
     if recipe.dist.strategy == "hsdp":
-        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // tensor)
-    return build_dims(recipe.dist.strategy, world_size, tensor, group)
+        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // (tensor * pipeline))
+    return build_dims(recipe.dist.strategy, world_size, tensor, group, pipeline)
 
 
 def whole(dims: ParallelDims) -> ParallelDims:

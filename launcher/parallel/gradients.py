@@ -63,12 +63,13 @@ def _summed_over_shards(local: torch.Tensor, mesh: Any, placements: tuple) -> to
     return total
 
 
-def clip_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_norm_(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
     """torch's clip_grad_norm_ (the same coefficient, max_norm / (norm + 1e-6), at most 1) over
     gradients that live on several meshes, which torch's cannot stack (tensor parallelism: a
     split layer's gradients on the data-parallel x tensor mesh, a replicated one's on the
-    data-parallel mesh alone). Returns the norm before clipping."""
-    norm = grad_norm(params)
+    data-parallel mesh alone). `norm`: the whole model's, if these are some of its gradients (a
+    pipeline stage's). Returns the norm before clipping."""
+    norm = grad_norm(params) if norm is None else norm
     coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in params:
         if p.grad is not None:

@@ -81,3 +81,36 @@ def _recv(src: int, group: Any, device: torch.device) -> torch.Tensor:
     t = torch.empty(shape[:ndim], dtype=DTYPES[dtype], device=device)
     dist.recv(t, src, group=group)
     return t
+
+
+class Outputs(nn.Module):
+    """What evaluation calls under pipeline parallelism: the last stage's logits for a batch, on every
+    rank of the pipeline (sent from the rank holding the last stage), so that each computes the same
+    sums and the strategy's sum over the data counts them once. A mapping batch with labels (a
+    transformers model's own loss) gets the model's loss back too."""
+
+    def __init__(self, stages: Sequence[nn.Module], ids: Sequence[int], ranks: Sequence[int], group: Any) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)  # .eval() and .train() reach them
+        self.ids, self.ranks, self.group = list(ids), list(ranks), group
+
+    def forward(self, x: torch.Tensor | None = None, **features: Any) -> Any:
+        import torch.distributed as dist
+
+        inputs = x if x is not None else features["input_ids"]
+        outputs = forward_only(list(self.stages), self.ids, self.ranks, self.group, [inputs])
+        last = dist.get_global_rank(self.group, self.ranks[-1])
+        device = inputs.device
+        if outputs:
+            logits = outputs[0]
+            for rank in range(dist.get_world_size(self.group)):
+                if rank != self.ranks[-1]:
+                    _send(logits, dist.get_global_rank(self.group, rank), self.group)
+        else:
+            logits = _recv(last, self.group, device)
+        labels = features.get("labels")
+        if labels is None:
+            return logits
+        from launcher.parallel.pipeline_batches import causal_lm_loss
+
+        return {"loss": causal_lm_loss(logits, labels), "logits": logits}

@@ -170,3 +170,35 @@ def _causal_masks(config: Any, embeds: torch.Tensor, positions: torch.Tensor) ->
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         masks["sliding_attention"] = build(masking_utils.create_sliding_window_causal_mask)
     return masks
+
+
+def held(stages: list[nn.Module]) -> nn.Module:
+    """One module over this rank's stages whose parameter names are the whole model's (the GPT's "3.q.weight",
+    a transformers model's "model.layers.3..."): what the optimizer, the checkpoint (DCP, by name) and the
+    gradient norm see. Where two stages share a container's name (a transformers model's `model`), a new
+    container holds both stages' children: the stages' own are left as they are, so each runs its own layers."""
+    tree: dict[str, Any] = {}
+    for stage in stages:
+        _graft(tree, stage)
+    return _build(tree)
+
+
+def _graft(tree: dict[str, Any], module: nn.Module) -> None:
+    for name, child in module.named_children():
+        have = tree.get(name)
+        if have is None:
+            tree[name] = child
+        elif have is not child:
+            if isinstance(have, nn.Module):
+                assert not any(True for _ in have.parameters(recurse=False)), f"{name} holds parameters of its own"
+                have = dict(have.named_children())
+            assert not any(True for _ in child.parameters(recurse=False)), f"{name} holds parameters of its own"
+            _graft(have, child)
+            tree[name] = have
+
+
+def _build(tree: dict[str, Any]) -> nn.Module:
+    root = nn.Module()
+    for name, value in tree.items():
+        root.add_module(name, _build(value) if isinstance(value, dict) else value)
+    return root

@@ -98,9 +98,16 @@ def _check_untied(model: nn.Module, found: list[nn.Module]) -> None:
 
 
 def shard(
-    root: nn.Module, model: nn.Module, cfg: FSDP, mesh: DeviceMesh, precision: str, head_chunks: int
+    root: nn.Module,
+    model: nn.Module,
+    cfg: FSDP,
+    mesh: DeviceMesh,
+    precision: str,
+    head_chunks: int,
+    forward_method: str | None = "outputs",
 ) -> nn.Module:
-    """fully_shard the units of `model`, then `root` (which holds `model`); returns `root`."""
+    """fully_shard the units of `model`, then `root` (which holds `model`), whose `forward_method`
+    (evaluation's, on the TrainModule) gathers as its forward does; returns `root`."""
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
         MixedPrecisionPolicy,
@@ -116,7 +123,8 @@ def shard(
     for unit in units(model, cfg.units, keep_last_in_root=head_chunks > 0):
         fully_shard(unit, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     fully_shard(root, **kwargs)
-    register_fsdp_forward_method(root, "outputs")
+    if forward_method is not None:
+        register_fsdp_forward_method(root, forward_method)
     return root
 
 

@@ -29,7 +29,7 @@ from launcher.checkpoint import frozen, sharded_state
 from launcher.cluster import distributed
 from launcher.errors import RecipeError
 from launcher.parallel import gradients, sharding, tensor, wrap
-from launcher.parallel.dims import ParallelDims, whole
+from launcher.parallel.dims import ParallelDims
 from launcher.parallel.precision import autocast
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ class Strategy:
     """One process with the whole model; the base every kind refines."""
 
     meta_init = False  # build the model on the meta device (shards are initialised once they exist)
+    runs_windows = False  # the loop hands `step_window` whole windows (a pipeline's schedule), not micro-batches
+    holds_whole_model = True  # False: `held` is some of the model (its weights whole only once gathered)
     shards_in_checkpoint: frozenset[str] = frozenset()  # names the checkpointer writes with DCP
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device) -> None:
@@ -95,6 +97,17 @@ class Strategy:
     ) -> nn.Module:
         """The module the step calls; `model` stays the unwrapped one, for saving and evaluation."""
         return wrap.wrap(model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_)
+
+    def held(self, model: nn.Module, train_model: nn.Module) -> nn.Module:  # noqa: ARG002 - the interface
+        """The model as this rank holds it, for the optimizer, checkpoints and evaluation: the whole
+        model, or (pipeline parallelism) this rank's stages under the whole model's names."""
+        return model
+
+    def step_window(self, micro: list[Any], weights: list[Any], n_micro: int, rows: int) -> torch.Tensor:
+        """Where `runs_windows`: forward and backward of a window's micro-batches (at most `n_micro`
+        of at most `rows` samples, each weighted as the loop weights it); returns the sum of their
+        weighted losses on the ranks whose loss counts."""
+        raise NotImplementedError(f"{type(self).__name__} runs micro-batches one at a time (runs_windows is False)")
 
     def materialize(self, model: nn.Module, whole_state: dict[str, torch.Tensor] | None) -> None:
         """A meta-device model's real weights, once wrapped (only where `meta_init`)."""
@@ -211,6 +224,17 @@ class Sharded(Distributed):
             return super().clip_grad_norm(params, max_norm)
         return gradients.clip_norm_(list(params), max_norm)  # gradients on two meshes: torch's cannot stack them
 
+    def held(self, model: nn.Module, train_model: nn.Module) -> nn.Module:  # noqa: ARG002 - the interface
+        """The model as this rank holds it, for the optimizer, checkpoints and evaluation: the whole
+        model, or (pipeline parallelism) this rank's stages under the whole model's names."""
+        return model
+
+    def step_window(self, micro: list[Any], weights: list[Any], n_micro: int, rows: int) -> torch.Tensor:
+        """Where `runs_windows`: forward and backward of a window's micro-batches (at most `n_micro`
+        of at most `rows` samples, each weighted as the loop weights it); returns the sum of their
+        weighted losses on the ranks whose loss counts."""
+        raise NotImplementedError(f"{type(self).__name__} runs micro-batches one at a time (runs_windows is False)")
+
     def materialize(self, model: nn.Module, whole_state: dict[str, torch.Tensor] | None) -> None:
         if not self.meta_init:
             return
@@ -253,25 +277,3 @@ class WholeOfSharded(Strategy):
 
     def prepare(self, model: nn.Module) -> None:
         sharding.units(model, self.cfg.units)
-
-
-def build_strategy(
-    recipe: Recipe,
-    dims: ParallelDims,
-    device: torch.device,
-    has_process_group: bool,
-    comm_hook: Callable[..., Any] | None = None,
-) -> Strategy:
-    """The strategy for this process, over the recipe's dimensions (`dims_for`). FSDP needs a
-    process group (torchrun starts one even for one rank); without one (a plain single process, or
-    simulated ranks) the model trains whole."""
-    precision = recipe.train.precision
-    if not has_process_group:  # the model trains whole: tensor parallelism splits nothing, its arithmetic is dp's
-        dims = whole(dims)
-    if (recipe.dist.strategy != "ddp" or dims.enabled("tp")) and has_process_group:
-        return Sharded(dims, precision, device, recipe)
-    if dims.world_size > 1 and has_process_group:
-        return Replicated(dims, precision, device, recipe, comm_hook)
-    if recipe.dist.strategy != "ddp":
-        return WholeOfSharded(dims, precision, device, recipe)
-    return Strategy(dims, precision, device)

@@ -111,6 +111,15 @@ class FSDP(_Section):
     meta_init: bool = False
 
 
+class Pipeline(_Section):
+    """dist.pipeline_parallel > 1 (torch >= 2.8). docs/parallelism.md says when to use it."""
+
+    # gpipe | 1f1b | interleaved_1f1b (stages_per_rank >= 2); interleaved_zb, zbv, dualpipev need torch 2.13
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
+    stages_per_rank: PosInt = 1  # stages each pipeline rank runs (interleaved and V schedules: 2 or more)
+    split: list[NonNegInt] | None = None  # the first block of stages 1, 2, ...; None: the blocks split evenly
+
+
 class Dist(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: typing.Annotated[float, Field(gt=0, le=TIMEOUT_MAX_S)] = 600.0
@@ -120,6 +129,10 @@ class Dist(_Section):
     tensor_parallel: PosInt = 1
     # the tensor-parallel plan, {module-name pattern: colwise | rowwise}; None: the model's own
     tp_plan: dict[str, Literal["colwise", "rowwise"]] | None = None
+    # pipeline stages the model's layers are split over (outermost on the mesh, torch >= 2.8); the
+    # data-parallel ranks are the world size / (tensor_parallel x pipeline_parallel)
+    pipeline_parallel: PosInt = 1
+    pipeline: Pipeline = Pipeline()
     ddp: DDP = DDP()
     fsdp: FSDP = FSDP()
 

@@ -26,7 +26,7 @@ from launcher.cluster.distributed import Session
 from launcher.cluster.env import ClusterEnv
 from launcher.cluster.signals import Agreement, PreemptionFlag, parse_signal
 from launcher.data import batches, fit, streaming
-from launcher.data.builders import build_collate, build_datasets, build_loaders, train_samples
+from launcher.data.builders import build_collate, build_datasets, build_loaders, build_model, train_samples
 from launcher.data.plan import Plan, build_plan, plan_warnings
 from launcher.errors import EXIT_FAILED, EXIT_USAGE, DataRowError, Preempted, RecipeError, TrainingError, UserError
 from launcher.models import flops, hf
@@ -39,9 +39,10 @@ from launcher.observe.metrics import (
     build_sinks,
     peak_flops,
 )
-from launcher.parallel import memory, sharding
+from launcher.parallel import memory, pipelined, sharding
+from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import dims_for, node_warning
-from launcher.parallel.strategy import Strategy, build_strategy
+from launcher.parallel.strategy import Strategy
 from launcher.recipe.schema import Recipe
 from launcher.storage import atomic_write, save_torch
 from launcher.train import loop, resume, setup
@@ -151,7 +152,7 @@ def _train_locked(
     with phase(heartbeat, f"wrapping the model ({strategy.describe})"):
         modules = setup.modules(recipe, env.rank, sess.device, model, loss_fn, data.shards[0][2], strategy, payload)
     # after sharding: FSDP replaces the parameters with their shards, which the optimizer then holds
-    optim = build_optimization(recipe, model, sess.device)
+    optim = build_optimization(recipe, modules.model, sess.device)
 
     # the loop's state: fresh, or restored from the checkpoint
     state, window, logger_ids = (
@@ -186,6 +187,7 @@ def _strategy(recipe: Recipe, env: ClusterEnv, sess: Session, simulate: int | No
     process group (torchrun starts one even for one rank); a plain single process, or simulated
     ranks, trains the model whole."""
     sharding.check(recipe)
+    pipelined.check(recipe)
     strategy = build_strategy(
         recipe,
         dims_for(recipe, simulate or env.world_size, env.local_world_size),
@@ -353,11 +355,16 @@ def _fit(t: Trainer, env: ClusterEnv, save_tokenizer: Callable[[Path], None] | N
     if env.is_main:
         save_torch(weights, recipe.layout.weights)
         where = str(recipe.layout.weights)
-        if hf.is_pretrained(t.modules.model):
-            hf.export(t.modules.model, weights, recipe.layout.hf_model, save_tokenizer)
+        model = t.modules.model
+        if not t.modules.strategy.holds_whole_model:  # a pipeline stage's: the whole one, built again
+            with torch.device("cpu"):
+                model = build_model(recipe)
+            model.load_state_dict(weights)
+        if hf.is_pretrained(model):
+            hf.export(model, weights, recipe.layout.hf_model, save_tokenizer)
             where += f" and {recipe.layout.hf_model} (from_pretrained)"
-            if hf.is_adapted(t.modules.model):  # hf/ holds the adapter; the merged model beside it
-                whole = hf.merged(t.modules.model, weights)
+            if hf.is_adapted(model):  # hf/ holds the adapter; the merged model beside it
+                whole = hf.merged(model, weights)
                 hf.export(whole, whole.state_dict(), recipe.layout.hf_merged, save_tokenizer)
                 where += f", the adapter merged in {recipe.layout.hf_merged}"
         log.info(f"done: {state.stop_reason} after {state.step} steps; weights in {where}")

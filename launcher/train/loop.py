@@ -88,9 +88,13 @@ def _train_windows(t: Trainer, shards: list[tuple[int, Iterator[Batch]]], micro_
         # one window: n_micro micro-batches on every rank, gradients all-reduced on the last
         n_micro = p.window_micro_batches(s.step_in_epoch)
         n_window = p.window_samples(s.step_in_epoch)
-        for m, rank, batch, weight, log_weight in window.micro_batches(t, shards, n_micro, micro_index, n_window):
-            with _rng_of(t, rank):
-                micro_step(t, batch, weight, log_weight, sync=m == n_micro - 1)
+        micro = window.micro_batches(t, shards, n_micro, micro_index, n_window)
+        if t.modules.strategy.runs_windows:  # a pipeline: its schedule runs the window's micro-batches
+            window_step(t, list(micro), n_window)
+        else:
+            for m, rank, batch, weight, log_weight in micro:
+                with _rng_of(t, rank):
+                    micro_step(t, batch, weight, log_weight, sync=m == n_micro - 1)
         micro_index += n_micro
         end_of_epoch = s.step_in_epoch + 1 == p.steps_per_epoch and not p.streamed
         log_now = (s.step + 1) % t.recipe.log.every_n_steps == 0 or s.step + 1 == p.total_steps or end_of_epoch
@@ -173,6 +177,17 @@ def micro_step(
         t.window.loss_sums[t.window.steps].add_(loss.detach() * log_weight)
     else:
         t.window.loss_sums[t.window.steps].add_(loss.detach(), alpha=log_weight)
+
+
+def window_step(t: Trainer, micro: list[window.Micro], n_window: int) -> None:
+    """A window run by the strategy's schedule (pipeline parallelism): the same micro-batches and
+    weights as `micro_step`'s. The log adds each micro-batch's mean x its log weight, which is its
+    weighted loss x n_window / W (window.py: weight = share x W, log weight = share x n_window)."""
+    p, strategy = t.data.plan, t.modules.strategy
+    weighted = strategy.step_window(
+        [batch for _, _, batch, _, _ in micro], [w for _, _, _, w, _ in micro], p.accumulation, p.micro_batch
+    )
+    t.window.loss_sums[t.window.steps].add_(weighted * (n_window / strategy.gradient_mean_over))
 
 
 def optimizer_step(t: Trainer, want_norm: bool = False) -> None:

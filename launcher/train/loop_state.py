@@ -114,6 +114,8 @@ class Modules:
     # how the model is spread over the ranks (parallel/strategy.py): what the loop asks instead of the layout
     strategy: Strategy
     eval_model: nn.Module | None = None  # what evaluation calls, if not `model` (FSDP: the root's outputs)
+    # the whole model's checkpointed tensors' shapes, by name (a pipeline rank's `model` holds some of them)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     params: list[nn.Parameter] = field(init=False)  # the model's parameters, listed once
 
     def __post_init__(self) -> None:

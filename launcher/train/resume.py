@@ -157,7 +157,7 @@ def save_checkpoint(t: Trainer, blocking: bool = True) -> Path | None:
         # the model's shapes: a recipe for another model is refused before any worker starts
         summary={
             "global_batch": t.data.plan.global_batch,
-            "shapes": shapes_of(checkpointed_state(t.modules.model)),
+            "shapes": t.modules.shapes,
             "peft": t.recipe.model.get("peft"),  # the adapters' config: a resume that changes it is refused
         },
         blocking=blocking,

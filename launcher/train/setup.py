@@ -117,9 +117,12 @@ def modules(
 ) -> Modules:
     """The model, wrapped as the strategy says (and, built on the meta device, given its weights),
     with the module evaluation calls."""
+    shapes = resume.shapes_of(resume.checkpointed_state(model))  # the whole model's, before any split
     train_model = train_module(recipe, device, model, loss_fn, loader, strategy)
     materialize(recipe, rank, strategy, model, payload)
-    return Modules(model, train_model, loss_fn, strategy, eval_model=strategy.eval_model(model, train_model))
+    eval_model = strategy.eval_model(model, train_model)
+    held = strategy.held(model, train_model)
+    return Modules(held, train_model, loss_fn, strategy, eval_model=eval_model, shapes=shapes)
 
 
 def comm_hook(recipe: Recipe) -> Callable[..., Any] | None:
