@@ -1,7 +1,7 @@
 """The launcher against a hand-written torch loop, HF Accelerate and Lightning Fabric, same workloads.
 
     python bench/bench.py                       # CUDA: ResNet-18 (batch 256) and GPT-2-small shape (batch 8)
-    python bench/bench.py --device cpu --smoke  # tiny shapes, a few steps: what CI runs
+    python bench/bench.py --device cpu --smoke  # the smallest shapes, a few steps: what CI runs
     python bench/bench.py --workloads gpt --batch 32 --ckpt-table   # checkpointing: memory against time
 
 Every (workload, implementation, checkpointing) runs in a fresh process, one after the other, with
@@ -46,7 +46,11 @@ IMPLS = {"hfgpt2": ("raw", "launcher", "trainer")}
 DEFAULT_IMPLS = ("raw", "launcher", "accelerate", "fabric")
 
 
-def shapes(workload: str, device: str, batch: int | None) -> dict:
+def shapes(workload: str, device: str, batch: int | None, smoke: bool = False) -> dict:
+    if smoke:  # --smoke checks that every implementation runs and reports: the smallest shapes that do
+        if workload == "resnet18":
+            return {"batch": batch or 2, "image": 32, "classes": 10, "segments": 4}
+        return {"batch": batch or 2, "seq": 32, "vocab": 128, "d": 32, "layers": 1, "heads": 2, "segments": 2}
     if workload == "resnet18":
         if device == "cuda":
             return {"batch": batch or 256, "image": 32, "classes": 10, "segments": 4}
@@ -171,7 +175,7 @@ def worker(args) -> dict:  # noqa: C901 - one branch per implementation, side by
     from torch.utils.checkpoint import checkpoint_sequential
 
     device = torch.device(args.device)
-    s = shapes(args.workload, args.device, args.batch)
+    s = shapes(args.workload, args.device, args.batch, args.smoke)
     segments = s["segments"] if args.ckpt else 0
     torch.manual_seed(0)
     if os.environ.get("BENCH_CUDNN_BENCHMARK") == "1":  # an experiment switch, off in the published runs
@@ -312,7 +316,7 @@ def trainer_loop(model, dataset, args, device, units_per_sample: int, batch: int
 
 def run_launcher(args, overrides: list[str]) -> dict:
     """`python -m launcher run bench/recipes/<workload>.yaml`, and its own metrics."""
-    s = shapes(args.workload, args.device, args.batch)
+    s = shapes(args.workload, args.device, args.batch, args.smoke)
     recipe = ROOT / "bench" / "recipes" / WORKLOADS[args.workload][0]
     # with --profile, more chunks: those the profiler (and its warm-up step) runs in are not timed
     chunks = args.rounds_in_process * args.chunks + (math.ceil((PROFILE_STEPS + 1) / args.chunk) if args.profile else 0)
@@ -418,6 +422,8 @@ def spawn(
     ]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if args.smoke:
+        cmd.append("--smoke")
     if ckpt:
         cmd.append("--with-ckpt")
     if compile_:
@@ -454,7 +460,11 @@ def main() -> None:
         help="time this many rounds of --chunks chunks in each process, one after the other: each is a "
         "round of the table (process start-up, 10 to 20 s on a GPU machine, is paid once)",
     )
-    p.add_argument("--smoke", action="store_true", help="2 warm-up steps and 2 chunks of 2: checks, not figures")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest shapes, 2 warm-up steps and 2 chunks of 2: checks, not figures",
+    )
     p.add_argument(
         "--repeat",
         type=int,
@@ -495,7 +505,7 @@ def main() -> None:
                 for impl in ("raw", "launcher")[:: 1 if round_ % 2 == 0 else -1]:
                     runs.extend(one(args, workload, False, f"{impl} compiled", True, [], round_))
             if args.ckpt_table:
-                body = shapes(workload, args.device, args.batch)
+                body = shapes(workload, args.device, args.batch, args.smoke)
                 n = (body["layers"] + 2) if workload == "gpt" else 10  # modules before the head
                 for seg, chunks in [(0, 0), (2, 0), (4, 0), (n // 2, 0), (n, 0), (0, 8), (2, 8), (4, 8), (n, 8)]:
                     extra = [

@@ -42,6 +42,9 @@ WINDOW = 5  # steps per timing: the launcher logs (and syncs) every WINDOW steps
 SHAPES = {  # model and batch per device kind
     "cpu": {"d_model": 128, "n_layers": 4, "n_heads": 4, "seq_len": 64, "vocab_size": 256, "batch": 4},
     "cuda": {"d_model": 768, "n_layers": 12, "n_heads": 12, "seq_len": 1024, "vocab_size": 50304, "batch": 8},
+    # --smoke (on CPU): checks that every implementation runs and reports, not figures; 2 blocks, so
+    # that there are several units to shard before the root
+    "smoke": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "vocab_size": 128, "batch": 2},
 }
 
 
@@ -65,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    s = SHAPES[args.device]
+    s = SHAPES["smoke" if args.smoke else args.device]
     steps = args.steps * args.rounds_in_process + args.warmup
     data = Tokens(size=s["batch"] * dp * steps, seq_len=s["seq_len"], vocab_size=s["vocab_size"])
     loader = DataLoader(data, batch_size=s["batch"], sampler=DistributedSampler(data, dp, dp_rank, seed=0))
@@ -202,12 +205,13 @@ def run_worker(name: str, args: argparse.Namespace, nproc: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [__file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--tp", str(args.tp), "--rounds-in-process", str(args.rounds_in_process)]
+    cmd += ["--smoke"] if args.smoke else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("[{")][-1])
 
 
 def run_launcher(args: argparse.Namespace, nproc: int) -> list[dict]:
-    s = SHAPES[args.device]
+    s = SHAPES["smoke" if args.smoke else args.device]
     cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         model = {k: s[k] for k in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")}
@@ -272,6 +276,7 @@ def main() -> None:
     )
     p.add_argument("--impls", default="hand_written,launcher,fabric,accelerate", help="comma-separated")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (divides --nproc)")
+    p.add_argument("--smoke", action="store_true", help="the smallest model and batch: checks, not figures")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -12,7 +12,22 @@ import pytest
 from conftest import ROOT, worker_env
 
 
-def test_bench_smoke_on_cpu_covers_every_implementation():
+def assert_rows_cover_every_implementation(table: list[str]) -> None:
+    """bench.py's table rows of one workload and checkpointing setting: one row per implementation
+    with its throughput, the launcher's with its own notes (Fabric's: skipped where lightning is not
+    installed, saying so)."""
+    for impl in ("raw", "launcher", "accelerate"):
+        rows = [line for line in table if f"| {impl} |" in line]
+        assert len(rows) == 1 and re.search(r"\| [\d,]+ tok/s[ |]", rows[0]), (impl, table)
+    launcher_row = next(line for line in table if "| launcher |" in line)
+    assert "data wait" in launcher_row and "launcher's own start-up" in launcher_row, launcher_row
+    fabric = [line for line in table if "| fabric |" in line]
+    assert len(fabric) == 1 and ("tok/s" in fabric[0] or "skipped: lightning is not installed" in fabric[0]), table
+
+
+def test_bench_smoke_with_checkpointing_covers_the_peers():
+    """Accelerate's and Fabric's rows with activation checkpointing (the gpu-check smoke below has
+    every implementation's row without it, the repeats test the hand-written and launcher rows with it)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -23,7 +38,9 @@ def test_bench_smoke_on_cpu_covers_every_implementation():
             "--workloads",
             "gpt",
             "--impls",
-            "raw,launcher,accelerate,fabric",
+            "accelerate,fabric",
+            "--ckpt",
+            "on",
         ],
         capture_output=True,
         text=True,
@@ -32,17 +49,15 @@ def test_bench_smoke_on_cpu_covers_every_implementation():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
-    assert len(table) == 8  # 4 implementations x checkpointing off/on
-    for impl in ("raw", "launcher", "accelerate"):
-        rows = [line for line in table if f"| {impl} |" in line]
-        assert len(rows) == 2 and all(re.search(r"\| [\d,]+ tok/s \|", r) for r in rows), rows
-    launcher_rows = [line for line in table if "| launcher |" in line]
-    assert all("data wait" in r and "launcher's own start-up" in r for r in launcher_rows)
-    fabric = [line for line in table if "| fabric |" in line]
-    assert all("tok/s" in r or "skipped: lightning is not installed" in r for r in fabric)
+    assert len(table) == 2 and all(line.startswith("| gpt | True |") for line in table), table
+    assert re.search(r"\| accelerate \| [\d,]+ tok/s \|", table[0]), table
+    assert "tok/s" in table[1] or "skipped: lightning is not installed" in table[1], table
 
 
 def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
+    """With activation checkpointing (the gpu-check smoke has the rows without it): --repeat 2
+    interleaves the implementations, the table gives medians over both, and the first round of each
+    is traced, the same way for both."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
@@ -56,7 +71,7 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
             "--impls",
             "raw,launcher",
             "--ckpt",
-            "off",
+            "on",
             "--repeat",
             "2",
             "--profile",
@@ -73,18 +88,22 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [(r["round"], r["impl"]) for r in runs] == [(0, "raw"), (0, "launcher"), (1, "launcher"), (1, "raw")]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
-    assert len(table) == 2 and all("n=2)" in line for line in table), table
+    assert len(table) == 2 and all(re.search(r"^\| gpt \| True \| \w+ \| [\d,]+ tok/s \(.*n=2\)", x) for x in table), (
+        table
+    )
+    launcher_row = next(line for line in table if "| launcher |" in line)
+    assert "data wait" in launcher_row and "launcher's own start-up" in launcher_row, launcher_row
     for impl in ("raw", "launcher"):  # the first round is traced, the same way for both
-        summary = (tmp_path / "prof" / f"gpt-nockpt-{impl}.txt").read_text()
+        summary = (tmp_path / "prof" / f"gpt-ckpt-{impl}.txt").read_text()
         assert "Self CPU" in summary and "AdamW.step" in summary
-        assert (tmp_path / "prof" / f"gpt-nockpt-{impl}.trace.json").stat().st_size > 0
+        assert (tmp_path / "prof" / f"gpt-ckpt-{impl}.trace.json").stat().st_size > 0
     # the two traces compared: operators per step and peak memory (both traced with memory)
     diff = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "trace_diff.py"),
-            str(tmp_path / "prof" / "gpt-nockpt-raw.trace.json"),
-            str(tmp_path / "prof" / "gpt-nockpt-launcher.trace.json"),
+            str(tmp_path / "prof" / "gpt-ckpt-raw.trace.json"),
+            str(tmp_path / "prof" / "gpt-ckpt-launcher.trace.json"),
         ],
         capture_output=True,
         text=True,
@@ -111,8 +130,10 @@ def test_overhead_script_runs():
 def test_the_gpu_check_smoke_runs_every_part_within_its_budget(tmp_path):
     """bench/gpu_check.sh --smoke, CPU-sized: every part ends by itself within its time budget (none cut
     short), and each writes its rounds into the results folder: the DDP-path rows (GPT, compiled GPT,
-    ResNet-18), FSDP2, and the transformers GPT-2 rows, 3 rounds in one process for each implementation
-    (hand-written, launcher, transformers.Trainer; a peer that is not installed is skipped, saying so)."""
+    ResNet-18), FSDP2, and the transformers GPT-2 rows, 2 rounds in one process for each implementation
+    (hand-written, launcher, Accelerate, transformers.Trainer; a peer that is not installed is skipped,
+    saying so). The GPT part's table is bench.py's without checkpointing: every implementation's row
+    (test_bench_smoke_with_checkpointing_covers_the_peers and the repeats test have the rows with it)."""
     out = tmp_path / "check"
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke", str(out)],
@@ -137,12 +158,15 @@ def test_the_gpu_check_smoke_runs_every_part_within_its_budget(tmp_path):
         assert all(r["throughput"] > 0 for r in runs if "throughput" in r), runs
         return {impl: sum(r["impl"] == impl for r in runs) for impl in {r["impl"] for r in runs}}
 
-    assert {"raw": 3, "launcher": 3}.items() <= rounds("ddp-gpt").items()
-    assert rounds("compiled-gpt") == {"raw compiled": 3, "launcher compiled": 3}
-    assert {"raw": 3, "launcher": 3}.items() <= rounds("ddp-resnet").items()
-    assert rounds("hf-gpt2") == {"raw": 3, "launcher": 3, "trainer": 3}
+    assert {"raw": 2, "launcher": 2, "accelerate": 2}.items() <= rounds("ddp-gpt").items()
+    assert rounds("compiled-gpt") == {"raw compiled": 2, "launcher compiled": 2}
+    assert {"raw": 2, "launcher": 2, "accelerate": 2}.items() <= rounds("ddp-resnet").items()
+    assert rounds("hf-gpt2") == {"raw": 2, "launcher": 2, "trainer": 2}
     fsdp = json.loads((out / "fsdp.json").read_text())
-    assert len(fsdp["rounds"]["hand_written"]) == len(fsdp["rounds"]["launcher"]) == 3
+    assert len(fsdp["rounds"]["hand_written"]) == len(fsdp["rounds"]["launcher"]) == 2
+    # the GPT part's table: a row per implementation, the launcher's with its own notes
+    table = [line for line in (out / "ddp-gpt.log").read_text().splitlines() if line.startswith("| gpt | False |")]
+    assert_rows_cover_every_implementation(table)
     assert "torch" in (out / "machine.txt").read_text()
 
 
