@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from conftest import ROOT, launcher
-from hfkit import byte_level_tokenizer
+from hfkit import byte_level_tokenizer, example_base
 from hubkit import write_parquet
 
 SYSTEM = "Marv is a factual chatbot that is also sarcastic."
@@ -196,6 +196,7 @@ def test_check_names_a_broken_chat_line_in_one_line(tmp_path, tokenizer):
         '{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "3"}]}\n{"mess\n'
     )
     train = f"{{_component_: launcher.datasets.chat.ChatData, files: {broken}, tokenizer: {tokenizer}}}"
+    example_base(tmp_path)  # the base sft_lora.yaml fine-tunes (recipes/hf_causal_lm.yaml's export)
     proc = launcher("check", ROOT / "recipes" / "sft_lora.yaml", f"data.train={train}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -37,8 +37,11 @@ def test_a_transformers_decoders_flops_equal_the_built_in_gpts_own_count_at_the_
     assert flops_per_sample(torch.nn.Linear(2, 2), tokens) is None
 
 
-def test_check_prints_a_step_time_for_a_transformers_model():
-    proc = launcher("check", ROOT / "recipes" / "sft_lora.yaml")
+def test_check_prints_a_step_time_for_a_transformers_model(tmp_path):
+    from hfkit import example_base
+
+    example_base(tmp_path)  # the base sft_lora.yaml fine-tunes (recipes/hf_causal_lm.yaml's export)
+    proc = launcher("check", ROOT / "recipes" / "sft_lora.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert any(line.startswith("step time (estimate)") for line in proc.stdout.splitlines()), proc.stdout
 

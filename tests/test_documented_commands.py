@@ -129,6 +129,10 @@ def test_documented_command_works_with_the_shipped_recipes(tmp_path, monkeypatch
         pytest.skip(as_check(lines[0].split(": ", 1)[1])[1])
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # as from a clone, writing runs/ here
     monkeypatch.chdir(tmp_path)
+    if "recipes/sft_lora.yaml" in args:  # the second step: it fine-tunes what recipes/hf_causal_lm.yaml exports
+        from hfkit import example_base
+
+        example_base(tmp_path)
     code = cli.main(list(args))
     out, err = capsys.readouterr()
     # hub ids in the overrides, or in the recipe the command names (recipes/sft_lora_hub.yaml)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_close_rel, changed, launcher, load_weights, worker_env, write_recipe
-from hfkit import assert_same_export
+from hfkit import assert_same_export, example_base
 from hubkit import add_repo, write_parquet
 from launcher.parallel.sharding import MIN_TORCH, torch_version
 
@@ -516,6 +516,7 @@ def test_a_streamed_hub_dataset_offline_reads_the_cached_snapshot_in_order(hub, 
 def test_conversations_cut_to_no_answer_are_dropped_and_named(tmp_path):
     """max_length 16 cuts the answer off the conversations whose prompt is 16 tokens or more
     (both numbers of two digits): they are dropped, counted, and named by check; the others stay."""
+    example_base(tmp_path)  # the base sft_lora.yaml fine-tunes (recipes/hf_causal_lm.yaml's export)
     proc = launcher("check", ROOT / "recipes" / "sft_lora.yaml", "data.train.max_length=16", cwd=tmp_path, check=True)
     warning = [line for line in proc.stdout.splitlines() if "conversations have no answer token" in line]
     assert len(warning) == 1, proc.stdout
@@ -525,46 +526,121 @@ def test_conversations_cut_to_no_answer_are_dropped_and_named(tmp_path):
     assert f"train / val samples    {2000 - dropped} / 200" in proc.stdout
 
 
-def test_the_sft_lora_recipe_runs_as_shipped_and_exports_adapter_and_merged_model(tmp_path):
-    """From a clean directory, offline, no overrides: the launcher writes its data and tokenizer,
-    the answer loss falls, and hf/ (the adapter) and hf-merged/ load, with the chat template."""
+def test_the_two_shipped_steps_pretrain_then_fine_tune_a_model_that_answers_held_out_sums(tmp_path):
+    """From a clean directory, offline, no overrides, README's two commands: recipes/hf_causal_lm.yaml
+    pretrains a model that knows sums as text but answers almost none asked in the chat template;
+    recipes/sft_lora.yaml fine-tunes it, and its export answers most held-out sums (greedy, through
+    transformers and peft alone) and stops at the end of its turn; the tokenizer decodes without
+    spaces between characters. hf/ (the adapter over its named base) and hf-merged/ load."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    launcher("run", ROOT / "recipes" / "hf_causal_lm.yaml", cwd=tmp_path, check=True)
+    base_dir = tmp_path / "runs" / "hf_causal_lm" / "hf"
+    val = losses(base_dir.parent, "val_loss")
+    assert len(val) >= 3 and val[-1] < val[0], val
     proc = launcher("run", ROOT / "recipes" / "sft_lora.yaml", cwd=tmp_path, check=True)
     assert "UserWarning" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr
     run_dir = tmp_path / "runs" / "sft_lora"
     assert losses(run_dir, "val_loss")[-1] < losses(run_dir)[0] - 0.5, run_dir.joinpath("metrics.jsonl").read_text()
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf-merged")
-    base = AutoModelForCausalLM.from_config(merged.config)  # a base of the same shapes for the adapter
-    adapted = PeftModel.from_pretrained(base, run_dir / "hf")
     tok = AutoTokenizer.from_pretrained(run_dir / "hf-merged")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True)
-    ids = torch.tensor([prompt if isinstance(prompt, list) else prompt["input_ids"]])
+    assert tok.decode(tok("17+25=42")["input_ids"]) == "17+25=42"
+    # the adapter names its base (the directory the recipe gave, relative to where it ran) and loads over it
+    adapter = json.loads((run_dir / "hf" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "runs/hf_causal_lm/hf", adapter
+    models = {
+        "base": AutoModelForCausalLM.from_pretrained(base_dir),
+        "merged": AutoModelForCausalLM.from_pretrained(run_dir / "hf-merged"),
+        "adapted": PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run_dir / "hf"),
+    }
+    rows = (tmp_path / "data" / "arithmetic" / "chat_val.jsonl").read_text().splitlines()
+    conversations = [json.loads(line)["messages"] for line in rows]
+    said = {name: answers(model, tok, conversations) for name, model in models.items()}
+    truth = [c[1]["content"] + "<|end|>" for c in conversations]
+    right = {name: sum(a == t for a, t in zip(got, truth, strict=True)) for name, got in said.items()}
+    assert right["base"] <= 0.1 * len(truth) and right["merged"] > 0.5 * len(truth), (right, said["merged"][:10])
+    assert right["adapted"] > 0.5 * len(truth), right
     # generation stops at the template's end of turn (<|end|>), not only at eos (<|endoftext|>)
-    answer = merged.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
-    end = tok.convert_tokens_to_ids("<|end|>")
-    assert 1 < len(answer) < 12 and answer[-1] == end and end not in answer[:-1], tok.decode(answer)
-    assert isinstance(adapted, PeftModel)
+    assert all(a.endswith("<|end|>") and a.count("<|end|>") == 1 for a in said["merged"]), said["merged"][:10]
     assert AutoTokenizer.from_pretrained(run_dir / "hf").chat_template == tok.chat_template
-    # nothing that names this machine's way of loading; an adapter without a named base says what to load
+    # nothing that names this machine's way of loading
     for export in ("hf", "hf-merged"):
         settings = json.loads((run_dir / export / "tokenizer_config.json").read_text())
         assert not {"local_files_only", "is_local"} & set(settings), settings
-    assert json.loads((run_dir / "hf" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
-    assert "built from a config" in (run_dir / "hf" / "README.md").read_text().split("\n")[0]
     # launcher export, as README says: the run's newest checkpoint is its own merged export
     proc = launcher("export", "runs/sft_lora", "sft_lora_merged", "--merged", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_export(tmp_path / "sft_lora_merged", run_dir / "hf-merged")
 
 
-def test_the_hf_causal_lm_recipe_runs_as_shipped_on_two_ranks(tmp_path):
-    launcher("run", "--nproc", "2", ROOT / "recipes" / "hf_causal_lm.yaml", cwd=tmp_path, check=True)
-    run_dir = tmp_path / "runs" / "hf_causal_lm"
-    val = losses(run_dir, "val_loss")
-    assert len(val) >= 3 and val[-1] < val[0], val
-    assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "tokenizer.json").is_file()
+def test_an_adapter_over_a_base_built_from_a_config_names_none_and_says_why(tmp_path):
+    """(The shipped sft_lora.yaml checked this while its base was built from a config.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from launcher.models import hf
+
+    base = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"]))
+    model.save_pretrained(tmp_path)
+    hf.portable(tmp_path, model)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert "built from a config" in (tmp_path / "README.md").read_text().split("\n")[0]
+
+
+def answers(model, tok, conversations, max_new_tokens=4):
+    """Greedy answers to each conversation's first message, asked with the chat template: prompts of
+    one length in one batch (no padding), each answer decoded up to its first end of turn."""
+    model.eval()
+    prompts = [tok.apply_chat_template(c[:1], add_generation_prompt=True) for c in conversations]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    out = [""] * len(prompts)
+    for length in {len(p) for p in prompts}:
+        batch = [i for i, p in enumerate(prompts) if len(p) == length]
+        with torch.no_grad():
+            ids = model.generate(
+                torch.tensor([prompts[i] for i in batch]), max_new_tokens=max_new_tokens, do_sample=False
+            )
+        for i, row in zip(batch, ids[:, length:].tolist(), strict=True):
+            text = tok.decode(row)
+            out[i] = text[: text.index("<|end|>") + len("<|end|>")] if "<|end|>" in text else text
+    return out
+
+
+def test_the_fine_tune_before_its_base_is_one_line_naming_the_base_and_the_recipe_that_makes_it(
+    tmp_path, monkeypatch, capsys
+):
+    """recipes/sft_lora.yaml run (or checked) before recipes/hf_causal_lm.yaml: exit 2, one line."""
+    from launcher.commands import cli
+
+    monkeypatch.chdir(tmp_path)
+    for command in ("check", "run"):
+        assert cli.main([command, str(ROOT / "recipes" / "sft_lora.yaml")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: model.pretrained: runs/hf_causal_lm/hf does not exist"), err
+        assert err[0].endswith("run its recipe first (launcher run recipes/hf_causal_lm.yaml)"), err
+    assert not (tmp_path / "runs" / "hf_causal_lm").exists()  # nothing made up in its place
+
+
+def test_the_example_tokenizer_decodes_characters_without_spaces_and_replaces_an_older_one(tmp_path):
+    """data/arithmetic/ written by an older launcher (its marker .written-v1, its tokenizer joining
+    characters with spaces) is written again, not kept: the tokenizer then decodes as it encodes."""
+    from transformers import AutoTokenizer
+
+    from launcher.datasets import examples
+
+    root = tmp_path / "arithmetic"
+    old = examples._tokenizer()
+    old.backend_tokenizer.decoder = None  # WordLevel's own decode: tokens joined with spaces
+    old.save_pretrained(root / "tokenizer")
+    assert AutoTokenizer.from_pretrained(root / "tokenizer").decode(old("17+25=42")["input_ids"]) == "1 7 + 2 5 = 4 2"
+    (root / ".written-v1").touch()
+    chat = examples.arithmetic_chat("val", directory=str(root))
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    for text in ("17+25=42", "What is 3+4? 7"):
+        assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.decode(chat[0]["input_ids"]).startswith("<|user|>What is ")
+    assert sorted(p.name for p in root.glob(".written-v*")) == [f".written-v{examples.VERSION}"]
 
 
 def test_lora_killed_mid_run_resumes_bit_identical(hub, tmp_path):

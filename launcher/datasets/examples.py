@@ -1,7 +1,9 @@
 """Data the shipped fine-tuning recipes make for themselves, so that they run offline from a clean
-clone: sums of two numbers (`17+25=42`), as plain documents and as chat, with a character-level
-tokenizer that has a chat template. Written once into `directory` (by local rank 0 of each node;
-the same seed writes the same files), then read like any user's files:
+clone: sums of two numbers, as plain documents (`What is 17+25? 42`) and as chat (the question from
+the user, `42` from the assistant), with a character-level tokenizer that has a chat template and
+decodes `17+25=42` as `17+25=42` (its pieces fused, not joined with spaces). Written once into
+`directory` (by local rank 0 of each node; the same seed writes the same files), then read like any
+user's files:
 
     data:
       train: {_component_: launcher.datasets.examples.arithmetic_chat, split: train}
@@ -22,7 +24,8 @@ from launcher.datasets.tokenized import TokenizedText
 from launcher.errors import ArgumentError
 from launcher.recipe.components import require
 
-VERSION = 1  # bump when what is written changes: older material is then written again
+VERSION = 2  # bump when what is written changes: older material is then written again (2: documents
+# in the chat's words, and a tokenizer that decodes without spaces between characters)
 SPLITS = {"train": (2000, 0), "val": (200, 1)}  # samples, seed
 CHARACTERS = list("0123456789+-=? ") + list("Whatis")
 SPECIAL = ["<pad>", "<unk>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -33,7 +36,8 @@ TEMPLATE = (
 
 
 def arithmetic_text(split: str = "train", directory: str = "data/arithmetic", max_length: int = 32) -> TokenizedText:
-    """`a+b=c` documents, one per line of text_<split>.jsonl."""
+    """`What is a+b? c` documents, one per line of text_<split>.jsonl: the knowledge a base model
+    pretrains on (recipes/hf_causal_lm.yaml), in the words the chat data asks in."""
     root = _written(Path(directory), split)
     return TokenizedText(
         files=str(root / f"text_{split}.jsonl"), tokenizer=str(root / "tokenizer"), max_length=max_length
@@ -59,7 +63,7 @@ def _written(root: Path, split: str) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             for name, (count, seed) in SPLITS.items():
                 sums = _sums(count, seed)
-                _write_jsonl(root / f"text_{name}.jsonl", [{"text": f"{a}+{b}={a + b}"} for a, b in sums])
+                _write_jsonl(root / f"text_{name}.jsonl", [{"text": f"What is {a}+{b}? {a + b}"} for a, b in sums])
                 chats = [
                     [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]
                     for a, b in sums
@@ -67,6 +71,9 @@ def _written(root: Path, split: str) -> Path:
                 _write_jsonl(root / f"chat_{name}.jsonl", [{"messages": m} for m in chats])
             _tokenizer().save_pretrained(root / "tokenizer")
             marker.touch()
+            for older in root.glob(".written-v*"):  # markers this module wrote before: their material is replaced
+                if older != marker:
+                    older.unlink()
     return root
 
 
@@ -88,9 +95,14 @@ def _tokenizer() -> Any:
     vocab = {token: i for i, token in enumerate(SPECIAL + CHARACTERS)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
+    tok.decoder = tokenizers.decoders.Fuse()  # one string from the characters: WordLevel alone joins them with spaces
     tok.add_special_tokens(SPECIAL)
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|endoftext|>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,  # decode gives back the text as written ("3 ?" keeps its space)
     )
     fast.chat_template = TEMPLATE
     return fast

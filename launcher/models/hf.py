@@ -66,6 +66,7 @@ def causal_lm(
 def _pretrained(transformers: Any, spec: str, revision: str | None, attn_implementation: str) -> nn.Module:
     on_meta = torch.empty(()).device.type == "meta"
     what = "a local directory written by save_pretrained"
+    _refuse_missing_run_export(spec)
     source = hub.resolve(
         spec, "pretrained", what=what, revision=revision, files=hub.CONFIG_FILES if on_meta else hub.MODEL_FILES
     )
@@ -75,6 +76,20 @@ def _pretrained(transformers: Any, spec: str, revision: str | None, attn_impleme
         model.config._name_or_path = source.hub_id
         model.launcher_hub_revision = source.commit or revision
     return model
+
+
+def _refuse_missing_run_export(spec: str) -> None:
+    """A run's export (`runs/<name>/hf`) that is not there yet: the run that writes it comes first
+    (recipes/sft_lora.yaml fine-tunes what recipes/hf_causal_lm.yaml exports)."""
+    path = Path(spec).expanduser()
+    if path.exists() or hub.is_hub_id(spec) or path.name not in ("hf", "hf-merged") or len(path.parts) < 2:
+        return  # there, a hub id (org/hf is one), or no run's export
+    run = path.parent.name
+    raise ArgumentError(
+        "pretrained",
+        f"{spec} does not exist: it is the export of the run {run!r}, written when that run ends; "
+        f"run its recipe first (launcher run recipes/{run}.yaml)",
+    )
 
 
 def _load_pretrained(transformers: Any, source: hub.Source, what: str, attn_implementation: str, on_meta: bool) -> Any:

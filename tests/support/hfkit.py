@@ -138,3 +138,21 @@ def assert_same_export(out, expected) -> None:
             assert mine == theirs, (
                 f"{file.name}:\n{mine.decode(errors='replace')}\nvs\n{theirs.decode(errors='replace')}"
             )
+
+
+def example_base(root: Path) -> Path:
+    """A stand-in for what recipes/hf_causal_lm.yaml exports and recipes/sft_lora.yaml fine-tunes
+    (root/runs/hf_causal_lm/hf), for tests that check sft_lora.yaml without pretraining first: that
+    recipe's model from its config, untrained, with the example data's tokenizer."""
+    import transformers
+    import yaml
+
+    from launcher.datasets import examples
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "hf_causal_lm.yaml"
+    config = dict(yaml.safe_load(recipe.read_text())["model"]["config"])
+    make = getattr(transformers, config.pop("_component_").rsplit(".", 1)[1])
+    out = root / "runs" / "hf_causal_lm" / "hf"
+    transformers.AutoModelForCausalLM.from_config(make(**config)).save_pretrained(out)
+    examples._tokenizer().save_pretrained(out)
+    return out
