@@ -681,10 +681,10 @@ def test_lora_killed_mid_run_resumes_bit_identical(hub, tmp_path):
 @pytest.mark.skipif(torch_version() < MIN_TORCH, reason="FSDP2 needs torch >= 2.6")
 def test_a_sharded_lora_checkpoint_resumes_in_one_process_on_its_base_only(hub, tmp_path):
     """An fsdp LoRA run on 2 ranks (its checkpoint: adapter shards), continued for a second epoch in
-    one process under ddp, equals 2 epochs at once (1e-5); continued on another base of the same
-    shapes, it is refused in one line before any step."""
+    one process under ddp, equals 2 epochs at once in one process (1e-5); continued on another base
+    of the same shapes, it is refused in one line before any step."""
     lora = {"model.peft": LORA, "dist.strategy": "fsdp", "dist.fsdp.units": ["GPT2Block"]}
-    whole = run(hub, tmp_path, "whole", "--nproc", "2", **lora, **{"train.epochs": 2})
+    whole = run(hub, tmp_path, "whole", **lora, **{"train.epochs": 2})  # the same global batch, one process
     first = run(hub, tmp_path, "first", "--nproc", "2", **lora)
     assert list((first / "checkpoints" / "step_00000004" / "shards").glob("*.distcp"))
     recipe = sft_recipe(first, **{"model.peft": LORA, "train.epochs": 2})
