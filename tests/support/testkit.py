@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -528,3 +529,36 @@ class ExtraCollective(nn.Module):
 
                 dist.all_reduce(torch.zeros(1), group=self.side)
         return self.net(x)
+
+
+def gated_gpt(
+    rank: int = 1, at_call: int = 0, waiting: str = "", until: str = "", first_attempt_only: bool = True, **gpt: Any
+) -> nn.Module:
+    """launcher.models.GPT whose last block's training forward parks `rank` at its `at_call`-th call
+    (creating `waiting`, holding its pid) until `until` exists; not in a worker torchrun restarted
+    (`first_attempt_only`). The model stays a GPTModel with its own parameter names, so pipeline
+    parallelism splits it as the plain GPT (the last block is on the last stage)."""
+    from launcher.models import GPT
+
+    model = GPT(**gpt)
+    block = model[len(model) - 3]  # the last block: before the norm and the head
+    forward, calls = block.forward, [0]
+
+    def gated(x):
+        if block.training:
+            calls[0] += 1
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            if (
+                calls[0] == at_call
+                and int(os.environ.get("RANK", 0)) == rank
+                and not (first_attempt_only and restarted)
+            ):
+                import time
+
+                Path(waiting).write_text(str(os.getpid()))
+                while not (until and Path(until).exists()):
+                    time.sleep(0.02)
+        return forward(x)
+
+    block.forward = gated
+    return model
