@@ -6,6 +6,7 @@
     python bench/fsdp.py --device cuda         # every GPU of this machine (torchrun), GPT-2 small, bf16
     python bench/fsdp.py --repeat 3            # three interleaved rounds, medians
     python bench/fsdp.py --tp 2 --nproc 4      # fsdp x tensor parallel 2 (launcher dist.tensor_parallel)
+    python bench/fsdp.py --pp 2 --nproc 4      # pipeline 2 (1F1B) x fsdp 2 (launcher dist.pipeline_parallel)
 
 Each shards every transformer block, then the root; AdamW; a fresh process group per run. Reports
 steps per second (median over windows of 5 steps, data loading included, after a warm-up; the
@@ -19,7 +20,13 @@ tp_plan on the mesh's tp dimension, then fully_shard over the data-parallel one;
 ModelParallelStrategy with tensor_parallel_size N; the launcher: dist.tensor_parallel N); a
 tensor-parallel group's ranks read the same batch. Target (issue #22): >= 0.98x at equal memory.
 Accelerate shards only on accelerators, so its row runs on CUDA only; rows whose package is not
-installed are skipped, saying so.
+installed are skipped, saying so. With `--pp N` (issue #32) the model is split into N stages
+(embeddings and the first blocks, ..., the last blocks, norm and head), each sharded over the
+data-parallel ranks: the hand-written loop builds torch's PipelineStage per stage and runs
+Schedule1F1B over 2N micro-batches a step (equal-length sequences, so torch's own loss scaling is
+exact); the launcher runs dist.pipeline_parallel N, schedule 1f1b, the same micro-batches. Fabric and
+Accelerate have no pipeline here and are skipped. Target: >= 0.98x at equal memory, on a machine with
+several GPUs (not run yet: none has been lent; on CPU it checks that both rows run).
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ def worker(args: argparse.Namespace) -> None:
 
     cuda = args.device == "cuda"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if args.pp > 1:
+        return _pipeline_worker(args)
     dp, dp_rank = world // args.tp, rank // args.tp  # a tensor-parallel group's ranks read the same batch
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
@@ -130,6 +139,68 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         result = {"peak_bytes": peak}
         if not cuda:  # the process's own libraries left out: what training added
+            result["train_bytes"] = peak - rss_before_model
+        print(json.dumps([{**result, "steps_per_s": r} for r in _rounds(times, args.steps)]), flush=True)
+    dist.destroy_process_group()
+
+
+def _pipeline_worker(args: argparse.Namespace) -> None:
+    """The hand-written pipeline: pp stages (the outer mesh dimension) x fully_shard over the data-parallel
+    ranks, torch's PipelineStage and Schedule1F1B, 2 pp micro-batches of `batch` sequences a step."""
+    import torch
+    import torch._dynamo  # noqa: F401  (as worker())
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from launcher.datasets.synthetic import Tokens
+    from launcher.losses import TokenCrossEntropy
+    from launcher.models import GPT
+
+    cuda = args.device == "cuda"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dp = world // args.pp
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (args.pp, dp), mesh_dim_names=("pp", "dp_shard"))
+    pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp_shard")
+    s = SHAPES["smoke" if args.smoke else args.device]
+    n_micro, steps = 2 * args.pp, args.steps * args.rounds_in_process + args.warmup
+    data = Tokens(size=s["batch"] * n_micro * dp * steps, seq_len=s["seq_len"], vocab_size=s["vocab_size"])
+    sampler = DistributedSampler(data, dp, dp_rank, seed=0)
+    loader = DataLoader(data, batch_size=s["batch"] * n_micro, sampler=sampler)
+    torch.manual_seed(0)
+    rss_before_model = _peak_rss()
+    whole = GPT(s["vocab_size"], s["seq_len"], s["d_model"], s["n_layers"], s["n_heads"])
+    children = list(whole.children())  # embedding, blocks..., norm, head
+    blocks = children[1:-2]
+    per = -(-len(blocks) // args.pp)
+    mine = blocks[pp_rank * per : (pp_rank + 1) * per]
+    parts = ([children[0]] if pp_rank == 0 else []) + mine + (children[-2:] if pp_rank == args.pp - 1 else [])
+    stage_module = _shard(torch.nn.Sequential(*parts).to(device), cuda, mesh["dp_shard"])
+    stage = PipelineStage(stage_module, pp_rank, args.pp, device, group=mesh["pp"].get_group())
+    schedule = Schedule1F1B(stage, n_microbatches=n_micro, loss_fn=TokenCrossEntropy())
+    opt = torch.optim.AdamW(stage_module.parameters(), lr=1e-4, fused=cuda)
+    first, last = pp_rank == 0, pp_rank == args.pp - 1
+    times, t0 = [], time.perf_counter()
+    for i, (x, y) in enumerate(loader, 1):
+        x, y = x.to(device), y.to(device)
+        schedule.step(*([x] if first else []), target=y if last else None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i % WINDOW == 0:
+            if cuda:
+                torch.cuda.synchronize(device)  # as the launcher's log step: waits for the device
+            if i > args.warmup:
+                times.append((time.perf_counter() - t0) / WINDOW)
+            t0 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()
+    if rank == 0:
+        result = {"peak_bytes": peak}
+        if not cuda:
             result["train_bytes"] = peak - rss_before_model
         print(json.dumps([{**result, "steps_per_s": r} for r in _rounds(times, args.steps)]), flush=True)
     dist.destroy_process_group()
@@ -205,6 +276,7 @@ def run_worker(name: str, args: argparse.Namespace, nproc: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd += [__file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--tp", str(args.tp), "--rounds-in-process", str(args.rounds_in_process)]
+    cmd += ["--pp", str(args.pp)]
     cmd += ["--smoke"] if args.smoke else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("[{")][-1])
@@ -233,11 +305,20 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> list[dict]:
                 "max_steps": args.steps * args.rounds_in_process + args.warmup,
                 "precision": "bf16" if cuda else "fp32",
             },
-            "dist": {"strategy": "fsdp", "fsdp": {"units": ["Block"]}, "tensor_parallel": args.tp},
+            "dist": {
+                "strategy": "fsdp",
+                "fsdp": {"units": ["Block"]},
+                "tensor_parallel": args.tp,
+                "pipeline_parallel": args.pp,
+            },
             "log": {"every_n_steps": WINDOW, "progress": "lines"},
             "checkpoint": {"keep_last": 1},
             "run": {"dir": tmp},
         }
+        if args.pp > 1:  # 2 pp micro-batches of `batch` a step on each data-parallel rank, as the hand-written loop
+            per_step = s["batch"] * 2 * args.pp * (nproc // args.pp)
+            recipe["train"]["global_batch_size"] = per_step  # type: ignore[index]
+            recipe["data"]["train"]["size"] = per_step * (args.steps * args.rounds_in_process + args.warmup)  # type: ignore[index]
         path = Path(tmp) / "r.yaml"
         path.write_text(json.dumps(recipe))  # JSON is YAML
         subprocess.run(
@@ -276,6 +357,7 @@ def main() -> None:
     )
     p.add_argument("--impls", default="hand_written,launcher,fabric,accelerate", help="comma-separated")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (divides --nproc)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (divides --nproc; not with --tp)")
     p.add_argument("--smoke", action="store_true", help="the smallest model and batch: checks, not figures")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -286,7 +368,7 @@ def main() -> None:
 
     nproc = args.nproc or (torch.cuda.device_count() if args.device == "cuda" else 2)
     impls = [name for name in args.impls.split(",") if name]
-    skipped = {name: why for name in impls if (why := _skip_reason(name, args.device, args.tp))}
+    skipped = {name: why for name in impls if (why := _skip_reason(name, args.device, args.tp, args.pp))}
     order = [name for name in impls if name not in skipped]
     runs: dict[str, list[dict]] = {name: [] for name in order}
     for r in range(args.repeat):  # interleaved, in turn reversed: drift on the machine hits every one alike
@@ -316,6 +398,7 @@ def summary(runs: dict[str, list[dict]], skipped: dict[str, str], args: argparse
         "device": args.device,
         "nproc": nproc,
         "tp": args.tp,
+        "pp": args.pp,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         **{name: {k: statistics.median(x[k] for x in rounds) for k in rounds[0]} for name, rounds in done.items()},
@@ -335,9 +418,11 @@ def summary(runs: dict[str, list[dict]], skipped: dict[str, str], args: argparse
     return result
 
 
-def _skip_reason(name: str, device: str, tp: int = 1) -> str | None:
+def _skip_reason(name: str, device: str, tp: int = 1, pp: int = 1) -> str | None:
     import importlib.util
 
+    if name in ("fabric", "accelerate") and pp > 1:
+        return "this bench gives it no pipeline (only the hand-written PipelineStage loop and the launcher have one)"
     if name == "accelerate" and tp > 1:
         return "this bench gives Accelerate no tensor-parallel plan (its ParallelismConfig needs its own model plan)"
     module = {"fabric": "lightning", "accelerate": "accelerate"}.get(name)
