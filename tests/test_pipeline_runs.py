@@ -2,8 +2,8 @@
 momentum, clipping on, no dropout) split into stages under torch's schedules, alone and with fsdp,
 equals one process with the same global batch (the logged loss and gradient norm, the validation
 loss and the weights, to 1e-5), its checkpoints resume at other layouts, and a transformers Llama
-at pp 2 equals its one process too. Real processes, gloo. pp 2 x ddp 2, pp 2 x tp 2 and
-pp 2 x fsdp 2 x tp 2 are in bench/pp_layouts.py (4 and 8 ranks: too many for CI's 2 cores)."""
+at pp 2 equals its one process too. Real processes, gloo. pp 2 x fsdp 2 x tp 2 is in
+bench/pp_layouts.py (8 ranks: too many for CI's 2 cores)."""
 
 from __future__ import annotations
 
@@ -123,6 +123,15 @@ def test_an_elastic_restart_after_sigkill_under_pp_ends_bit_identical(tmp_path, 
     assert proc.returncode == 0, err[-3000:]
     assert "restart 1" in out, out[-3000:]
     assert_identical(load_weights(tmp_path / "run"), load_weights(pp_1f1b))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [["dist.strategy=ddp"], ["dist.tensor_parallel=2"]],
+    ids=["pp2-x-ddp2", "pp2-x-tp2"],
+)
+def test_pp_2_with_ddp_or_tp_on_4_ranks_equals_one_process(tmp_path, one_process, changes):
+    assert_equal_to(run(tmp_path / "pp", "dist.pipeline_parallel=2", *changes, nproc=4), one_process)
 
 
 def test_pp_2_x_fsdp_2_equals_one_process_and_converts_to_its_weights(tmp_path, pp_x_fsdp, one_process):
