@@ -96,8 +96,12 @@ def test_two_stages_under_1f1b_equal_one_process(pp_1f1b, one_process):
     [
         ["dist.pipeline.schedule=gpipe"],
         ["dist.pipeline.schedule=interleaved_1f1b", "dist.pipeline.stages_per_rank=2"],
+        pytest.param(
+            ["dist.pipeline.schedule=zbv", "dist.pipeline.stages_per_rank=2"],
+            marks=pytest.mark.skipif(torch_version() < (2, 13), reason="zbv needs torch >= 2.13"),
+        ),
     ],
-    ids=["gpipe", "interleaved"],
+    ids=["gpipe", "interleaved", "zbv"],
 )
 def test_two_stages_under_other_schedules_equal_one_process(tmp_path, one_process, changes):
     assert_equal_to(run(tmp_path / "pp", "dist.pipeline_parallel=2", *changes, nproc=2), one_process)
@@ -144,18 +148,30 @@ def test_pp_2_x_fsdp_2_equals_one_process_and_converts_to_its_weights(tmp_path, 
 
 @pytest.mark.parametrize(
     "nproc,changes",
-    [(None, []), (2, ["dist.pipeline_parallel=2"])],
-    ids=["one-process", "pp2"],
+    [(None, []), (2, ["dist.pipeline_parallel=2"]), (2, ["dist.tensor_parallel=2"])],
+    ids=["one-process", "pp2", "tp2"],
 )
 def test_a_pp_x_fsdp_checkpoint_resumes_at_another_layout(tmp_path, pp_x_fsdp, nproc, changes):
     """Its step-2 checkpoint (DCP shards: each stage's, by the whole model's names) continued in one
-    process, and at pp 2 alone, ends where the 4 ranks did."""
+    process, at pp 2 alone and at tp 2 alone, ends where the 4 ranks did."""
     resumed = tmp_path / "resumed"
     shutil.copytree(pp_x_fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # as if the run had stopped after step 2
     (resumed / "model.pt").unlink()
     run(resumed, *changes, *(["data.batch_size=16"] if nproc is None else []), nproc=nproc)
     assert_close_rel(load_weights(resumed), load_weights(pp_x_fsdp), rtol=1e-5)
+
+
+def test_launcher_debug_simulates_pp_2_x_fsdp_2_in_one_process(tmp_path, pp_x_fsdp):
+    """`launcher debug --simulate-world-size 4`: one process computes what the 4 ranks of pp 2 x fsdp 2
+    did (the same data-parallel arithmetic; the stages' split changes no number)."""
+    args = [ROOT / "recipes" / "gpt.yaml", f"run.dir={tmp_path}", *TINY, "dist.pipeline_parallel=2"]
+    proc = launcher("debug", "--steps", "4", "--simulate-world-size", "4", *args, "dist.strategy=fsdp", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_rel(load_weights(tmp_path / "debug"), load_weights(pp_x_fsdp), rtol=1e-5)
+    got = [r[k] for r in rows(tmp_path / "debug") if "loss" in r for k in ("loss", "grad_norm")]
+    want = [r[k] for r in rows(pp_x_fsdp) if "loss" in r for k in ("loss", "grad_norm")]
+    assert len(got) == 8 and got == pytest.approx(want, rel=1e-5)
 
 
 LLAMA = [

@@ -133,7 +133,10 @@ class Pipelined(Distributed):
         return contextlib.nullcontext() if self.sharded else super().autocast()
 
     def loss_ranks(self) -> list[int]:
-        return self.dims.loss_ranks()  # the last stage's
+        """One rank of each tensor-parallel group on the pipeline rank holding the last stage (rank 0
+        under the V schedules, which place the first and the last stage together)."""
+        last = pipeline_eval.stage_ranks(self.dims.pp, self.cfg.stages_per_rank, self.cfg.schedule)[-1]
+        return self.dims.ranks_where(tp=0, pp=last)
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         return pipeline.grad_norm(list(params), self.dims.sub_mesh(self.device, ("pp",)).get_group())
