@@ -241,3 +241,13 @@ def test_one_step_under_each_schedule_on_two_ranks_equals_one_process():
     if pipeline.torch_version() >= (2, 13):
         expected += ["interleaved_zb", "zbv", "dualpipev"]
     assert done == expected
+
+
+def test_packed_samples_with_document_masks_are_refused_under_pipelining_in_one_line():
+    """The stages take token ids alone: a packed batch's position ids (its document masks) would be
+    dropped and attention would cross its documents, silently; refused instead, naming the key."""
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.tensor([[0, 1, 0, 1]])}
+    with pytest.raises(RecipeError) as e:
+        pipeline_batches.stack_window([batch], [1.0], 2, 1, 4)
+    assert e.value.key == "dist.pipeline_parallel" and "pack_attention: cross" in e.value.message

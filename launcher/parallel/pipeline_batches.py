@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from launcher.data.batches import IGNORE_INDEX, LABELS, SHIFTED_LABELS, is_mapping
 from launcher.errors import RecipeError
 
-INPUT_IDS, ATTENTION_MASK = "input_ids", "attention_mask"
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
 
 
 def stack_window(
@@ -77,6 +77,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _pad(batch: Any, rows: int, length: int, pad_id: int) -> Any:
     if is_mapping(batch):
+        if POSITION_IDS in batch:  # the stages take token ids alone: each document's mask would be lost
+            raise RecipeError(
+                "dist.pipeline_parallel",
+                "packed samples with document masks (position_ids) cannot go through pipeline stages yet, which "
+                "would attend across the documents; set the dataset's pack_attention: cross, or pack: null, or "
+                "dist.pipeline_parallel: 1",
+            )
         mask = batch.get(ATTENTION_MASK)
         if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
             raise RecipeError(
