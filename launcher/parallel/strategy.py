@@ -224,17 +224,6 @@ class Sharded(Distributed):
             return super().clip_grad_norm(params, max_norm)
         return gradients.clip_norm_(list(params), max_norm)  # gradients on two meshes: torch's cannot stack them
 
-    def held(self, model: nn.Module, train_model: nn.Module) -> nn.Module:  # noqa: ARG002 - the interface
-        """The model as this rank holds it, for the optimizer, checkpoints and evaluation: the whole
-        model, or (pipeline parallelism) this rank's stages under the whole model's names."""
-        return model
-
-    def step_window(self, micro: list[Any], weights: list[Any], n_micro: int, rows: int) -> torch.Tensor:
-        """Where `runs_windows`: forward and backward of a window's micro-batches (at most `n_micro`
-        of at most `rows` samples, each weighted as the loop weights it); returns the sum of their
-        weighted losses on the ranks whose loss counts."""
-        raise NotImplementedError(f"{type(self).__name__} runs micro-batches one at a time (runs_windows is False)")
-
     def materialize(self, model: nn.Module, whole_state: dict[str, torch.Tensor] | None) -> None:
         if not self.meta_init:
             return
