@@ -19,7 +19,7 @@ from launcher.data.plan import batch_shape, build_plan, check_ranks, plan_warnin
 from launcher.errors import EXIT_OK, EXIT_USAGE, BuildError, LaunchError, RecipeError
 from launcher.models.flops import flops_per_sample
 from launcher.observe.logs import route_library_bars, shows_bars
-from launcher.parallel import memory, pipeline, pipelined, sharding, sizes, tensor, wrap
+from launcher.parallel import context_plan, memory, pipeline, pipelined, sharding, sizes, tensor, wrap
 from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import ParallelDims, dims_for
 from launcher.parallel.memory import state_checkpoint_bytes
@@ -37,6 +37,7 @@ def check_static(recipe: Recipe, world_size: int) -> ParallelDims:
             components.check(spec, key, n_runtime)
     sharding.check(recipe)
     pipelined.check(recipe)
+    context_plan.check(recipe)
     dims = dims_for(recipe, world_size)  # dimensions that do not multiply to the world size are refused
     shape = batch_shape(recipe, dims.dp_size)
     if dims.enabled("pp"):  # a window's micro-batches must fill the schedule
@@ -125,6 +126,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     try:
         train_set, val_set = build_datasets(recipe)
         sample = _first_sample(train_set)
+        context_plan.check_sample(sample, model, dims.cp)
         fit.check(model, {"data.train": train_set, "data.val": val_set}, build_collate(recipe))
         if recipe.loss and getattr(loss_fn, "reduction", None) is None and not streaming.is_stream(train_set):
             # a loss of one's own says nothing of how it reduces: a sample once and twice over tells
@@ -166,6 +168,7 @@ def check_recipe(recipe: Recipe, world_size: int, gpu_memory_gib: float | None =
     rows.append(("loss: the mean over", counting.describe()))
     rows.append(("parameters", memory.describe_parameters(model)))
     rows += [("from the hub", source.describe()) for source in hub.resolved.values()]
+    rows += context_plan.plan_rows(model, dims, batch_shape(recipe, dims.dp_size).micro_batch, sample, recipe)
     if dims.enabled("pp"):  # each stage's state per rank, in place of the whole model's
         rows += pipelined.plan_rows(recipe, model, dims, batch_shape(recipe, dims.dp_size).accumulation)
     else:

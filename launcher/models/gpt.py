@@ -21,11 +21,14 @@ from torch import nn
 
 from launcher.errors import ArgumentError, RecipeError
 from launcher.parallel import sizes
+from launcher.parallel.context import Context
 
 IGNORE_INDEX = -100  # labels no loss counts (padding, prompts, each document's first token)
 
 
 class Embedding(nn.Module):
+    cp_context: Context | None = None  # dist.context_parallel: this rank holds some of each sequence's tokens
+
     def __init__(self, vocab_size: int, seq_len: int, d_model: int, dropout: float):
         super().__init__()
         self.tok = nn.Embedding(vocab_size, d_model)
@@ -33,11 +36,18 @@ class Embedding(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        pos = torch.arange(idx.size(1), device=idx.device) if positions is None else positions
+        if positions is not None:
+            pos = positions
+        elif self.cp_context is not None:  # a chunk of the sequence: the tokens' global positions
+            pos = self.cp_context.local_index(idx.size(1), idx.device)
+        else:
+            pos = torch.arange(idx.size(1), device=idx.device)
         return self.drop(self.tok(idx) + self.pos(pos))
 
 
 class Block(nn.Module):
+    cp_context: Context | None = None  # dist.context_parallel: attention gathers the group's keys and values
+
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         if d_model % n_heads:
@@ -58,13 +68,16 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask`: [B, 1, T, T], True where a query may attend (document-causal); None: causal."""
+        """`mask`: [B, 1, T, T], True where a query may attend (document-causal); None: causal. Under
+        context parallelism: [B, 1, T, T x cp], over the group's keys (launcher/parallel/context.py)."""
         B, T, _ = x.shape
         h = self.ln1(x)
         # -1 heads: all of them, or under tensor parallelism this rank's share
         q, k, v = (m(h).view(B, T, -1, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
         p = self.dropout if self.training else 0.0
-        if mask is None:
+        if self.cp_context is not None:
+            a = self.cp_context.attend(q, k, v, mask, dropout_p=p)
+        elif mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -101,10 +114,14 @@ class GPTModel(nn.Sequential):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
     ) -> torch.Tensor | CausalLMOutput:
         """Token ids -> logits, as the Sequential; with `labels`, the mean next-token loss too.
         `attention_mask` marks padding, which PadToLongest puts at the right: under causal attention no
-        real token attends to it, and its labels are -100, so it changes nothing here."""
+        real token attends to it, and its labels are -100, so it changes nothing here.
+        `shift_labels` (transformers' name): the labels already aligned with the logits, which the
+        loss then takes as they are (a micro-batch that counts no token; a rank's part of a
+        sequence under context parallelism, which cannot shift across the parts it lacks)."""
         if position_ids is None and labels is None and attention_mask is None:
             return super().forward(input_ids)  # the Sequential, as checkpoint_sequential runs it
         if labels is None:
@@ -114,13 +131,21 @@ class GPTModel(nn.Sequential):
                 "remove the recipe's loss component",
             )
         blocks = [m for m in self if isinstance(m, Block)]
-        mask = None if position_ids is None else document_causal_mask(position_ids)
+        context = blocks[0].cp_context if blocks else None
+        mask: torch.Tensor | None
+        if context is not None:
+            mask = context.mask(position_ids, input_ids.size(1), input_ids.device)
+        else:
+            mask = None if position_ids is None else document_causal_mask(position_ids)
         x = self[0](input_ids, position_ids)
         for block in blocks:
             x = block(x, mask)
         logits = self[-1](self[-2](x))
+        scored, targets = logits, shift_labels
+        if targets is None:  # position t predicts labels[t + 1]
+            scored, targets = logits[:, :-1], labels[:, 1:]
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            scored.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
         return CausalLMOutput(loss, logits)
 

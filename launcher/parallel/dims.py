@@ -44,7 +44,9 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     hybrid: bool = False  # hsdp: FSDP's 2-D data-parallel mesh (replicas x shards), even of one replica
-    _mesh: list[Any] = field(default_factory=list, compare=False, repr=False)  # built once, on first use
+    _mesh: list[Any] = field(
+        default_factory=list, compare=False, repr=False
+    )  # built once, on first use (then the flattened data mesh)
 
     def size(self, name: str) -> int:
         return int(getattr(self, name))
@@ -135,6 +137,18 @@ class ParallelDims:
         have = tuple(n for n in mesh.mesh_dim_names or () if n in names)
         return mesh if have == tuple(mesh.mesh_dim_names or ()) else mesh[have]
 
+    def data_mesh(self, device: torch.device) -> DeviceMesh:
+        """The mesh the gradients are reduced over (FSDP's): the data-parallel ranks and, folded into
+        the shard dimension as torchtitan does (`dp_shard_cp`), the context-parallel ones, whose
+        gradients are of different tokens of the same samples. 2-D (replicas x shards) under hsdp."""
+        if not self.enabled("cp"):
+            return self.sub_mesh(device, DATA)
+        mesh = self.mesh(device)
+        if not self._mesh[1:]:  # flattened once: each call would make another process group
+            self._mesh.append(mesh[("dp_shard", "cp")]._flatten("dp_shard_cp"))
+        names = mesh.mesh_dim_names or ()
+        return mesh[("dp_replicate", "dp_shard_cp")] if "dp_replicate" in names else self._mesh[1]
+
     def _check_coords(self, mesh: DeviceMesh) -> None:
         """The coordinates worked out here are the mesh's (a bug, not a user's error, if not)."""
         import torch.distributed as dist
@@ -145,11 +159,13 @@ class ParallelDims:
                 assert mesh.get_local_rank(name) == mine[name], (name, mesh.get_local_rank(name), mine)
 
 
-def build_dims(strategy: str, world_size: int, tensor: int, shard_group: int | None, pipeline: int = 1) -> ParallelDims:
-    """The dimensions of `world_size` ranks under dist.strategy, dist.tensor_parallel and
-    dist.pipeline_parallel; `shard_group`: hsdp's ranks per shard group (already resolved: the
-    recipe's, or one node's data-parallel ranks). Dimensions that do not multiply to the world size
-    are one line naming the key."""
+def build_dims(
+    strategy: str, world_size: int, tensor: int, shard_group: int | None, pipeline: int = 1, context: int = 1
+) -> ParallelDims:
+    """The dimensions of `world_size` ranks under dist.strategy, dist.tensor_parallel,
+    dist.pipeline_parallel and dist.context_parallel; `shard_group`: hsdp's ranks per shard group
+    (already resolved: the recipe's, or one node's data-parallel ranks). Dimensions that do not
+    multiply to the world size are one line naming the key."""
     divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
     if world_size % tensor:
         raise RecipeError(
@@ -163,14 +179,22 @@ def build_dims(strategy: str, world_size: int, tensor: int, shard_group: int | N
             f"{pipeline} does not divide {within or f'the world size {world_size}'}; the world size must be "
             f"pipeline_parallel x tensor_parallel x the data-parallel ranks (divisors of {world_size}: {divisors})",
         )
-    dp = world_size // (tensor * pipeline)
+    if world_size % (tensor * pipeline * context):
+        left = world_size // (tensor * pipeline)
+        raise RecipeError(
+            "dist.context_parallel",
+            f"{context} does not divide the {left} ranks left by dist.tensor_parallel x dist.pipeline_parallel; the "
+            "world size must be pipeline_parallel x context_parallel x tensor_parallel x the data-parallel ranks "
+            f"(divisors of {world_size}: {divisors})",
+        )
+    dp = world_size // (tensor * pipeline * context)
     if strategy == "ddp":
-        return ParallelDims(dp_replicate=dp, tp=tensor, pp=pipeline)
+        return ParallelDims(dp_replicate=dp, cp=context, tp=tensor, pp=pipeline)
     if strategy == "fsdp":
-        return ParallelDims(dp_shard=dp, tp=tensor, pp=pipeline)
+        return ParallelDims(dp_shard=dp, cp=context, tp=tensor, pp=pipeline)
     group = shard_group or dp
     if dp % group:
-        model = tensor * pipeline
+        model = tensor * pipeline * context
         ranks = (
             f"the world size {world_size}" if model == 1 else f"the {dp} data-parallel ranks ({world_size} / {model})"
         )
@@ -178,17 +202,18 @@ def build_dims(strategy: str, world_size: int, tensor: int, shard_group: int | N
             "dist.fsdp.shard_group_size",
             f"{group} does not divide {ranks}; hsdp needs whole shard groups (replicas x shard_group_size ranks)",
         )
-    return ParallelDims(dp_replicate=dp // group, dp_shard=group, tp=tensor, pp=pipeline, hybrid=True)
+    return ParallelDims(dp_replicate=dp // group, dp_shard=group, cp=context, tp=tensor, pp=pipeline, hybrid=True)
 
 
 def dims_for(recipe: Recipe, world_size: int, local_world_size: int | None = None) -> ParallelDims:
     """This recipe's dimensions over `world_size` ranks (hsdp's shard groups: the recipe's size, else
     one node's data-parallel ranks)."""
-    tensor, pipeline = recipe.dist.tensor_parallel, recipe.dist.pipeline_parallel
+    tensor, pipeline, context = recipe.dist.tensor_parallel, recipe.dist.pipeline_parallel, recipe.dist.context_parallel
     group = None
     if recipe.dist.strategy == "hsdp":
-        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // (tensor * pipeline))
-    return build_dims(recipe.dist.strategy, world_size, tensor, group, pipeline)
+        model = tensor * pipeline * context
+        group = recipe.dist.fsdp.shard_group_size or max(1, (local_world_size or world_size) // model)
+    return build_dims(recipe.dist.strategy, world_size, tensor, group, pipeline, context)
 
 
 def whole(dims: ParallelDims) -> ParallelDims:

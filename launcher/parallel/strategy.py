@@ -28,7 +28,8 @@ from torch import nn
 from launcher.checkpoint import frozen, sharded_state
 from launcher.cluster import distributed
 from launcher.errors import RecipeError
-from launcher.parallel import gradients, sharding, tensor, wrap
+from launcher.parallel import context_batches, context_models, gradients, sharding, tensor, wrap
+from launcher.parallel.context import Context
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.precision import autocast
 
@@ -49,10 +50,36 @@ class Strategy:
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device) -> None:
         self.dims, self.precision, self.device = dims, precision, device
+        self.context: Context | None = None  # dist.context_parallel: this rank's place in its group, once wrapped
+        self.sequence_length: int | None = None  # where every sequence is padded to one length (a pipeline's)
 
     @property
     def describe(self) -> str:
         return "one process, the whole model"
+
+    def local_batch(self, batch: Any, shift: bool) -> Any:
+        """The part of a (CPU) batch this rank computes: all of it, or under context parallelism its
+        chunks of every sequence (launcher/parallel/context_batches.py); `shift`: the model computes
+        its own next-token loss, whose labels are then shifted before the split."""
+        if self.context is None:
+            return batch
+        return context_batches.split(batch, self.context.size, self.context.rank, shift, self.sequence_length)
+
+    @property
+    def counts_samples(self) -> bool:
+        """Does this rank count its batch's samples in sums over the ranks (evaluation's)? One rank
+        of a context-parallel group does: the others hold other tokens of the same samples."""
+        return self.context is None or self.context.rank == 0
+
+    def split_sequences(self, model: nn.Module) -> None:
+        """dist.context_parallel > 1: give the model's attention this rank's group (before any wrapper)."""
+        if not self.dims.enabled("cp"):
+            return
+        import torch.distributed as dist
+
+        group = self.dims.sub_mesh(self.device, ("cp",)).get_group()
+        self.context = Context(self.dims.cp, self.dims.coords(dist.get_rank())["cp"], group)
+        context_models.apply(model, self.context)
 
     @property
     def gradient_mean_over(self) -> int:
@@ -91,6 +118,8 @@ class Strategy:
 
     def prepare(self, model: nn.Module) -> None:
         """Checks made on the built model before its weights move (a meta-device one too)."""
+        if self.dims.enabled("cp"):
+            context_models.check(model)  # an attention it cannot replace
 
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
@@ -133,12 +162,13 @@ class Strategy:
 
 
 class Distributed(Strategy):
-    """A kind whose gradient reduction averages over the data-parallel ranks (DDP's all-reduce,
-    FSDP's reduce-scatter)."""
+    """A kind whose gradient reduction averages over the ranks that read different tokens (DDP's
+    all-reduce, FSDP's reduce-scatter): the data-parallel ranks, and the context-parallel ones
+    (whose gradients are of other tokens of the same samples)."""
 
     @property
     def gradient_mean_over(self) -> int:
-        return self.dims.dp_size
+        return self.dims.loss_size
 
 
 class Replicated(Distributed):
@@ -165,6 +195,7 @@ class Replicated(Distributed):
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
     ) -> nn.Module:
+        self.split_sequences(model)  # DDP's group is the world: data-parallel x context-parallel ranks
         replicate = lambda root: wrap.ddp(root, self.device, self.ddp_cfg, self.comm_hook)  # noqa: E731
         return wrap.wrap(
             model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_, distribute=replicate
@@ -191,6 +222,7 @@ class Sharded(Distributed):
         return f"{self.strategy}{tp}: {self.dims.describe()}"
 
     def prepare(self, model: nn.Module) -> None:
+        super().prepare(model)
         sharding.units(model, self.cfg.units)  # a wrong class name or a tied unit fails at any world size
         frozen_base = sorted(frozen.frozen_names(model))
         if self.meta_init and frozen_base:
@@ -208,9 +240,10 @@ class Sharded(Distributed):
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
     ) -> nn.Module:
+        self.split_sequences(model)
         if self.dims.enabled("tp"):  # first: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks
             tensor.apply(model, tensor.plan_of(model, self.tp_plan), self.dims.sub_mesh(self.device, ("tp",)))
-        dp_mesh = self.dims.sub_mesh(self.device, ("dp_replicate", "dp_shard"))
+        dp_mesh = self.dims.data_mesh(self.device)
         shard = lambda root: sharding.shard(root, model, self.cfg, dp_mesh, self.precision, head_chunks)  # noqa: E731
         return wrap.wrap(
             model, loss_fn, segments=segments, head_chunks=head_chunks, compile_=compile_, distribute=shard

@@ -133,6 +133,9 @@ class Dist(_Section):
     # data-parallel ranks are the world size / (tensor_parallel x pipeline_parallel)
     pipeline_parallel: PosInt = 1
     pipeline: Pipeline = Pipeline()
+    # ranks every sample's sequence is split over (context parallelism, torch >= 2.6): each holds a
+    # head and a tail chunk of it, and attention gathers the keys and values of all of them
+    context_parallel: PosInt = 1
     ddp: DDP = DDP()
     fsdp: FSDP = FSDP()
 

@@ -39,7 +39,7 @@ from launcher.observe.metrics import (
     build_sinks,
     peak_flops,
 )
-from launcher.parallel import memory, pipelined, sharding
+from launcher.parallel import context_plan, memory, pipelined, sharding
 from launcher.parallel.choose import build_strategy
 from launcher.parallel.dims import dims_for, node_warning
 from launcher.parallel.strategy import Strategy
@@ -188,6 +188,7 @@ def _strategy(recipe: Recipe, env: ClusterEnv, sess: Session, simulate: int | No
     ranks, trains the model whole."""
     sharding.check(recipe)
     pipelined.check(recipe)
+    context_plan.check(recipe)
     strategy = build_strategy(
         recipe,
         dims_for(recipe, simulate or env.world_size, env.local_world_size),

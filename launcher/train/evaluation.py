@@ -30,13 +30,18 @@ def evaluate(
     should_stop: Callable[[], bool],
     every_rank_forwards: bool = False,
     sum_over_data: Callable[[torch.Tensor], torch.Tensor] = distributed.all_reduce,
+    local_batch: Callable[[Any], Any] | None = None,
+    counts_samples: bool = True,
 ) -> dict[str, float] | None:
     """Sharded evaluation over `loader` (a ShardSampler's shard of `val_samples` samples);
     DistributedSampler's padding is dropped so each sample counts once. `val_loss` is the mean
     over samples, or over valid tokens (`counting`), as training's is. `should_stop` is asked
     between batches (every rank at the same batch): a stop signal (preemption, Ctrl-C) then does
     not wait for a long evaluation to end, and None is returned. `every_rank_forwards`: a rank whose
-    batch is all padding still runs the model (on one sample, not counted), as FSDP's gathers need."""
+    batch is all padding still runs the model (on one sample, not counted), as FSDP's gathers need.
+    `local_batch`: the part of a batch this rank computes (the strategy's: its chunks of each
+    sequence under context parallelism), and `counts_samples`: whether this rank counts the samples
+    (one rank of a group that reads the same samples does)."""
     sampler = loader.sampler
     assert isinstance(sampler, ShardSampler)
     real_end = math.ceil((val_samples - sampler.rank) / sampler.num_replicas)  # real shard positions
@@ -59,6 +64,8 @@ def evaluate(
             if n_real == 0 and not every_rank_forwards:
                 continue
             batch = slice_batch(batch, max(n_real, 1))
+            if local_batch is not None:
+                batch = local_batch(batch)
             count = batches.valid_tokens(batch, counting.shift) if counting.tokens else n_real
             features, targets = batches.features_and_targets(to_device(batch, device), loss_fn is None)
             with autocast():
@@ -66,7 +73,7 @@ def evaluate(
                 loss = batches.loss_of(out, targets, loss_fn)
             if n_real == 0:
                 continue
-            totals[1] += n_real
+            totals[1] += n_real if counts_samples else 0
             if count == 0:
                 continue  # a mean over no token: NaN, which must not reach val_loss
             totals[0] += loss.double() * count

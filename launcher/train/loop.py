@@ -352,4 +352,6 @@ def _evaluate(t: Trainer) -> dict[str, float] | None:
         should_stop=lambda: stop_agreed(t),
         every_rank_forwards=t.modules.eval_model not in (None, t.modules.model),
         sum_over_data=t.modules.strategy.sum_over_data,
+        local_batch=lambda batch: t.modules.strategy.local_batch(batch, t.data.counting.shift),
+        counts_samples=t.modules.strategy.counts_samples,
     )

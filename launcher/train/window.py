@@ -52,7 +52,8 @@ def sample_weighted(
     for m in range(n_micro):
         for rank, stream in streams:
             n_real = p.real_in_micro_batch(micro_index + m, rank)
-            yield m, rank, _real(_next(t, stream), n_real), n_real * world / n_window, n_real
+            batch = t.modules.strategy.local_batch(_real(_next(t, stream), n_real), t.data.counting.shift)
+            yield m, rank, batch, n_real * world / n_window, n_real
 
 
 def token_weighted(
@@ -68,7 +69,8 @@ def token_weighted(
         per_rank = []
         for m, batch in enumerate(window):
             n_real = p.real_in_micro_batch(micro_index + m, rank)
-            batch = _real(batch, n_real)
+            # this rank's part (its chunks of each sequence under context parallelism), whose tokens it counts
+            batch = t.modules.strategy.local_batch(_real(batch, n_real), t.data.counting.shift)
             tokens = batches.valid_tokens(batch, t.data.counting.shift) if n_real else 0
             if tokens == 0:
                 # its mean loss would be 0/0 = NaN, and NaN x a weight of 0 is still NaN: give the
