@@ -1,0 +1,232 @@
+"""Context parallelism (issue #33): every sample's sequence split over the ranks of a group, attention
+all-gathering the keys and values. The built-in GPT and a tiny transformers Llama (grouped-query
+attention, rotary positions) equal one process with the same global batch, to 1e-5 (weights, the
+logged loss and gradient norm, the validation loss), at cp 2 composed with ddp, fsdp and tensor
+parallelism, on fixed-length sequences, padded documents and packed conversations with their
+document masks; a checkpoint resumes at another cp size. Real processes, gloo; SGD, fp32, no dropout.
+
+The unit tests pin the pieces: the head-and-tail layout, the mask (a query's keys are its
+document's, by global index), and the split of a batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_close_rel, launcher, load_weights
+from launcher.errors import RecipeError
+from launcher.models.gpt import document_causal_mask
+from launcher.parallel.context import Context, chunk_index
+from launcher.parallel.context_batches import split
+from launcher.parallel.sharding import MIN_TORCH, torch_version
+
+needs_mesh = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="context parallelism needs torch >= 2.6")
+
+# the built-in GPT on fixed-length byte sequences (tuples, the recipe's token loss)
+GPT = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.seq_len=16",
+    "data.train.seq_len=16",
+    "data.val.seq_len=16",
+    "data.train.max_bytes=20000",
+    "data.val.max_bytes=4000",
+    "train.loss_mean_over=tokens",  # context parallelism's (a sample's mean needs all its tokens)
+]
+# a Llama with grouped-query attention on the arithmetic documents (padded, the model's own loss)
+LLAMA = [
+    "model.config={_component_: transformers.LlamaConfig, vocab_size: 32, hidden_size: 32, intermediate_size: 64, "
+    "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 32, "
+    "tie_word_embeddings: false, bos_token_id: 2, eos_token_id: 2}",
+]
+# conversations (about 20 tokens each) packed into samples of 64 tokens, with their document masks
+PACKED = [
+    "data.train={_component_: launcher.datasets.examples.arithmetic_chat, split: train, max_length: null, pack: 64}"
+]
+PACKED_GPT = [
+    "model={_component_: launcher.models.GPT, vocab_size: 32, seq_len: 64, d_model: 32, n_layers: 2, n_heads: 4}",
+    "loss=null",  # the GPT computes its own next-token loss from the labels
+    "data.collate={_component_: launcher.collate.PadToLongest, pad_id: 0}",
+    "data.val={_component_: launcher.datasets.examples.arithmetic_text, split: val}",
+]
+SHARED = [
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.precision=fp32",
+    "train.global_batch_size=16",
+    "train.max_steps=4",
+    "train.epochs=null",
+    "train.warmup_steps=0",
+    "train.eval_every_steps=4",
+    "train.grad_clip_norm=1.0",
+    "scheduler=null",
+    "optimizer={_component_: torch.optim.SGD, lr: 0.1, momentum: 0.9}",
+    "log.every_n_steps=1",
+    "log.wandb=null",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=5",
+]
+MODELS = {
+    "gpt": ("gpt.yaml", GPT),
+    "llama": ("hf_causal_lm.yaml", LLAMA),
+    "gpt-packed": ("hf_causal_lm.yaml", PACKED + PACKED_GPT),
+    "llama-packed": ("hf_causal_lm.yaml", [*LLAMA, "model.config.max_position_embeddings=64", *PACKED]),
+}
+
+
+def run(run_dir, model, *changes, nproc=None):
+    recipe, tiny = MODELS[model]
+    args = ["run", *(["--nproc", str(nproc)] if nproc else []), ROOT / "recipes" / recipe]
+    proc = launcher(*args, f"run.dir={run_dir}", *SHARED, *tiny, *changes, cwd=run_dir.parent, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def rows(run_dir):
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return (
+        [r["loss"] for r in logged if "loss" in r],
+        [r["grad_norm"] for r in logged if "loss" in r],
+        [r["val_loss"] for r in logged if "val_loss" in r],
+    )
+
+
+def assert_equal_to(run_dir, reference):
+    assert_close_rel(load_weights(run_dir), load_weights(reference), rtol=1e-5)
+    for mine, theirs in zip(rows(run_dir), rows(reference), strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-5) and mine
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Each model's whole global batch in one process, made once (the cp runs compare with it)."""
+    made: dict[str, object] = {}
+
+    def reference(model):
+        if model not in made:
+            made[model] = run(tmp_path_factory.mktemp("cp") / model, model)
+        return made[model]
+
+    return reference
+
+
+@needs_mesh
+@pytest.mark.parametrize(
+    "model,nproc,changes",
+    [
+        ("gpt", 4, ["dist.strategy=fsdp"]),  # cp 2 x fsdp 2
+        ("gpt", 4, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),  # cp 2 x tp 2
+        ("gpt-packed", 2, []),  # cp 2 (ddp), packed conversations with their document masks
+        ("llama", 4, ["dist.strategy=fsdp"]),
+        ("llama", 4, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),
+        ("llama-packed", 2, []),
+    ],
+    ids=["gpt-fsdp2", "gpt-tp2", "gpt-packed", "llama-fsdp2", "llama-tp2", "llama-packed"],
+)
+def test_cp_2_equals_one_process(tmp_path, one_process, model, nproc, changes):
+    reference = one_process(model)
+    assert_equal_to(run(tmp_path / "cp", model, "dist.context_parallel=2", *changes, nproc=nproc), reference)
+
+
+@needs_mesh
+def test_a_cp_checkpoint_resumes_in_one_process(tmp_path, one_process):
+    """Checkpoints hold no context-parallel state: cp 2's step-2 checkpoint (ddp: whole) resumes in
+    one process and ends where the one process does."""
+    cp = run(tmp_path / "cp", "gpt", "dist.context_parallel=2", nproc=2)
+    shutil.rmtree(cp / "checkpoints" / "step_00000004")  # as if the run had stopped after step 2
+    (cp / "model.pt").unlink()
+    assert_equal_to(run(cp, "gpt"), one_process("gpt"))
+
+
+def test_each_rank_holds_a_head_and_a_tail_chunk():
+    assert chunk_index(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert chunk_index(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    every = torch.cat([chunk_index(24, 3, r) for r in range(3)])
+    assert sorted(every.tolist()) == list(range(24))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_ranks_mask_is_the_whole_sequences_rows_and_columns_of_its_tokens(size):
+    """The mask a rank builds from its own queries' position ids (packed documents, padding of
+    position 0) is the one-process document-causal mask at its queries' rows, over the gathered
+    keys' columns; without position ids, plain causality."""
+    length = 12 * size
+    documents = [[5, 9, 3, length - 17 - 3, 1, 1, 1], [length]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in doc]) for doc in documents])
+    whole = document_causal_mask(positions)[:, 0]
+    for rank in range(size):
+        context = Context(size, rank, group=None)
+        mine, keys = (
+            context.local_index(length // size, torch.device("cpu")),
+            context.key_index(length // size, torch.device("cpu")),
+        )
+        expected = whole[:, mine][:, :, keys]
+        assert torch.equal(context.mask(positions[:, mine], length // size, torch.device("cpu"))[:, 0], expected)
+        causal = context.mask(None, length // size, torch.device("cpu"))[0, 0]
+        assert torch.equal(causal, torch.ones(length, length, dtype=torch.bool).tril()[mine][:, keys])
+
+
+def test_a_batch_is_split_after_its_labels_are_shifted_and_padded_to_the_chunks():
+    labels = torch.arange(10).reshape(1, 10) + 100
+    batch = {"input_ids": torch.arange(10).reshape(1, 10), "labels": labels, "attention_mask": torch.ones(1, 10)}
+    parts = [split(batch, 2, rank, shift=True) for rank in range(2)]
+    # padded to 12 (a multiple of 2 x 2): rank 0 holds tokens 0-2 and 9-11, rank 1 tokens 3-8
+    assert parts[0]["input_ids"].tolist() == [[0, 1, 2, 9, 0, 0]]
+    assert parts[0]["shift_labels"].tolist() == [[101, 102, 103, -100, -100, -100]]
+    assert parts[1]["shift_labels"].tolist() == [[104, 105, 106, 107, 108, 109]]
+    assert parts[0]["position_ids"].tolist() == [[0, 1, 2, 9, 0, 0]]
+    assert parts[0]["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0]]
+    with pytest.raises(RecipeError, match="divisible by 4") as e:
+        split((torch.zeros(2, 10, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long)), 2, 0, shift=False)
+    assert e.value.key == "dist.context_parallel"
+    moved = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 5, 6, 7, 0, 1]])}
+    with pytest.raises(RecipeError, match="starting at position id 5"):
+        split(moved, 2, 0, shift=False)
+
+
+CHECKS = [
+    (["train.loss_mean_over=samples"], "train.loss_mean_over"),
+    (["train.loss_mean_over=auto"], "train.loss_mean_over"),  # with a loss component: samples
+    (["data.train.seq_len=18", "data.val.seq_len=18", "model.seq_len=18"], "dist.context_parallel: 2 splits"),
+    (["train.compile=true"], "train.compile"),
+]
+
+
+@needs_mesh
+@pytest.mark.parametrize("changes,key", CHECKS, ids=["samples", "auto", "length", "compile"])
+def test_what_cp_cannot_serve_is_one_line_at_check(changes, key):
+    recipe, tiny = MODELS["gpt"]
+    proc = launcher(
+        "check", "--nproc", "2", ROOT / "recipes" / recipe, *SHARED, *tiny, "dist.context_parallel=2", *changes
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr
+
+
+@needs_mesh
+def test_check_prints_the_context_dimension_and_what_each_rank_holds():
+    recipe, tiny = MODELS["gpt"]
+    proc = launcher("check", "--nproc", "4", ROOT / "recipes" / recipe, *SHARED, *tiny, "dist.context_parallel=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 ranks = 2 replicate x 1 shard x 2 context x 1 tensor" in proc.stdout
+    assert "2 ranks per sequence of 16 tokens: 8 per rank" in proc.stdout
+    assert "activations per rank" in proc.stdout and "without context parallelism" in proc.stdout
+
+
+@needs_mesh
+def test_a_model_without_replaceable_attention_is_refused_at_check():
+    proc = launcher(
+        "check",
+        "--nproc",
+        "2",
+        ROOT / "recipes" / "quickstart.yaml",
+        "dist.context_parallel=2",
+        "train.loss_mean_over=tokens",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "dist.context_parallel" in proc.stderr and "set dist.context_parallel=1" in proc.stderr
