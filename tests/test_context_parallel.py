@@ -230,3 +230,30 @@ def test_a_model_without_replaceable_attention_is_refused_at_check():
     )
     assert proc.returncode == 2, proc.stderr
     assert "dist.context_parallel" in proc.stderr and "set dist.context_parallel=1" in proc.stderr
+
+
+@pytest.mark.skipif(torch_version() >= MIN_TORCH, reason="torch >= 2.6 runs context parallelism")
+def test_on_an_older_torch_cp_is_one_line_at_check():
+    recipe, tiny = MODELS["gpt"]
+    proc = launcher("check", "--nproc", "2", ROOT / "recipes" / recipe, *SHARED, *tiny, "dist.context_parallel=2")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "dist.context_parallel" in proc.stderr and "torch 2.6" in proc.stderr
+
+
+def test_the_gpt_takes_labels_already_shifted():
+    """A rank's part of a sequence cannot shift its labels (the next token may be another rank's):
+    the split gives the GPT `shift_labels`, as it does a micro-batch that counts no token, which the
+    GPT's own loss takes as they are (it had no such argument: a TypeError)."""
+    from launcher.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=16, seq_len=8, d_model=16, n_layers=1, n_heads=2)
+    ids = torch.randint(0, 16, (2, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+        assert float(model(input_ids=ids, labels=labels, shift_labels=shifted).loss) == pytest.approx(
+            float(loss), rel=1e-6
+        )
