@@ -24,15 +24,14 @@ from launcher.parallel.context import KEY, chunk_index
 PAD = {LABELS: IGNORE_INDEX, SHIFTED_LABELS: IGNORE_INDEX}  # every other key pads with 0
 
 
-def split(batch: Any, size: int, rank: int, shift: bool, length: int | None = None) -> Any:
-    """`rank`'s part of `batch` (module doc); `length`: a mapping batch's sequences are padded to
-    it first (a pipeline's one shape)."""
+def split(batch: Any, size: int, rank: int, shift: bool, to: int | None = None, positions: bool = True) -> Any:
+    """`rank`'s part of `batch` (module doc); `to`: the sequences are padded to this length first
+    (a pipeline's one shape); `positions`: give a mapping batch its global positions where it has
+    none (not for pipeline stages, which take token ids alone and compute them)."""
     if is_mapping(batch):
-        return _split_mapping(dict(batch), size, rank, shift, length)
+        return _split_mapping(dict(batch), size, rank, shift, to, positions)
     inputs, targets = batch[0], batch[1]
     length = _length(inputs, "the inputs")
-    if length % (2 * size):
-        raise _indivisible(length, size)
     if not isinstance(targets, torch.Tensor) or targets.dim() < 2 or targets.size(1) != length:
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise RecipeError(
@@ -40,17 +39,28 @@ def split(batch: Any, size: int, rank: int, shift: bool, length: int | None = No
             f"splits sequences, but the targets ({shape}) are not one per token of the inputs ({tuple(inputs.shape)}); "
             "use it with token targets (a language model), or set dist.context_parallel=1",
         )
+    if to is not None and to > length:  # a pipeline's one shape: padded first, then split
+        inputs, targets = _padded(inputs, to, 0), _padded(targets, to, IGNORE_INDEX)
+        length = to
+    if length % (2 * size):
+        raise _indivisible(length, size)
     index = chunk_index(length, size, rank)
     return type(batch)([inputs.index_select(1, index), targets.index_select(1, index), *batch[2:]])
 
 
-def _split_mapping(batch: dict[str, Any], size: int, rank: int, shift: bool, to: int | None) -> dict[str, Any]:
+def _padded(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.cat([t, t.new_full((t.size(0), length - t.size(1), *t.shape[2:]), value)], 1)
+
+
+def _split_mapping(
+    batch: dict[str, Any], size: int, rank: int, shift: bool, to: int | None, positions: bool
+) -> dict[str, Any]:
     ids: Any = batch.get("input_ids")
     length = _length(ids, "input_ids")
     rows = ids.size(0)
     if POSITION_IDS in batch:
         check_documents(batch[POSITION_IDS])
-    else:
+    elif positions:
         batch[POSITION_IDS] = torch.arange(length).expand(rows, length)
     if shift and LABELS in batch and SHIFTED_LABELS not in batch:
         labels = batch[LABELS]
@@ -60,10 +70,7 @@ def _split_mapping(batch: dict[str, Any], size: int, rank: int, shift: bool, to:
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.size(1) == length:
-            if padded > length:
-                pad = value.new_full((rows, padded - length, *value.shape[2:]), PAD.get(key, 0))
-                value = torch.cat([value, pad], 1)
-            value = value.index_select(1, index)
+            value = _padded(value, padded, PAD.get(key, 0)).index_select(1, index)
         out[key] = value
     return out
 

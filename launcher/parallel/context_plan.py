@@ -43,12 +43,6 @@ def check(recipe: Recipe) -> None:
             "label): set train.loss_mean_over=tokens",
         ),
         (
-            recipe.dist.pipeline_parallel > 1,
-            "dist.pipeline_parallel",
-            "pipeline stages and context parallelism do not compose yet (the stages pad and take token ids alone); "
-            f"set dist.pipeline_parallel=1 or {KEY}=1",
-        ),
-        (
             recipe.train.compile,
             "train.compile",
             "the attention's all-gather of keys and values is not compiled (untested under torch.compile); set "

@@ -75,6 +75,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def aligned_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss for labels already aligned with the logits (`shift_labels`: a rank's part of a
+    sequence under context parallelism, shifted over the whole sequence before the split)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 def _pad(batch: Any, rows: int, length: int, pad_id: int) -> Any:
     if is_mapping(batch):
         if POSITION_IDS in batch:  # the stages take token ids alone: each document's mask would be lost

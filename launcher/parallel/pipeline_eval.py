@@ -108,9 +108,11 @@ class Outputs(nn.Module):
                     _send(logits, dist.get_global_rank(self.group, rank), self.group)
         else:
             logits = _recv(last, self.group, device)
+        from launcher.parallel.pipeline_batches import aligned_lm_loss, causal_lm_loss
+
+        if features.get("shift_labels") is not None:  # already aligned (a micro-batch's part under cp)
+            return {"loss": aligned_lm_loss(logits, features["shift_labels"]), "logits": logits}
         labels = features.get("labels")
         if labels is None:
             return logits
-        from launcher.parallel.pipeline_batches import causal_lm_loss
-
         return {"loss": causal_lm_loss(logits, labels), "logits": logits}

@@ -126,11 +126,17 @@ class CausalLMStage(nn.Module):
         self.norm_name = norm_name
         if self.is_last:
             self.lm_head: nn.Module = model.lm_head  # type: ignore[assignment]
+        # dist.context_parallel (launcher/parallel/context_models.py): this rank's tokens of each sequence
+        held = (getattr(m, "cp_context", None) for m in model.modules())
+        self.cp_context = next((c for c in held if c is not None), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decoder = getattr(self, self.decoder_name)
         length = x.shape[1]
-        positions = torch.arange(length, device=x.device).unsqueeze(0)
+        if self.cp_context is not None:  # a head and a tail chunk of the sequence: their global positions
+            positions = self.cp_context.local_index(length, x.device).unsqueeze(0)
+        else:
+            positions = torch.arange(length, device=x.device).unsqueeze(0)
         if self.is_first:
             if self.model_type == "gpt2":
                 x = decoder.drop(decoder.wte(x) + decoder.wpe(positions))

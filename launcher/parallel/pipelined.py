@@ -20,7 +20,16 @@ from torch import nn
 
 from launcher.checkpoint import sharded_state
 from launcher.errors import RecipeError
-from launcher.parallel import gradients, pipeline, pipeline_batches, pipeline_eval, pipeline_split, sharding, tensor
+from launcher.parallel import (
+    context_batches,
+    gradients,
+    pipeline,
+    pipeline_batches,
+    pipeline_eval,
+    pipeline_split,
+    sharding,
+    tensor,
+)
 from launcher.parallel.dims import ParallelDims
 from launcher.parallel.strategy import CHECKPOINT_SHARDS, Distributed
 
@@ -59,6 +68,7 @@ class Pipelined(Distributed):
     shards_in_checkpoint = CHECKPOINT_SHARDS
     runs_windows = True
     holds_whole_model = False
+    stages_take_ids = True
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device, recipe: Recipe) -> None:
         super().__init__(dims, precision, device)
@@ -72,7 +82,7 @@ class Pipelined(Distributed):
         self.loss: pipeline.WeightedLoss | None = None
         self.schedule: Any = None
         self.length = 0  # every micro-batch's tokens, for the run (the model's context)
-        self.sharded = dims.dp_size > 1
+        self.sharded = dims.loss_size > 1  # gradients to reduce over data-parallel (and context) ranks
         self.whole_order: list[str] | None = None  # the whole model's trainable parameter names, in order
         if self.sharded:
             importlib.import_module("torch._dynamo")  # as Sharded: FSDP imports it on first use
@@ -87,6 +97,9 @@ class Pipelined(Distributed):
         )
         if self.dims.enabled("tp"):
             tensor.check(model, tensor.plan_of(model, self.tp_plan), self.dims.tp)
+        if self.dims.enabled("cp"):
+            super().prepare(model)  # attention that can be replaced
+            context_batches.check_length(_context_length(model), self.dims.cp)
 
     def wrap(
         self, model: nn.Module, loss_fn: LossFn | None, *, segments: int, head_chunks: int, compile_: bool
@@ -94,7 +107,9 @@ class Pipelined(Distributed):
         del segments, head_chunks, compile_  # refused under pipelining (check)
         self.prepare(model)
         self.ids = pipeline.stage_ids(self.pp_rank, self.dims.pp, self.cfg.stages_per_rank, self.cfg.schedule)
-        self.length = _context_length(model)
+        self.split_sequences(model)  # before the split: the stages' modules hold the context group
+        self.sequence_length = _context_length(model)  # every sequence padded to it, then split over cp
+        self.length = self.sequence_length // self.dims.cp  # this rank's part of each
         # a whole (ddp) checkpoint's optimizer state is positional over the whole model's parameters
         self.whole_order = [name for name, p in model.named_parameters() if p.requires_grad]
         modules = pipeline_split.split_model(model, self.layers, self.ids)
@@ -102,10 +117,12 @@ class Pipelined(Distributed):
             if self.dims.enabled("tp"):  # first: FSDP then shards the tensor-parallel DTensors
                 tensor.apply(stage, tensor.plan_of(stage, self.tp_plan), self.dims.sub_mesh(self.device, ("tp",)))
             if self.sharded:
-                dp_mesh = self.dims.sub_mesh(self.device, ("dp_replicate", "dp_shard"))
+                dp_mesh = self.dims.data_mesh(self.device)
                 sharding.shard(stage, stage, self.fsdp_cfg, dp_mesh, self.precision, 0, forward_method=None)
         self.stages = modules
-        self.loss = pipeline.WeightedLoss(loss_fn or pipeline_batches.causal_lm_loss)
+        # a rank's part of a sequence comes with its labels shifted over the whole (context_batches.py)
+        own = pipeline_batches.aligned_lm_loss if self.context is not None else pipeline_batches.causal_lm_loss
+        self.loss = pipeline.WeightedLoss(loss_fn or own)
         return pipeline_split.held(modules)
 
     def held(self, model: nn.Module, train_model: nn.Module) -> nn.Module:  # noqa: ARG002 - the interface

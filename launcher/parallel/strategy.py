@@ -46,6 +46,7 @@ class Strategy:
     meta_init = False  # build the model on the meta device (shards are initialised once they exist)
     runs_windows = False  # the loop hands `step_window` whole windows (a pipeline's schedule), not micro-batches
     holds_whole_model = True  # False: `held` is some of the model (its weights whole only once gathered)
+    stages_take_ids = False  # True: the model's stages take token ids alone, and compute the positions themselves
     shards_in_checkpoint: frozenset[str] = frozenset()  # names the checkpointer writes with DCP
 
     def __init__(self, dims: ParallelDims, precision: str, device: torch.device) -> None:
@@ -63,7 +64,8 @@ class Strategy:
         its own next-token loss, whose labels are then shifted before the split."""
         if self.context is None:
             return batch
-        return context_batches.split(batch, self.context.size, self.context.rank, shift, self.sequence_length)
+        size, rank = self.context.size, self.context.rank
+        return context_batches.split(batch, size, rank, shift, self.sequence_length, positions=not self.stages_take_ids)
 
     @property
     def counts_samples(self) -> bool:
