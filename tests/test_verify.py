@@ -47,11 +47,11 @@ def test_verify_refuses_a_loss_that_sums_before_training_and_says_so(tmp_path):
 
 
 def test_verify_refuses_a_layout_it_cannot_read_in_one_line():
-    proc = launcher("verify", ROOT / "recipes" / "gpt.yaml", "--layouts", "1", "pp:2")
+    proc = launcher("verify", ROOT / "recipes" / "gpt.yaml", "--layouts", "1", "dp:2")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --layouts: 'pp:2': each part is ddp:N, fsdp:N, hsdp:N or tp:N (N ranks), joined by commas; "
-        "or 1 for one process"
+        "error: --layouts: 'dp:2': each part is ddp:N, fsdp:N, hsdp:N, tp:N, cp:N or pp:N (N ranks), joined by "
+        "commas; or 1 for one process"
     ]
 
 
@@ -73,3 +73,21 @@ def test_verify_names_batchnorm_config_dropout_and_an_unreduced_loss_before_trai
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(model=gpt2))
     causes = static_causes(schema.load(path), [parse_layout("1"), parse_layout("ddp:2")])
     assert any(c.startswith("dropout is on (transformer.drop (p=0.1)") for c in causes), causes
+
+
+def test_a_layout_names_every_dimension_its_ranks_read_one_batch_over():
+    """cp:N and pp:N (context and pipeline parallelism) are layouts too; each layout sets tp, cp and
+    pp (1 where it does not name them), so a recipe's own sizes do not leak into the one process."""
+    from launcher.commands.verify import parse_layout
+
+    layout = parse_layout("fsdp:2,cp:2")
+    assert (layout.nproc, layout.dp) == (4, 2)
+    assert set(layout.overrides) == {
+        "dist.strategy=fsdp",
+        "dist.tensor_parallel=1",
+        "dist.context_parallel=2",
+        "dist.pipeline_parallel=1",
+    }
+    one = parse_layout("1")
+    assert (one.nproc, one.dp) == (1, 1) and "dist.context_parallel=1" in one.overrides
+    assert "dist.pipeline_parallel=2" in parse_layout("pp:2").overrides

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from launcher.recipe.schema import Recipe
 
 DEFAULT_LAYOUTS = ("1", "ddp:2", "fsdp:2", "tp:2")
-DIMENSIONS = {"ddp": "dist.strategy=ddp", "fsdp": "dist.strategy=fsdp", "hsdp": "dist.strategy=hsdp", "tp": None}
+DIMENSIONS = {"ddp": "dist.strategy=ddp", "fsdp": "dist.strategy=fsdp", "hsdp": "dist.strategy=hsdp"}
+# dimensions whose ranks read the same batch: each layout sets every one (1 where it does not name it)
+MODEL_DIMENSIONS = {"tp": "dist.tensor_parallel", "cp": "dist.context_parallel", "pp": "dist.pipeline_parallel"}
+KINDS = "ddp:N, fsdp:N, hsdp:N, tp:N, cp:N or pp:N"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(DEFAULT_LAYOUTS),
         metavar="LAYOUT",
-        help="1 (one process), ddp:N, fsdp:N, hsdp:N, tp:N, or dimensions joined by commas (fsdp:2,tp:2); "
+        help="1 (one process), ddp:N, fsdp:N, hsdp:N, tp:N, cp:N, pp:N, or dimensions joined by commas (fsdp:2,tp:2); "
         f"the first is the reference (default: {' '.join(DEFAULT_LAYOUTS)})",
     )
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per layout (default: 3)")
@@ -68,26 +71,23 @@ class Layout:
 
 
 def parse_layout(text: str) -> Layout:
-    if text == "1":
-        return Layout(text, 1, ("dist.tensor_parallel=1",), 1)
     nproc, dp, overrides = 1, 1, []
-    for part in text.split(","):
+    sizes = dict.fromkeys(MODEL_DIMENSIONS, 1)
+    for part in [] if text == "1" else text.split(","):
         kind, _, size = part.partition(":")
-        if kind not in DIMENSIONS or not size.isdigit() or int(size) < 1:
+        if kind not in {**DIMENSIONS, **MODEL_DIMENSIONS} or not size.isdigit() or int(size) < 1:
             raise LaunchError(
                 "--layouts",
-                f"{text!r}: each part is ddp:N, fsdp:N, hsdp:N or tp:N (N ranks), joined by commas; "
-                "or 1 for one process",
+                f"{text!r}: each part is {KINDS} (N ranks), joined by commas; or 1 for one process",
             )
         n = int(size)
         nproc *= n
-        if kind == "tp":
-            overrides.append(f"dist.tensor_parallel={n}")
+        if kind in MODEL_DIMENSIONS:
+            sizes[kind] = n
         else:
             dp *= n
-            overrides.append(str(DIMENSIONS[kind]))
-    if not any(o.startswith("dist.tensor_parallel") for o in overrides):
-        overrides.append("dist.tensor_parallel=1")
+            overrides.append(DIMENSIONS[kind])
+    overrides += [f"{MODEL_DIMENSIONS[kind]}={n}" for kind, n in sizes.items()]
     return Layout(text, nproc, tuple(overrides), dp)
 
 
