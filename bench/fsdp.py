@@ -35,11 +35,13 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,8 +247,9 @@ def _split(model, mesh):  # noqa: ANN001, ANN202
     return parallelize_module(model, tp_mesh, plan)
 
 
-def _shard(model, cuda: bool, mesh=None):  # noqa: ANN001, ANN202
-    """Each transformer block, then the root, as the launcher's `units: [Block]` does."""
+def _shard(model, cuda: bool, mesh=None, bf16: bool | None = None):  # noqa: ANN001, ANN202
+    """Each transformer block, then the root, as the launcher's `units: [Block]` does; bf16 parameters
+    in the forward and backward on CUDA (`bf16` says otherwise), fp32 gradient reduction."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -255,7 +258,7 @@ def _shard(model, cuda: bool, mesh=None):  # noqa: ANN001, ANN202
 
     if mesh is None:
         mesh = init_device_mesh("cuda" if cuda else "cpu", (int(os.environ["WORLD_SIZE"]),))
-    policy = MixedPrecisionPolicy(param_dtype=_param_dtype(cuda), reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=_param_dtype(cuda if bf16 is None else bf16), reduce_dtype=torch.float32)
     for block in model:
         if isinstance(block, Block):
             fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -273,54 +276,63 @@ def _rounds(window_s: list[float], steps: int) -> list[float]:
 
 
 def run_worker(name: str, args: argparse.Namespace, nproc: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd += [__file__, "--worker", name, "--device", args.device, "--steps", str(args.steps)]
-    cmd += ["--warmup", str(args.warmup), "--tp", str(args.tp), "--rounds-in-process", str(args.rounds_in_process)]
-    cmd += ["--pp", str(args.pp)]
-    cmd += ["--smoke"] if args.smoke else []
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env()).stdout
+    options = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    options += ["--tp", str(args.tp), "--rounds-in-process", str(args.rounds_in_process), "--pp", str(args.pp)]
+    return torchrun(__file__, nproc, "--worker", name, *options, *(["--smoke"] if args.smoke else []))
+
+
+def torchrun(script: str, nproc: int, *options: str) -> list[dict]:
+    """`script`'s workers on `nproc` ranks; the last JSON list rank 0 printed (its rounds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), script]
+    out = subprocess.run([*cmd, *options], check=True, capture_output=True, text=True, env=_env()).stdout
     return json.loads([line for line in out.splitlines() if line.startswith("[{")][-1])
 
 
 def run_launcher(args: argparse.Namespace, nproc: int) -> list[dict]:
     s = SHAPES["smoke" if args.smoke else args.device]
-    cuda = args.device == "cuda"
-    with tempfile.TemporaryDirectory() as tmp:
-        model = {k: s[k] for k in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")}
-        recipe = {
-            "name": "bench-fsdp",
-            "model": {"_component_": "launcher.models.GPT", **model},
-            "data": {
-                "train": {
-                    "_component_": "launcher.datasets.synthetic.Tokens",
-                    "size": s["batch"] * nproc // args.tp * (args.steps * args.rounds_in_process + args.warmup),
-                    "seq_len": s["seq_len"],
-                    "vocab_size": s["vocab_size"],
-                },
-                "batch_size": s["batch"],
-            },
-            "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
-            "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4, "fused": cuda},
+    steps = args.steps * args.rounds_in_process + args.warmup
+    recipe = launcher_recipe(
+        s, steps, s["batch"] * nproc // args.tp, args.device, tensor_parallel=args.tp, pipeline_parallel=args.pp
+    )
+    if args.pp > 1:  # 2 pp micro-batches of `batch` a step on each data-parallel rank, as the hand-written loop
+        per_step = s["batch"] * 2 * args.pp * (nproc // args.pp)
+        recipe["train"]["global_batch_size"] = per_step
+        recipe["data"]["train"]["size"] = per_step * steps
+    rows, startup = run_recipe(recipe, nproc)
+    return launcher_rounds(rows, startup, args)
+
+
+def launcher_recipe(s: dict, steps: int, samples_per_step: int, device: str, **dist: object) -> dict:
+    """The launcher's recipe for shape `s`: `steps` steps of `samples_per_step` samples of the GPT, FSDP2
+    over its blocks, AdamW; `dist`: more of the recipe's dist section."""
+    cuda = device == "cuda"
+    model = {k: s[k] for k in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads")}
+    return {
+        "name": "bench-fsdp",
+        "model": {"_component_": "launcher.models.GPT", **model},
+        "data": {
             "train": {
-                "max_steps": args.steps * args.rounds_in_process + args.warmup,
-                "precision": "bf16" if cuda else "fp32",
+                "_component_": "launcher.datasets.synthetic.Tokens",
+                "size": samples_per_step * steps,
+                "seq_len": s["seq_len"],
+                "vocab_size": s["vocab_size"],
             },
-            "dist": {
-                "strategy": "fsdp",
-                "fsdp": {"units": ["Block"]},
-                "tensor_parallel": args.tp,
-                "pipeline_parallel": args.pp,
-            },
-            "log": {"every_n_steps": WINDOW, "progress": "lines"},
-            "checkpoint": {"keep_last": 1},
-            "run": {"dir": tmp},
-        }
-        if args.pp > 1:  # 2 pp micro-batches of `batch` a step on each data-parallel rank, as the hand-written loop
-            per_step = s["batch"] * 2 * args.pp * (nproc // args.pp)
-            recipe["train"]["global_batch_size"] = per_step  # type: ignore[index]
-            recipe["data"]["train"]["size"] = per_step * (args.steps * args.rounds_in_process + args.warmup)  # type: ignore[index]
+            "batch_size": s["batch"],
+        },
+        "loss": {"_component_": "launcher.losses.TokenCrossEntropy"},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-4, "fused": cuda},
+        "train": {"max_steps": steps, "precision": "bf16" if cuda else "fp32"},
+        "dist": {"strategy": "fsdp", "fsdp": {"units": ["Block"]}, **dist},
+        "log": {"every_n_steps": WINDOW, "progress": "lines"},
+        "checkpoint": {"keep_last": 1},
+    }
+
+
+def run_recipe(recipe: dict, nproc: int) -> tuple[list[dict], dict]:
+    """`launcher run --nproc nproc` of `recipe` in a fresh run directory: its metrics rows and startup.json."""
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.yaml"
-        path.write_text(json.dumps(recipe))  # JSON is YAML
+        path.write_text(json.dumps({**recipe, "run": {"dir": tmp}}))  # JSON is YAML
         subprocess.run(
             [sys.executable, "-m", "launcher", "run", "--nproc", str(nproc), str(path)],
             check=True,
@@ -328,7 +340,12 @@ def run_launcher(args: argparse.Namespace, nproc: int) -> list[dict]:
             env=_env(),
         )
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-        startup = json.loads((Path(tmp) / "startup.json").read_text())
+        return rows, json.loads((Path(tmp) / "startup.json").read_text())
+
+
+def launcher_rounds(rows: list[dict], startup: dict, args: argparse.Namespace) -> list[dict]:
+    """Each round's steps per second and peak memory, from the launcher's rows after the warm-up."""
+    cuda = args.device == "cuda"
     timed = [r for r in rows if "step_time_s" in r and r["step"] > args.warmup]
     peak = max(r["peak_mem_gib"] if cuda else r["max_rss_gib"] for r in timed) * 2**30
     result = {"peak_bytes": peak}
@@ -370,12 +387,13 @@ def main() -> None:
     impls = [name for name in args.impls.split(",") if name]
     skipped = {name: why for name in impls if (why := _skip_reason(name, args.device, args.tp, args.pp))}
     order = [name for name in impls if name not in skipped]
-    runs: dict[str, list[dict]] = {name: [] for name in order}
-    for r in range(args.repeat):  # interleaved, in turn reversed: drift on the machine hits every one alike
-        for name in order if r % 2 == 0 else order[::-1]:
-            runs[name] += run_launcher(args, nproc) if name == "launcher" else run_worker(name, args, nproc)
-            if args.json:  # as it goes: a run cut short keeps what it measured
-                Path(args.json).write_text(json.dumps(summary(runs, skipped, args, nproc), indent=1) + "\n")
+    runs = interleaved(
+        order,
+        args.repeat,
+        lambda name: run_launcher(args, nproc) if name == "launcher" else run_worker(name, args, nproc),
+        lambda runs: summary(runs, skipped, args, nproc),
+        args.json,
+    )
     result = summary(runs, skipped, args, nproc)
     print(f"{'':14}{'steps/s':>10}{'peak MiB':>12}{'train MiB':>11}{'throughput':>12}{'memory':>9}")
     for name in runs:
@@ -389,23 +407,37 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def interleaved(
+    order: list[str],
+    repeat: int,
+    run: Callable[[str], list[dict]],
+    summarise: Callable[[dict[str, list[dict]]], dict],
+    json_path: str | None,
+) -> dict[str, list[dict]]:
+    """Each implementation's rounds: `repeat` runs of each, interleaved, in turn reversed (drift on the
+    machine hits every one alike); with `json_path`, the summary written there after each run (a
+    run cut short keeps what it measured)."""
+    runs: dict[str, list[dict]] = {name: [] for name in order}
+    for r in range(repeat):
+        for name in order if r % 2 == 0 else order[::-1]:
+            runs[name] += run(name)
+            if json_path:
+                Path(json_path).write_text(json.dumps(summarise(runs), indent=1) + "\n")
+    return runs
+
+
 def summary(runs: dict[str, list[dict]], skipped: dict[str, str], args: argparse.Namespace, nproc: int) -> dict:
     """Medians over rounds, and each implementation's ratios to the hand-written loop."""
-    import torch
-
-    done = {name: rounds for name, rounds in runs.items() if rounds}
-    result: dict = {
-        "device": args.device,
-        "nproc": nproc,
-        "tp": args.tp,
-        "pp": args.pp,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        **{name: {k: statistics.median(x[k] for x in rounds) for k in rounds[0]} for name, rounds in done.items()},
-        "skipped": skipped,
-        "rounds": runs,
-    }
+    head = {"device": args.device, "nproc": nproc, "tp": args.tp, "pp": args.pp, **provenance(args.device)}
     memory = "train_bytes" if args.device == "cpu" else "peak_bytes"
+    return {**head, **compared(runs, memory), "skipped": skipped, "rounds": runs}
+
+
+def compared(runs: dict[str, list[dict]], memory: str) -> dict:
+    """Each implementation's medians over its rounds, and its ratios to the hand-written loop's
+    (throughput from steps_per_s, memory from the key `memory`)."""
+    done = {name: rounds for name, rounds in runs.items() if rounds}
+    result = {name: {k: statistics.median(x[k] for x in rounds) for k in rounds[0]} for name, rounds in done.items()}
     base = done.get("hand_written")
     for name, rounds in done.items():
         if base is None:
@@ -416,6 +448,30 @@ def summary(runs: dict[str, list[dict]], skipped: dict[str, str], args: argparse
         result[name]["throughput_ratio"] = statistics.median(a["steps_per_s"] / b["steps_per_s"] for a, b in pairs)
         result[name]["memory_ratio"] = statistics.median(a[memory] / b[memory] for a, b in pairs)
     return result
+
+
+def provenance(device: str) -> dict:
+    """What every result carries: the command that made it, the machine, torch, the date (UTC). Imports
+    torch only for a CUDA machine's GPUs (a CPU run's parent process then starts faster)."""
+    import importlib.metadata
+    import platform
+
+    if device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), no CUDA used"
+    imported = sys.modules.get("torch")  # its version has the local label (+cu130), the package's has not
+    version = imported.__version__ if imported else importlib.metadata.version("torch")
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(ROOT) if script.is_relative_to(ROOT) else script)
+    return {
+        "command": shlex.join(["python", shown, *sys.argv[1:]]),
+        "machine": machine,
+        "torch": version,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
 
 
 def _skip_reason(name: str, device: str, tp: int = 1, pp: int = 1) -> str | None:
