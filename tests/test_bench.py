@@ -186,3 +186,37 @@ def test_trainer_exactness_script_measures_the_launchers_rule_exact():
     )
     assert row and float(row[1]) == pytest.approx(1.0, abs=1e-4) and float(row[2]) == pytest.approx(1.0, abs=1e-4)
     assert re.search(r"^\| Trainer defaults, GPT2LMHeadModel \| [\d.]+ \|", proc.stdout, re.M), proc.stdout
+
+
+def test_the_context_parallel_bench_smoke_runs_the_launcher_and_says_why_not_torchs(tmp_path):
+    """bench/cp.py --smoke on CPU: the launcher's row at cp 2 on 2 gloo ranks, with figures, the line
+    that says torch's context_parallel does not run on CPU, and where it ran (command, machine, date),
+    in the table and the JSON (the comparison itself needs 2 GPUs: docs/performance.md)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "cp.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--json",
+            str(tmp_path / "cp.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=worker_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert re.match(
+        r"# python bench/cp\.py --device cpu --smoke .* \| .*CPU.* \| torch \S+ \| \d{4}-\d\d-\d\d$", lines[0]
+    ), lines
+    assert any(re.match(r"launcher +[\d.]+ +[\d,]+ +[\d.]+ +\d+\.\d{4}$", line) for line in lines), lines
+    assert any(line.startswith("hand_written  skipped: torch's context_parallel does not run on CPU") for line in lines)
+    result = json.loads((tmp_path / "cp.json").read_text())
+    assert (
+        result["command"].startswith("python bench/cp.py --device cpu --smoke") and result["machine"] and result["date"]
+    )
+    assert result["cp"] == 2 and len(result["rounds"]["launcher"]) == 1 and result["launcher"]["loss"] > 0
+    assert "hand_written" in result["skipped"]
