@@ -12,6 +12,12 @@ import pytest
 from conftest import ROOT, worker_env
 
 
+def bench(script: str, *args: str, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """`python bench/SCRIPT ARGS` as CI runs it, its output captured."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(**env))
+
+
 def assert_rows_cover_every_implementation(table: list[str]) -> None:
     """bench.py's table rows of one workload and checkpointing setting: one row per implementation
     with its throughput, the launcher's with its own notes (Fabric's: skipped where lightning is not
@@ -28,25 +34,8 @@ def assert_rows_cover_every_implementation(table: list[str]) -> None:
 def test_bench_smoke_with_checkpointing_covers_the_peers():
     """Accelerate's and Fabric's rows with activation checkpointing (the gpu-check smoke below has
     every implementation's row without it, the repeats test the hand-written and launcher rows with it)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--device",
-            "cpu",
-            "--smoke",
-            "--workloads",
-            "gpt",
-            "--impls",
-            "accelerate,fabric",
-            "--ckpt",
-            "on",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=worker_env(),
-    )
+    args = ["--device", "cpu", "--smoke", "--workloads", "gpt", "--impls", "accelerate,fabric", "--ckpt", "on"]
+    proc = bench("bench.py", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| gpt |")]
     assert len(table) == 2 and all(line.startswith("| gpt | True |") for line in table), table
@@ -59,31 +48,9 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
     interleaves the implementations, the table gives medians over both, and the first round of each
     is traced, the same way for both."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--device",
-            "cpu",
-            "--smoke",
-            "--workloads",
-            "gpt",
-            "--impls",
-            "raw,launcher",
-            "--ckpt",
-            "on",
-            "--repeat",
-            "2",
-            "--profile",
-            str(tmp_path / "prof"),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=worker_env(),
-    )
+    args = ["--device", "cpu", "--smoke", "--workloads", "gpt", "--impls", "raw,launcher", "--ckpt", "on"]
+    args += ["--repeat", "2", "--profile", str(tmp_path / "prof"), "--json", str(out)]
+    proc = bench("bench.py", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [(r["round"], r["impl"]) for r in runs] == [(0, "raw"), (0, "launcher"), (1, "launcher"), (1, "raw")]
@@ -116,13 +83,7 @@ def test_bench_repeats_interleaved_and_profiles_each_implementation(tmp_path):
 
 
 def test_overhead_script_runs():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "overhead.py"), "--steps", "400"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=worker_env(),
-    )
+    proc = bench("overhead.py", "--steps", "400", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"the launcher adds -?\d+ us per step", proc.stdout)
 
@@ -173,13 +134,7 @@ def test_the_gpu_check_smoke_runs_every_part_within_its_budget(tmp_path):
 def test_trainer_exactness_script_measures_the_launchers_rule_exact():
     """bench/trainer_exactness.py, the source of docs/huggingface.md's comparison with
     transformers.Trainer: it runs, and its token-weighted row (the launcher's rule) is the exact update."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "trainer_exactness.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=worker_env(HF_HUB_OFFLINE="1"),
-    )
+    proc = bench("trainer_exactness.py", timeout=300, HF_HUB_OFFLINE="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = re.search(
         r"^\| token-weighted accumulation \(the launcher's rule\) \| ([\d.]+) \| ([\d.]+) \|", proc.stdout, re.M
@@ -192,21 +147,7 @@ def test_the_context_parallel_bench_smoke_runs_the_launcher_and_says_why_not_tor
     """bench/cp.py --smoke on CPU: the launcher's row at cp 2 on 2 gloo ranks, with figures, the line
     that says torch's context_parallel does not run on CPU, and where it ran (command, machine, date),
     in the table and the JSON (the comparison itself needs 2 GPUs: docs/performance.md)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "cp.py"),
-            "--device",
-            "cpu",
-            "--smoke",
-            "--json",
-            str(tmp_path / "cp.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=worker_env(),
-    )
+    proc = bench("cp.py", "--device", "cpu", "--smoke", "--json", str(tmp_path / "cp.json"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert re.match(
