@@ -136,10 +136,11 @@ def test_cp_2_equals_one_process(tmp_path, one_process, model, nproc, changes):
 
 
 @needs_mesh
-def test_a_cp_checkpoint_resumes_in_one_process(tmp_path, one_process):
-    """Checkpoints hold no context-parallel state: cp 2's step-2 checkpoint (ddp: whole) resumes in
-    one process and ends where the one process does."""
+def test_cp_2_equals_one_process_and_its_checkpoint_resumes_in_one_process(tmp_path, one_process):
+    """cp 2 alone equals one process; checkpoints hold no context-parallel state: its step-2
+    checkpoint (ddp: whole) resumes in one process and ends where the one process does."""
     cp = run(tmp_path / "cp", "gpt", "dist.context_parallel=2", nproc=2)
+    assert_equal_to(cp, one_process("gpt"))  # cp 2 alone (ddp: DDP's group is the context group)
     shutil.rmtree(cp / "checkpoints" / "step_00000004")  # as if the run had stopped after step 2
     (cp / "model.pt").unlink()
     assert_equal_to(run(cp, "gpt"), one_process("gpt"))
