@@ -206,7 +206,8 @@ def _memory_plan(
     """Bytes per rank kept between steps under ddp and under fsdp (hsdp: over its shard group), and
     a warning when ddp's would not fit this device (activations come on top)."""
     moments = memory.optimizer_moments(recipe.optimizer)
-    group = dims.dp_shard if dims.hybrid else dims.dp_size  # the ranks fsdp (or hsdp's group) shards over
+    # the ranks fsdp (or hsdp's group) shards over: with the context ranks folded in (dims.data_mesh)
+    group = (dims.dp_shard if dims.hybrid else dims.dp_size) * dims.cp
     plans = {"ddp": memory.state_plan(model, moments, 1)}
     if group > 1:  # over one rank fsdp keeps what ddp does: no row of its own
         plans[f"fsdp over {group}"] = memory.state_plan(model, moments, group)
@@ -216,7 +217,7 @@ def _memory_plan(
         split = tensor.split_params(model, plan)
         dp = f"{dims.dp_replicate} x {dims.dp_shard}" if dims.hybrid else str(dims.dp_size)
         chosen = f"{recipe.dist.strategy} {dp} x tp {dims.tp}"  # short: the mesh row has the whole layout
-        plans = {chosen: memory.state_plan(model, moments, dims.dp_shard, dims.tp, split)} | plans
+        plans = {chosen: memory.state_plan(model, moments, dims.dp_shard * dims.cp, dims.tp, split)} | plans
         splits = [("tensor parallel", tensor.describe_split(model, plan, dims.tp))]
     rows = splits + [
         (
