@@ -2,7 +2,7 @@
 all-gathering the keys and values. The built-in GPT and a tiny transformers Llama (grouped-query
 attention, rotary positions) equal one process with the same global batch, to 1e-5 (weights, the
 logged loss and gradient norm, the validation loss), at cp 2 composed with ddp, fsdp, tensor
-parallelism (the GPT) and pipeline stages, on fixed-length sequences, padded documents and packed
+parallelism and pipeline stages, on fixed-length sequences, padded documents and packed
 conversations with their document masks; a checkpoint resumes at another cp size. Real processes,
 gloo; SGD, fp32, no dropout.
 
@@ -129,11 +129,12 @@ def one_process(tmp_path_factory, workdir):
         ("gpt", 4, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),  # cp 2 x tp 2
         ("gpt-packed", 2, []),  # cp 2 (ddp), packed conversations with their document masks
         ("llama", 4, ["dist.strategy=fsdp"]),
+        ("llama", 4, ["dist.strategy=fsdp", "dist.tensor_parallel=2"]),  # grouped-query heads split, then gathered
         ("llama-packed", 2, []),
         ("gpt", 4, ["dist.pipeline_parallel=2"]),  # pp 2 x cp 2: the stages hold the context group
         ("llama", 4, ["dist.pipeline_parallel=2"]),
     ],
-    ids=["gpt-fsdp2", "gpt-tp2", "gpt-packed", "llama-fsdp2", "llama-packed", "gpt-pp2", "llama-pp2"],
+    ids=["gpt-fsdp2", "gpt-tp2", "gpt-packed", "llama-fsdp2", "llama-tp2", "llama-packed", "gpt-pp2", "llama-pp2"],
 )
 def test_cp_2_equals_one_process(tmp_path, one_process, workdir, model, nproc, changes):
     reference = one_process(model)
