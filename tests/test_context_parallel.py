@@ -23,21 +23,12 @@ from launcher.models.gpt import document_causal_mask
 from launcher.parallel.context import Context, chunk_index
 from launcher.parallel.context_batches import split
 from launcher.parallel.sharding import MIN_TORCH, torch_version
+from testkit import SGD_4_STEPS, gpt_bytes
 
 needs_mesh = pytest.mark.skipif(torch_version() < MIN_TORCH, reason="context parallelism needs torch >= 2.6")
 
 # the built-in GPT on fixed-length byte sequences (tuples, the recipe's token loss)
-GPT = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.seq_len=16",
-    "data.train.seq_len=16",
-    "data.val.seq_len=16",
-    "data.train.max_bytes=20000",
-    "data.val.max_bytes=4000",
-    "train.loss_mean_over=tokens",  # context parallelism's (a sample's mean needs all its tokens)
-]
+GPT = [*gpt_bytes(2), "train.loss_mean_over=tokens"]  # a sample's mean needs all its tokens
 # a Llama with grouped-query attention on the arithmetic documents (padded, the model's own loss)
 LLAMA = [
     "model.config={_component_: transformers.LlamaConfig, vocab_size: 32, hidden_size: 32, intermediate_size: 64, "
@@ -54,23 +45,7 @@ PACKED_GPT = [
     "data.collate={_component_: launcher.collate.PadToLongest, pad_id: 0}",
     "data.val={_component_: launcher.datasets.examples.arithmetic_text, split: val}",
 ]
-SHARED = [
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "train.precision=fp32",
-    "train.global_batch_size=16",
-    "train.max_steps=4",
-    "train.epochs=null",
-    "train.warmup_steps=0",
-    "train.eval_every_steps=4",
-    "train.grad_clip_norm=1.0",
-    "scheduler=null",
-    "optimizer={_component_: torch.optim.SGD, lr: 0.1, momentum: 0.9}",
-    "log.every_n_steps=1",
-    "log.wandb=null",
-    "checkpoint.every_n_steps=2",
-    "checkpoint.keep_last=5",
-]
+SHARED = [*SGD_4_STEPS, "train.epochs=null"]
 MODELS = {
     "gpt": ("gpt.yaml", GPT),
     "llama": ("hf_causal_lm.yaml", LLAMA),

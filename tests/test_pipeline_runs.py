@@ -17,34 +17,12 @@ import torch
 from conftest import ROOT, assert_close_rel, launcher, load_weights
 from launcher.errors import RecipeError
 from launcher.parallel.pipeline import PIPELINE_TORCH, torch_version
+from testkit import SGD_4_STEPS, gpt_bytes
 
 pytestmark = pytest.mark.skipif(torch_version() < PIPELINE_TORCH, reason="pipeline schedules need torch >= 2.8")
 
 # a 4-block GPT (2 stages per rank for interleaving), 4 steps of 16 sequences in micro-batches of 4
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.seq_len=16",
-    "data.train.seq_len=16",
-    "data.val.seq_len=16",
-    "data.train.max_bytes=20000",
-    "data.val.max_bytes=4000",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "train.precision=fp32",
-    "train.global_batch_size=16",
-    "train.max_steps=4",
-    "train.warmup_steps=0",
-    "train.eval_every_steps=4",
-    "train.grad_clip_norm=1.0",
-    "scheduler=null",
-    "optimizer={_component_: torch.optim.SGD, lr: 0.1, momentum: 0.9}",
-    "log.every_n_steps=1",
-    "log.wandb=null",
-    "checkpoint.every_n_steps=2",
-    "checkpoint.keep_last=5",
-]
+TINY = [*gpt_bytes(4), *SGD_4_STEPS]
 
 
 def run(run_dir, *changes, nproc=None, recipe="gpt.yaml", tiny=TINY):

@@ -14,6 +14,41 @@ from torch import nn
 from launcher.datasets.token_file import TokenFile
 
 
+def gpt_bytes(n_layers: int) -> list[str]:
+    """Overrides of recipes/gpt.yaml: a GPT of `n_layers` blocks, 32 wide with 4 heads, on 16-byte
+    sequences of a few kilobytes of text (the parallelism tests' model)."""
+    return [
+        "model.d_model=32",
+        f"model.n_layers={n_layers}",
+        "model.n_heads=4",
+        "model.seq_len=16",
+        "data.train.seq_len=16",
+        "data.val.seq_len=16",
+        "data.train.max_bytes=20000",
+        "data.val.max_bytes=4000",
+    ]
+
+
+# 4 steps of 16 sequences in micro-batches of 4, fp32 SGD with momentum and clipping (float noise
+# that Adam would amplify stays small), logged every step, checkpointed at steps 2 and 4
+SGD_4_STEPS = [
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.precision=fp32",
+    "train.global_batch_size=16",
+    "train.max_steps=4",
+    "train.warmup_steps=0",
+    "train.eval_every_steps=4",
+    "train.grad_clip_norm=1.0",
+    "scheduler=null",
+    "optimizer={_component_: torch.optim.SGD, lr: 0.1, momentum: 0.9}",
+    "log.every_n_steps=1",
+    "log.wandb=null",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last=5",
+]
+
+
 def counting_allreduce_hook(process_group, bucket):
     """DDP comm hook: all-reduce as DDP would, and count the synchronising backward passes per rank."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
