@@ -70,7 +70,9 @@ def _split_mapping(
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.size(1) == length:
-            value = _padded(value, padded, PAD.get(key, 0)).index_select(1, index)
+            if padded > length:
+                value = _padded(value, padded, PAD.get(key, 0))
+            value = value.index_select(1, index)
         out[key] = value
     return out
 
